@@ -1,0 +1,395 @@
+//! Wire types shared with clients: [`Descriptor`] (client to engine) and [`Completion`]
+//! (engine to client), and the validation that turns an untrusted descriptor into a copy.
+//!
+//! Both types live in shared memory, so any bit pattern can arrive: they are `#[repr(C)]`,
+//! fixed size, hold no pointers, no `bool` and no enums, and are decoded with checks.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Flag: start this descriptor only after every earlier descriptor of its queue has completed.
+pub const FLAG_FENCE: u32 = 1 << 0;
+/// Every flag this ABI version knows; any other bit set is [`Status::ReservedFlags`].
+pub const KNOWN_FLAGS: u32 = FLAG_FENCE;
+
+/// One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,
+/// `dst_offset`). The direction follows from the regions' kinds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Descriptor {
+    /// Caller's tag, returned unchanged in the completion.
+    pub tag: u64,
+    /// Source region id (see [`crate::RegionId`]).
+    pub src_region: u32,
+    /// Destination region id.
+    pub dst_region: u32,
+    /// Byte offset into the source region.
+    pub src_offset: u64,
+    /// Byte offset into the destination region.
+    pub dst_offset: u64,
+    /// Bytes to copy; at least 1 and at most the engine's configured maximum.
+    pub len: u64,
+    /// `FLAG_*` bits; unknown bits are rejected.
+    pub flags: u32,
+    /// Must be zero (room for a later ABI version).
+    pub reserved0: u32,
+    /// Must be zero (room for a later ABI version).
+    pub reserved1: [u64; 2],
+}
+
+/// The result of one descriptor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Completion {
+    /// The descriptor's tag.
+    pub tag: u64,
+    /// The descriptor's position in its queue: 0 for the first descriptor pushed.
+    pub seq: u64,
+    /// Bytes moved: the descriptor's length on success, 0 otherwise.
+    pub bytes: u64,
+    /// A [`Status`] code; decode with [`Completion::status`].
+    pub status: u32,
+    /// Transport-specific detail for a failure (for example an errno or a verbs status), else 0.
+    pub detail: u32,
+}
+
+// The ABI: these sizes are part of the shared-memory layout (checked again on attach).
+const _: () = assert!(std::mem::size_of::<Descriptor>() == 64);
+const _: () = assert!(std::mem::align_of::<Descriptor>() == 8);
+const _: () = assert!(std::mem::size_of::<Completion>() == 32);
+const _: () = assert!(std::mem::align_of::<Completion>() == 8);
+
+/// A registered region's id: table index in the low 16 bits, a generation in the high 16, so
+/// an id that was deregistered never names the slot's next region. 0 is never valid.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct RegionId(pub u32);
+
+impl RegionId {
+    /// Builds an id from a table index and a generation.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn new(index: u16, generation: u16) -> RegionId {
+        RegionId(u32::from(generation) << 16 | u32::from(index))
+    }
+
+    /// Table index.
+    pub fn index(self) -> usize {
+        (self.0 & 0xffff) as usize
+    }
+
+    /// Generation of the slot when the region was registered.
+    pub fn generation(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+}
+
+impl std::fmt::Display for RegionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "region {}#{}", self.index(), self.generation())
+    }
+}
+
+/// Outcome of a descriptor. `Ok` is 0; every failure has its own code.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Copied.
+    Ok = 0,
+    /// A region id names no registered region (never registered, or deregistered).
+    UnknownRegion = 1,
+    /// A region belongs to another client than the queue's.
+    NotOwner = 2,
+    /// `offset + len` runs past the end of a region, or overflows.
+    OutOfBounds = 3,
+    /// `len` is 0.
+    ZeroLength = 4,
+    /// `len` is over the engine's `max_len`.
+    TooLong = 5,
+    /// Source and destination ranges overlap inside one region.
+    Overlap = 6,
+    /// Unknown flag bits or non-zero reserved fields.
+    ReservedFlags = 7,
+    /// The transport failed the copy; `detail` says more.
+    TransportFailed = 8,
+    /// The engine shut down before the copy started.
+    Cancelled = 9,
+    /// No transport of this engine can copy between these kinds of memory.
+    Unsupported = 10,
+}
+
+impl Status {
+    /// Every status, in code order.
+    pub const ALL: [Status; 11] = [
+        Status::Ok,
+        Status::UnknownRegion,
+        Status::NotOwner,
+        Status::OutOfBounds,
+        Status::ZeroLength,
+        Status::TooLong,
+        Status::Overlap,
+        Status::ReservedFlags,
+        Status::TransportFailed,
+        Status::Cancelled,
+        Status::Unsupported,
+    ];
+
+    /// Decodes a code read from shared memory.
+    pub fn from_code(code: u32) -> Option<Status> {
+        Status::ALL.get(code as usize).copied()
+    }
+
+    /// The wire code.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = match self {
+            Status::Ok => "ok",
+            Status::UnknownRegion => "unknown region",
+            Status::NotOwner => "region not owned by the queue's client",
+            Status::OutOfBounds => "range out of bounds",
+            Status::ZeroLength => "zero length",
+            Status::TooLong => "length over the configured maximum",
+            Status::Overlap => "source and destination overlap",
+            Status::ReservedFlags => "reserved flag bits or fields set",
+            Status::TransportFailed => "transport failed",
+            Status::Cancelled => "cancelled by shutdown",
+            Status::Unsupported => "no transport for these memory kinds",
+        };
+        f.write_str(text)
+    }
+}
+
+impl Descriptor {
+    /// A copy of `len` bytes, tag 0, no flags.
+    pub fn copy(src_region: RegionId, src_offset: u64, dst_region: RegionId, dst_offset: u64, len: u64) -> Descriptor {
+        Descriptor {
+            src_region: src_region.0,
+            dst_region: dst_region.0,
+            src_offset,
+            dst_offset,
+            len,
+            ..Descriptor::default()
+        }
+    }
+
+    /// Sets the caller's tag.
+    pub fn with_tag(mut self, tag: u64) -> Descriptor {
+        self.tag = tag;
+        self
+    }
+
+    /// Adds [`FLAG_FENCE`].
+    pub fn fenced(mut self) -> Descriptor {
+        self.flags |= FLAG_FENCE;
+        self
+    }
+
+    /// Whether [`FLAG_FENCE`] is set.
+    pub fn is_fence(&self) -> bool {
+        self.flags & FLAG_FENCE != 0
+    }
+}
+
+impl Completion {
+    /// Decodes the status code; `Err(code)` for a code this version does not know.
+    pub fn status(&self) -> Result<Status, u32> {
+        Status::from_code(self.status).ok_or(self.status)
+    }
+
+    /// Whether the copy succeeded.
+    pub fn is_ok(&self) -> bool {
+        self.status == Status::Ok.code()
+    }
+}
+
+/// What validation needs to know of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionView {
+    /// Address of the first byte in this process.
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Owning client.
+    pub owner: u32,
+    /// Memory kind code (see [`crate::MemoryKind`]).
+    pub kind: u32,
+}
+
+/// One side of a validated copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Region id as it appeared in the descriptor.
+    pub region: u32,
+    /// Memory kind code of the region.
+    pub kind: u32,
+    /// Address of the first byte, in this process.
+    pub addr: u64,
+}
+
+/// A descriptor that passed validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValidCopy {
+    /// Source.
+    pub src: Endpoint,
+    /// Destination.
+    pub dst: Endpoint,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Checks one untrusted descriptor. `lookup` resolves a region id to its current registration.
+///
+/// Checks run in a fixed order, so a descriptor with several faults always gets the same
+/// status: reserved bits, zero length, maximum length, unknown region (source first), owner,
+/// bounds, overlap.
+#[inline]
+pub fn validate(
+    d: &Descriptor,
+    client: u32,
+    max_len: u64,
+    mut lookup: impl FnMut(u32) -> Option<RegionView>,
+) -> Result<ValidCopy, Status> {
+    if d.flags & !KNOWN_FLAGS != 0 || d.reserved0 != 0 || d.reserved1 != [0, 0] {
+        return Err(Status::ReservedFlags);
+    }
+    if d.len == 0 {
+        return Err(Status::ZeroLength);
+    }
+    if d.len > max_len {
+        return Err(Status::TooLong);
+    }
+    let src = lookup(d.src_region).ok_or(Status::UnknownRegion)?;
+    let dst = lookup(d.dst_region).ok_or(Status::UnknownRegion)?;
+    if src.owner != client || dst.owner != client {
+        return Err(Status::NotOwner);
+    }
+    let src_end = d.src_offset.checked_add(d.len).ok_or(Status::OutOfBounds)?;
+    let dst_end = d.dst_offset.checked_add(d.len).ok_or(Status::OutOfBounds)?;
+    if src_end > src.len || dst_end > dst.len {
+        return Err(Status::OutOfBounds);
+    }
+    if d.src_region == d.dst_region && d.src_offset < dst_end && d.dst_offset < src_end {
+        return Err(Status::Overlap);
+    }
+    Ok(ValidCopy {
+        // Bounds are checked against the region's length, so base + offset cannot overflow
+        // for a region that was registered with a valid (non-wrapping) address range.
+        src: Endpoint { region: d.src_region, kind: src.kind, addr: src.base + d.src_offset },
+        dst: Endpoint { region: d.dst_region, kind: dst.kind, addr: dst.base + d.dst_offset },
+        len: d.len,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: u32 = 1;
+    const MAX: u64 = 1 << 20;
+    const A: u32 = 10;
+    const B: u32 = 11;
+    const FOREIGN: u32 = 12;
+
+    fn lookup(id: u32) -> Option<RegionView> {
+        match id {
+            A => Some(RegionView { base: 0x1000_0000, len: 1 << 16, owner: CLIENT, kind: 0 }),
+            B => Some(RegionView { base: 0x2000_0000, len: 1 << 16, owner: CLIENT, kind: 0 }),
+            FOREIGN => Some(RegionView { base: 0x3000_0000, len: 1 << 16, owner: 2, kind: 0 }),
+            _ => None,
+        }
+    }
+
+    fn check(d: Descriptor) -> Result<ValidCopy, Status> {
+        validate(&d, CLIENT, MAX, lookup)
+    }
+
+    fn good() -> Descriptor {
+        Descriptor {
+            tag: 1,
+            src_region: A,
+            dst_region: B,
+            src_offset: 64,
+            dst_offset: 128,
+            len: 4096,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn valid_descriptor_resolves_addresses() {
+        let c = check(good()).unwrap();
+        assert_eq!(c.src.addr, 0x1000_0000 + 64);
+        assert_eq!(c.dst.addr, 0x2000_0000 + 128);
+        assert_eq!(c.len, 4096);
+    }
+
+    #[test]
+    fn unknown_region() {
+        assert_eq!(check(Descriptor { src_region: 99, ..good() }), Err(Status::UnknownRegion));
+        assert_eq!(check(Descriptor { dst_region: 0, ..good() }), Err(Status::UnknownRegion));
+    }
+
+    #[test]
+    fn region_of_another_client() {
+        assert_eq!(check(Descriptor { dst_region: FOREIGN, ..good() }), Err(Status::NotOwner));
+        assert_eq!(check(Descriptor { src_region: FOREIGN, ..good() }), Err(Status::NotOwner));
+    }
+
+    #[test]
+    fn out_of_bounds_and_overflow() {
+        let end = 1 << 16;
+        assert_eq!(check(Descriptor { src_offset: end - 4095, ..good() }), Err(Status::OutOfBounds));
+        assert!(check(Descriptor { src_offset: end - 4096, ..good() }).is_ok());
+        assert_eq!(check(Descriptor { dst_offset: end, ..good() }), Err(Status::OutOfBounds));
+        // offset + len wraps around u64: must not pass as a small end.
+        assert_eq!(check(Descriptor { src_offset: u64::MAX - 10, ..good() }), Err(Status::OutOfBounds));
+        assert_eq!(check(Descriptor { dst_offset: u64::MAX, len: 1, ..good() }), Err(Status::OutOfBounds));
+    }
+
+    #[test]
+    fn zero_length() {
+        assert_eq!(check(Descriptor { len: 0, ..good() }), Err(Status::ZeroLength));
+    }
+
+    #[test]
+    fn length_over_maximum() {
+        assert_eq!(check(Descriptor { len: MAX + 1, ..good() }), Err(Status::TooLong));
+        assert_eq!(validate(&Descriptor { len: 4097, ..good() }, CLIENT, 4096, lookup), Err(Status::TooLong));
+    }
+
+    #[test]
+    fn overlap_in_one_region() {
+        let same = Descriptor { dst_region: A, ..good() };
+        assert_eq!(check(Descriptor { src_offset: 0, dst_offset: 4095, ..same }), Err(Status::Overlap));
+        assert_eq!(check(Descriptor { src_offset: 4095, dst_offset: 0, ..same }), Err(Status::Overlap));
+        assert_eq!(check(Descriptor { src_offset: 100, dst_offset: 100, ..same }), Err(Status::Overlap));
+        // Touching ranges do not overlap.
+        assert!(check(Descriptor { src_offset: 0, dst_offset: 4096, ..same }).is_ok());
+        assert!(check(Descriptor { src_offset: 4096, dst_offset: 0, ..same }).is_ok());
+        // The same offsets in two regions are fine.
+        assert!(check(Descriptor { src_offset: 0, dst_offset: 0, ..good() }).is_ok());
+    }
+
+    #[test]
+    fn reserved_flag_bits_and_fields() {
+        assert_eq!(check(Descriptor { flags: 1 << 7, ..good() }), Err(Status::ReservedFlags));
+        assert_eq!(check(Descriptor { flags: FLAG_FENCE | (1 << 31), ..good() }), Err(Status::ReservedFlags));
+        assert_eq!(check(Descriptor { reserved0: 1, ..good() }), Err(Status::ReservedFlags));
+        assert_eq!(check(Descriptor { reserved1: [0, 5], ..good() }), Err(Status::ReservedFlags));
+        assert!(check(good().fenced()).is_ok());
+    }
+
+    #[test]
+    fn status_codes_round_trip() {
+        for (i, s) in Status::ALL.iter().enumerate() {
+            assert_eq!(s.code(), i as u32);
+            assert_eq!(Status::from_code(s.code()), Some(*s));
+        }
+        assert_eq!(Status::from_code(Status::ALL.len() as u32), None);
+        let c = Completion { status: 4242, ..Default::default() };
+        assert_eq!(c.status(), Err(4242));
+    }
+}

@@ -1,0 +1,387 @@
+//! The engine: configuration, start-up, the control plane (clients, regions, queues) and
+//! shutdown.
+
+use crate::error::Error;
+use crate::queue::{Queue, QueueConfig, QueueId, QueueMemory, WorkerEnd};
+use crate::region::{ClientId, HostBuffer, MemoryKind, RegionTable};
+use crate::ring::shm::SharedMemory;
+use crate::transport::{host::HostTransport, null::NullTransport, Transport};
+use crate::worker::{Mailbox, Worker};
+use crate::RegionId;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Builds one transport per worker, given the worker's index.
+pub type TransportFactory = Arc<dyn Fn(usize) -> Box<dyn Transport> + Send + Sync>;
+
+/// Which transport the workers run.
+#[derive(Clone)]
+pub enum TransportKind {
+    /// The CPU copies host memory ([`crate::transport::host::HostTransport`]).
+    Host,
+    /// Completes without moving data ([`crate::transport::null::NullTransport`]).
+    Null,
+    /// A caller-supplied transport, built once per worker.
+    Custom(TransportFactory),
+}
+
+impl std::fmt::Debug for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransportKind::Host => f.write_str("Host"),
+            TransportKind::Null => f.write_str("Null"),
+            TransportKind::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+/// Where the worker threads run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CorePlacement {
+    /// Worker `i` on the `i`-th highest online CPU, never CPU 0 while another exists (CPU 0
+    /// takes most interrupts). On a one-CPU machine the worker is left unpinned.
+    Auto,
+    /// Worker `i` on core `cores[i]`; one core per worker.
+    Cores(Vec<usize>),
+    /// No pinning (tests on shared machines).
+    Unpinned,
+}
+
+/// What a worker does when an iteration found no work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Keep spinning: the lowest latency, one core fully busy.
+    Spin,
+    /// After `after` empty iterations in a row, yield the CPU on each further empty one.
+    Yield {
+        /// Empty iterations before yielding.
+        after: u32,
+    },
+}
+
+/// Engine configuration.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Worker threads.
+    pub workers: usize,
+    /// Their cores.
+    pub cores: CorePlacement,
+    /// The transport.
+    pub transport: TransportKind,
+    /// Most descriptors a worker takes from one queue per visit.
+    pub burst: usize,
+    /// Longest descriptor accepted (bytes).
+    pub max_len: u64,
+    /// Region table capacity (at most 65536).
+    pub max_regions: usize,
+    /// Idle behaviour.
+    pub idle: IdlePolicy,
+    /// How long shutdown waits for copies a transport has started.
+    pub shutdown_timeout: Duration,
+    /// sysfs root, for the online CPU list.
+    pub sysfs: std::path::PathBuf,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            workers: 1,
+            cores: CorePlacement::Auto,
+            transport: TransportKind::Host,
+            burst: 64,
+            max_len: 64 << 20,
+            max_regions: 4096,
+            idle: IdlePolicy::Spin,
+            shutdown_timeout: Duration::from_secs(5),
+            sysfs: "/sys".into(),
+        }
+    }
+}
+
+/// Per-worker counters, written by the worker with Relaxed stores (statistics only: nothing is
+/// ordered by them).
+#[derive(Debug, Default)]
+pub(crate) struct WorkerCounters {
+    iterations: AtomicU64,
+    descriptors: AtomicU64,
+    completions: AtomicU64,
+}
+
+impl WorkerCounters {
+    pub(crate) fn add_iteration(&self, took: usize, reaped: usize) {
+        // Relaxed: single writer, statistics only.
+        let bump = |c: &AtomicU64, n: u64| c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        bump(&self.iterations, 1);
+        bump(&self.descriptors, took as u64);
+        bump(&self.completions, reaped as u64);
+    }
+}
+
+/// A snapshot of one worker's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Loop iterations.
+    pub iterations: u64,
+    /// Descriptors taken from submission rings.
+    pub descriptors: u64,
+    /// Copies the transport reported finished.
+    pub transport_completions: u64,
+}
+
+struct WorkerHandle {
+    thread: JoinHandle<()>,
+    mailbox: Arc<Mailbox>,
+    counters: Arc<WorkerCounters>,
+    core: Option<usize>,
+    queues: AtomicU32,
+}
+
+/// A running engine. Dropping it shuts it down (see [`Engine::shutdown`]).
+pub struct Engine {
+    table: Arc<RegionTable>,
+    workers: Vec<WorkerHandle>,
+    stop: Arc<AtomicBool>,
+    next_client: AtomicU32,
+    next_queue: AtomicU32,
+    transport_name: &'static str,
+    /// Serialises queue creation so that each queue lands on one worker exactly once.
+    queue_lock: Mutex<()>,
+}
+
+impl Engine {
+    /// Starts the workers. Each pins itself before this returns; any failure stops the others
+    /// and is returned.
+    pub fn start(config: EngineConfig) -> Result<Engine, Error> {
+        if config.workers == 0 {
+            return Err(Error::Config("workers must be at least 1".into()));
+        }
+        if config.burst == 0 {
+            return Err(Error::Config("burst must be at least 1".into()));
+        }
+        if config.max_regions == 0 || config.max_regions > 1 << 16 {
+            return Err(Error::Config(format!(
+                "max_regions is {}; it must be between 1 and 65536",
+                config.max_regions
+            )));
+        }
+        let cores = place_workers(&config)?;
+        let table = Arc::new(RegionTable::new(config.max_regions, config.workers));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut engine = Engine {
+            table: table.clone(),
+            workers: Vec::with_capacity(config.workers),
+            stop: stop.clone(),
+            next_client: AtomicU32::new(1),
+            next_queue: AtomicU32::new(1),
+            transport_name: "",
+            queue_lock: Mutex::new(()),
+        };
+        let (ready_tx, ready_rx) = mpsc::channel();
+        for (index, core) in cores.into_iter().enumerate() {
+            let transport: Box<dyn Transport> = match &config.transport {
+                TransportKind::Host => Box::new(HostTransport::new()),
+                TransportKind::Null => Box::new(NullTransport::new()),
+                TransportKind::Custom(factory) => factory(index),
+            };
+            engine.transport_name = transport.name();
+            let mailbox = Arc::new(Mailbox::default());
+            let counters = Arc::new(WorkerCounters::default());
+            let worker = Worker {
+                index,
+                table: table.clone(),
+                transport,
+                mailbox: mailbox.clone(),
+                stop: stop.clone(),
+                counters: counters.clone(),
+                burst: config.burst,
+                max_len: config.max_len,
+                idle: config.idle,
+                shutdown_timeout: config.shutdown_timeout,
+            };
+            let ready = ready_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("ferry-worker-{index}"))
+                .spawn(move || {
+                    let pinned =
+                        match core {
+                            Some(core) => crate::affinity::pin_current_thread(core)
+                                .map_err(|source| Error::PinWorker { worker: index, core, source }),
+                            None => Ok(()),
+                        };
+                    let ok = pinned.is_ok();
+                    let _ = ready.send(pinned);
+                    if ok {
+                        worker.run();
+                    }
+                })
+                .map_err(|source| Error::SpawnWorker { worker: index, source })?;
+            engine.workers.push(WorkerHandle { thread, mailbox, counters, core, queues: AtomicU32::new(0) });
+        }
+        drop(ready_tx);
+        for _ in 0..engine.workers.len() {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e), // Drop stops and joins the workers started so far.
+                Err(_) => return Err(Error::Config("a worker thread exited during start-up".into())),
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Name of the transport the workers run ("host", "null", ...).
+    pub fn transport_name(&self) -> &'static str {
+        self.transport_name
+    }
+
+    /// The core each worker is pinned to (`None`: unpinned).
+    pub fn worker_cores(&self) -> Vec<Option<usize>> {
+        self.workers.iter().map(|w| w.core).collect()
+    }
+
+    /// A new client id. Regions and queues belong to a client.
+    pub fn new_client(&self) -> ClientId {
+        // Relaxed: a unique-id counter, orders nothing.
+        ClientId(self.next_client.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Allocates `len` bytes of host memory (a sealed memfd, shareable with another process)
+    /// and registers it for `client`.
+    pub fn allocate_host(&self, client: ClientId, len: usize) -> Result<HostBuffer, Error> {
+        let memory = SharedMemory::create("ferry-region", len)
+            .map_err(|source| Error::SharedMemory { what: "a host region", source })?;
+        let memory = Arc::new(memory);
+        let id =
+            self.table.register(client, MemoryKind::Host, memory.as_ptr() as u64, len as u64, Some(memory.clone()))?;
+        Ok(HostBuffer::new(id, memory))
+    }
+
+    /// Registers `len` bytes of the caller's host memory at `ptr` for `client`.
+    ///
+    /// # Safety
+    /// The memory must stay valid for reads and writes until [`Engine::deregister`] returns
+    /// `Ok` for this region (or the engine is dropped), and must not be accessed while a copy
+    /// that uses it is in flight.
+    pub unsafe fn register_host(&self, client: ClientId, ptr: *mut u8, len: usize) -> Result<RegionId, Error> {
+        self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, None)
+    }
+
+    /// Deregisters a region. Refused with [`Error::RegionBusy`] while copies that use it are
+    /// in flight; it never waits for them.
+    pub fn deregister(&self, id: RegionId) -> Result<(), Error> {
+        self.table.deregister(id)
+    }
+
+    /// Opens a queue for `client`, served by one worker.
+    pub fn open_queue(&self, client: ClientId, config: QueueConfig) -> Result<Queue, Error> {
+        // A6: Acquire; pairs with R6 in stop.
+        if self.stop.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        let _guard = self.queue_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let worker = match config.worker {
+            Some(w) if w < self.workers.len() => w,
+            Some(w) => {
+                return Err(Error::Config(format!(
+                    "QueueConfig::worker is {w}, but the engine has {} workers",
+                    self.workers.len()
+                )))
+            }
+            // Relaxed: read and written under queue_lock.
+            None => {
+                (0..self.workers.len()).min_by_key(|&w| self.workers[w].queues.load(Ordering::Relaxed)).unwrap_or(0)
+            }
+        };
+        // Relaxed: a unique-id counter.
+        let id = QueueId(self.next_queue.fetch_add(1, Ordering::Relaxed));
+        let memory = QueueMemory::create(id, client.0, &config)?;
+        let attached = QueueMemory::attach(
+            memory.file().try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?,
+        )?;
+        let queue = Queue::from_memory(attached)?;
+        self.workers[worker].mailbox.post(WorkerEnd::new(memory, client.0)?);
+        // Relaxed: under queue_lock.
+        self.workers[worker].queues.fetch_add(1, Ordering::Relaxed);
+        Ok(queue)
+    }
+
+    /// Counters of each worker.
+    pub fn stats(&self) -> Vec<EngineStats> {
+        self.workers
+            .iter()
+            .map(|w| EngineStats {
+                // Relaxed: statistics.
+                iterations: w.counters.iterations.load(Ordering::Relaxed),
+                descriptors: w.counters.descriptors.load(Ordering::Relaxed),
+                transport_completions: w.counters.completions.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Stops the workers and waits for them: copies the transport started complete, descriptors
+    /// still in submission rings complete as [`crate::Status::Cancelled`] where the completion
+    /// ring has room, and every queue is marked [`crate::QueueState::Closed`].
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        // R6: Release; pairs with S1 in the worker loop and A6 in open_queue.
+        self.stop.store(true, Ordering::Release);
+        for worker in self.workers.drain(..) {
+            if worker.thread.join().is_err() {
+                eprintln!("ferry: a worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// The core for each worker (`None`: unpinned), checked against the online CPUs.
+fn place_workers(config: &EngineConfig) -> Result<Vec<Option<usize>>, Error> {
+    match &config.cores {
+        CorePlacement::Unpinned => Ok(vec![None; config.workers]),
+        CorePlacement::Cores(cores) => {
+            if cores.len() != config.workers {
+                return Err(Error::Config(format!("{} cores given for {} workers", cores.len(), config.workers)));
+            }
+            let online = ferry_topology::cpu::online_cpus(Path::new(&config.sysfs))?;
+            for (worker, &core) in cores.iter().enumerate() {
+                if !online.contains(&core) {
+                    return Err(Error::CoreOffline { worker, core, online: format_cpus(&online) });
+                }
+                if cores[..worker].contains(&core) {
+                    return Err(Error::Config(format!("core {core} is given to two workers")));
+                }
+            }
+            Ok(cores.iter().map(|&c| Some(c)).collect())
+        }
+        CorePlacement::Auto => {
+            let online = ferry_topology::cpu::online_cpus(Path::new(&config.sysfs))?;
+            if online.len() <= 1 {
+                return Ok(vec![None; config.workers]);
+            }
+            let candidates: Vec<usize> = online.iter().rev().copied().filter(|&c| c != 0).collect();
+            if candidates.len() < config.workers {
+                return Err(Error::Config(format!(
+                    "{} workers need {} cores besides CPU 0; online CPUs: {}",
+                    config.workers,
+                    config.workers,
+                    format_cpus(&online)
+                )));
+            }
+            Ok(candidates.into_iter().take(config.workers).map(Some).collect())
+        }
+    }
+}
+
+fn format_cpus(cpus: &[usize]) -> String {
+    cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
+}

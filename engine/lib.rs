@@ -1,0 +1,88 @@
+//! ferry: a polled-mode copy engine between host memory and GPU memory.
+//!
+//! Callers register memory once ([`Engine::allocate_host`], [`Engine::register_host`]) and get a
+//! [`RegionId`]; they open a [`Queue`] and push fixed-size [`Descriptor`]s that name a source and
+//! a destination by region id, offset and length. A worker thread, pinned to its own core and
+//! never sleeping, pops descriptors from the queue's submission ring (single producer, single
+//! consumer, in shared memory), validates them against the region table, hands them to a
+//! [`Transport`] in batches and writes one [`Completion`] per descriptor, in submission order,
+//! into the queue's completion ring. A queue's rings live in one memfd, so a client in another
+//! process can attach to it ([`Queue::attach`]).
+//!
+//! # Quick start
+//!
+//! ```
+//! use ferry::{CorePlacement, Descriptor, Engine, EngineConfig, TransportKind};
+//!
+//! let config = EngineConfig { transport: TransportKind::Host, cores: CorePlacement::Unpinned, ..EngineConfig::default() };
+//! let engine = Engine::start(config)?;
+//! let client = engine.new_client();
+//! let src = engine.allocate_host(client, 1 << 20)?;
+//! let dst = engine.allocate_host(client, 1 << 20)?;
+//! src.write(0, b"hello")?;
+//! let mut queue = engine.open_queue(client, Default::default())?;
+//! queue.push(Descriptor::copy(src.id(), 0, dst.id(), 4096, 5).with_tag(7)).expect("ring has room");
+//! let done = queue.wait_one(std::time::Duration::from_secs(5))?;
+//! assert_eq!((done.tag, done.status()), (7, Ok(ferry::Status::Ok)));
+//! let mut out = [0u8; 5];
+//! dst.read(4096, &mut out)?;
+//! assert_eq!(&out, b"hello");
+//! # Ok::<(), ferry::Error>(())
+//! ```
+//!
+//! # Transports
+//!
+//! - `host`: the worker copies with the CPU (host to host). Runs anywhere.
+//! - `null`: completes every valid descriptor without moving data; measures the engine's cost.
+//! - a caller-supplied [`Transport`] ([`TransportKind::Custom`]), such as [`FaultTransport`],
+//!   which fails chosen operations to test error paths.
+//!
+//! # Thread safety
+//!
+//! [`Engine`] is `Send + Sync`; registration and queue creation may be called from any thread.
+//! A [`Queue`] is one single-producer single-consumer pair: it is `Send`, not `Sync`; give each
+//! submitting thread its own queue.
+//!
+//! # Resource cleanup
+//!
+//! Dropping the [`Engine`] (or [`Engine::shutdown`]) stops the workers: work the transport has
+//! started completes, descriptors still waiting in a submission ring complete as
+//! [`Status::Cancelled`] where the completion ring has room, every queue is marked closed, the
+//! threads are joined and the mappings and file descriptors are released.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks, missing_docs)]
+
+mod sync;
+
+#[cfg(not(loom))]
+pub mod affinity;
+pub mod desc;
+pub mod ring;
+
+#[cfg(not(loom))]
+pub mod bandwidth;
+#[cfg(not(loom))]
+pub mod engine;
+#[cfg(not(loom))]
+pub mod error;
+#[cfg(not(loom))]
+pub mod queue;
+#[cfg(not(loom))]
+pub mod region;
+#[cfg(not(loom))]
+pub mod transport;
+#[cfg(not(loom))]
+mod worker;
+
+pub use desc::{Completion, Descriptor, RegionId, Status, FLAG_FENCE};
+#[cfg(not(loom))]
+pub use engine::{CorePlacement, Engine, EngineConfig, EngineStats, IdlePolicy, TransportKind};
+#[cfg(not(loom))]
+pub use error::Error;
+#[cfg(not(loom))]
+pub use queue::{Queue, QueueConfig, QueueId, QueueState};
+#[cfg(not(loom))]
+pub use region::{ClientId, HostBuffer, MemoryKind};
+#[cfg(not(loom))]
+pub use transport::{fault::FaultTransport, Transport};

@@ -1,0 +1,95 @@
+//! The transport trait and its implementations.
+//!
+//! A transport moves the bytes of validated copies. The worker that owns it calls
+//! [`Transport::submit`] with a batch of operations and [`Transport::poll`] for finished ones,
+//! both from its own thread, never blocking. Completions may come back in any order: the
+//! worker restores each queue's order.
+
+pub mod fault;
+pub mod host;
+pub mod null;
+
+use crate::desc::ValidCopy;
+use crate::Status;
+use std::collections::VecDeque;
+
+/// Identifies one operation to the worker that submitted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Token {
+    /// The worker's queue index.
+    pub queue: u32,
+    /// The slot in that queue's in-flight window.
+    pub slot: u32,
+}
+
+/// One copy to perform.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Op {
+    /// Handed back in the matching [`Done`].
+    pub token: Token,
+    /// What to copy (addresses already resolved and bounds-checked).
+    pub copy: ValidCopy,
+}
+
+/// A finished operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Done {
+    /// The operation's token.
+    pub token: Token,
+    /// [`Status::Ok`] or [`Status::TransportFailed`].
+    pub status: Status,
+    /// Transport-specific detail for a failure (an errno, a verbs status), else 0.
+    pub detail: u32,
+}
+
+impl Done {
+    /// A successful completion of `token`.
+    pub fn ok(token: Token) -> Done {
+        Done { token, status: Status::Ok, detail: 0 }
+    }
+}
+
+/// A way of moving bytes. Owned by one worker; called only from that worker's thread.
+pub trait Transport: Send {
+    /// Short name for logs and reports ("host", "null", ...).
+    fn name(&self) -> &'static str;
+
+    /// Whether this transport can copy from memory kind `src` to memory kind `dst`.
+    fn supports(&self, src: u32, dst: u32) -> bool;
+
+    /// Starts a prefix of `ops` and returns its length (fewer than `ops.len()` when the
+    /// transport is out of room; the worker offers the rest again later). Must not block.
+    fn submit(&mut self, ops: &[Op]) -> usize;
+
+    /// Writes finished operations into `done`, returns how many. Must not block.
+    fn poll(&mut self, done: &mut [Done]) -> usize;
+
+    /// Operations submitted and not yet returned by `poll`.
+    fn in_flight(&self) -> usize;
+}
+
+/// Completions of a transport that finishes its work inside `submit`, waiting for `poll`.
+#[derive(Debug, Default)]
+pub(crate) struct Finished(VecDeque<Done>);
+
+impl Finished {
+    pub(crate) fn with_capacity(n: usize) -> Finished {
+        Finished(VecDeque::with_capacity(n))
+    }
+
+    pub(crate) fn push(&mut self, done: Done) {
+        self.0.push_back(done);
+    }
+
+    pub(crate) fn drain_into(&mut self, out: &mut [Done]) -> usize {
+        let n = out.len().min(self.0.len());
+        for (slot, done) in out.iter_mut().zip(self.0.drain(..n)) {
+            *slot = done;
+        }
+        n
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}

@@ -1,0 +1,382 @@
+//! The polling loop of one worker.
+//!
+//! Thread contract: a worker is one thread, pinned to its core, that owns its transport and its
+//! queues' worker ends; nothing else touches them. Each loop iteration it:
+//! 1. announces a new epoch (region deregistration waits on it) and adopts new queues;
+//! 2. visits every queue round-robin: publishes finished completions in order, then, unless
+//!    completions are held back by a full completion ring, takes at most `burst` descriptors,
+//!    validates them and collects the valid ones in one batch;
+//! 3. offers the batch to the transport (what it does not accept waits for the next iteration:
+//!    the partial batch is never held past one iteration);
+//! 4. polls the transport and publishes the completions it unblocked.
+//!
+//! It never sleeps on this path; with [`IdlePolicy::Yield`] it yields the CPU after a run of
+//! empty iterations.
+
+use crate::desc::validate;
+use crate::engine::{IdlePolicy, WorkerCounters};
+use crate::queue::{QueueState, WorkerEnd};
+use crate::region::RegionTable;
+use crate::transport::{Done, Op, Token, Transport};
+use crate::{Completion, Status};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Queues handed to a worker by the control plane.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    /// Set (Release) after pushing into `queues`; cleared by the worker (Acquire) before taking.
+    pending: AtomicBool,
+    queues: Mutex<Vec<WorkerEnd>>,
+}
+
+impl Mailbox {
+    pub(crate) fn post(&self, end: WorkerEnd) {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner()).push(end);
+        // M1: Release; pairs with M2 in take. (The mutex orders the Vec itself; the flag only
+        // lets the worker skip the lock when nothing is posted.)
+        self.pending.store(true, Ordering::Release);
+    }
+
+    fn take(&self, into: &mut Vec<QueueSlot>, window_for: impl Fn(&WorkerEnd) -> usize) {
+        // M2: Acquire; pairs with M1 in post.
+        if !self.pending.swap(false, Ordering::Acquire) {
+            return;
+        }
+        let mut posted = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        for end in posted.drain(..) {
+            let window = window_for(&end);
+            into.push(QueueSlot::new(end, window));
+        }
+    }
+}
+
+/// Status of a window slot whose copy has not finished.
+const PENDING: u32 = u32::MAX;
+
+/// One descriptor between being taken and having its completion published.
+#[derive(Clone, Copy, Default)]
+struct InFlight {
+    tag: u64,
+    len: u64,
+    status: u32,
+    detail: u32,
+    /// Region indices counted in the region table (only for copies given to the transport).
+    src: u16,
+    dst: u16,
+    counted: bool,
+}
+
+/// The descriptors of one queue between being taken and having their completions published,
+/// indexed by `seq & mask`.
+struct Window {
+    slots: Box<[InFlight]>,
+    mask: u64,
+    /// Next sequence number to take.
+    next_seq: u64,
+    /// Next sequence number to complete (the watermark).
+    head_seq: u64,
+}
+
+impl Window {
+    fn new(size: usize) -> Window {
+        let size = size.next_power_of_two();
+        Window {
+            slots: vec![InFlight::default(); size].into_boxed_slice(),
+            mask: size as u64 - 1,
+            next_seq: 0,
+            head_seq: 0,
+        }
+    }
+
+    fn in_flight(&self) -> u64 {
+        self.next_seq - self.head_seq
+    }
+
+    fn room(&self) -> u64 {
+        self.slots.len() as u64 - self.in_flight()
+    }
+
+    /// Whether the oldest unpublished completion is finished (so it waits only for ring space).
+    fn head_ready(&self) -> bool {
+        self.head_seq != self.next_seq && self.slots[(self.head_seq & self.mask) as usize].status != PENDING
+    }
+
+    /// Records a new descriptor at `next_seq`; returns its slot index.
+    fn take(&mut self, entry: InFlight) -> usize {
+        let index = (self.next_seq & self.mask) as usize;
+        self.slots[index] = entry;
+        self.next_seq += 1;
+        index
+    }
+}
+
+/// A queue as the worker sees it.
+struct QueueSlot {
+    end: WorkerEnd,
+    window: Window,
+    state: QueueState,
+}
+
+impl QueueSlot {
+    fn new(end: WorkerEnd, window: usize) -> QueueSlot {
+        QueueSlot { end, window: Window::new(window), state: QueueState::Open }
+    }
+
+    fn break_queue(&mut self) {
+        self.state = QueueState::Broken;
+        self.end.memory.set_state(QueueState::Broken);
+    }
+
+    /// Publishes finished completions in order while the completion ring has room.
+    fn flush(&mut self) {
+        if !self.window.head_ready() || self.state == QueueState::Broken {
+            return;
+        }
+        let w = &mut self.window;
+        let start = w.head_seq;
+        let mut batch = self.end.complete.write();
+        let mut corrupted = false;
+        while w.head_ready() {
+            let slot = w.slots[(w.head_seq & w.mask) as usize];
+            let ok = slot.status == Status::Ok.code();
+            let completion = Completion {
+                tag: slot.tag,
+                seq: w.head_seq,
+                bytes: if ok { slot.len } else { 0 },
+                status: slot.status,
+                detail: slot.detail,
+            };
+            match batch.push(completion) {
+                Ok(()) => w.head_seq += 1,
+                Err(crate::ring::PushError::Full(_)) => break,
+                Err(crate::ring::PushError::Corrupted(..)) => {
+                    corrupted = true;
+                    break;
+                }
+            }
+        }
+        drop(batch);
+        if corrupted {
+            self.break_queue();
+        } else if self.window.head_seq != start {
+            self.end.memory.set_watermark(self.window.head_seq);
+        }
+    }
+}
+
+/// Everything a worker owns.
+pub(crate) struct Worker {
+    pub(crate) index: usize,
+    pub(crate) table: Arc<RegionTable>,
+    pub(crate) transport: Box<dyn Transport>,
+    pub(crate) mailbox: Arc<Mailbox>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) counters: Arc<WorkerCounters>,
+    pub(crate) burst: usize,
+    pub(crate) max_len: u64,
+    pub(crate) idle: IdlePolicy,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+/// The worker's loop state, kept apart from its configuration for the borrow checker.
+struct Loop {
+    queues: Vec<QueueSlot>,
+    /// Validated copies not yet accepted by the transport.
+    ops: Vec<Op>,
+    done: Vec<Done>,
+    next_queue: usize,
+}
+
+impl Worker {
+    /// Runs until the engine's stop flag is set, then shuts down its queues.
+    pub(crate) fn run(mut self) {
+        self.table.worker_online(self.index, true);
+        let mut state = Loop {
+            queues: Vec::new(),
+            ops: Vec::with_capacity(self.burst * 8),
+            done: vec![Done::ok(Token { queue: 0, slot: 0 }); 256],
+            next_queue: 0,
+        };
+        let mut epoch = 0u64;
+        let mut idle_iterations = 0u32;
+        loop {
+            epoch += 1;
+            self.table.worker_epoch(self.index, epoch);
+            self.mailbox.take(&mut state.queues, |end| end.submit.capacity() as usize);
+            // S1: Acquire; pairs with R6 in Engine::stop.
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            let took = self.take_all(&mut state);
+            let submitted = self.submit(&mut state);
+            let reaped = self.reap(&mut state);
+            self.counters.add_iteration(took, reaped);
+            if took + submitted + reaped == 0 {
+                idle_iterations = idle_iterations.saturating_add(1);
+                match self.idle {
+                    IdlePolicy::Spin => std::hint::spin_loop(),
+                    IdlePolicy::Yield { after } if idle_iterations >= after => std::thread::yield_now(),
+                    IdlePolicy::Yield { .. } => std::hint::spin_loop(),
+                }
+            } else {
+                idle_iterations = 0;
+            }
+        }
+        self.shutdown(&mut state);
+        self.table.worker_online(self.index, false);
+    }
+
+    fn take_all(&mut self, state: &mut Loop) -> usize {
+        let n = state.queues.len();
+        let mut took = 0;
+        for k in 0..n {
+            let qi = (state.next_queue + k) % n;
+            took += self.take(state, qi);
+        }
+        state.next_queue = state.next_queue.wrapping_add(1);
+        took
+    }
+
+    /// Takes up to `burst` descriptors from queue `qi`.
+    fn take(&mut self, state: &mut Loop, qi: usize) -> usize {
+        let q = &mut state.queues[qi];
+        if q.state != QueueState::Open {
+            return 0;
+        }
+        q.flush();
+        if q.window.head_ready() {
+            // The completion ring is full: hold this queue's new work until the client polls.
+            return 0;
+        }
+        let want = q.window.room().min(self.burst as u64);
+        if want == 0 {
+            return 0;
+        }
+        let Ok(mut batch) = q.end.submit.read(want) else {
+            q.break_queue();
+            return 0;
+        };
+        let w = &mut q.window;
+        let table = &*self.table;
+        let mut took = 0;
+        while let Some(d) = batch.peek() {
+            if d.is_fence() && w.head_seq != w.next_seq {
+                break;
+            }
+            batch.advance();
+            took += 1;
+            let mut entry = InFlight { tag: d.tag, len: d.len, status: PENDING, ..InFlight::default() };
+            match validate(&d, q.end.client, self.max_len, |id| table.lookup(id)) {
+                Ok(copy) if self.transport.supports(copy.src.kind, copy.dst.kind) => {
+                    // The region index is the id's low 16 bits.
+                    (entry.src, entry.dst) = (copy.src.region as u16, copy.dst.region as u16);
+                    entry.counted = true;
+                    table.worker_took(self.index, entry.src.into(), entry.dst.into());
+                    let slot = w.take(entry) as u32;
+                    state.ops.push(Op { token: Token { queue: qi as u32, slot }, copy });
+                }
+                Ok(_) => {
+                    entry.status = Status::Unsupported.code();
+                    w.take(entry);
+                }
+                Err(status) => {
+                    entry.status = status.code();
+                    w.take(entry);
+                }
+            }
+        }
+        drop(batch);
+        // Publish descriptors that failed validation without waiting for the transport.
+        q.flush();
+        took
+    }
+
+    fn submit(&mut self, state: &mut Loop) -> usize {
+        if state.ops.is_empty() {
+            return 0;
+        }
+        let n = self.transport.submit(&state.ops);
+        state.ops.drain(..n);
+        n
+    }
+
+    /// Polls the transport and publishes what that unblocked.
+    fn reap(&mut self, state: &mut Loop) -> usize {
+        let n = self.transport.poll(&mut state.done);
+        for done in &state.done[..n] {
+            let Some(q) = state.queues.get_mut(done.token.queue as usize) else { continue };
+            let Some(slot) = q.window.slots.get_mut(done.token.slot as usize) else { continue };
+            if slot.status != PENDING {
+                continue; // a transport reported a token twice: ignore the repeat.
+            }
+            slot.status = done.status.code();
+            slot.detail = done.detail;
+            self.release(slot);
+        }
+        if n > 0 {
+            for q in &mut state.queues {
+                q.flush();
+            }
+        }
+        n
+    }
+
+    fn release(&self, slot: &mut InFlight) {
+        if slot.counted {
+            self.table.worker_done(self.index, slot.src.into(), slot.dst.into());
+            slot.counted = false;
+        }
+    }
+
+    /// Finishes in-flight copies, cancels the rest, closes every queue.
+    fn shutdown(&mut self, state: &mut Loop) {
+        // Copies validated but never given to the transport: cancelled.
+        for op in std::mem::take(&mut state.ops) {
+            let q = &mut state.queues[op.token.queue as usize];
+            let slot = &mut q.window.slots[op.token.slot as usize];
+            slot.status = Status::Cancelled.code();
+            self.release(slot);
+        }
+        // Copies the transport started: let them finish.
+        let start = Instant::now();
+        while self.transport.in_flight() > 0 && start.elapsed() < self.shutdown_timeout {
+            self.reap(state);
+            std::hint::spin_loop();
+        }
+        let stuck = self.transport.in_flight();
+        if stuck > 0 {
+            eprintln!(
+                "ferry: worker {}: the {} transport still has {stuck} copies in flight after {:?}; their completions will not be published",
+                self.index,
+                self.transport.name(),
+                self.shutdown_timeout
+            );
+        }
+        // Descriptors still in the submission rings: cancelled, in order, as far as there is room.
+        for q in &mut state.queues {
+            q.flush();
+            while q.state == QueueState::Open && !q.window.head_ready() {
+                let Ok(mut batch) = q.end.submit.read(q.window.room()) else { break };
+                if batch.is_empty() {
+                    break;
+                }
+                for d in batch.by_ref() {
+                    q.window.take(InFlight {
+                        tag: d.tag,
+                        len: d.len,
+                        status: Status::Cancelled.code(),
+                        ..InFlight::default()
+                    });
+                }
+                drop(batch);
+                q.flush();
+            }
+            if q.state == QueueState::Open {
+                q.state = QueueState::Closed;
+                q.end.memory.set_state(QueueState::Closed);
+            }
+        }
+    }
+}
