@@ -1,1 +1,239 @@
-fn main() {}
+//! `ferry`: the engine's command-line tool.
+//!
+//! `ferry bench` measures the engine on scattered blocks and prints a table; see `ferry help`.
+
+use ferry::bandwidth::{drive, median_by, memcpy_baseline, ring_throughput, scatter, Measurement};
+use ferry::{CorePlacement, Engine, EngineConfig, Error, QueueConfig, TransportKind};
+use std::path::Path;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: ferry bench [options]
+
+Runs the engine on scattered blocks and prints block size x GB/s and descriptors/s.
+
+options:
+  --transport host|null   host: the worker copies with the CPU (default);
+                          null: no data moves, measures the engine's own cost per descriptor
+  --total SIZE            bytes moved per cell, per repetition (default 1G)
+  --descriptors N         descriptors per repetition with --transport null (default 20M)
+  --span SIZE             bytes in each of the source and destination regions (default 256M)
+  --sizes LIST            block sizes (default 4K,16K,64K,256K,1M)
+  --reps N                repetitions per cell; the median is printed (default 5)
+  --worker-core N         core of the worker (default: the highest online CPU)
+  --client-core N         core of the submitting thread (default: the next lower CPU)
+SIZE and N take K, M, G suffixes (powers of 1024 for sizes, of 1000 for counts).";
+
+struct Options {
+    transport: String,
+    total: u64,
+    descriptors: u64,
+    span: u64,
+    sizes: Vec<u64>,
+    reps: usize,
+    worker_core: Option<usize>,
+    client_core: Option<usize>,
+}
+
+fn parse_number(text: &str, base: u64) -> Result<u64, String> {
+    let (digits, scale) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], base),
+        Some((i, 'M' | 'm')) => (&text[..i], base * base),
+        Some((i, 'G' | 'g')) => (&text[..i], base * base * base),
+        _ => (text, 1),
+    };
+    digits.parse::<u64>().ok().and_then(|n| n.checked_mul(scale)).ok_or_else(|| format!("not a number: {text:?}"))
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        transport: "host".into(),
+        total: 1 << 30,
+        descriptors: 20_000_000,
+        span: 256 << 20,
+        sizes: vec![4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20],
+        reps: 5,
+        worker_core: None,
+        client_core: None,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--transport" => o.transport = value()?.clone(),
+            "--total" => o.total = parse_number(value()?, 1024)?,
+            "--descriptors" => o.descriptors = parse_number(value()?, 1000)?,
+            "--span" => o.span = parse_number(value()?, 1024)?,
+            "--sizes" => o.sizes = value()?.split(',').map(|s| parse_number(s, 1024)).collect::<Result<_, _>>()?,
+            "--reps" => o.reps = parse_number(value()?, 1000)? as usize,
+            "--worker-core" => o.worker_core = Some(parse_number(value()?, 1000)? as usize),
+            "--client-core" => o.client_core = Some(parse_number(value()?, 1000)? as usize),
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    if !matches!(o.transport.as_str(), "host" | "null") {
+        return Err(format!("--transport {:?}: this build has the host and null transports", o.transport));
+    }
+    if o.reps == 0 || o.sizes.is_empty() || o.sizes.iter().any(|&s| s == 0 || s > o.span) {
+        return Err("--reps must be at least 1 and every block size between 1 and --span".into());
+    }
+    Ok(o)
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Why the host transport runs, in words.
+fn transport_reason() -> String {
+    let gpus: Vec<String> = ferry_topology::pci::devices(Path::new("/sys"))
+        .map(|d| d.into_iter().filter(|d| d.is_nvidia_gpu()).map(|d| d.address).collect())
+        .unwrap_or_default();
+    if gpus.is_empty() {
+        "no NVIDIA GPU under /sys/bus/pci/devices, and this build has no CUDA or GDR transport".into()
+    } else {
+        format!(
+            "NVIDIA GPU at {} but this build has no CUDA or GDR transport yet; copies are host to host",
+            gpus.join(", ")
+        )
+    }
+}
+
+fn cores(o: &Options) -> Result<(Option<usize>, Option<usize>), Error> {
+    let online = ferry_topology::cpu::online_cpus(Path::new("/sys"))?;
+    let worker = o.worker_core.or_else(|| online.last().copied().filter(|_| online.len() > 1));
+    let client = o
+        .client_core
+        .or_else(|| online.iter().rev().copied().find(|&c| Some(c) != worker).filter(|_| worker.is_some()));
+    Ok((worker, client))
+}
+
+fn start_engine(transport: TransportKind, worker: Option<usize>) -> Result<Engine, Error> {
+    let cores = match worker {
+        Some(core) => CorePlacement::Cores(vec![core]),
+        None => CorePlacement::Unpinned,
+    };
+    Engine::start(EngineConfig { transport, cores, max_len: 1 << 30, ..EngineConfig::default() })
+}
+
+fn show(core: Option<usize>) -> String {
+    core.map_or("unpinned".into(), |c| format!("core {c}"))
+}
+
+fn bench(o: &Options) -> Result<(), Error> {
+    let (worker, client) = cores(o)?;
+    if let Some(core) = client {
+        ferry::affinity::pin_current_thread(core).map_err(|source| Error::PinWorker {
+            worker: usize::MAX,
+            core,
+            source,
+        })?;
+    }
+    let (kind, reason) = match o.transport.as_str() {
+        "null" => (TransportKind::Null, "asked for with --transport null: no data moves".to_owned()),
+        _ => (TransportKind::Host, transport_reason()),
+    };
+    let engine = start_engine(kind, worker)?;
+    println!("ferry bench: transport {} ({reason})", engine.transport_name());
+    println!(
+        "machine: {}, {} online CPUs; worker on {}, client on {}; median of {} runs",
+        cpu_model(),
+        ferry_topology::cpu::online_cpus(Path::new("/sys"))?.len(),
+        show(worker),
+        show(client),
+        o.reps
+    );
+    let client_id = engine.new_client();
+    let span = o.span as usize;
+    let src = engine.allocate_host(client_id, span)?;
+    let dst = engine.allocate_host(client_id, span)?;
+    // Touch every page once so that no run pays for first faults.
+    src.fill(0, span, 0x5a)?;
+    dst.fill(0, span, 0)?;
+    let mut queue = engine.open_queue(client_id, QueueConfig::default())?;
+    if o.transport == "null" {
+        let ring = median_by(
+            (0..o.reps).map(|_| ring_throughput(o.descriptors, client, worker)).collect::<Result<_, _>>()?,
+            Measurement::per_s,
+        );
+        let plan = scatter(span, 4096, 1);
+        let runs = (0..o.reps)
+            .map(|_| drive(&mut queue, src.id(), dst.id(), &plan, 4096, o.descriptors))
+            .collect::<Result<_, _>>()?;
+        let engine_run = median_by(runs, Measurement::per_s);
+        println!("{} descriptors per run, 4 KiB each", o.descriptors);
+        println!("{:<46} {:>14}", "path", "descriptors/s");
+        println!("{:<46} {:>14.0}", "raw ring push/pop (two threads, no engine)", ring.per_s());
+        println!("{:<46} {:>14.0}", "engine: ring -> worker -> null -> completion", engine_run.per_s());
+        println!("engine / raw ring: {:.2}", engine_run.per_s() / ring.per_s());
+        return Ok(());
+    }
+    println!("{} moved per cell as scattered blocks in two {} regions", human(o.total), human(o.span));
+    println!(
+        "{:>8} {:>12} {:>15} {:>12} {:>14}",
+        "block", "engine GB/s", "descriptors/s", "memcpy GB/s", "engine/memcpy"
+    );
+    for &block in &o.sizes {
+        let plan = scatter(span, block as usize, block);
+        let count = (o.total / block).max(1);
+        let engine_runs = (0..o.reps)
+            .map(|_| drive(&mut queue, src.id(), dst.id(), &plan, block, count))
+            .collect::<Result<_, _>>()?;
+        let memcpy_runs = (0..o.reps).map(|_| memcpy_baseline(&src, &dst, &plan, block, count)).collect();
+        let e = median_by(engine_runs, Measurement::gb_per_s);
+        let m = median_by(memcpy_runs, Measurement::gb_per_s);
+        println!(
+            "{:>8} {:>12.2} {:>15.0} {:>12.2} {:>14.2}",
+            human(block),
+            e.gb_per_s(),
+            e.per_s(),
+            m.gb_per_s(),
+            e.gb_per_s() / m.gb_per_s()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bench") => match parse(&args[1..]) {
+            Ok(o) => match bench(&o) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ferry bench: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("ferry bench: {e}\n\n{USAGE}");
+                ExitCode::from(2)
+            }
+        },
+        Some("help" | "--help" | "-h") => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
