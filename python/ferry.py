@@ -1,0 +1,234 @@
+"""Python binding of ferry over its C ABI (libferry.so), with ctypes: no build step.
+
+The library is found through the FERRY_LIB environment variable, else in the repository's
+target/release or target/debug folder (build it with `cargo build --release -p ferry-ffi`).
+
+    import ferry
+    with ferry.Engine() as engine:
+        client = engine.new_client()
+        src, dst = engine.alloc_host(client, 1 << 20), engine.alloc_host(client, 1 << 20)
+        src.view()[:5] = b"hello"
+        queue = engine.open_queue(client)
+        queue.submit([ferry.Descriptor(tag=1, src_region=src.region, dst_region=dst.region, len=5)])
+        (done,) = queue.wait(1)
+        assert done.status == ferry.STATUS["ok"] and bytes(dst.view()[:5]) == b"hello"
+
+A Queue is single-producer single-consumer: use each from one thread at a time.
+"""
+
+import ctypes
+import os
+import pathlib
+import time
+
+c_u32, c_u64, c_size = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
+
+FLAG_FENCE = 1
+
+# Completion status codes (ferry_status in ferry.h).
+STATUS = {
+    "ok": 0,
+    "unknown_region": 1,
+    "not_owner": 2,
+    "out_of_bounds": 3,
+    "zero_length": 4,
+    "too_long": 5,
+    "overlap": 6,
+    "reserved_flags": 7,
+    "transport_failed": 8,
+    "cancelled": 9,
+    "unsupported": 10,
+}
+STATUS_NAME = {v: k for k, v in STATUS.items()}
+
+
+class Descriptor(ctypes.Structure):
+    """One copy request; same layout as ferry_descriptor (64 bytes)."""
+
+    _fields_ = [
+        ("tag", c_u64),
+        ("src_region", c_u32),
+        ("dst_region", c_u32),
+        ("src_offset", c_u64),
+        ("dst_offset", c_u64),
+        ("len", c_u64),
+        ("flags", c_u32),
+        ("reserved0", c_u32),
+        ("reserved1", c_u64 * 2),
+    ]
+
+
+class Completion(ctypes.Structure):
+    """The result of one descriptor; same layout as ferry_completion (32 bytes)."""
+
+    _fields_ = [("tag", c_u64), ("seq", c_u64), ("bytes", c_u64), ("status", c_u32), ("detail", c_u32)]
+
+    @property
+    def status_name(self):
+        return STATUS_NAME.get(self.status, f"unknown({self.status})")
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [
+        ("workers", c_u32),
+        ("transport", c_u32),
+        ("unpinned", c_u32),
+        ("yield_when_idle", c_u32),
+        ("max_len", c_u64),
+        ("max_regions", c_u32),
+    ]
+
+
+assert ctypes.sizeof(Descriptor) == 64 and ctypes.sizeof(Completion) == 32
+
+
+class FerryError(Exception):
+    """A ferry call failed: `code` is the ferry_result value, the message is ferry's text."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{message} (ferry_result {code})")
+        self.code = code
+
+
+def _find_library():
+    if os.environ.get("FERRY_LIB"):
+        return os.environ["FERRY_LIB"]
+    root = pathlib.Path(__file__).resolve().parent.parent / "target"
+    for profile in ("release", "debug"):
+        candidate = root / profile / "libferry.so"
+        if candidate.exists():
+            return str(candidate)
+    raise FerryError(-1, "libferry.so not found: build it with `cargo build --release -p ferry-ffi` or set FERRY_LIB")
+
+
+_lib = None
+
+
+def _library():
+    global _lib
+    if _lib is None:
+        lib = ctypes.CDLL(_find_library())
+        p = ctypes.c_void_p
+        for name, args, res in [
+            ("ferry_last_error", [ctypes.c_char_p, c_size], c_size),
+            ("ferry_engine_start", [ctypes.POINTER(_Config), ctypes.POINTER(p)], ctypes.c_int),
+            ("ferry_engine_free", [p], None),
+            ("ferry_engine_new_client", [p, ctypes.POINTER(c_u32)], ctypes.c_int),
+            ("ferry_host_alloc", [p, c_u32, c_size, ctypes.POINTER(p)], ctypes.c_int),
+            ("ferry_host_buffer_region", [p], c_u32),
+            ("ferry_host_buffer_data", [p], p),
+            ("ferry_host_buffer_free", [p], None),
+            ("ferry_deregister", [p, c_u32], ctypes.c_int),
+            ("ferry_queue_open", [p, c_u32, c_u64, c_u64, ctypes.POINTER(p)], ctypes.c_int),
+            ("ferry_queue_submit", [p, ctypes.POINTER(Descriptor), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
+            ("ferry_queue_poll", [p, ctypes.POINTER(Completion), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
+            ("ferry_queue_watermark", [p], c_u64),
+            ("ferry_queue_free", [p], None),
+        ]:
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        _lib = lib
+    return _lib
+
+
+def _check(code):
+    if code != 0:
+        buf = ctypes.create_string_buffer(512)
+        _library().ferry_last_error(buf, len(buf))
+        raise FerryError(code, buf.value.decode(errors="replace"))
+
+
+class HostBuffer:
+    """Host memory allocated and registered by the engine."""
+
+    def __init__(self, handle, size):
+        self._handle, self.size = handle, size
+        self.region = _library().ferry_host_buffer_region(handle)
+
+    def view(self):
+        """A writable memoryview of the whole buffer."""
+        address = _library().ferry_host_buffer_data(self._handle)
+        return memoryview((ctypes.c_ubyte * self.size).from_address(address)).cast("B")
+
+    def close(self):
+        if self._handle:
+            _library().ferry_host_buffer_free(self._handle)
+            self._handle = None
+
+
+class Queue:
+    """The client end of a queue: submit descriptors, poll completions."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def submit(self, descriptors):
+        """Pushes as many as fit (one publish); returns how many."""
+        array = (Descriptor * len(descriptors))(*descriptors)
+        pushed = c_size()
+        _check(_library().ferry_queue_submit(self._handle, array, len(descriptors), ctypes.byref(pushed)))
+        return pushed.value
+
+    def poll(self, max_completions=256):
+        """Ready completions, at most `max_completions`; never blocks."""
+        out = (Completion * max_completions)()
+        n = c_size()
+        _check(_library().ferry_queue_poll(self._handle, out, max_completions, ctypes.byref(n)))
+        return list(out[: n.value])
+
+    def wait(self, count, timeout=10.0):
+        """Polls until `count` completions arrived; raises TimeoutError after `timeout` seconds."""
+        got, deadline = [], time.monotonic() + timeout
+        while len(got) < count:
+            got.extend(self.poll(count - len(got)))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(got)} of {count} completions after {timeout} s")
+        return got
+
+    @property
+    def watermark(self):
+        return _library().ferry_queue_watermark(self._handle)
+
+    def close(self):
+        if self._handle:
+            _library().ferry_queue_free(self._handle)
+            self._handle = None
+
+
+class Engine:
+    """A running engine; `close()` (or leaving a `with` block) shuts it down."""
+
+    def __init__(self, workers=1, transport="host", pinned=True, max_len=0):
+        config = _Config(workers=workers, transport={"host": 0, "null": 1}[transport], unpinned=0 if pinned else 1, max_len=max_len)
+        handle = ctypes.c_void_p()
+        _check(_library().ferry_engine_start(ctypes.byref(config), ctypes.byref(handle)))
+        self._handle = handle
+
+    def new_client(self):
+        out = c_u32()
+        _check(_library().ferry_engine_new_client(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def alloc_host(self, client, size):
+        out = ctypes.c_void_p()
+        _check(_library().ferry_host_alloc(self._handle, client, size, ctypes.byref(out)))
+        return HostBuffer(out, size)
+
+    def deregister(self, region):
+        _check(_library().ferry_deregister(self._handle, region))
+
+    def open_queue(self, client, submit_capacity=0, complete_capacity=0):
+        out = ctypes.c_void_p()
+        _check(_library().ferry_queue_open(self._handle, client, submit_capacity, complete_capacity, ctypes.byref(out)))
+        return Queue(out)
+
+    def close(self):
+        if self._handle:
+            _library().ferry_engine_free(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
