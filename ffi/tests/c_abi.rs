@@ -10,8 +10,16 @@ fn a_c_program_copies_through_the_engine() {
         return;
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    // This test runs from target/<profile>/deps; the library is built into target/<profile>.
+    // This test runs from target/debug/deps. Test runners build only the rlib-free crate's test
+    // targets, so build libferry.so here (a no-op when it is current), into target/debug.
     let libdir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args(["build", "--profile", "test", "-p", "ferry-ffi", "--lib"])
+        .env("CARGO_TARGET_DIR", libdir.parent().unwrap())
+        .status()
+        .unwrap();
+    assert!(built.success(), "building libferry.so failed");
     assert!(libdir.join("libferry.so").exists(), "libferry.so not found in {}", libdir.display());
     let exe = std::env::temp_dir().join(format!("ferry-c-smoke-{}", std::process::id()));
     let status = Command::new("cc")
