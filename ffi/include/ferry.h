@@ -43,21 +43,25 @@ typedef enum {
   FERRY_RESULT_SHUT_DOWN = 13,
 } ferry_result;
 
-// Completion status codes (`ferry_completion.status`).
-typedef enum {
+// Outcome of a descriptor. `Ok` is 0; every failure has its own code.
+enum ferry_status
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
   // Copied.
   FERRY_STATUS_OK = 0,
-  // A region id names no registered region.
+  // A region id names no registered region (never registered, or deregistered).
   FERRY_STATUS_UNKNOWN_REGION = 1,
-  // A region belongs to another client.
+  // A region belongs to another client than the queue's.
   FERRY_STATUS_NOT_OWNER = 2,
-  // offset + len past the end of a region, or overflowing.
+  // `offset + len` runs past the end of a region, or overflows.
   FERRY_STATUS_OUT_OF_BOUNDS = 3,
-  // len is 0.
+  // `len` is 0.
   FERRY_STATUS_ZERO_LENGTH = 4,
-  // len over the engine's maximum.
+  // `len` is over the engine's `max_len`.
   FERRY_STATUS_TOO_LONG = 5,
-  // Source and destination overlap in one region.
+  // Source and destination ranges overlap inside one region.
   FERRY_STATUS_OVERLAP = 6,
   // Unknown flag bits or non-zero reserved fields.
   FERRY_STATUS_RESERVED_FLAGS = 7,
@@ -65,9 +69,16 @@ typedef enum {
   FERRY_STATUS_TRANSPORT_FAILED = 8,
   // The engine shut down before the copy started.
   FERRY_STATUS_CANCELLED = 9,
-  // No transport for these memory kinds.
+  // No transport of this engine can copy between these kinds of memory.
   FERRY_STATUS_UNSUPPORTED = 10,
-} ferry_status;
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum ferry_status ferry_status;
+#else
+typedef uint32_t ferry_status;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
 
 // A running engine.
 typedef struct ferry_engine ferry_engine;
@@ -94,39 +105,40 @@ typedef struct {
   uint32_t max_regions;
 } ferry_config;
 
-// One copy request (64 bytes; layout identical to ferry's Rust `Descriptor`).
+// One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,
+// `dst_offset`). The direction follows from the regions' kinds.
 typedef struct {
-  // Returned unchanged in the completion.
+  // Caller's tag, returned unchanged in the completion.
   uint64_t tag;
-  // Source region id.
+  // Source region id (see [`crate::RegionId`]).
   uint32_t src_region;
   // Destination region id.
   uint32_t dst_region;
-  // Byte offset in the source region.
+  // Byte offset into the source region.
   uint64_t src_offset;
-  // Byte offset in the destination region.
+  // Byte offset into the destination region.
   uint64_t dst_offset;
-  // Bytes to copy.
+  // Bytes to copy; at least 1 and at most the engine's configured maximum.
   uint64_t len;
-  // FERRY_FLAG_* bits.
+  // `FLAG_*` bits; unknown bits are rejected.
   uint32_t flags;
-  // Must be 0.
+  // Must be zero (room for a later ABI version).
   uint32_t reserved0;
-  // Must be 0.
+  // Must be zero (room for a later ABI version).
   uint64_t reserved1[2];
 } ferry_descriptor;
 
-// The result of one descriptor (32 bytes; layout identical to ferry's Rust `Completion`).
+// The result of one descriptor.
 typedef struct {
   // The descriptor's tag.
   uint64_t tag;
-  // The descriptor's position in its queue, from 0.
+  // The descriptor's position in its queue: 0 for the first descriptor pushed.
   uint64_t seq;
-  // Bytes moved (0 on failure).
+  // Bytes moved: the descriptor's length on success, 0 otherwise.
   uint64_t bytes;
-  // A ferry_status code.
+  // A [`Status`] code; decode with [`Completion::status`].
   uint32_t status;
-  // Transport-specific detail for a failure.
+  // Transport-specific detail for a failure (for example an errno or a verbs status), else 0.
   uint32_t detail;
 } ferry_completion;
 
@@ -230,7 +242,7 @@ ferry_result ferry_queue_attach(int fd, ferry_queue **out);
 // `queue` must be NULL or a live queue.
 int ferry_queue_fd(const ferry_queue *queue);
 
-// Pushes up to `n` descriptors (as many as fit), published together; writes how many to
+// Pushes up to `n` descriptors (`ferry_descriptor`) (as many as fit), published together; writes how many to
 // `*pushed`. Fewer than `n` means the submission ring is full: poll, then push the rest.
 //
 // # Safety

@@ -58,103 +58,8 @@ pub enum ferry_result {
     ShutDown = 13,
 }
 
-/// Completion status codes (`ferry_completion.status`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ferry_status {
-    /// Copied.
-    Ok = 0,
-    /// A region id names no registered region.
-    UnknownRegion = 1,
-    /// A region belongs to another client.
-    NotOwner = 2,
-    /// offset + len past the end of a region, or overflowing.
-    OutOfBounds = 3,
-    /// len is 0.
-    ZeroLength = 4,
-    /// len over the engine's maximum.
-    TooLong = 5,
-    /// Source and destination overlap in one region.
-    Overlap = 6,
-    /// Unknown flag bits or non-zero reserved fields.
-    ReservedFlags = 7,
-    /// The transport failed the copy; `detail` says more.
-    TransportFailed = 8,
-    /// The engine shut down before the copy started.
-    Cancelled = 9,
-    /// No transport for these memory kinds.
-    Unsupported = 10,
-}
-
-// Each C status code is the Rust one.
-macro_rules! same_codes {
-    ($($name:ident),*) => { $(const _: () = assert!(ferry_status::$name as u32 == ferry::Status::$name as u32);)* };
-}
-same_codes!(
-    Ok,
-    UnknownRegion,
-    NotOwner,
-    OutOfBounds,
-    ZeroLength,
-    TooLong,
-    Overlap,
-    ReservedFlags,
-    TransportFailed,
-    Cancelled,
-    Unsupported
-);
-const _: () = assert!(ferry::Status::ALL.len() == 11, "a new Status needs a ferry_status twin");
-
 /// Flag: start only after every earlier descriptor of the queue completed.
 pub const FERRY_FLAG_FENCE: u32 = ferry::FLAG_FENCE;
-
-/// One copy request (64 bytes; layout identical to ferry's Rust `Descriptor`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct ferry_descriptor {
-    /// Returned unchanged in the completion.
-    pub tag: u64,
-    /// Source region id.
-    pub src_region: u32,
-    /// Destination region id.
-    pub dst_region: u32,
-    /// Byte offset in the source region.
-    pub src_offset: u64,
-    /// Byte offset in the destination region.
-    pub dst_offset: u64,
-    /// Bytes to copy.
-    pub len: u64,
-    /// FERRY_FLAG_* bits.
-    pub flags: u32,
-    /// Must be 0.
-    pub reserved0: u32,
-    /// Must be 0.
-    pub reserved1: [u64; 2],
-}
-
-/// The result of one descriptor (32 bytes; layout identical to ferry's Rust `Completion`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct ferry_completion {
-    /// The descriptor's tag.
-    pub tag: u64,
-    /// The descriptor's position in its queue, from 0.
-    pub seq: u64,
-    /// Bytes moved (0 on failure).
-    pub bytes: u64,
-    /// A ferry_status code.
-    pub status: u32,
-    /// Transport-specific detail for a failure.
-    pub detail: u32,
-}
-
-const _: () = assert!(std::mem::size_of::<ferry_descriptor>() == std::mem::size_of::<Descriptor>());
-const _: () = assert!(std::mem::offset_of!(ferry_descriptor, len) == std::mem::offset_of!(Descriptor, len));
-const _: () = assert!(std::mem::offset_of!(ferry_descriptor, flags) == std::mem::offset_of!(Descriptor, flags));
-const _: () = assert!(std::mem::offset_of!(ferry_descriptor, reserved1) == std::mem::offset_of!(Descriptor, reserved1));
-const _: () = assert!(std::mem::size_of::<ferry_completion>() == std::mem::size_of::<Completion>());
-const _: () = assert!(std::mem::offset_of!(ferry_completion, status) == std::mem::offset_of!(Completion, status));
-const _: () = assert!(std::mem::offset_of!(ferry_completion, detail) == std::mem::offset_of!(Completion, detail));
 
 /// Engine settings for [`ferry_engine_start`]. Zero in a field means "the default".
 #[repr(C)]
@@ -466,7 +371,7 @@ pub unsafe extern "C" fn ferry_queue_fd(queue: *const ferry_queue) -> c_int {
     unsafe { queue.as_ref() }.map_or(-1, |q| q.0.file().as_raw_fd())
 }
 
-/// Pushes up to `n` descriptors (as many as fit), published together; writes how many to
+/// Pushes up to `n` descriptors (`ferry_descriptor`) (as many as fit), published together; writes how many to
 /// `*pushed`. Fewer than `n` means the submission ring is full: poll, then push the rest.
 ///
 /// # Safety
@@ -475,7 +380,7 @@ pub unsafe extern "C" fn ferry_queue_fd(queue: *const ferry_queue) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn ferry_queue_submit(
     queue: *mut ferry_queue,
-    descs: *const ferry_descriptor,
+    descs: *const Descriptor,
     n: usize,
     pushed: *mut usize,
 ) -> ferry_result {
@@ -484,9 +389,9 @@ pub unsafe extern "C" fn ferry_queue_submit(
     non_null!(pushed);
     guard(|| {
         // SAFETY: `descs` is valid for `n` reads, as the caller promised.
-        let descs: &[ferry_descriptor] = unsafe { std::slice::from_raw_parts(descs, n) };
+        let descs: &[Descriptor] = unsafe { std::slice::from_raw_parts(descs, n) };
         // SAFETY: a live queue used by this thread only, as the caller promised.
-        let k = unsafe { &mut (*queue).0 }.submit(bytemuck::cast_slice(descs))?;
+        let k = unsafe { &mut (*queue).0 }.submit(descs)?;
         // SAFETY: writable `pushed`, as the caller promised.
         unsafe { *pushed = k };
         Ok(())
@@ -501,7 +406,7 @@ pub unsafe extern "C" fn ferry_queue_submit(
 #[no_mangle]
 pub unsafe extern "C" fn ferry_queue_poll(
     queue: *mut ferry_queue,
-    out: *mut ferry_completion,
+    out: *mut Completion,
     cap: usize,
     n: *mut usize,
 ) -> ferry_result {
@@ -510,9 +415,9 @@ pub unsafe extern "C" fn ferry_queue_poll(
     non_null!(n);
     guard(|| {
         // SAFETY: `out` is valid for `cap` writes, as the caller promised.
-        let out: &mut [ferry_completion] = unsafe { std::slice::from_raw_parts_mut(out, cap) };
+        let out: &mut [Completion] = unsafe { std::slice::from_raw_parts_mut(out, cap) };
         // SAFETY: a live queue used by this thread only, as the caller promised.
-        let k = unsafe { &mut (*queue).0 }.poll(bytemuck::cast_slice_mut(out))?;
+        let k = unsafe { &mut (*queue).0 }.poll(out)?;
         // SAFETY: writable `n`, as the caller promised.
         unsafe { *n = k };
         Ok(())
