@@ -143,7 +143,7 @@ pub fn ring_throughput(
     let pin = |core: Option<usize>| -> Result<(), Error> {
         match core {
             Some(core) => {
-                crate::affinity::pin_current_thread(core).map_err(|source| Error::PinWorker { worker: 0, core, source })
+                crate::sys::pin_current_thread(core).map_err(|source| Error::PinWorker { worker: 0, core, source })
             }
             None => Ok(()),
         }

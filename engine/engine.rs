@@ -8,6 +8,8 @@ use crate::ring::shm::SharedMemory;
 use crate::transport::{host::HostTransport, null::NullTransport, Transport};
 use crate::worker::{Mailbox, Worker};
 use crate::RegionId;
+use ferry_topology::plan::{host_cores, plan, PlanConfig};
+use ferry_topology::Machine;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -41,8 +43,10 @@ impl std::fmt::Debug for TransportKind {
 /// Where the worker threads run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CorePlacement {
-    /// Worker `i` on the `i`-th highest online CPU, never CPU 0 while another exists (CPU 0
-    /// takes most interrupts). On a one-CPU machine the worker is left unpinned.
+    /// From the topology plan: with [`EngineConfig::gpu`] set, free CPUs local to that GPU
+    /// (isolated ones first); otherwise free CPUs anywhere, isolated ones first, highest-numbered
+    /// first. Never CPU 0, nor the CPU the calling thread is pinned to, while anything else is
+    /// left (see [`Engine::placement_notes`]).
     Auto,
     /// Worker `i` on core `cores[i]`; one core per worker.
     Cores(Vec<usize>),
@@ -81,8 +85,10 @@ pub struct EngineConfig {
     pub idle: IdlePolicy,
     /// How long shutdown waits for copies a transport has started.
     pub shutdown_timeout: Duration,
-    /// sysfs root, for the online CPU list.
+    /// sysfs root, for the online CPU list and the topology plan.
     pub sysfs: std::path::PathBuf,
+    /// PCI bus id (`0000:18:00.0`) of the GPU this engine serves, for [`CorePlacement::Auto`].
+    pub gpu: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -97,6 +103,7 @@ impl Default for EngineConfig {
             idle: IdlePolicy::Spin,
             shutdown_timeout: Duration::from_secs(5),
             sysfs: "/sys".into(),
+            gpu: None,
         }
     }
 }
@@ -147,6 +154,7 @@ pub struct Engine {
     next_client: AtomicU32,
     next_queue: AtomicU32,
     transport_name: &'static str,
+    placement_notes: Vec<String>,
     /// Serialises queue creation so that each queue lands on one worker exactly once.
     queue_lock: Mutex<()>,
 }
@@ -167,7 +175,7 @@ impl Engine {
                 config.max_regions
             )));
         }
-        let cores = place_workers(&config)?;
+        let (cores, placement_notes) = place_workers(&config)?;
         let table = Arc::new(RegionTable::new(config.max_regions, config.workers));
         let stop = Arc::new(AtomicBool::new(false));
         let mut engine = Engine {
@@ -177,6 +185,7 @@ impl Engine {
             next_client: AtomicU32::new(1),
             next_queue: AtomicU32::new(1),
             transport_name: "",
+            placement_notes,
             queue_lock: Mutex::new(()),
         };
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -205,12 +214,14 @@ impl Engine {
             let thread = std::thread::Builder::new()
                 .name(format!("ferry-worker-{index}"))
                 .spawn(move || {
-                    let pinned =
-                        match core {
-                            Some(core) => crate::affinity::pin_current_thread(core)
-                                .map_err(|source| Error::PinWorker { worker: index, core, source }),
-                            None => Ok(()),
-                        };
+                    let pinned = match core {
+                        Some(core) => crate::sys::pin_current_thread(core).map_err(|source| Error::PinWorker {
+                            worker: index,
+                            core,
+                            source,
+                        }),
+                        None => Ok(()),
+                    };
                     let ok = pinned.is_ok();
                     let _ = ready.send(pinned);
                     if ok {
@@ -239,6 +250,11 @@ impl Engine {
     /// The core each worker is pinned to (`None`: unpinned).
     pub fn worker_cores(&self) -> Vec<Option<usize>> {
         self.workers.iter().map(|w| w.core).collect()
+    }
+
+    /// What automatic placement had to settle for (for example a worker on CPU 0).
+    pub fn placement_notes(&self) -> &[String] {
+        &self.placement_notes
     }
 
     /// A new client id. Regions and queues belong to a client.
@@ -344,10 +360,11 @@ impl Drop for Engine {
     }
 }
 
-/// The core for each worker (`None`: unpinned), checked against the online CPUs.
-fn place_workers(config: &EngineConfig) -> Result<Vec<Option<usize>>, Error> {
+/// The core for each worker (`None`: unpinned), checked against the online CPUs, and notes on
+/// fallbacks taken.
+fn place_workers(config: &EngineConfig) -> Result<(Vec<Option<usize>>, Vec<String>), Error> {
     match &config.cores {
-        CorePlacement::Unpinned => Ok(vec![None; config.workers]),
+        CorePlacement::Unpinned => Ok((vec![None; config.workers], Vec::new())),
         CorePlacement::Cores(cores) => {
             if cores.len() != config.workers {
                 return Err(Error::Config(format!("{} cores given for {} workers", cores.len(), config.workers)));
@@ -361,23 +378,35 @@ fn place_workers(config: &EngineConfig) -> Result<Vec<Option<usize>>, Error> {
                     return Err(Error::Config(format!("core {core} is given to two workers")));
                 }
             }
-            Ok(cores.iter().map(|&c| Some(c)).collect())
+            Ok((cores.iter().map(|&c| Some(c)).collect(), Vec::new()))
         }
         CorePlacement::Auto => {
-            let online = ferry_topology::cpu::online_cpus(Path::new(&config.sysfs))?;
-            if online.len() <= 1 {
-                return Ok(vec![None; config.workers]);
-            }
-            let candidates: Vec<usize> = online.iter().rev().copied().filter(|&c| c != 0).collect();
-            if candidates.len() < config.workers {
+            let machine = Machine::read(Path::new(&config.sysfs))?;
+            let avoid: Vec<usize> = crate::sys::pinned_cpu().into_iter().collect();
+            let (cores, notes) = match &config.gpu {
+                Some(bus) => {
+                    let planned =
+                        plan(&machine, &PlanConfig { workers_per_gpu: config.workers, avoid, ..PlanConfig::default() })
+                            .map_err(Error::Config)?;
+                    let known: Vec<&str> = planned.gpus.iter().map(|g| g.gpu.as_str()).collect();
+                    let gpu = planned.gpus.iter().find(|g| &g.gpu == bus).ok_or_else(|| {
+                        Error::Config(format!(
+                            "EngineConfig::gpu {bus} is not an NVIDIA GPU of this machine (found: {known:?})"
+                        ))
+                    })?;
+                    (gpu.cores.clone(), gpu.notes.clone())
+                }
+                None => host_cores(&machine, config.workers, &avoid),
+            };
+            if cores.len() < config.workers {
                 return Err(Error::Config(format!(
-                    "{} workers need {} cores besides CPU 0; online CPUs: {}",
+                    "{} workers but only {} online CPUs ({})",
                     config.workers,
-                    config.workers,
-                    format_cpus(&online)
+                    cores.len(),
+                    format_cpus(&machine.online)
                 )));
             }
-            Ok(candidates.into_iter().take(config.workers).map(Some).collect())
+            Ok((cores.into_iter().map(Some).collect(), notes))
         }
     }
 }

@@ -56,9 +56,13 @@
 mod sync;
 
 #[cfg(not(loom))]
-pub mod affinity;
+pub mod cuda;
 pub mod desc;
+#[cfg(not(loom))]
+pub mod diagnostics;
 pub mod ring;
+#[cfg(not(loom))]
+pub mod sys;
 
 #[cfg(not(loom))]
 pub mod bandwidth;

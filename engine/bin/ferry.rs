@@ -4,15 +4,20 @@
 
 use ferry::bandwidth::{drive, median_by, memcpy_baseline, ring_throughput, scatter, Measurement};
 use ferry::{CorePlacement, Engine, EngineConfig, Error, QueueConfig, TransportKind};
-use std::path::Path;
+use ferry_topology::{Machine, PlanConfig};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-usage: ferry bench [options]
+usage: ferry bench [options]     bandwidth table of the engine on scattered blocks
+       ferry topo [--sysfs DIR] [--workers-per-gpu N]
+                                 GPU x NIC matrix (nvidia-smi topo -m classes) and the plan
+       ferry doctor [--sysfs DIR]
+                                 what the GPU transports need: OK / WARN / FAIL with the fix
 
-Runs the engine on scattered blocks and prints block size x GB/s and descriptors/s.
+bench runs the engine on scattered blocks and prints block size x GB/s and descriptors/s.
 
-options:
+bench options:
   --transport host|null   host: the worker copies with the CPU (default);
                           null: no data moves, measures the engine's own cost per descriptor
   --total SIZE            bytes moved per cell, per repetition (default 1G)
@@ -20,8 +25,8 @@ options:
   --span SIZE             bytes in each of the source and destination regions (default 256M)
   --sizes LIST            block sizes (default 4K,16K,64K,256K,1M)
   --reps N                repetitions per cell; the median is printed (default 5)
-  --worker-core N         core of the worker (default: the highest online CPU)
-  --client-core N         core of the submitting thread (default: the next lower CPU)
+  --worker-core N         core of the worker (default: the topology plan's choice)
+  --client-core N         core of the submitting thread (default: the lowest online CPU)
 SIZE and N take K, M, G suffixes (powers of 1024 for sizes, of 1000 for counts).";
 
 struct Options {
@@ -102,10 +107,8 @@ fn cpu_model() -> String {
 }
 
 /// Why the host transport runs, in words.
-fn transport_reason() -> String {
-    let gpus: Vec<String> = ferry_topology::pci::devices(Path::new("/sys"))
-        .map(|d| d.into_iter().filter(|d| d.is_nvidia_gpu()).map(|d| d.address).collect())
-        .unwrap_or_default();
+fn transport_reason(machine: &Machine) -> String {
+    let gpus: Vec<&str> = machine.gpus.iter().map(|g| g.address.as_str()).collect();
     if gpus.is_empty() {
         "no NVIDIA GPU under /sys/bus/pci/devices, and this build has no CUDA or GDR transport".into()
     } else {
@@ -116,19 +119,10 @@ fn transport_reason() -> String {
     }
 }
 
-fn cores(o: &Options) -> Result<(Option<usize>, Option<usize>), Error> {
-    let online = ferry_topology::cpu::online_cpus(Path::new("/sys"))?;
-    let worker = o.worker_core.or_else(|| online.last().copied().filter(|_| online.len() > 1));
-    let client = o
-        .client_core
-        .or_else(|| online.iter().rev().copied().find(|&c| Some(c) != worker).filter(|_| worker.is_some()));
-    Ok((worker, client))
-}
-
 fn start_engine(transport: TransportKind, worker: Option<usize>) -> Result<Engine, Error> {
     let cores = match worker {
         Some(core) => CorePlacement::Cores(vec![core]),
-        None => CorePlacement::Unpinned,
+        None => CorePlacement::Auto,
     };
     Engine::start(EngineConfig { transport, cores, max_len: 1 << 30, ..EngineConfig::default() })
 }
@@ -138,28 +132,30 @@ fn show(core: Option<usize>) -> String {
 }
 
 fn bench(o: &Options) -> Result<(), Error> {
-    let (worker, client) = cores(o)?;
+    let machine = Machine::read(Path::new("/sys"))?;
+    // The client first, so that automatic placement keeps the worker off its core.
+    let client = o.client_core.or_else(|| machine.online.first().copied().filter(|_| machine.online.len() > 1));
     if let Some(core) = client {
-        ferry::affinity::pin_current_thread(core).map_err(|source| Error::PinWorker {
-            worker: usize::MAX,
-            core,
-            source,
-        })?;
+        ferry::sys::pin_current_thread(core).map_err(|source| Error::PinWorker { worker: usize::MAX, core, source })?;
     }
     let (kind, reason) = match o.transport.as_str() {
         "null" => (TransportKind::Null, "asked for with --transport null: no data moves".to_owned()),
-        _ => (TransportKind::Host, transport_reason()),
+        _ => (TransportKind::Host, transport_reason(&machine)),
     };
-    let engine = start_engine(kind, worker)?;
+    let engine = start_engine(kind, o.worker_core)?;
+    let worker = engine.worker_cores()[0];
     println!("ferry bench: transport {} ({reason})", engine.transport_name());
     println!(
         "machine: {}, {} online CPUs; worker on {}, client on {}; median of {} runs",
         cpu_model(),
-        ferry_topology::cpu::online_cpus(Path::new("/sys"))?.len(),
+        machine.online.len(),
         show(worker),
         show(client),
         o.reps
     );
+    for note in engine.placement_notes() {
+        println!("placement: {note}");
+    }
     let client_id = engine.new_client();
     let span = o.span as usize;
     let src = engine.allocate_host(client_id, span)?;
@@ -211,9 +207,53 @@ fn bench(o: &Options) -> Result<(), Error> {
     Ok(())
 }
 
+/// Options of `topo` and `doctor`: `--sysfs DIR`, `--workers-per-gpu N`.
+fn report_options(args: &[String]) -> Result<(PathBuf, usize), String> {
+    let (mut sysfs, mut workers) = (PathBuf::from("/sys"), 1);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--sysfs" => sysfs = value.into(),
+            "--workers-per-gpu" => workers = value.parse().map_err(|_| format!("not a number: {value:?}"))?,
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    Ok((sysfs, workers))
+}
+
+fn topo(args: &[String]) -> Result<(), String> {
+    let (sysfs, workers_per_gpu) = report_options(args)?;
+    let machine = Machine::read(&sysfs).map_err(|e| e.to_string())?;
+    let avoid: Vec<usize> = ferry::sys::pinned_cpu().into_iter().collect();
+    let plan = ferry_topology::plan::plan(&machine, &PlanConfig { workers_per_gpu, avoid, ..PlanConfig::default() })?;
+    println!("ferry topo (sysfs {})", sysfs.display());
+    print!("{}", ferry::diagnostics::topo::render(&machine, &plan));
+    Ok(())
+}
+
+fn doctor(args: &[String]) -> Result<(), String> {
+    let (sysfs, _) = report_options(args)?;
+    println!("ferry doctor (sysfs {})", sysfs.display());
+    print!("{}", ferry::diagnostics::doctor::run(&sysfs).render());
+    Ok(())
+}
+
+fn report(name: &str, result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry {name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("topo") => report("topo", topo(&args[1..])),
+        Some("doctor") => report("doctor", doctor(&args[1..])),
         Some("bench") => match parse(&args[1..]) {
             Ok(o) => match bench(&o) {
                 Ok(()) => ExitCode::SUCCESS,

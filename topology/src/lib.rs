@@ -1,11 +1,22 @@
-//! Machine topology from sysfs, for ferry: online CPUs and PCI devices.
+//! Machine topology from sysfs, for ferry: which NIC and which cores serve each GPU.
 //!
-//! Every reader takes the sysfs root as an argument, so tests run on captured trees.
+//! Every reader takes the sysfs root as an argument, so tests run on captured or constructed
+//! trees under `fixtures/`. A file that is missing or malformed never panics: it is an error
+//! naming the file, or an "unknown" (for example `numa_node = -1`), or, for one odd device
+//! among many, a warning in [`Machine::warnings`] with the device left out.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod machine;
 pub mod pci;
+pub mod plan;
+pub mod rdma;
+pub mod relation;
+
+pub use machine::Machine;
+pub use plan::{GpuPlan, Plan, PlanConfig};
+pub use relation::Relation;
 
 /// A sysfs file could not be read or parsed.
 #[derive(Debug, thiserror::Error)]
@@ -33,4 +44,13 @@ pub(crate) fn read_trimmed(path: &std::path::Path) -> Result<String, TopologyErr
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
         .map_err(|source| TopologyError::Read { path: path.to_owned(), source })
+}
+
+/// Reads a file that may be absent: `Ok(None)` when it does not exist.
+pub(crate) fn read_optional(path: &std::path::Path) -> Result<Option<String>, TopologyError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TopologyError::Read { path: path.to_owned(), source }),
+    }
 }
