@@ -40,6 +40,10 @@ impl Mailbox {
     }
 
     fn take(&self, into: &mut Vec<QueueSlot>, window_for: impl Fn(&WorkerEnd) -> usize) {
+        // Relaxed: a cheap look on every loop iteration; the swap below synchronises.
+        if !self.pending.load(Ordering::Relaxed) {
+            return;
+        }
         // M2: Acquire; pairs with M1 in post.
         if !self.pending.swap(false, Ordering::Acquire) {
             return;
