@@ -179,3 +179,60 @@ pub fn ring_throughput(
     }
     Ok(Measurement { descriptors: count, bytes: 0, seconds })
 }
+
+/// GB/s of one `len`-byte copy on a fresh non-blocking stream, median of `reps` (the PCIe
+/// ceiling when one side is pinned host memory and the other device memory). The CUDA context
+/// must be current on this thread.
+pub fn copy_ceiling(dst: u64, src: u64, len: usize, reps: usize) -> Result<f64, Error> {
+    let stream = crate::cuda::Stream::new()?;
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        stream.copy(dst, src, len)?;
+        stream.synchronize()?;
+        runs.push(Measurement { descriptors: 1, bytes: len as u64, seconds: start.elapsed().as_secs_f64() });
+    }
+    Ok(median_by(runs, Measurement::gb_per_s).gb_per_s())
+}
+
+/// Latency of one descriptor from push to its completion as the client sees it: `samples`
+/// rounds after `warmup`, each pushing one descriptor and spinning on the completion ring.
+/// Returns the sorted latencies in microseconds.
+pub fn latency(
+    queue: &mut Queue,
+    src: RegionId,
+    dst: RegionId,
+    len: u64,
+    warmup: usize,
+    samples: usize,
+) -> Result<Vec<f64>, Error> {
+    let mut out = [Completion::default()];
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let d = Descriptor::copy(src, 0, dst, 0, len).with_tag(i as u64);
+        let start = Instant::now();
+        if queue.submit(std::slice::from_ref(&d))? != 1 {
+            return Err(Error::Config("latency: the submission ring is full".into()));
+        }
+        while queue.poll(&mut out)? == 0 {
+            std::hint::spin_loop();
+        }
+        let micros = start.elapsed().as_secs_f64() * 1e6;
+        if !out[0].is_ok() {
+            return Err(Error::Config(format!("latency: copy failed: {:?}", out[0])));
+        }
+        if i >= warmup {
+            times.push(micros);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// The value at fraction `q` (0..=1) of sorted samples.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}

@@ -8,9 +8,12 @@
 use cudarc::driver::sys;
 use std::ffi::c_int;
 
-/// Why CUDA cannot be used.
+/// Why a CUDA call failed or CUDA cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CudaUnavailable {
+pub enum CudaError {
+    /// The driver lacks something this use needs.
+    #[error("{0}")]
+    Unsupported(String),
     /// No libcuda on this machine.
     #[error("libcuda.so.1 not found: install the NVIDIA driver (no CUDA toolkit is needed)")]
     NoLibrary,
@@ -48,13 +51,26 @@ pub struct Device {
     pub dma_buf: bool,
     /// Streaming multiprocessors.
     pub sm_count: i32,
+    /// CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM: registered host memory has
+    /// the same address on the device (what the copy kernel relies on).
+    pub host_pointer_for_registered: bool,
 }
 
-fn check(call: &'static str, code: sys::CUresult) -> Result<(), CudaUnavailable> {
+impl CudaError {
+    /// The driver's result code, for a completion's `detail` (0 when not a driver call).
+    pub fn code(&self) -> u32 {
+        match self {
+            CudaError::Call { code, .. } => *code as u32,
+            _ => 0,
+        }
+    }
+}
+
+fn check(call: &'static str, code: sys::CUresult) -> Result<(), CudaError> {
     if code == sys::CUresult::CUDA_SUCCESS {
         Ok(())
     } else {
-        Err(CudaUnavailable::Call { call, code })
+        Err(CudaError::Call { call, code })
     }
 }
 
@@ -72,10 +88,10 @@ pub fn sysfs_bus_id(cuda: &str) -> String {
 
 impl Driver {
     /// Loads libcuda and calls cuInit.
-    pub fn load() -> Result<Driver, CudaUnavailable> {
+    pub fn load() -> Result<Driver, CudaError> {
         // SAFETY: only tries to open the library; returns false when it is absent.
         if !unsafe { sys::is_culib_present() } {
-            return Err(CudaUnavailable::NoLibrary);
+            return Err(CudaError::NoLibrary);
         }
         // SAFETY: the library is present; cuInit and cuDriverGetVersion exist in every driver.
         check("cuInit", unsafe { sys::cuInit(0) })?;
@@ -101,14 +117,14 @@ impl Driver {
     }
 
     /// Every device.
-    pub fn devices(&self) -> Result<Vec<Device>, CudaUnavailable> {
+    pub fn devices(&self) -> Result<Vec<Device>, CudaError> {
         let mut count: c_int = 0;
         // SAFETY: initialised driver; valid out pointer.
         check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })?;
         (0..count).map(|ordinal| self.device(ordinal)).collect()
     }
 
-    fn device(&self, ordinal: i32) -> Result<Device, CudaUnavailable> {
+    fn device(&self, ordinal: i32) -> Result<Device, CudaError> {
         let mut dev: sys::CUdevice = 0;
         // SAFETY: initialised driver; ordinal < count; valid out pointer.
         check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut dev, ordinal) })?;
@@ -123,7 +139,7 @@ impl Driver {
             // anyway (it was zeroed and the length passed leaves the last byte alone or NUL).
             unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
         };
-        let attribute = |attr: sys::CUdevice_attribute| -> Result<i32, CudaUnavailable> {
+        let attribute = |attr: sys::CUdevice_attribute| -> Result<i32, CudaError> {
             let mut value: c_int = 0;
             // SAFETY: valid device and out pointer; these attributes exist since CUDA 11.
             check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut value, attr, dev) })?;
@@ -137,7 +153,411 @@ impl Driver {
             gpudirect_rdma: attribute(A::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_SUPPORTED)? == 1,
             dma_buf: attribute(A::CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED)? == 1,
             sm_count: attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            host_pointer_for_registered: attribute(A::CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM)?
+                == 1,
         })
+    }
+}
+
+/// A device's primary context, retained; made current on each thread that uses it.
+#[derive(Debug)]
+pub struct Context {
+    device: sys::CUdevice,
+    context: sys::CUcontext,
+    /// The device, as listed by [`Driver::devices`].
+    pub info: Device,
+    /// Driver API version.
+    pub driver_version: i32,
+}
+
+// SAFETY: a primary context may be made current on any thread; the handle is only passed to the
+// driver, which synchronises its own state.
+unsafe impl Send for Context {}
+// SAFETY: as for Send.
+unsafe impl Sync for Context {}
+
+impl Context {
+    /// Retains the primary context of device `ordinal` and makes it current on this thread.
+    pub fn new(driver: &Driver, ordinal: i32) -> Result<Context, CudaError> {
+        let devices = driver.devices()?;
+        let info = devices
+            .into_iter()
+            .find(|d| d.ordinal == ordinal)
+            .ok_or_else(|| CudaError::Unsupported(format!("no CUDA device {ordinal} (cuDeviceGetCount says fewer)")))?;
+        let mut device: sys::CUdevice = 0;
+        // SAFETY: initialised driver; valid ordinal; valid out pointer.
+        check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut device, ordinal) })?;
+        let mut context: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: valid device and out pointer.
+        check("cuDevicePrimaryCtxRetain", unsafe { sys::cuDevicePrimaryCtxRetain(&mut context, device) })?;
+        let ctx = Context { device, context, info, driver_version: driver.version() };
+        ctx.make_current()?;
+        Ok(ctx)
+    }
+
+    /// Makes the context current on the calling thread.
+    pub fn make_current(&self) -> Result<(), CudaError> {
+        // SAFETY: `context` is a retained primary context.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.context) })
+    }
+
+    /// Where a pointer points, per the driver (the context must be current).
+    pub fn pointer_info(&self, ptr: u64) -> Result<PointerInfo, CudaError> {
+        let mut memory_type: u32 = 0;
+        let mut ordinal: c_int = -1;
+        let mut start: u64 = 0;
+        let mut size: usize = 0;
+        use sys::CUpointer_attribute as P;
+        for (attr, out) in [
+            (P::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, &mut memory_type as *mut u32 as *mut std::ffi::c_void),
+            (P::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, &mut ordinal as *mut c_int as *mut std::ffi::c_void),
+            (P::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, &mut start as *mut u64 as *mut std::ffi::c_void),
+            (P::CU_POINTER_ATTRIBUTE_RANGE_SIZE, &mut size as *mut usize as *mut std::ffi::c_void),
+        ] {
+            // SAFETY: each out pointer has the size the attribute writes (u32, int, pointer, size_t).
+            check("cuPointerGetAttribute", unsafe { sys::cuPointerGetAttribute(out, attr, ptr) })?;
+        }
+        Ok(PointerInfo { memory_type, ordinal, range_start: start, range_size: size as u64 })
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: releases the retain taken in `new`, once.
+        let code = unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) };
+        if code != sys::CUresult::CUDA_SUCCESS {
+            eprintln!("ferry: releasing the primary context of CUDA device {}: {code:?}", self.info.ordinal);
+        }
+    }
+}
+
+/// What the driver knows of a pointer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PointerInfo {
+    /// CU_MEMORYTYPE_HOST (1) or CU_MEMORYTYPE_DEVICE (2).
+    pub memory_type: u32,
+    /// Device ordinal of device memory.
+    pub ordinal: i32,
+    /// Start of the allocation holding the pointer.
+    pub range_start: u64,
+    /// Size of that allocation.
+    pub range_size: u64,
+}
+
+/// CU_MEMORYTYPE_DEVICE.
+pub const MEMORY_TYPE_DEVICE: u32 = 2;
+/// CU_MEMORYTYPE_HOST.
+pub const MEMORY_TYPE_HOST: u32 = 1;
+
+/// A non-blocking stream (cuMemcpyBatchAsync refuses the legacy NULL stream).
+#[derive(Debug)]
+pub struct Stream(pub(crate) sys::CUstream);
+
+// SAFETY: a stream handle may be used from any thread whose current context owns it.
+unsafe impl Send for Stream {}
+
+impl Stream {
+    /// A new non-blocking stream in the current context.
+    pub fn new() -> Result<Stream, CudaError> {
+        let mut stream: sys::CUstream = std::ptr::null_mut();
+        // SAFETY: valid out pointer; 1 is CU_STREAM_NON_BLOCKING.
+        check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut stream, 1) })?;
+        Ok(Stream(stream))
+    }
+
+    /// Waits for everything queued so far (control plane and benchmarks only).
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        // SAFETY: a live stream.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.0) })
+    }
+
+    /// Queues a copy of `len` bytes (unified addressing: host or device pointers).
+    pub fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), CudaError> {
+        // SAFETY: the caller's pointers were validated against registered regions; the driver
+        // checks what it can and reports the rest asynchronously.
+        check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(dst, src, len, self.0) })
+    }
+
+    /// Queues `dsts.len()` copies in one call (driver 12.8+).
+    pub fn copy_batch(&self, dsts: &mut [u64], srcs: &mut [u64], sizes: &mut [usize]) -> Result<(), CudaError> {
+        debug_assert!(dsts.len() == srcs.len() && srcs.len() == sizes.len());
+        let mut attrs = sys::CUmemcpyAttributes {
+            srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            srcLocHint: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID, id: 0 },
+            dstLocHint: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID, id: 0 },
+            flags: 0,
+        };
+        let mut attr_index: usize = 0;
+        let mut fail_index: usize = 0;
+        // SAFETY: the three arrays have `len` entries; one attribute applies from index 0.
+        check("cuMemcpyBatchAsync", unsafe {
+            sys::cuMemcpyBatchAsync(
+                dsts.as_mut_ptr(),
+                srcs.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                dsts.len(),
+                &mut attrs,
+                &mut attr_index,
+                1,
+                &mut fail_index,
+                self.0,
+            )
+        })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: destroys a stream created in `new`, once.
+        unsafe { sys::cuStreamDestroy_v2(self.0) };
+    }
+}
+
+/// An event without timing, for polling completion.
+#[derive(Debug)]
+pub struct Event(sys::CUevent);
+
+// SAFETY: as for Stream.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// A new event in the current context.
+    pub fn new() -> Result<Event, CudaError> {
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out pointer; 2 is CU_EVENT_DISABLE_TIMING.
+        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut event, 2) })?;
+        Ok(Event(event))
+    }
+
+    /// Marks the point in `stream` after everything queued so far.
+    pub fn record(&self, stream: &Stream) -> Result<(), CudaError> {
+        // SAFETY: live event and stream of the current context.
+        check("cuEventRecord", unsafe { sys::cuEventRecord(self.0, stream.0) })
+    }
+
+    /// Whether the work before the recorded point finished; never blocks.
+    pub fn is_done(&self) -> Result<bool, CudaError> {
+        // SAFETY: a live event.
+        match unsafe { sys::cuEventQuery(self.0) } {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            code => Err(CudaError::Call { call: "cuEventQuery", code }),
+        }
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: destroys an event created in `new`, once.
+        unsafe { sys::cuEventDestroy_v2(self.0) };
+    }
+}
+
+/// A kernel loaded from PTX.
+#[derive(Debug)]
+pub struct Kernel {
+    module: sys::CUmodule,
+    function: sys::CUfunction,
+    /// Resident blocks of `block_threads` threads per SM.
+    pub blocks_per_sm: u32,
+    /// Threads per block.
+    pub block_threads: u32,
+}
+
+// SAFETY: module and function handles belong to the primary context, usable from any thread
+// where it is current.
+unsafe impl Send for Kernel {}
+
+impl Kernel {
+    /// Loads `ptx` (NUL-free text) and finds `name` in it.
+    pub fn load(ptx: &str, name: &str, block_threads: u32) -> Result<Kernel, CudaError> {
+        let text = std::ffi::CString::new(ptx).map_err(|_| CudaError::Unsupported("PTX holds a NUL byte".into()))?;
+        let cname =
+            std::ffi::CString::new(name).map_err(|_| CudaError::Unsupported("kernel name holds a NUL".into()))?;
+        let mut module: sys::CUmodule = std::ptr::null_mut();
+        // SAFETY: NUL-terminated PTX text; valid out pointer.
+        check("cuModuleLoadData", unsafe { sys::cuModuleLoadData(&mut module, text.as_ptr().cast()) })?;
+        let mut function: sys::CUfunction = std::ptr::null_mut();
+        // SAFETY: live module, NUL-terminated name, valid out pointer.
+        let found =
+            check("cuModuleGetFunction", unsafe { sys::cuModuleGetFunction(&mut function, module, cname.as_ptr()) });
+        let mut blocks: c_int = 0;
+        let occupancy = found.and_then(|()| {
+            // SAFETY: live function; valid out pointer.
+            check("cuOccupancyMaxActiveBlocksPerMultiprocessor", unsafe {
+                sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut blocks, function, block_threads as c_int, 0)
+            })
+        });
+        if let Err(e) = occupancy {
+            // SAFETY: the module loaded above is unloaded once.
+            unsafe { sys::cuModuleUnload(module) };
+            return Err(e);
+        }
+        Ok(Kernel { module, function, blocks_per_sm: blocks.max(1) as u32, block_threads })
+    }
+
+    /// Launches on `stream` with `grid` blocks; `params` point at each argument's value.
+    pub fn launch(&self, stream: &Stream, grid: u32, params: &mut [*mut std::ffi::c_void]) -> Result<(), CudaError> {
+        // SAFETY: live function and stream; `params` matches the kernel's signature (the
+        // caller's contract) and outlives the call, which copies the values.
+        check("cuLaunchKernel", unsafe {
+            sys::cuLaunchKernel(
+                self.function,
+                grid,
+                1,
+                1,
+                self.block_threads,
+                1,
+                1,
+                0,
+                stream.0,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        // SAFETY: unloads the module loaded in `load`, once.
+        unsafe { sys::cuModuleUnload(self.module) };
+    }
+}
+
+/// Pinned host memory mapped into the device's address space (cuMemHostAlloc).
+#[derive(Debug)]
+pub struct PinnedBuffer {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory; users synchronise access through streams and events.
+unsafe impl Send for PinnedBuffer {}
+
+impl PinnedBuffer {
+    /// `len` bytes, portable and device-mapped.
+    pub fn new(len: usize) -> Result<PinnedBuffer, CudaError> {
+        let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: valid out pointer; flags PORTABLE (1) | DEVICEMAP (2).
+        check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut ptr, len, 1 | 2) })?;
+        Ok(PinnedBuffer { ptr: ptr.cast(), len })
+    }
+
+    /// First byte (also its device address, under unified addressing).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: frees the allocation made in `new`, once.
+        unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+    }
+}
+
+/// Host memory page-locked with cuMemHostRegister; unregistered on drop.
+#[derive(Debug)]
+pub struct HostRegistration(*mut u8);
+
+// SAFETY: only the address is kept, to unregister.
+unsafe impl Send for HostRegistration {}
+// SAFETY: as for Send.
+unsafe impl Sync for HostRegistration {}
+
+impl HostRegistration {
+    /// Pins `len` bytes at `ptr` for every context and maps them for the device.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until this registration drops.
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Result<HostRegistration, CudaError> {
+        // SAFETY: the caller keeps the range mapped; flags PORTABLE (1) | DEVICEMAP (2).
+        check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, 1 | 2) })?;
+        Ok(HostRegistration(ptr))
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        // SAFETY: unregisters the range registered in `new`, once.
+        let code = unsafe { sys::cuMemHostUnregister(self.0.cast()) };
+        if code != sys::CUresult::CUDA_SUCCESS {
+            eprintln!("ferry: cuMemHostUnregister: {code:?}");
+        }
+    }
+}
+
+/// Device memory from cuMemAlloc (benchmarks and tests; applications bring their own).
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    ptr: u64,
+    len: usize,
+}
+
+impl DeviceBuffer {
+    /// `len` bytes of device memory in the current context.
+    pub fn new(len: usize) -> Result<DeviceBuffer, CudaError> {
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: valid out pointer.
+        check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, len) })?;
+        Ok(DeviceBuffer { ptr, len })
+    }
+
+    /// Device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets every byte to `value` (synchronous).
+    pub fn fill(&self, value: u8) -> Result<(), CudaError> {
+        // SAFETY: the whole allocation.
+        check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(self.ptr, value, self.len) })
+    }
+
+    /// Copies `data` to byte `offset` (synchronous).
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), CudaError> {
+        assert!(offset + data.len() <= self.len, "write past the end of a device buffer");
+        // SAFETY: the range is inside the allocation (asserted).
+        check("cuMemcpyHtoD", unsafe {
+            sys::cuMemcpyHtoD_v2(self.ptr + offset as u64, data.as_ptr().cast(), data.len())
+        })
+    }
+
+    /// Copies bytes at `offset` into `out` (synchronous).
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<(), CudaError> {
+        assert!(offset + out.len() <= self.len, "read past the end of a device buffer");
+        // SAFETY: the range is inside the allocation (asserted).
+        check("cuMemcpyDtoH", unsafe {
+            sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr + offset as u64, out.len())
+        })
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: frees the allocation made in `new`, once.
+        unsafe { sys::cuMemFree_v2(self.ptr) };
     }
 }
 

@@ -1,10 +1,13 @@
 //! The engine: configuration, start-up, the control plane (clients, regions, queues) and
 //! shutdown.
 
+use crate::cuda::{Context, Driver, HostRegistration};
 use crate::error::Error;
 use crate::queue::{Queue, QueueConfig, QueueId, QueueMemory, WorkerEnd};
+use crate::region::Keep;
 use crate::region::{ClientId, HostBuffer, MemoryKind, RegionTable};
 use crate::ring::shm::SharedMemory;
+use crate::transport::cuda::{CudaConfig, CudaTransport};
 use crate::transport::{host::HostTransport, null::NullTransport, Transport};
 use crate::worker::{Mailbox, Worker};
 use crate::RegionId;
@@ -26,6 +29,9 @@ pub enum TransportKind {
     Host,
     /// Completes without moving data ([`crate::transport::null::NullTransport`]).
     Null,
+    /// The CUDA driver ([`crate::transport::cuda::CudaTransport`]): host <-> GPU copies. Host
+    /// regions are pinned and mapped for the device when registered.
+    Cuda(CudaConfig),
     /// A caller-supplied transport, built once per worker.
     Custom(TransportFactory),
 }
@@ -35,6 +41,7 @@ impl std::fmt::Debug for TransportKind {
         match self {
             TransportKind::Host => f.write_str("Host"),
             TransportKind::Null => f.write_str("Null"),
+            TransportKind::Cuda(c) => write!(f, "Cuda({c:?})"),
             TransportKind::Custom(_) => f.write_str("Custom(..)"),
         }
     }
@@ -138,6 +145,13 @@ pub struct EngineStats {
     pub transport_completions: u64,
 }
 
+/// What an engine-allocated host region keeps alive. Fields drop in order: the pinning is
+/// released before the mapping goes away.
+struct HostKeep {
+    _pin: Option<HostRegistration>,
+    _memory: Arc<SharedMemory>,
+}
+
 struct WorkerHandle {
     thread: JoinHandle<()>,
     mailbox: Arc<Mailbox>,
@@ -155,6 +169,8 @@ pub struct Engine {
     next_queue: AtomicU32,
     transport_name: &'static str,
     placement_notes: Vec<String>,
+    /// The device context when the transport is CUDA (registration pins and checks with it).
+    cuda: Option<Arc<Context>>,
     /// Serialises queue creation so that each queue lands on one worker exactly once.
     queue_lock: Mutex<()>,
 }
@@ -175,6 +191,18 @@ impl Engine {
                 config.max_regions
             )));
         }
+        let mut config = config;
+        let cuda = match &config.transport {
+            TransportKind::Cuda(c) => {
+                let driver = Driver::load()?;
+                let context = Arc::new(Context::new(&driver, c.device)?);
+                if config.gpu.is_none() {
+                    config.gpu = Some(context.info.pci_bus_id.clone());
+                }
+                Some(context)
+            }
+            _ => None,
+        };
         let (cores, placement_notes) = place_workers(&config)?;
         let table = Arc::new(RegionTable::new(config.max_regions, config.workers));
         let stop = Arc::new(AtomicBool::new(false));
@@ -186,6 +214,7 @@ impl Engine {
             next_queue: AtomicU32::new(1),
             transport_name: "",
             placement_notes,
+            cuda: cuda.clone(),
             queue_lock: Mutex::new(()),
         };
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -193,12 +222,13 @@ impl Engine {
             let transport: Box<dyn Transport> = match &config.transport {
                 TransportKind::Host => Box::new(HostTransport::new()),
                 TransportKind::Null => Box::new(NullTransport::new()),
+                TransportKind::Cuda(c) => Box::new(CudaTransport::new(cuda.clone().expect("loaded above"), *c)),
                 TransportKind::Custom(factory) => factory(index),
             };
             engine.transport_name = transport.name();
             let mailbox = Arc::new(Mailbox::default());
             let counters = Arc::new(WorkerCounters::default());
-            let worker = Worker {
+            let mut worker = Worker {
                 index,
                 table: table.clone(),
                 transport,
@@ -222,8 +252,16 @@ impl Engine {
                         }),
                         None => Ok(()),
                     };
-                    let ok = pinned.is_ok();
-                    let _ = ready.send(pinned);
+                    let started = pinned.and_then(|()| {
+                        let transport = worker.transport.name();
+                        worker.transport.start().map_err(|reason| Error::TransportStart {
+                            worker: index,
+                            transport,
+                            reason,
+                        })
+                    });
+                    let ok = started.is_ok();
+                    let _ = ready.send(started);
                     if ok {
                         worker.run();
                     }
@@ -264,24 +302,88 @@ impl Engine {
     }
 
     /// Allocates `len` bytes of host memory (a sealed memfd, shareable with another process)
-    /// and registers it for `client`.
+    /// and registers it for `client`. With the CUDA transport it is also pinned and mapped for
+    /// the device.
     pub fn allocate_host(&self, client: ClientId, len: usize) -> Result<HostBuffer, Error> {
         let memory = SharedMemory::create("ferry-region", len)
             .map_err(|source| Error::SharedMemory { what: "a host region", source })?;
         let memory = Arc::new(memory);
-        let id =
-            self.table.register(client, MemoryKind::Host, memory.as_ptr() as u64, len as u64, Some(memory.clone()))?;
+        // SAFETY: `keep` holds the mapping as long as the registration (the pinning drops first).
+        let pin = unsafe { self.pin_host(memory.as_ptr(), len)? };
+        let keep: Keep = Box::new(HostKeep { _pin: pin, _memory: memory.clone() });
+        let id = self.table.register(client, MemoryKind::Host, memory.as_ptr() as u64, len as u64, Some(keep))?;
         Ok(HostBuffer::new(id, memory))
     }
 
-    /// Registers `len` bytes of the caller's host memory at `ptr` for `client`.
+    /// Registers `len` bytes of the caller's host memory at `ptr` for `client` (pinned and
+    /// mapped for the device with the CUDA transport, unless already pinned).
     ///
     /// # Safety
     /// The memory must stay valid for reads and writes until [`Engine::deregister`] returns
     /// `Ok` for this region (or the engine is dropped), and must not be accessed while a copy
     /// that uses it is in flight.
     pub unsafe fn register_host(&self, client: ClientId, ptr: *mut u8, len: usize) -> Result<RegionId, Error> {
-        self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, None)
+        if ptr.is_null() || len == 0 {
+            // Let the table report the bad range before CUDA sees it.
+            return self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, None);
+        }
+        // SAFETY: the caller keeps the memory valid until deregistration, when `pin` drops.
+        let pin = unsafe { self.pin_host(ptr, len)? };
+        self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, pin.map(|p| Box::new(p) as Keep))
+    }
+
+    /// Pins host memory for the CUDA device, unless the engine has none or it is pinned already.
+    ///
+    /// # Safety
+    /// The memory must stay mapped while the returned registration lives.
+    unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<HostRegistration>, Error> {
+        let Some(ctx) = &self.cuda else { return Ok(None) };
+        ctx.make_current()?;
+        if let Ok(info) = ctx.pointer_info(ptr as u64) {
+            if info.memory_type == crate::cuda::MEMORY_TYPE_HOST {
+                return Ok(None); // pinned by its owner (cudaHostAlloc, cudaHostRegister, a framework)
+            }
+        }
+        // SAFETY: forwarded from the caller.
+        Ok(Some(unsafe { HostRegistration::new(ptr, len)? }))
+    }
+
+    /// Registers `len` bytes of GPU memory at device address `ptr` (from `cuMemAlloc` or a
+    /// framework's allocator) for `client`. The whole range must be device memory of the
+    /// engine's GPU, inside one allocation. Needs the CUDA transport.
+    ///
+    /// # Safety
+    /// The allocation must stay valid until [`Engine::deregister`] returns `Ok` for the region.
+    pub unsafe fn register_gpu(&self, client: ClientId, ptr: u64, len: usize) -> Result<RegionId, Error> {
+        let bad = |reason: String| Error::GpuRange { addr: ptr, len: len as u64, reason };
+        let ctx = self.cuda.as_ref().ok_or_else(|| bad("the engine does not run the cuda transport".into()))?;
+        ctx.make_current()?;
+        if len == 0 {
+            return Err(bad("zero length".into()));
+        }
+        let info = ctx.pointer_info(ptr).map_err(|e| bad(format!("the driver does not know this address ({e})")))?;
+        if info.memory_type != crate::cuda::MEMORY_TYPE_DEVICE {
+            return Err(bad(format!("memory type {} is not device memory", info.memory_type)));
+        }
+        if info.ordinal != ctx.info.ordinal {
+            return Err(bad(format!(
+                "the memory is on CUDA device {}, the engine serves device {}",
+                info.ordinal, ctx.info.ordinal
+            )));
+        }
+        let end = ptr.checked_add(len as u64).ok_or_else(|| bad("range wraps the address space".into()))?;
+        if ptr < info.range_start || end > info.range_start + info.range_size {
+            return Err(bad(format!(
+                "the range runs past its allocation ({} bytes at {:#x})",
+                info.range_size, info.range_start
+            )));
+        }
+        self.table.register(client, MemoryKind::Gpu, ptr, len as u64, None)
+    }
+
+    /// The CUDA device context, when the engine runs the CUDA transport.
+    pub fn cuda_context(&self) -> Option<&Arc<Context>> {
+        self.cuda.as_ref()
     }
 
     /// Deregisters a region. Refused with [`Error::RegionBusy`] while copies that use it are

@@ -127,6 +127,29 @@ pub enum Error {
         /// How long.
         waited: std::time::Duration,
     },
+    /// CUDA is unavailable or a driver call failed.
+    #[error("CUDA: {0}")]
+    Cuda(#[from] crate::cuda::CudaError),
+    /// A worker's transport failed to start on its thread.
+    #[error("worker {worker}: starting the {transport} transport: {reason}")]
+    TransportStart {
+        /// Worker index.
+        worker: usize,
+        /// Transport name.
+        transport: &'static str,
+        /// What failed.
+        reason: String,
+    },
+    /// A GPU memory range cannot be registered.
+    #[error("registering {len} bytes of GPU memory at {addr:#x}: {reason}")]
+    GpuRange {
+        /// Start address.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// Why.
+        reason: String,
+    },
     /// The engine was shut down.
     #[error("the engine is shut down")]
     ShutDown,

@@ -31,6 +31,8 @@ pub struct ClientId(pub u32);
 pub enum MemoryKind {
     /// Host DRAM.
     Host = 0,
+    /// Device memory of the engine's GPU.
+    Gpu = 1,
 }
 
 const FREE: u32 = 0;
@@ -67,9 +69,12 @@ struct Control {
     free: Vec<u16>,
     /// Next never-used slot.
     next_unused: usize,
-    /// Memory the engine allocated for a region (dropped on deregistration).
-    owned: Vec<Option<Arc<SharedMemory>>>,
+    /// What a region keeps alive (an allocation, a pinning) until it is deregistered.
+    owned: Vec<Option<Keep>>,
 }
+
+/// Resources held for a region and released (dropped) when it is deregistered.
+pub(crate) type Keep = Box<dyn std::any::Any + Send + Sync>;
 
 /// The table. Shared by the control plane and every worker.
 pub(crate) struct RegionTable {
@@ -101,7 +106,7 @@ impl RegionTable {
         kind: MemoryKind,
         base: u64,
         len: u64,
-        memory: Option<Arc<SharedMemory>>,
+        keep: Option<Keep>,
     ) -> Result<RegionId, Error> {
         if base == 0 {
             return Err(Error::BadRange { addr: base, len, reason: "null address" });
@@ -132,7 +137,7 @@ impl RegionTable {
         slot.kind.store(kind as u32, Ordering::Relaxed);
         // R3: Release; pairs with A3 in lookup: a worker that sees ACTIVE sees the fields.
         slot.state.store(state_word(generation, ACTIVE), Ordering::Release);
-        control.owned[index] = memory;
+        control.owned[index] = keep;
         Ok(RegionId::new(index as u16, generation))
     }
 

@@ -1,32 +1,33 @@
 #!/usr/bin/env bash
 # The one command to run on the GPU machine, from the repository root, after gpu/prepare.sh
-# here (carry .device). Writes logs and artifacts under $OUT and prints a short table last.
+# here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
+# prints a short table last. PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
 step() { echo; echo "== $*"; }
+rm -f "$out/failed"
+fail() { echo "$1" >>"$out/failed"; }
 {
     step "machine"
     nvidia-smi -L
-    nvidia-smi topo -m
     step "ferry topo"
     .device/ferry topo | tee "$out/topo.txt"
     step "ferry doctor"
     .device/ferry doctor | tee "$out/doctor.txt"
-    step "CUDA loading test (library unit tests, cuda module)"
-    .device/ferry-lib-tests cuda:: --nocapture
-    step "sysfs capture"
-    rm -rf /tmp/h100-vm && bash topology/fixtures/capture.sh /tmp/h100-vm && tar czf "$out/h100-vm-sysfs.tgz" -C /tmp h100-vm
-    step "PTX of the copy kernel"
-    nvcc --version | tail -2
-    nvcc -ptx -arch=compute_80 -O3 -o "$out/copy_kernel.ptx" gpu/copy_kernel.cu && echo "ptx: $(wc -c <"$out/copy_kernel.ptx") bytes"
-    step "copy kernel probe"
-    nvcc -O3 -arch=sm_90 -o /tmp/probe gpu/probe.cu -lcuda && /tmp/probe | tee "$out/probe.txt"
-    step "ferry bench (host transport) on this machine"
-    .device/ferry bench --reps 3 --total 512M | tee "$out/bench-host.txt"
+    step "GPU tests: CUDA loading (library) and the CUDA transport (tests/gpu.rs)"
+    .device/ferry-lib-tests cuda:: --nocapture --test-threads 1 || fail "library cuda tests"
+    .device/gpu-tests --nocapture --test-threads 1 || fail "gpu tests"
+    if [ "${PROBE:-0}" = 1 ]; then
+        step "PTX and kernel probe"
+        nvcc -ptx -arch=compute_80 -O3 -o "$out/copy_kernel.ptx" gpu/copy_kernel.cu
+        nvcc -O3 -arch=sm_90 -o /tmp/probe gpu/probe.cu -lcuda && /tmp/probe | tee "$out/probe.txt"
+    fi
+    step "ferry bench --transport cuda"
+    .device/ferry bench --transport cuda >"$out/bench-cuda.txt" 2>&1 || fail "ferry bench --transport cuda"
+    cat "$out/bench-cuda.txt"
 } 2>&1 | tee "$out/log.txt"
 echo
-echo "== summary"
-grep -E "^(OK|WARN|FAIL) |OK, .* FAIL$" "$out/doctor.txt" | tail -1
-grep -E "^(correctness|ceiling|latency)" "$out/probe.txt" 2>/dev/null
-sed -n '/^block/,$p' "$out/probe.txt" 2>/dev/null | head -12
+echo "== summary (tests: $(grep -c '^test result: ok' "$out/log.txt") suites ok, $(grep -c 'FAILED' "$out/log.txt") FAILED lines)"
+sed -n '/^GB\/s through the engine/,$p' "$out/bench-cuda.txt"
+if [ -e "$out/failed" ]; then echo "FAILED: $(paste -sd, "$out/failed")"; exit 1; fi

@@ -5,9 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin ferry
-lib_tests=$(cargo test --release --lib -p ferry --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]][-1])')
+# Test executables by target: the library's unit tests and the GPU integration tests.
+executables=$(cargo test --release -p ferry --lib --test gpu --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for m in map(json.loads, sys.stdin):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])')
 rm -rf .device && mkdir -p .device
 cp target/release/ferry .device/ferry
-cp "$lib_tests" .device/ferry-lib-tests
-du -sh .device
+while read -r name path; do
+    case $name in
+        ferry) cp "$path" .device/ferry-lib-tests ;;
+        gpu) cp "$path" .device/gpu-tests ;;
+    esac
+done <<<"$executables"
+ls .device && du -sh .device

@@ -1,9 +1,100 @@
-// Measures gpu/copy_kernel.cu on the device it runs on, before the CUDA transport uses it:
+// Measures gpu/copy_kernel.cu on the device it runs on, and the latency-lane experiment below:
 // correctness on random unaligned tasks, GB/s against the SM budget for scattered blocks in both
 // directions beside the PCIe ceiling (one 256 MiB cudaMemcpyAsync), and the latency of one 4 KiB
 // copy by kernel launch and by cudaMemcpyAsync. Build and run (gpu/h100-run.sh does this):
 //   nvcc -O3 -arch=sm_90 -o probe gpu/probe.cu -lcuda && ./probe
 #include "copy_kernel.cu"
+
+// ---- Experiment (not used by ferry): a persistent "latency lane" kernel, measured below. ----
+// Copies one task with the 32 lanes of the calling warp.
+__device__ __forceinline__ void ferry_copy_task(unsigned long long src, unsigned long long dst, unsigned long long n,
+                                                unsigned lane) {
+    const char* s = (const char*)src;
+    char* d = (char*)dst;
+    if (((src ^ dst) & 15) != 0) {
+        ferry_copy_bytes(s, d, n, lane);
+        return;
+    }
+    unsigned long long head = (16 - (dst & 15)) & 15;
+    if (head > n) head = n;
+    ferry_copy_bytes(s, d, head, lane);
+    s += head;
+    d += head;
+    n -= head;
+    const uint4* s4 = (const uint4*)s;
+    uint4* d4 = (uint4*)d;
+    const unsigned long long n16 = n >> 4;
+    unsigned long long i = lane;
+    for (; i + 7 * 32 < n16; i += 8 * 32) {
+        uint4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = s4[i + k * 32];
+#pragma unroll
+        for (int k = 0; k < 8; k++) d4[i + k * 32] = v[k];
+    }
+    for (; i < n16; i += 32) d4[i] = s4[i];
+    ferry_copy_bytes(s + (n16 << 4), d + (n16 << 4), n & 15, lane);
+}
+
+// The latency lane: a slot the host fills in pinned, device-mapped memory. `seq` is written last
+// (x86 keeps store order) and read first with acquire semantics.
+struct FerrySlot {
+    unsigned long long src;
+    unsigned long long dst;
+    unsigned long long len;
+    unsigned long long seq;
+};
+
+__device__ __forceinline__ unsigned long long ferry_load_acquire_sys(const unsigned long long* p) {
+    unsigned long long v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void ferry_store_release_sys(unsigned long long* p, unsigned long long v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Persistent kernel, launched once with a few warps: each warp claims the next slot index i
+// (a device counter), waits until the host has filled slot i (seq == i + 1), copies, and
+// publishes done[i & mask] = i + 1 after a system-scope fence, so the host that sees the flag
+// sees the bytes. Exits when `stop` is non-zero while it waits. No launch per copy: the latency
+// of one small copy is a few PCIe round trips.
+extern "C" __global__ void ferry_copy_lane(const FerrySlot* slots, unsigned long long* done, unsigned long long mask,
+                                           unsigned long long* next, const unsigned long long* stop) {
+    const unsigned lane = threadIdx.x & 31;
+    for (;;) {
+        unsigned long long i = 0;
+        if (lane == 0) i = atomicAdd(next, 1ull);
+        i = __shfl_sync(0xffffffffu, i, 0);
+        const FerrySlot* slot = &slots[i & mask];
+        unsigned long long src = 0, dst = 0, len = 0;
+        for (;;) {
+            int state = 0;  // 0: wait, 1: filled, 2: stop
+            if (lane == 0) {
+                if (ferry_load_acquire_sys(&slot->seq) == i + 1) {
+                    state = 1;
+                    src = slot->src;
+                    dst = slot->dst;
+                    len = slot->len;
+                } else if (ferry_load_acquire_sys(stop) != 0) {
+                    state = 2;
+                }
+            }
+            state = __shfl_sync(0xffffffffu, state, 0);
+            if (state == 2) return;
+            if (state == 1) break;
+            __nanosleep(200);
+        }
+        src = __shfl_sync(0xffffffffu, src, 0);
+        dst = __shfl_sync(0xffffffffu, dst, 0);
+        len = __shfl_sync(0xffffffffu, len, 0);
+        ferry_copy_task(src, dst, len, lane);
+        __threadfence_system();
+        __syncwarp();
+        if (lane == 0) ferry_store_release_sys(&done[i & mask], i + 1);
+    }
+}
 
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -173,6 +264,54 @@ int main() {
         }
         std::sort(t.begin() + 0, t.end());
         printf("latency 4 KiB H2D %s + sync: p50 %.2f us, p99 %.2f us\n", mode == 0 ? "kernel launch" : "cudaMemcpyAsync", t[1000], t[1980]);
+    }
+    // The latency lane: one block of 4 warps polling a slot ring in mapped host memory.
+    {
+        const unsigned long long C = 1024;
+        FerrySlot* slots;
+        unsigned long long *done, *stop, *next;
+        CK(cudaHostAlloc((void**)&slots, C * sizeof(FerrySlot), cudaHostAllocMapped | cudaHostAllocPortable));
+        CK(cudaHostAlloc((void**)&done, C * 8, cudaHostAllocMapped | cudaHostAllocPortable));
+        CK(cudaHostAlloc((void**)&stop, 8, cudaHostAllocMapped | cudaHostAllocPortable));
+        memset(slots, 0, C * sizeof(FerrySlot));
+        memset(done, 0, C * 8);
+        *stop = 0;
+        CK(cudaMalloc((void**)&next, 8));
+        CK(cudaMemset(next, 0, 8));
+        cudaStream_t lane_stream;
+        CK(cudaStreamCreateWithFlags(&lane_stream, cudaStreamNonBlocking));
+        ferry_copy_lane<<<1, 128, 0, lane_stream>>>(slots, done, C - 1, next, stop);
+        CK(cudaGetLastError());
+        unsigned long long i = 0;
+        bool ok = true;
+        for (int dir = 0; dir < 2; dir++) {
+            std::vector<double> t;
+            for (int r = 0; r < 5000; r++, i++) {
+                FerrySlot* sl = &slots[i & (C - 1)];
+                size_t off = (size_t)(r % 1024) * 4096;
+                if (dir == 0) { sl->src = (unsigned long long)(s.host_dev + off); sl->dst = (unsigned long long)(s.dev + off); }
+                else { sl->src = (unsigned long long)(s.dev + off); sl->dst = (unsigned long long)(s.host_dev + (64 << 20) + off); }
+                sl->len = 4096;
+                double t0 = now_us();
+                __atomic_store_n(&sl->seq, i + 1, __ATOMIC_RELEASE);
+                while (__atomic_load_n(&done[i & (C - 1)], __ATOMIC_ACQUIRE) != i + 1) {
+                    if (now_us() - t0 > 1e6) { printf("latency lane: slot %llu never completed\n", i); ok = false; break; }
+                }
+                if (!ok) break;
+                if (r >= 500) t.push_back(now_us() - t0);
+            }
+            if (!ok) break;
+            std::sort(t.begin(), t.end());
+            printf("latency lane 4 KiB %s (slot write to done flag): p50 %.2f us, p99 %.2f us\n", dir == 0 ? "H2D" : "D2H", t[t.size() / 2], t[t.size() * 99 / 100]);
+        }
+        if (ok) {  // D2H bytes: the last 1024 copies put device blocks at host + 64 MiB
+            std::vector<char> devcopy(4096);
+            CK(cudaMemcpy(devcopy.data(), s.dev + 5 * 4096, 4096, cudaMemcpyDeviceToHost));
+            printf("latency lane D2H bytes: %s\n", memcmp(devcopy.data(), s.host + (64 << 20) + 5 * 4096, 4096) == 0 ? "ok" : "MISMATCH");
+        }
+        __atomic_store_n(stop, 1ull, __ATOMIC_RELEASE);
+        CK(cudaStreamSynchronize(lane_stream));
+        printf("latency lane stopped\n");
     }
     printf("probe done\n");
     return 0;

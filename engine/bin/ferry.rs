@@ -2,7 +2,8 @@
 //!
 //! `ferry bench` measures the engine on scattered blocks and prints a table; see `ferry help`.
 
-use ferry::bandwidth::{drive, median_by, memcpy_baseline, ring_throughput, scatter, Measurement};
+use ferry::bandwidth::{drive, median_by, memcpy_baseline, percentile, ring_throughput, scatter, Measurement};
+use ferry::transport::cuda::{CudaConfig, Strategy};
 use ferry::{CorePlacement, Engine, EngineConfig, Error, QueueConfig, TransportKind};
 use ferry_topology::{Machine, PlanConfig};
 use std::path::{Path, PathBuf};
@@ -18,9 +19,14 @@ usage: ferry bench [options]     bandwidth table of the engine on scattered bloc
 bench runs the engine on scattered blocks and prints block size x GB/s and descriptors/s.
 
 bench options:
-  --transport host|null   host: the worker copies with the CPU (default);
-                          null: no data moves, measures the engine's own cost per descriptor
-  --total SIZE            bytes moved per cell, per repetition (default 1G)
+  --transport host|null|cuda
+                          host: the worker copies with the CPU (default where there is no GPU);
+                          null: no data moves, measures the engine's own cost per descriptor;
+                          cuda: host <-> GPU through the CUDA transport, one column per
+                          strategy beside the PCIe ceiling, latency, and the SM-budget sweep
+  --device N              CUDA device ordinal (default 0)
+  --sm-budget N           SMs the copy kernel may use in the strategy columns (default 8)
+  --total SIZE            bytes moved per cell, per repetition (default 1G; 256M with cuda)
   --descriptors N         descriptors per repetition with --transport null (default 20M)
   --span SIZE             bytes in each of the source and destination regions (default 256M)
   --sizes LIST            block sizes (default 4K,16K,64K,256K,1M)
@@ -38,6 +44,9 @@ struct Options {
     reps: usize,
     worker_core: Option<usize>,
     client_core: Option<usize>,
+    device: i32,
+    sm_budget: u32,
+    total_given: bool,
 }
 
 fn parse_number(text: &str, base: u64) -> Result<u64, String> {
@@ -60,13 +69,21 @@ fn parse(args: &[String]) -> Result<Options, String> {
         reps: 5,
         worker_core: None,
         client_core: None,
+        device: 0,
+        sm_budget: 8,
+        total_given: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--transport" => o.transport = value()?.clone(),
-            "--total" => o.total = parse_number(value()?, 1024)?,
+            "--total" => {
+                o.total = parse_number(value()?, 1024)?;
+                o.total_given = true;
+            }
+            "--device" => o.device = parse_number(value()?, 1000)? as i32,
+            "--sm-budget" => o.sm_budget = parse_number(value()?, 1000)? as u32,
             "--descriptors" => o.descriptors = parse_number(value()?, 1000)?,
             "--span" => o.span = parse_number(value()?, 1024)?,
             "--sizes" => o.sizes = value()?.split(',').map(|s| parse_number(s, 1024)).collect::<Result<_, _>>()?,
@@ -76,8 +93,11 @@ fn parse(args: &[String]) -> Result<Options, String> {
             other => return Err(format!("unknown option {other:?}")),
         }
     }
-    if !matches!(o.transport.as_str(), "host" | "null") {
-        return Err(format!("--transport {:?}: this build has the host and null transports", o.transport));
+    if !matches!(o.transport.as_str(), "host" | "null" | "cuda") {
+        return Err(format!("--transport {:?}: choose host, null or cuda", o.transport));
+    }
+    if o.transport == "cuda" && !o.total_given {
+        o.total = 256 << 20;
     }
     if o.reps == 0 || o.sizes.is_empty() || o.sizes.iter().any(|&s| s == 0 || s > o.span) {
         return Err("--reps must be at least 1 and every block size between 1 and --span".into());
@@ -137,6 +157,9 @@ fn bench(o: &Options) -> Result<(), Error> {
     let client = o.client_core.or_else(|| machine.online.first().copied().filter(|_| machine.online.len() > 1));
     if let Some(core) = client {
         ferry::sys::pin_current_thread(core).map_err(|source| Error::PinWorker { worker: usize::MAX, core, source })?;
+    }
+    if o.transport == "cuda" {
+        return bench_cuda(o, &machine, client);
     }
     let (kind, reason) = match o.transport.as_str() {
         "null" => (TransportKind::Null, "asked for with --transport null: no data moves".to_owned()),
@@ -203,6 +226,142 @@ fn bench(o: &Options) -> Result<(), Error> {
             m.gb_per_s(),
             e.gb_per_s() / m.gb_per_s()
         );
+    }
+    Ok(())
+}
+
+/// One CUDA engine with its two regions: pinned host memory and device memory of `span` bytes.
+struct CudaRig {
+    engine: Engine,
+    queue: ferry::Queue,
+    host: ferry::HostBuffer,
+    host_id: ferry::RegionId,
+    device_id: ferry::RegionId,
+    /// Dropped after the engine (fields drop in order): no copy can touch it any more.
+    device: ferry::cuda::DeviceBuffer,
+    /// Keeps the primary context alive until `device` is freed.
+    _context: std::sync::Arc<ferry::cuda::Context>,
+}
+
+fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32) -> Result<CudaRig, Error> {
+    let config = CudaConfig { device: o.device, strategy, sm_budget, ..CudaConfig::default() };
+    let cores = match o.worker_core {
+        Some(core) => CorePlacement::Cores(vec![core]),
+        None => CorePlacement::Auto,
+    };
+    let engine = Engine::start(EngineConfig {
+        transport: TransportKind::Cuda(config),
+        cores,
+        burst: 256,
+        max_len: 1 << 30,
+        ..EngineConfig::default()
+    })?;
+    let client = engine.new_client();
+    let span = o.span as usize;
+    let host = engine.allocate_host(client, span)?;
+    host.fill(0, span, 0x5a)?;
+    let device = ferry::cuda::DeviceBuffer::new(span)?;
+    device.fill(0)?;
+    // SAFETY: `device` lives in the rig beside the engine, which is dropped first.
+    let device_id = unsafe { engine.register_gpu(client, device.ptr(), span)? };
+    // A deep queue: under load the transport batches at least 4 MiB while another batch runs, so
+    // at 4 KiB the two batches on the stream and the one filling need more than 4096 descriptors.
+    let queue =
+        engine.open_queue(client, QueueConfig { submit_capacity: 16384, complete_capacity: 16384, worker: None })?;
+    let host_id = host.id();
+    let _context = engine.cuda_context().expect("a cuda engine has a context").clone();
+    Ok(CudaRig { engine, queue, host, host_id, device_id, device, _context })
+}
+
+impl CudaRig {
+    fn run(&mut self, o: &Options, block: u64, h2d: bool) -> Result<Measurement, Error> {
+        let plan = scatter(o.span as usize, block as usize, block);
+        let count = (o.total / block).max(1);
+        let (src, dst) = if h2d { (self.host_id, self.device_id) } else { (self.device_id, self.host_id) };
+        let runs =
+            (0..o.reps).map(|_| drive(&mut self.queue, src, dst, &plan, block, count)).collect::<Result<_, _>>()?;
+        Ok(median_by(runs, Measurement::gb_per_s))
+    }
+}
+
+fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), Error> {
+    let strategies = [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Auto];
+    let mut rig = cuda_rig(o, Strategy::Auto, o.sm_budget)?;
+    let ctx = rig.engine.cuda_context().expect("cuda engine").clone();
+    println!(
+        "ferry bench: transport cuda on GPU {} ({}, {} SMs, driver {}), asked for with --transport cuda",
+        ctx.info.ordinal, ctx.info.name, ctx.info.sm_count, ctx.driver_version
+    );
+    println!(
+        "machine: {}, {} online CPUs; worker on {}, client on {}; median of {} runs; {} per cell as scattered blocks",
+        cpu_model(),
+        machine.online.len(),
+        show(rig.engine.worker_cores()[0]),
+        show(client),
+        o.reps,
+        human(o.total)
+    );
+    let span = o.span as usize;
+    let ceiling = [
+        ferry::bandwidth::copy_ceiling(rig.device.ptr(), rig.host.as_ptr() as u64, span, o.reps.max(3))?,
+        ferry::bandwidth::copy_ceiling(rig.host.as_ptr() as u64, rig.device.ptr(), span, o.reps.max(3))?,
+    ];
+    println!("ceiling (one {} cuMemcpyAsync): H2D {:.2} GB/s, D2H {:.2} GB/s", human(o.span), ceiling[0], ceiling[1]);
+    let mut latencies = Vec::new();
+    for (h2d, name) in [(true, "H2D"), (false, "D2H")] {
+        let (src, dst) = if h2d { (rig.host_id, rig.device_id) } else { (rig.device_id, rig.host_id) };
+        let t = ferry::bandwidth::latency(&mut rig.queue, src, dst, 4096, 500, 5000)?;
+        latencies.push(format!(
+            "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us",
+            percentile(&t, 0.5),
+            percentile(&t, 0.99)
+        ));
+    }
+    drop(rig);
+    // One engine per strategy; results[strategy][size][direction].
+    let mut results = Vec::new();
+    for &strategy in &strategies {
+        let mut rig = cuda_rig(o, strategy, o.sm_budget)?;
+        let mut cells = Vec::new();
+        for &block in &o.sizes {
+            cells.push([rig.run(o, block, true)?.gb_per_s(), rig.run(o, block, false)?.gb_per_s()]);
+        }
+        results.push(cells);
+    }
+    let mut sweep = Vec::new();
+    let all = ctx.info.sm_count as u32;
+    for sms in [1, 2, 4, 8, 16, all] {
+        let mut rig = cuda_rig(o, Strategy::Kernel, sms)?;
+        sweep.push((sms, rig.run(o, 4096, true)?.gb_per_s(), rig.run(o, 4096, false)?.gb_per_s()));
+    }
+    println!();
+    println!(
+        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs",
+        o.sm_budget
+    );
+    print!("{:>8} {:>4}", "block", "dir");
+    for s in &strategies {
+        print!(" {:>8}", s.name());
+    }
+    println!(" {:>8} {:>11}", "ceiling", "auto/ceil");
+    for (i, &block) in o.sizes.iter().enumerate() {
+        for (d, name) in ["H2D", "D2H"].iter().enumerate() {
+            print!("{:>8} {:>4}", human(block), name);
+            for cells in &results {
+                print!(" {:>8.2}", cells[i][d]);
+            }
+            println!(" {:>8.2} {:>11.2}", ceiling[d], results[3][i][d] / ceiling[d]);
+        }
+    }
+    println!();
+    println!("kernel strategy, 4 KiB blocks, GB/s against the SM budget");
+    println!("{:>8} {:>8} {:>8} {:>10}", "SMs", "H2D", "D2H", "H2D/ceil");
+    for (sms, h2d, d2h) in &sweep {
+        println!("{:>8} {:>8.2} {:>8.2} {:>10.2}", sms, h2d, d2h, h2d / ceiling[0]);
+    }
+    println!();
+    for line in latencies {
+        println!("{line}");
     }
     Ok(())
 }

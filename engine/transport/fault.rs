@@ -95,6 +95,10 @@ impl Transport for FaultTransport {
         "fault"
     }
 
+    fn start(&mut self) -> Result<(), String> {
+        self.inner.start()
+    }
+
     fn supports(&self, src: u32, dst: u32) -> bool {
         self.inner.supports(src, dst)
     }

@@ -5,6 +5,7 @@
 //! both from its own thread, never blocking. Completions may come back in any order: the
 //! worker restores each queue's order.
 
+pub mod cuda;
 pub mod fault;
 pub mod host;
 pub mod null;
@@ -53,6 +54,12 @@ impl Done {
 pub trait Transport: Send {
     /// Short name for logs and reports ("host", "null", ...).
     fn name(&self) -> &'static str;
+
+    /// Called once on the worker's thread before the first `submit`, to set up what must be
+    /// made there (a CUDA context made current, streams). An error stops the engine's start.
+    fn start(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Whether this transport can copy from memory kind `src` to memory kind `dst`.
     fn supports(&self, src: u32, dst: u32) -> bool;

@@ -1,0 +1,454 @@
+//! The CUDA transport: copies between host and GPU memory with the CUDA driver, by one of three
+//! strategies, completed by polling events (the worker never blocks on the GPU).
+//!
+//! - `memcpy`: one `cuMemcpyAsync` per descriptor (the plain fallback).
+//! - `batch`: one `cuMemcpyBatchAsync` per batch (driver 12.8+, on a non-blocking stream).
+//! - `kernel`: ferry's SM copy kernel (`gpu/copy_kernel.cu`, loaded from its committed PTX) over
+//!   a task list written into pinned host memory and copied to device memory ahead of the launch
+//!   on the same stream, on a bounded grid: at most `sm_budget` SMs' worth of resident blocks.
+//!
+//! `auto` routes each batch: a lone descriptor goes to `memcpy` (one 4 KiB copy: 7.7 us by
+//! `cudaMemcpyAsync` against 12.2 us by kernel launch, on the H100), anything more to `kernel`
+//! (0.93-0.95 of the PCIe ceiling at every block size with 8 SMs), or to `batch`, then `memcpy`,
+//! where the kernel cannot run. See `gpu/NOTES.md` for the measurements.
+//!
+//! Batching: an idle stream gets new operations at once (the latency path). While a batch runs,
+//! new operations wait in the transport until they add up to `MIN_BATCH_BYTES` (or `max_batch`
+//! operations), then go out behind it (at most `MAX_RUNNING` batches on the stream); when the
+//! stream drains they go out whatever their size. So a launch's fixed cost (about 10 us) is
+//! spread over megabytes under load
+//! (first H100 run: batches capped at the worker's burst of 256 x 4 KiB reached 0.56 of the
+//! ceiling; see bench/results/h100.md).
+
+use super::{Done, Op, Token, Transport};
+use crate::cuda::{Context, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream};
+use crate::Status;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// The kernel's PTX, generated on the H100 machine; see `gpu/copy_kernel.cu` for the command.
+pub const COPY_KERNEL_PTX: &str = include_str!("../../gpu/copy_kernel.ptx");
+
+/// How the transport moves a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Route each batch (see the module documentation).
+    Auto,
+    /// `cuMemcpyAsync` per descriptor.
+    Memcpy,
+    /// `cuMemcpyBatchAsync` per batch.
+    Batch,
+    /// The SM copy kernel.
+    Kernel,
+}
+
+impl Strategy {
+    /// Name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Auto => "auto",
+            Strategy::Memcpy => "memcpy",
+            Strategy::Batch => "batch",
+            Strategy::Kernel => "kernel",
+        }
+    }
+}
+
+/// CUDA transport settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaConfig {
+    /// CUDA device ordinal.
+    pub device: i32,
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Most SMs the copy kernel may occupy (0: all).
+    pub sm_budget: u32,
+    /// Most operations in one batch.
+    pub max_batch: usize,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig { device: 0, strategy: Strategy::Auto, sm_budget: 8, max_batch: 4096 }
+    }
+}
+
+/// One kernel task: the layout of `FerryCopy` in `gpu/copy_kernel.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    src: u64,
+    dst: u64,
+    len: u64,
+}
+
+/// Tasks above this size are split, so that large blocks spread over warps.
+const CHUNK: u64 = 64 << 10;
+/// Task slots in the staging ring.
+const STAGING_TASKS: usize = 1 << 17;
+/// Threads per block of the copy kernel.
+const BLOCK_THREADS: u32 = 256;
+/// Batches allowed on the stream at once.
+const MAX_RUNNING: usize = 2;
+/// While a batch runs, the next one waits until it holds this many bytes.
+const MIN_BATCH_BYTES: u64 = 4 << 20;
+
+struct Batch {
+    event: Event,
+    ops: usize,
+    emitted: usize,
+    /// Task slots (start, count) this batch holds in the staging ring.
+    staging: Option<(usize, usize)>,
+}
+
+/// What exists only once the transport runs on its worker's thread.
+struct Live {
+    stream: Stream,
+    kernel: Option<Kernel>,
+    /// Task slots the CPU writes, and their device twin the kernel reads (same indices).
+    staging: Option<(PinnedBuffer, DeviceBuffer)>,
+    staging_head: usize,
+    spare_events: Vec<Event>,
+    dsts: Vec<u64>,
+    srcs: Vec<u64>,
+    sizes: Vec<usize>,
+}
+
+/// The CUDA transport of one worker.
+pub struct CudaTransport {
+    context: Arc<Context>,
+    config: CudaConfig,
+    live: Option<Live>,
+    /// Accepted, not yet issued.
+    queued: VecDeque<Op>,
+    /// Bytes of `queued`.
+    queued_bytes: u64,
+    /// Issued, oldest first.
+    running: VecDeque<Batch>,
+    /// Tokens of the issued operations, in issue order.
+    tokens: VecDeque<Token>,
+    /// Operations whose issue failed at once.
+    failed: VecDeque<Done>,
+}
+
+impl CudaTransport {
+    /// A transport for `context`'s device; nothing is created before [`Transport::start`].
+    pub fn new(context: Arc<Context>, config: CudaConfig) -> CudaTransport {
+        CudaTransport {
+            context,
+            config,
+            live: None,
+            queued: VecDeque::with_capacity(config.max_batch),
+            queued_bytes: 0,
+            running: VecDeque::new(),
+            tokens: VecDeque::new(),
+            failed: VecDeque::new(),
+        }
+    }
+
+    /// The strategy for a batch of `n` operations.
+    fn pick(&self, n: usize) -> Strategy {
+        let live = self.live.as_ref().expect("started");
+        match self.config.strategy {
+            Strategy::Auto if n == 1 => Strategy::Memcpy,
+            Strategy::Auto if live.kernel.is_some() => Strategy::Kernel,
+            Strategy::Auto if self.context.driver_version >= crate::cuda::BATCH_COPY_VERSION => Strategy::Batch,
+            Strategy::Auto => Strategy::Memcpy,
+            s => s,
+        }
+    }
+
+    /// Issues queued operations: at once on an idle stream, else as a second batch once enough
+    /// has queued (see the module documentation).
+    fn flush(&mut self) {
+        loop {
+            let ready = match self.running.len() {
+                _ if self.queued.is_empty() => false,
+                0 => true,
+                r if r < MAX_RUNNING => {
+                    self.queued_bytes >= MIN_BATCH_BYTES || self.queued.len() >= self.config.max_batch
+                }
+                _ => false,
+            };
+            if !ready {
+                break;
+            }
+            let n = self.queued.len().min(self.config.max_batch);
+            let issued = self.issue(n);
+            if issued == 0 {
+                break; // the staging ring is full: wait for running batches.
+            }
+        }
+    }
+
+    /// Issues up to `n` queued operations as one batch; returns how many left the queue.
+    fn issue(&mut self, n: usize) -> usize {
+        let strategy = self.pick(n);
+        let live = self.live.as_mut().expect("started");
+        let mut staging = None;
+        let result = match strategy {
+            Strategy::Memcpy | Strategy::Auto => {
+                let mut first_error = Ok(());
+                for op in self.queued.iter().take(n) {
+                    let c = &op.copy;
+                    if let Err(e) = live.stream.copy(c.dst.addr, c.src.addr, c.len as usize) {
+                        first_error = Err(e);
+                        break;
+                    }
+                }
+                first_error
+            }
+            Strategy::Batch => {
+                live.dsts.clear();
+                live.srcs.clear();
+                live.sizes.clear();
+                for op in self.queued.iter().take(n) {
+                    live.dsts.push(op.copy.dst.addr);
+                    live.srcs.push(op.copy.src.addr);
+                    live.sizes.push(op.copy.len as usize);
+                }
+                live.stream.copy_batch(&mut live.dsts, &mut live.srcs, &mut live.sizes)
+            }
+            Strategy::Kernel => {
+                let (Some(kernel), Some((buffer, device_tasks))) = (live.kernel.as_ref(), live.staging.as_ref()) else {
+                    unreachable!("the kernel strategy is only picked when the kernel is loaded")
+                };
+                // How many operations fit in the contiguous free staging slots.
+                let tail = self.running.iter().find_map(|b| b.staging.map(|(start, _)| start));
+                let (mut take, mut tasks) = (0, 0);
+                for op in self.queued.iter().take(n) {
+                    let t = op.copy.len.div_ceil(CHUNK) as usize;
+                    if tasks + t > STAGING_TASKS {
+                        break;
+                    }
+                    tasks += t;
+                    take += 1;
+                }
+                let start = match tail {
+                    None => Some(0),
+                    Some(tail) if live.staging_head > tail => {
+                        if live.staging_head + tasks <= STAGING_TASKS {
+                            Some(live.staging_head)
+                        } else if tasks <= tail {
+                            Some(0)
+                        } else {
+                            None
+                        }
+                    }
+                    Some(tail) if live.staging_head < tail && live.staging_head + tasks <= tail => {
+                        Some(live.staging_head)
+                    }
+                    Some(_) => None,
+                };
+                let Some(start) = start.filter(|_| take > 0) else { return 0 };
+                // SAFETY: the buffer holds STAGING_TASKS tasks and [start, start + tasks) is free
+                // (no running batch holds it), checked above.
+                let slots = unsafe { std::slice::from_raw_parts_mut(buffer.as_ptr().cast::<Task>().add(start), tasks) };
+                let mut k = 0;
+                for op in self.queued.iter().take(take) {
+                    let c = &op.copy;
+                    let mut off = 0;
+                    while off < c.len {
+                        let len = (c.len - off).min(CHUNK);
+                        slots[k] = Task { src: c.src.addr + off, dst: c.dst.addr + off, len };
+                        k += 1;
+                        off += len;
+                    }
+                }
+                live.staging_head = start + tasks;
+                staging = Some((start, tasks));
+                let warps_per_block = (kernel.block_threads / 32) as usize;
+                let budget = match self.config.sm_budget {
+                    0 => self.context.info.sm_count as u32,
+                    b => b.min(self.context.info.sm_count as u32),
+                };
+                let grid = (budget * kernel.blocks_per_sm).min(tasks.div_ceil(warps_per_block) as u32).max(1);
+                let offset = (start * std::mem::size_of::<Task>()) as u64;
+                let mut tasks_ptr = device_tasks.ptr() + offset;
+                let mut count = tasks as u32;
+                let mut params = [
+                    (&mut tasks_ptr as *mut u64).cast::<std::ffi::c_void>(),
+                    (&mut count as *mut u32).cast::<std::ffi::c_void>(),
+                ];
+                let bytes = tasks * std::mem::size_of::<Task>();
+                let launched = live
+                    .stream
+                    .copy(tasks_ptr, buffer.as_ptr() as u64 + offset, bytes)
+                    .and_then(|()| kernel.launch(&live.stream, grid, &mut params));
+                if launched.is_ok() && take < n {
+                    return self.record(take, staging);
+                }
+                launched
+            }
+        };
+        match result {
+            Ok(()) => self.record(n, staging),
+            Err(e) => {
+                // Nothing of this batch is known to have started cleanly: fail it whole. Copies
+                // queued before the failing call may still run; their bytes are not trusted.
+                self.fail_front(n, e.code());
+                n
+            }
+        }
+    }
+
+    /// Records an event after `n` issued operations and moves their tokens to `tokens`.
+    fn record(&mut self, n: usize, staging: Option<(usize, usize)>) -> usize {
+        let live = self.live.as_mut().expect("started");
+        let event = match live.spare_events.pop() {
+            Some(e) => Ok(e),
+            None => Event::new(),
+        };
+        let recorded = event.and_then(|e| e.record(&live.stream).map(|()| e));
+        match recorded {
+            Ok(event) => {
+                for op in self.queued.drain(..n) {
+                    self.queued_bytes -= op.copy.len;
+                    self.tokens.push_back(op.token);
+                }
+                self.running.push_back(Batch { event, ops: n, emitted: 0, staging });
+            }
+            Err(e) => {
+                // Without an event the batch's end cannot be observed: wait for the stream.
+                let synced = live.stream.synchronize();
+                let detail = e.code();
+                for op in self.queued.drain(..n) {
+                    self.queued_bytes -= op.copy.len;
+                    let status = if synced.is_ok() { Status::Ok } else { Status::TransportFailed };
+                    self.failed.push_back(Done {
+                        token: op.token,
+                        status,
+                        detail: if synced.is_ok() { 0 } else { detail },
+                    });
+                }
+            }
+        }
+        n
+    }
+
+    fn fail_front(&mut self, n: usize, detail: u32) {
+        for op in self.queued.drain(..n) {
+            self.queued_bytes -= op.copy.len;
+            self.failed.push_back(Done { token: op.token, status: Status::TransportFailed, detail });
+        }
+    }
+}
+
+impl Transport for CudaTransport {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        self.context.make_current().map_err(|e| e.to_string())?;
+        let stream = Stream::new().map_err(|e| e.to_string())?;
+        let wants_kernel = matches!(self.config.strategy, Strategy::Auto | Strategy::Kernel);
+        let (kernel, staging) = if wants_kernel && self.context.info.host_pointer_for_registered {
+            let kernel = Kernel::load(COPY_KERNEL_PTX, "ferry_copy", BLOCK_THREADS);
+            let bytes = STAGING_TASKS * std::mem::size_of::<Task>();
+            let staging = PinnedBuffer::new(bytes).and_then(|host| Ok((host, DeviceBuffer::new(bytes)?)));
+            match (kernel, staging) {
+                (Ok(k), Ok(s)) => (Some(k), Some(s)),
+                (Err(e), _) | (_, Err(e)) if self.config.strategy == Strategy::Kernel => {
+                    return Err(format!("the copy kernel cannot run: {e}"))
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("ferry: cuda transport: copy kernel unavailable ({e}); auto routes to batch or memcpy");
+                    (None, None)
+                }
+            }
+        } else {
+            (None, None)
+        };
+        if self.config.strategy == Strategy::Kernel && kernel.is_none() {
+            return Err("the copy kernel needs CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, which this device lacks".into());
+        }
+        if self.config.strategy == Strategy::Batch && self.context.driver_version < crate::cuda::BATCH_COPY_VERSION {
+            return Err(format!(
+                "cuMemcpyBatchAsync needs driver API 12.8; this driver is {}",
+                self.context.driver_version
+            ));
+        }
+        self.live = Some(Live {
+            stream,
+            kernel,
+            staging,
+            staging_head: 0,
+            spare_events: Vec::new(),
+            dsts: Vec::with_capacity(self.config.max_batch),
+            srcs: Vec::with_capacity(self.config.max_batch),
+            sizes: Vec::with_capacity(self.config.max_batch),
+        });
+        Ok(())
+    }
+
+    fn supports(&self, _src: u32, _dst: u32) -> bool {
+        // Host memory is registered (pinned and mapped) by the engine when this transport
+        // runs; device memory is the engine's device: every pairing copies.
+        true
+    }
+
+    fn submit(&mut self, ops: &[Op]) -> usize {
+        let room = self.config.max_batch * 4 - self.queued.len().min(self.config.max_batch * 4);
+        let n = ops.len().min(room);
+        self.queued.extend(&ops[..n]);
+        self.queued_bytes += ops[..n].iter().map(|op| op.copy.len).sum::<u64>();
+        self.flush();
+        n
+    }
+
+    fn poll(&mut self, done: &mut [Done]) -> usize {
+        let mut k = 0;
+        while k < done.len() {
+            let Some(d) = self.failed.pop_front() else { break };
+            done[k] = d;
+            k += 1;
+        }
+        while k < done.len() {
+            let Some(batch) = self.running.front_mut() else { break };
+            let finished = match batch.event.is_done() {
+                Ok(true) => Ok(()),
+                Ok(false) => break,
+                Err(e) => Err(e.code()),
+            };
+            while k < done.len() && batch.emitted < batch.ops {
+                let token = self.tokens.pop_front().expect("a token per issued operation");
+                done[k] = match finished {
+                    Ok(()) => Done::ok(token),
+                    Err(detail) => Done { token, status: Status::TransportFailed, detail },
+                };
+                batch.emitted += 1;
+                k += 1;
+            }
+            if batch.emitted == batch.ops {
+                let batch = self.running.pop_front().expect("front exists");
+                if let Some(live) = self.live.as_mut() {
+                    live.spare_events.push(batch.event);
+                    if self.running.iter().all(|b| b.staging.is_none()) {
+                        live.staging_head = 0;
+                    }
+                }
+            }
+        }
+        if self.live.is_some() {
+            self.flush();
+        }
+        k
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queued.len() + self.tokens.len() + self.failed.len()
+    }
+}
+
+impl Drop for CudaTransport {
+    fn drop(&mut self) {
+        if let Some(live) = &self.live {
+            // Work still on the stream reads or writes registered memory: wait for it before the
+            // stream, kernel and staging go away.
+            if let Err(e) = live.stream.synchronize() {
+                eprintln!("ferry: cuda transport: synchronising at shutdown: {e}");
+            }
+        }
+    }
+}
