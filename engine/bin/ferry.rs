@@ -20,7 +20,8 @@ bench runs the engine on scattered blocks and prints block size x GB/s and descr
 
 bench options:
   --transport host|null|cuda
-                          host: the worker copies with the CPU (default where there is no GPU);
+                          default: cuda where a CUDA driver and GPU are present, else host;
+                          host: the worker copies with the CPU;
                           null: no data moves, measures the engine's own cost per descriptor;
                           cuda: host <-> GPU through the CUDA transport, one column per
                           strategy beside the PCIe ceiling, latency, and the SM-budget sweep
@@ -47,6 +48,7 @@ struct Options {
     device: i32,
     sm_budget: u32,
     total_given: bool,
+    transport_given: bool,
 }
 
 fn parse_number(text: &str, base: u64) -> Result<u64, String> {
@@ -61,7 +63,7 @@ fn parse_number(text: &str, base: u64) -> Result<u64, String> {
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
-        transport: "host".into(),
+        transport: String::new(),
         total: 1 << 30,
         descriptors: 20_000_000,
         span: 256 << 20,
@@ -72,12 +74,16 @@ fn parse(args: &[String]) -> Result<Options, String> {
         device: 0,
         sm_budget: 8,
         total_given: false,
+        transport_given: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--transport" => o.transport = value()?.clone(),
+            "--transport" => {
+                o.transport = value()?.clone();
+                o.transport_given = true;
+            }
             "--total" => {
                 o.total = parse_number(value()?, 1024)?;
                 o.total_given = true;
@@ -92,6 +98,12 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--client-core" => o.client_core = Some(parse_number(value()?, 1000)? as usize),
             other => return Err(format!("unknown option {other:?}")),
         }
+    }
+    if o.transport.is_empty() {
+        o.transport = match default_transport() {
+            Ok(()) => "cuda".into(),
+            Err(_) => "host".into(),
+        };
     }
     if !matches!(o.transport.as_str(), "host" | "null" | "cuda") {
         return Err(format!("--transport {:?}: choose host, null or cuda", o.transport));
@@ -126,16 +138,24 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// Whether the CUDA transport can run here: `Err` says why not.
+fn default_transport() -> Result<(), String> {
+    let driver = ferry::cuda::Driver::load().map_err(|e| e.to_string())?;
+    match driver.devices() {
+        Ok(devices) if !devices.is_empty() => Ok(()),
+        Ok(_) => Err("the CUDA driver lists no GPU".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Why the host transport runs, in words.
-fn transport_reason(machine: &Machine) -> String {
-    let gpus: Vec<&str> = machine.gpus.iter().map(|g| g.address.as_str()).collect();
-    if gpus.is_empty() {
-        "no NVIDIA GPU under /sys/bus/pci/devices, and this build has no CUDA or GDR transport".into()
-    } else {
-        format!(
-            "NVIDIA GPU at {} but this build has no CUDA or GDR transport yet; copies are host to host",
-            gpus.join(", ")
-        )
+fn transport_reason(o: &Options) -> String {
+    if o.transport_given {
+        return "asked for with --transport host".into();
+    }
+    match default_transport() {
+        Ok(()) => "asked for".into(),
+        Err(why) => format!("no GPU transport can run here: {why}"),
     }
 }
 
@@ -163,7 +183,7 @@ fn bench(o: &Options) -> Result<(), Error> {
     }
     let (kind, reason) = match o.transport.as_str() {
         "null" => (TransportKind::Null, "asked for with --transport null: no data moves".to_owned()),
-        _ => (TransportKind::Host, transport_reason(&machine)),
+        _ => (TransportKind::Host, transport_reason(o)),
     };
     let engine = start_engine(kind, o.worker_core)?;
     let worker = engine.worker_cores()[0];
@@ -289,7 +309,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut rig = cuda_rig(o, Strategy::Auto, o.sm_budget)?;
     let ctx = rig.engine.cuda_context().expect("cuda engine").clone();
     println!(
-        "ferry bench: transport cuda on GPU {} ({}, {} SMs, driver {}), asked for with --transport cuda",
+        "ferry bench: transport cuda on GPU {} ({}, {} SMs, driver {})",
         ctx.info.ordinal, ctx.info.name, ctx.info.sm_count, ctx.driver_version
     );
     println!(

@@ -213,24 +213,26 @@ fn decide(machine: &Machine, devices: &[crate::cuda::Device], verbs: bool, cuda:
         let device = devices.iter().find(|d| d.pci_bus_id == gpu.address);
         let nic = plan.gpus.get(g).and_then(|p| p.nic.as_ref());
         let gdr_ready = verbs && nic.is_some() && device.is_some_and(|d| d.gpudirect_rdma || d.dma_buf);
-        let would = if gdr_ready {
-            format!("gdr through {}", nic.map_or("?", |n| n.name.as_str()))
-        } else if cuda && device.is_some() {
-            let why = if !verbs {
-                "libibverbs missing"
-            } else if nic.is_none() {
-                "no RDMA NIC"
+        let decision = if cuda && device.is_some() {
+            if gdr_ready {
+                format!(
+                    "cuda: GPUDirect RDMA through {} is possible here, but this build has no gdr transport yet",
+                    nic.map_or("?", |n| n.name.as_str())
+                )
             } else {
-                "GPU lacks GPUDirect RDMA and dma-buf"
-            };
-            format!("cuda ({why})")
+                let why = if !verbs {
+                    "libibverbs missing"
+                } else if nic.is_none() {
+                    "no RDMA NIC"
+                } else {
+                    "the GPU lacks GPUDirect RDMA and dma-buf"
+                };
+                format!("cuda ({why}; the gdr transport would need it)")
+            }
         } else {
-            "host (no usable CUDA driver for this GPU)".into()
+            "host: no usable CUDA driver for this GPU, copies are host to host only".into()
         };
-        r.decisions.push(format!(
-            "GPU{g} {}: the design would use {would}; this build has only the host and null transports, so ferry copies host to host",
-            gpu.address
-        ));
+        r.decisions.push(format!("GPU{g} {}: {decision}", gpu.address));
     }
 }
 
