@@ -34,6 +34,8 @@
 //!
 //! - `host`: the worker copies with the CPU (host to host). Runs anywhere.
 //! - `null`: completes every valid descriptor without moving data; measures the engine's cost.
+//! - `cuda`: host <-> GPU through the CUDA driver, loaded at run time
+//!   ([`transport::cuda`]); GPU memory is registered with [`Engine::register_gpu`].
 //! - a caller-supplied [`Transport`] ([`TransportKind::Custom`]), such as [`FaultTransport`],
 //!   which fails chosen operations to test error paths.
 //!
