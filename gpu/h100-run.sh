@@ -26,6 +26,11 @@ fail() { echo "$1" >>"$out/failed"; }
     step "ferry bench (the main job: picks the cuda transport where a GPU is)"
     .device/ferry bench >"$out/bench-cuda.txt" 2>&1 || fail "ferry bench"
     cat "$out/bench-cuda.txt"
+    if [ "${REPEAT:-0}" = 1 ]; then
+        step "ferry bench again, same call (run-to-run spread)"
+        .device/ferry bench >"$out/bench-cuda-2.txt" 2>&1 || fail "ferry bench (repeat)"
+        cat "$out/bench-cuda-2.txt"
+    fi
 } 2>&1 | tee "$out/log.txt"
 echo
 echo "== summary (tests: $(grep -c '^test result: ok' "$out/log.txt") suites ok, $(grep -c 'FAILED' "$out/log.txt") FAILED lines)"
