@@ -360,6 +360,13 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         let mut rig = cuda_rig(o, Strategy::Kernel, sms)?;
         sweep.push((sms, rig.run(o, 4096, true)?.gb_per_s(), rig.run(o, 4096, false)?.gb_per_s()));
     }
+    println!(
+        "ceiling: one {} cuMemcpyAsync, median of {}, measured before and after the table, the higher used:",
+        human(o.span),
+        o.reps.max(5)
+    );
+    println!("  H2D {:.2} GB/s (before {:.2}, after {:.2})", ceiling[0], before[0], after[0]);
+    println!("  D2H {:.2} GB/s (before {:.2}, after {:.2})", ceiling[1], before[1], after[1]);
     println!();
     println!(
         "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs",
