@@ -389,6 +389,10 @@ impl Engine {
     /// Deregisters a region. Refused with [`Error::RegionBusy`] while copies that use it are
     /// in flight; it never waits for them.
     pub fn deregister(&self, id: RegionId) -> Result<(), Error> {
+        // Unpinning a host region (cuMemHostUnregister) needs the context on this thread.
+        if let Some(ctx) = &self.cuda {
+            ctx.make_current()?;
+        }
         self.table.deregister(id)
     }
 
@@ -459,6 +463,13 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop_and_join();
+        // The region table (and with it every pinned host region) goes with the engine: unpinning
+        // needs the context on this thread.
+        if let Some(ctx) = &self.cuda {
+            if let Err(e) = ctx.make_current() {
+                eprintln!("ferry: making the CUDA context current to release host regions: {e}");
+            }
+        }
     }
 }
 

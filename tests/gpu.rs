@@ -135,6 +135,9 @@ fn gpu_registration_checks_the_range() {
         assert!(unknown.to_string().contains("does not know"), "{unknown}");
         engine.register_gpu(client, device.ptr() + 4096, 4096).unwrap();
     }
+    // A pinned host region can be deregistered (and unpinned) from a thread that never used CUDA.
+    let pinned = engine.allocate_host(client, 1 << 20).unwrap();
+    std::thread::scope(|s| s.spawn(|| engine.deregister(pinned.id())).join().unwrap()).unwrap();
     let host_engine =
         Engine::start(EngineConfig { cores: CorePlacement::Unpinned, ..EngineConfig::default() }).unwrap();
     // SAFETY: refused before anything is registered.
