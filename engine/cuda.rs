@@ -111,11 +111,6 @@ impl Driver {
         format!("{}.{}", self.version / 1000, (self.version % 1000) / 10)
     }
 
-    /// Whether cuMemcpyBatchAsync exists in this driver.
-    pub fn has_batch_copy(&self) -> bool {
-        self.version >= BATCH_COPY_VERSION
-    }
-
     /// Every device.
     pub fn devices(&self) -> Result<Vec<Device>, CudaError> {
         let mut count: c_int = 0;
