@@ -183,7 +183,13 @@ impl CudaTransport {
 
     /// Issues up to `n` queued operations as one batch; returns how many left the queue.
     fn issue(&mut self, n: usize) -> usize {
-        let strategy = self.pick(n);
+        let mut strategy = self.pick(n);
+        let mut n = n;
+        let first_tasks = self.queued.front().map_or(0, |op| op.copy.len.div_ceil(CHUNK) as usize);
+        if strategy == Strategy::Kernel && first_tasks > STAGING_TASKS {
+            // Larger than the whole staging ring (only with a raised max_len): copy it alone.
+            (strategy, n) = (Strategy::Memcpy, 1);
+        }
         let live = self.live.as_mut().expect("started");
         let mut staging = None;
         let result = match strategy {
@@ -271,14 +277,11 @@ impl CudaTransport {
                     (&mut count as *mut u32).cast::<std::ffi::c_void>(),
                 ];
                 let bytes = tasks * std::mem::size_of::<Task>();
-                let launched = live
-                    .stream
+                // Only the staged prefix goes out; the rest stays queued.
+                n = take;
+                live.stream
                     .copy(tasks_ptr, buffer.as_ptr() as u64 + offset, bytes)
-                    .and_then(|()| kernel.launch(&live.stream, grid, &mut params));
-                if launched.is_ok() && take < n {
-                    return self.record(take, staging);
-                }
-                launched
+                    .and_then(|()| kernel.launch(&live.stream, grid, &mut params))
             }
         };
         match result {
