@@ -106,7 +106,7 @@ pub fn drive(
     }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(c) = first_failure {
-        return Err(Error::Config(format!("{failed} of {count} copies failed; first: {c:?}")));
+        return Err(Error::Benchmark(format!("{failed} of {count} copies failed; first: {c:?}")));
     }
     Ok(Measurement { descriptors: count, bytes: count * block, seconds })
 }
@@ -172,10 +172,10 @@ pub fn ring_throughput(
             i += 1;
         }
     }
-    let checksum = popper.join().map_err(|_| Error::Config("ring benchmark consumer panicked".into()))??;
+    let checksum = popper.join().map_err(|_| Error::Benchmark("ring benchmark consumer panicked".into()))??;
     let seconds = start.elapsed().as_secs_f64();
     if checksum != count * (count.wrapping_sub(1)) / 2 {
-        return Err(Error::Config("ring benchmark: checksum of popped tags is wrong".into()));
+        return Err(Error::Benchmark("ring benchmark: checksum of popped tags is wrong".into()));
     }
     Ok(Measurement { descriptors: count, bytes: 0, seconds })
 }
@@ -212,14 +212,14 @@ pub fn latency(
         let d = Descriptor::copy(src, 0, dst, 0, len).with_tag(i as u64);
         let start = Instant::now();
         if queue.submit(std::slice::from_ref(&d))? != 1 {
-            return Err(Error::Config("latency: the submission ring is full".into()));
+            return Err(Error::Benchmark("latency: the submission ring is full".into()));
         }
         while queue.poll(&mut out)? == 0 {
             std::hint::spin_loop();
         }
         let micros = start.elapsed().as_secs_f64() * 1e6;
         if !out[0].is_ok() {
-            return Err(Error::Config(format!("latency: copy failed: {:?}", out[0])));
+            return Err(Error::Benchmark(format!("latency: copy failed: {:?}", out[0])));
         }
         if i >= warmup {
             times.push(micros);

@@ -154,6 +154,16 @@ impl Driver {
     }
 }
 
+/// The GPUs the CUDA driver lists: an error when there is no driver or no GPU (the reason says
+/// which).
+pub fn gpus() -> Result<Vec<Device>, CudaError> {
+    let devices = Driver::load()?.devices()?;
+    if devices.is_empty() {
+        return Err(CudaError::Unsupported("the CUDA driver lists no GPU".into()));
+    }
+    Ok(devices)
+}
+
 /// A device's primary context, retained; made current on each thread that uses it.
 #[derive(Debug)]
 pub struct Context {
@@ -462,9 +472,14 @@ impl Drop for PinnedBuffer {
     }
 }
 
-/// Host memory page-locked with cuMemHostRegister; unregistered on drop.
+/// Host memory page-locked with cuMemHostRegister; unregistered on drop, on whatever thread
+/// drops it (the registration makes its context current first).
 #[derive(Debug)]
-pub struct HostRegistration(*mut u8);
+pub struct HostRegistration {
+    ptr: *mut u8,
+    /// Unregistering needs a current context; this one stays retained until then.
+    context: std::sync::Arc<Context>,
+}
 
 // SAFETY: only the address is kept, to unregister.
 unsafe impl Send for HostRegistration {}
@@ -476,17 +491,26 @@ impl HostRegistration {
     ///
     /// # Safety
     /// The memory must stay mapped until this registration drops.
-    pub unsafe fn new(ptr: *mut u8, len: usize) -> Result<HostRegistration, CudaError> {
+    pub unsafe fn new(
+        context: std::sync::Arc<Context>,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<HostRegistration, CudaError> {
+        context.make_current()?;
         // SAFETY: the caller keeps the range mapped; flags PORTABLE (1) | DEVICEMAP (2).
         check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, 1 | 2) })?;
-        Ok(HostRegistration(ptr))
+        Ok(HostRegistration { ptr, context })
     }
 }
 
 impl Drop for HostRegistration {
     fn drop(&mut self) {
+        if let Err(e) = self.context.make_current() {
+            eprintln!("ferry: cuMemHostUnregister: cannot make the context current: {e}");
+            return;
+        }
         // SAFETY: unregisters the range registered in `new`, once.
-        let code = unsafe { sys::cuMemHostUnregister(self.0.cast()) };
+        let code = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
         if code != sys::CUresult::CUDA_SUCCESS {
             eprintln!("ferry: cuMemHostUnregister: {code:?}");
         }

@@ -4,6 +4,7 @@
 use crate::cuda::{Context, Driver, HostRegistration};
 use crate::error::Error;
 use crate::queue::{Queue, QueueConfig, QueueId, QueueMemory, WorkerEnd};
+use crate::region::check_range;
 use crate::region::Keep;
 use crate::region::{ClientId, HostBuffer, MemoryKind, RegionTable};
 use crate::ring::shm::SharedMemory;
@@ -11,6 +12,7 @@ use crate::transport::cuda::{CudaConfig, CudaTransport};
 use crate::transport::{host::HostTransport, null::NullTransport, Transport};
 use crate::worker::{Mailbox, Worker};
 use crate::RegionId;
+use ferry_topology::cpu::format_cpulist;
 use ferry_topology::plan::{host_cores, plan, PlanConfig};
 use ferry_topology::Machine;
 use std::path::Path;
@@ -323,10 +325,7 @@ impl Engine {
     /// `Ok` for this region (or the engine is dropped), and must not be accessed while a copy
     /// that uses it is in flight.
     pub unsafe fn register_host(&self, client: ClientId, ptr: *mut u8, len: usize) -> Result<RegionId, Error> {
-        if ptr.is_null() || len == 0 {
-            // Let the table report the bad range before CUDA sees it.
-            return self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, None);
-        }
+        check_range(ptr as u64, len as u64)?;
         // SAFETY: the caller keeps the memory valid until deregistration, when `pin` drops.
         let pin = unsafe { self.pin_host(ptr, len)? };
         self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, pin.map(|p| Box::new(p) as Keep))
@@ -345,7 +344,7 @@ impl Engine {
             }
         }
         // SAFETY: forwarded from the caller.
-        Ok(Some(unsafe { HostRegistration::new(ptr, len)? }))
+        Ok(Some(unsafe { HostRegistration::new(ctx.clone(), ptr, len)? }))
     }
 
     /// Registers `len` bytes of GPU memory at device address `ptr` (from `cuMemAlloc` or a
@@ -389,10 +388,6 @@ impl Engine {
     /// Deregisters a region. Refused with [`Error::RegionBusy`] while copies that use it are
     /// in flight; it never waits for them.
     pub fn deregister(&self, id: RegionId) -> Result<(), Error> {
-        // Unpinning a host region (cuMemHostUnregister) needs the context on this thread.
-        if let Some(ctx) = &self.cuda {
-            ctx.make_current()?;
-        }
         self.table.deregister(id)
     }
 
@@ -463,13 +458,6 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop_and_join();
-        // The region table (and with it every pinned host region) goes with the engine: unpinning
-        // needs the context on this thread.
-        if let Some(ctx) = &self.cuda {
-            if let Err(e) = ctx.make_current() {
-                eprintln!("ferry: making the CUDA context current to release host regions: {e}");
-            }
-        }
     }
 }
 
@@ -485,7 +473,7 @@ fn place_workers(config: &EngineConfig) -> Result<(Vec<Option<usize>>, Vec<Strin
             let online = ferry_topology::cpu::online_cpus(Path::new(&config.sysfs))?;
             for (worker, &core) in cores.iter().enumerate() {
                 if !online.contains(&core) {
-                    return Err(Error::CoreOffline { worker, core, online: format_cpus(&online) });
+                    return Err(Error::CoreOffline { worker, core, online: format_cpulist(&online) });
                 }
                 if cores[..worker].contains(&core) {
                     return Err(Error::Config(format!("core {core} is given to two workers")));
@@ -516,14 +504,10 @@ fn place_workers(config: &EngineConfig) -> Result<(Vec<Option<usize>>, Vec<Strin
                     "{} workers but only {} online CPUs ({})",
                     config.workers,
                     cores.len(),
-                    format_cpus(&machine.online)
+                    format_cpulist(&machine.online)
                 )));
             }
             Ok((cores.into_iter().map(Some).collect(), notes))
         }
     }
-}
-
-fn format_cpus(cpus: &[usize]) -> String {
-    cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
 }

@@ -150,6 +150,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A benchmark run failed (copies completed with errors, a check did not hold).
+    #[error("benchmark: {0}")]
+    Benchmark(String),
     /// The engine was shut down.
     #[error("the engine is shut down")]
     ShutDown,

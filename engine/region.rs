@@ -108,15 +108,7 @@ impl RegionTable {
         len: u64,
         keep: Option<Keep>,
     ) -> Result<RegionId, Error> {
-        if base == 0 {
-            return Err(Error::BadRange { addr: base, len, reason: "null address" });
-        }
-        if len == 0 {
-            return Err(Error::BadRange { addr: base, len, reason: "zero length" });
-        }
-        if base.checked_add(len).is_none_or(|end| end > isize::MAX as u64) {
-            return Err(Error::BadRange { addr: base, len, reason: "range wraps the address space" });
-        }
+        check_range(base, len)?;
         let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
         let index = match control.free.pop() {
             Some(i) => usize::from(i),
@@ -251,6 +243,20 @@ impl RegionTable {
             counters[i].store(counters[i].load(Ordering::Relaxed) - 1, Ordering::Release);
         }
     }
+}
+
+/// Whether `len` bytes at `base` can be a region: not null, not empty, not wrapping.
+pub(crate) fn check_range(base: u64, len: u64) -> Result<(), Error> {
+    let reason = if base == 0 {
+        "null address"
+    } else if len == 0 {
+        "zero length"
+    } else if base.checked_add(len).is_none_or(|end| end > isize::MAX as u64) {
+        "range wraps the address space"
+    } else {
+        return Ok(());
+    };
+    Err(Error::BadRange { addr: base, len, reason })
 }
 
 fn next_generation(state: u32) -> u16 {

@@ -39,7 +39,8 @@ impl Mailbox {
         self.pending.store(true, Ordering::Release);
     }
 
-    fn take(&self, into: &mut Vec<QueueSlot>, window_for: impl Fn(&WorkerEnd) -> usize) {
+    /// Adopts posted queues; each gets a window as deep as its submission ring.
+    fn take(&self, into: &mut Vec<QueueSlot>) {
         // Relaxed: a cheap look on every loop iteration; the swap below synchronises.
         if !self.pending.load(Ordering::Relaxed) {
             return;
@@ -50,7 +51,7 @@ impl Mailbox {
         }
         let mut posted = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         for end in posted.drain(..) {
-            let window = window_for(&end);
+            let window = end.submit.capacity() as usize;
             into.push(QueueSlot::new(end, window));
         }
     }
@@ -208,7 +209,7 @@ impl Worker {
         loop {
             epoch += 1;
             self.table.worker_epoch(self.index, epoch);
-            self.mailbox.take(&mut state.queues, |end| end.submit.capacity() as usize);
+            self.mailbox.take(&mut state.queues);
             // S1: Acquire; pairs with R6 in Engine::stop.
             if self.stop.load(Ordering::Acquire) {
                 break;

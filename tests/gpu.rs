@@ -11,14 +11,10 @@ use ferry::transport::cuda::{CudaConfig, Strategy};
 use ferry::{CorePlacement, Descriptor, Engine, EngineConfig, Error, QueueConfig, TransportKind};
 
 fn gpu_available() -> bool {
-    match Driver::load().and_then(|d| d.devices()) {
-        Ok(devices) if !devices.is_empty() => true,
-        Ok(_) => {
-            println!("SKIP: the CUDA driver lists no GPU");
-            false
-        }
+    match ferry::cuda::gpus() {
+        Ok(_) => true,
         Err(e) => {
-            println!("SKIP: no CUDA driver ({e})");
+            println!("SKIP: no usable GPU ({e})");
             false
         }
     }

@@ -140,12 +140,7 @@ fn cpu_model() -> String {
 
 /// Whether the CUDA transport can run here: `Err` says why not.
 fn default_transport() -> Result<(), String> {
-    let driver = ferry::cuda::Driver::load().map_err(|e| e.to_string())?;
-    match driver.devices() {
-        Ok(devices) if !devices.is_empty() => Ok(()),
-        Ok(_) => Err("the CUDA driver lists no GPU".into()),
-        Err(e) => Err(e.to_string()),
-    }
+    ferry::cuda::gpus().map(drop).map_err(|e| e.to_string())
 }
 
 /// Why the host transport runs, in words.
@@ -255,7 +250,6 @@ struct CudaRig {
     engine: Engine,
     queue: ferry::Queue,
     host: ferry::HostBuffer,
-    host_id: ferry::RegionId,
     device_id: ferry::RegionId,
     /// Dropped after the engine (fields drop in order): no copy can touch it any more.
     device: ferry::cuda::DeviceBuffer,
@@ -288,16 +282,15 @@ fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32) -> Result<CudaRig, 
     // at 4 KiB the two batches on the stream and the one filling need more than 4096 descriptors.
     let queue =
         engine.open_queue(client, QueueConfig { submit_capacity: 16384, complete_capacity: 16384, worker: None })?;
-    let host_id = host.id();
     let _context = engine.cuda_context().expect("a cuda engine has a context").clone();
-    Ok(CudaRig { engine, queue, host, host_id, device_id, device, _context })
+    Ok(CudaRig { engine, queue, host, device_id, device, _context })
 }
 
 impl CudaRig {
     fn run(&mut self, o: &Options, block: u64, h2d: bool) -> Result<Measurement, Error> {
         let plan = scatter(o.span as usize, block as usize, block);
         let count = (o.total / block).max(1);
-        let (src, dst) = if h2d { (self.host_id, self.device_id) } else { (self.device_id, self.host_id) };
+        let (src, dst) = if h2d { (self.host.id(), self.device_id) } else { (self.device_id, self.host.id()) };
         let runs =
             (0..o.reps).map(|_| drive(&mut self.queue, src, dst, &plan, block, count)).collect::<Result<_, _>>()?;
         Ok(median_by(runs, Measurement::gb_per_s))
@@ -333,7 +326,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let before = measure_ceiling(&rig)?;
     let mut latencies = Vec::new();
     for (h2d, name) in [(true, "H2D"), (false, "D2H")] {
-        let (src, dst) = if h2d { (rig.host_id, rig.device_id) } else { (rig.device_id, rig.host_id) };
+        let (src, dst) = if h2d { (rig.host.id(), rig.device_id) } else { (rig.device_id, rig.host.id()) };
         let t = ferry::bandwidth::latency(&mut rig.queue, src, dst, 4096, 500, 5000)?;
         latencies.push(format!(
             "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us",

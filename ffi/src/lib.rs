@@ -103,7 +103,7 @@ fn code_of(error: &Error) -> ferry_result {
         Error::QueueNotOpen { .. } => ferry_result::QueueNotOpen,
         Error::Timeout { .. } => ferry_result::Timeout,
         Error::ShutDown => ferry_result::ShutDown,
-        Error::Cuda(_) | Error::TransportStart { .. } => ferry_result::SystemError,
+        Error::Cuda(_) | Error::TransportStart { .. } | Error::Benchmark(_) => ferry_result::SystemError,
         Error::GpuRange { .. } => ferry_result::BadRange,
     }
 }
