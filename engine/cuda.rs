@@ -7,6 +7,7 @@
 
 use cudarc::driver::sys;
 use std::ffi::c_int;
+use std::os::fd::FromRawFd;
 
 /// Why a CUDA call failed or CUDA cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -224,6 +225,46 @@ impl Context {
         }
         Ok(PointerInfo { memory_type, ordinal, range_start: start, range_size: size as u64 })
     }
+
+    /// Exports `len` bytes of device memory at `ptr` as a dma-buf (cuMemGetHandleForAddressRange,
+    /// CUDA 11.7+, and a kernel and driver that support dma-buf). The exported range is `ptr..ptr
+    /// + len` widened to host pages inside `allocation` (the range the pointer lies in), so the
+    /// result says where `ptr` sits in the buffer. The context must be current.
+    pub fn export_dmabuf(&self, ptr: u64, len: u64, allocation: (u64, u64)) -> Result<DmaBuf, CudaError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u64;
+        let (alloc_start, alloc_len) = allocation;
+        let start = (ptr & !(page - 1)).max(alloc_start);
+        let end = (ptr + len).next_multiple_of(page).min(alloc_start + alloc_len);
+        if end <= start || ptr < start {
+            return Err(CudaError::Unsupported(format!("cannot export {len} bytes at {ptr:#x} page-aligned")));
+        }
+        let mut fd: c_int = -1;
+        // SAFETY: `fd` is a valid out pointer for an int (the DMA_BUF_FD handle type writes an fd).
+        check("cuMemGetHandleForAddressRange", unsafe {
+            sys::cuMemGetHandleForAddressRange(
+                &mut fd as *mut c_int as *mut std::ffi::c_void,
+                start,
+                (end - start) as usize,
+                sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                0,
+            )
+        })?;
+        // SAFETY: the driver returned a new file descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        Ok(DmaBuf { fd, offset: ptr - start, exported: end - start })
+    }
+}
+
+/// A dma-buf exported from device memory.
+#[derive(Debug)]
+pub struct DmaBuf {
+    /// The buffer's file descriptor.
+    pub fd: std::os::fd::OwnedFd,
+    /// Where the requested address lies in the buffer.
+    pub offset: u64,
+    /// Bytes exported (page-aligned).
+    pub exported: u64,
 }
 
 impl Drop for Context {

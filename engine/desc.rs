@@ -222,6 +222,10 @@ pub struct RegionView {
     pub owner: u32,
     /// Memory kind code (see [`crate::MemoryKind`]).
     pub kind: u32,
+    /// The NIC's local key for the region (GDR transport; 0 otherwise).
+    pub lkey: u32,
+    /// The NIC's remote key for the region (GDR transport; 0 otherwise).
+    pub rkey: u32,
 }
 
 /// One side of a validated copy.
@@ -233,6 +237,10 @@ pub struct Endpoint {
     pub kind: u32,
     /// Address of the first byte, in this process.
     pub addr: u64,
+    /// The NIC's local key for the region (GDR transport; 0 otherwise).
+    pub lkey: u32,
+    /// The NIC's remote key for the region (GDR transport; 0 otherwise).
+    pub rkey: u32,
 }
 
 /// A descriptor that passed validation.
@@ -283,8 +291,20 @@ pub fn validate(
     Ok(ValidCopy {
         // Bounds are checked against the region's length, so base + offset cannot overflow
         // for a region that was registered with a valid (non-wrapping) address range.
-        src: Endpoint { region: d.src_region, kind: src.kind, addr: src.base + d.src_offset },
-        dst: Endpoint { region: d.dst_region, kind: dst.kind, addr: dst.base + d.dst_offset },
+        src: Endpoint {
+            region: d.src_region,
+            kind: src.kind,
+            addr: src.base + d.src_offset,
+            lkey: src.lkey,
+            rkey: src.rkey,
+        },
+        dst: Endpoint {
+            region: d.dst_region,
+            kind: dst.kind,
+            addr: dst.base + d.dst_offset,
+            lkey: dst.lkey,
+            rkey: dst.rkey,
+        },
         len: d.len,
     })
 }
@@ -301,9 +321,9 @@ mod tests {
 
     fn lookup(id: u32) -> Option<RegionView> {
         match id {
-            A => Some(RegionView { base: 0x1000_0000, len: 1 << 16, owner: CLIENT, kind: 0 }),
-            B => Some(RegionView { base: 0x2000_0000, len: 1 << 16, owner: CLIENT, kind: 0 }),
-            FOREIGN => Some(RegionView { base: 0x3000_0000, len: 1 << 16, owner: 2, kind: 0 }),
+            A => Some(RegionView { base: 0x1000_0000, len: 1 << 16, owner: CLIENT, kind: 0, lkey: 0, rkey: 0 }),
+            B => Some(RegionView { base: 0x2000_0000, len: 1 << 16, owner: CLIENT, kind: 0, lkey: 0, rkey: 0 }),
+            FOREIGN => Some(RegionView { base: 0x3000_0000, len: 1 << 16, owner: 2, kind: 0, lkey: 0, rkey: 0 }),
             _ => None,
         }
     }

@@ -6,9 +6,10 @@ use crate::error::Error;
 use crate::queue::{Queue, QueueConfig, QueueId, QueueMemory, WorkerEnd};
 use crate::region::check_range;
 use crate::region::Keep;
-use crate::region::{ClientId, HostBuffer, MemoryKind, RegionTable};
+use crate::region::{ClientId, HostBuffer, MemoryKind, NicKeys, RegionTable};
 use crate::ring::shm::SharedMemory;
 use crate::transport::cuda::{CudaConfig, CudaTransport};
+use crate::transport::gdr::{GdrConfig, NicCounters, NicStats, UseGdr};
 use crate::transport::{host::HostTransport, null::NullTransport, Transport};
 use crate::worker::{Mailbox, Worker};
 use crate::RegionId;
@@ -31,8 +32,10 @@ pub enum TransportKind {
     Host,
     /// Completes without moving data ([`crate::transport::null::NullTransport`]).
     Null,
-    /// The CUDA driver ([`crate::transport::cuda::CudaTransport`]): host <-> GPU copies. Host
-    /// regions are pinned and mapped for the device when registered.
+    /// Host <-> GPU copies: over the NIC ([`crate::transport::gdr`]) or with the CUDA driver
+    /// ([`crate::transport::cuda::CudaTransport`]), as [`EngineConfig::gdr`]'s `use_gdr` says.
+    /// With the CUDA driver, host regions are pinned and mapped for the device when registered;
+    /// over the NIC, every region is registered with it.
     Cuda(CudaConfig),
     /// A caller-supplied transport, built once per worker.
     Custom(TransportFactory),
@@ -96,8 +99,12 @@ pub struct EngineConfig {
     pub shutdown_timeout: Duration,
     /// sysfs root, for the online CPU list and the topology plan.
     pub sysfs: std::path::PathBuf,
-    /// PCI bus id (`0000:18:00.0`) of the GPU this engine serves, for [`CorePlacement::Auto`].
+    /// PCI bus id (`0000:18:00.0`) of the GPU this engine serves, for [`CorePlacement::Auto`]
+    /// and the NIC choice.
     pub gpu: Option<String>,
+    /// GPUDirect RDMA settings, used with [`TransportKind::Cuda`]: whether copies go over the
+    /// NIC (`use_gdr`), which NIC, chains and signaling.
+    pub gdr: GdrConfig,
 }
 
 impl Default for EngineConfig {
@@ -113,6 +120,7 @@ impl Default for EngineConfig {
             shutdown_timeout: Duration::from_secs(5),
             sysfs: "/sys".into(),
             gpu: None,
+            gdr: GdrConfig::default(),
         }
     }
 }
@@ -145,11 +153,14 @@ pub struct EngineStats {
     pub descriptors: u64,
     /// Copies the transport reported finished.
     pub transport_completions: u64,
+    /// The NIC's counters, when the worker runs the GDR transport.
+    pub nic: Option<NicStats>,
 }
 
-/// What an engine-allocated host region keeps alive. Fields drop in order: the pinning is
-/// released before the mapping goes away.
+/// What an engine-allocated host region keeps alive. Fields drop in order: the NIC registration
+/// and the pinning are released before the mapping goes away.
 struct HostKeep {
+    _nic: Option<Keep>,
     _pin: Option<HostRegistration>,
     _memory: Arc<SharedMemory>,
 }
@@ -158,6 +169,7 @@ struct WorkerHandle {
     thread: JoinHandle<()>,
     mailbox: Arc<Mailbox>,
     counters: Arc<WorkerCounters>,
+    nic_counters: Option<Arc<NicCounters>>,
     core: Option<usize>,
     queues: AtomicU32,
 }
@@ -171,8 +183,13 @@ pub struct Engine {
     next_queue: AtomicU32,
     transport_name: &'static str,
     placement_notes: Vec<String>,
-    /// The device context when the transport is CUDA (registration pins and checks with it).
+    /// The device context when the transport is CUDA, or GDR with a CUDA driver (registration
+    /// pins, checks and exports with it).
     cuda: Option<Arc<Context>>,
+    /// The NIC, when the workers run the GDR transport (registration registers with it).
+    nic: Option<Nic>,
+    gdr_mode: UseGdr,
+    transport_notes: Vec<String>,
     /// Serialises queue creation so that each queue lands on one worker exactly once.
     queue_lock: Mutex<()>,
 }
@@ -194,16 +211,13 @@ impl Engine {
             )));
         }
         let mut config = config;
-        let cuda = match &config.transport {
+        let mut transport_notes = Vec::new();
+        let (cuda, nic) = match &config.transport {
             TransportKind::Cuda(c) => {
-                let driver = Driver::load()?;
-                let context = Arc::new(Context::new(&driver, c.device)?);
-                if config.gpu.is_none() {
-                    config.gpu = Some(context.info.pci_bus_id.clone());
-                }
-                Some(context)
+                let c = *c;
+                choose_device_transport(&mut config, &c, &mut transport_notes)?
             }
-            _ => None,
+            _ => (None, None),
         };
         let (cores, placement_notes) = place_workers(&config)?;
         let table = Arc::new(RegionTable::new(config.max_regions, config.workers));
@@ -217,14 +231,32 @@ impl Engine {
             transport_name: "",
             placement_notes,
             cuda: cuda.clone(),
+            nic: nic.clone(),
+            gdr_mode: config.gdr.use_gdr,
+            transport_notes,
             queue_lock: Mutex::new(()),
         };
         let (ready_tx, ready_rx) = mpsc::channel();
         for (index, core) in cores.into_iter().enumerate() {
+            let mut nic_counters = None;
             let transport: Box<dyn Transport> = match &config.transport {
                 TransportKind::Host => Box::new(HostTransport::new()),
                 TransportKind::Null => Box::new(NullTransport::new()),
-                TransportKind::Cuda(c) => Box::new(CudaTransport::new(cuda.clone().expect("loaded above"), *c)),
+                TransportKind::Cuda(c) => match &nic {
+                    Some(nic) => {
+                        let counters = Arc::new(NicCounters::default());
+                        nic_counters = Some(counters.clone());
+                        // Under auto, a NIC marked unusable hands over to the CUDA driver.
+                        let fallback = match (&cuda, config.gdr.use_gdr) {
+                            (Some(context), UseGdr::Auto) => {
+                                Some(Box::new(CudaTransport::new(context.clone(), *c)) as Box<dyn Transport>)
+                            }
+                            _ => None,
+                        };
+                        gdr_transport(nic, &config.gdr, counters, fallback)
+                    }
+                    None => Box::new(CudaTransport::new(cuda.clone().expect("loaded when not on the NIC"), *c)),
+                },
                 TransportKind::Custom(factory) => factory(index),
             };
             engine.transport_name = transport.name();
@@ -269,7 +301,14 @@ impl Engine {
                     }
                 })
                 .map_err(|source| Error::SpawnWorker { worker: index, source })?;
-            engine.workers.push(WorkerHandle { thread, mailbox, counters, core, queues: AtomicU32::new(0) });
+            engine.workers.push(WorkerHandle {
+                thread,
+                mailbox,
+                counters,
+                nic_counters,
+                core,
+                queues: AtomicU32::new(0),
+            });
         }
         drop(ready_tx);
         for _ in 0..engine.workers.len() {
@@ -297,6 +336,17 @@ impl Engine {
         &self.placement_notes
     }
 
+    /// Why the transport is what it is, where that was a choice (`use_gdr = auto` falling back
+    /// to the CUDA driver, and its reason). Each note was also printed to stderr at start.
+    pub fn transport_notes(&self) -> &[String] {
+        &self.transport_notes
+    }
+
+    /// The RDMA device the workers post to, when they run the GDR transport.
+    pub fn nic_name(&self) -> Option<String> {
+        nic_name(self.nic.as_ref())
+    }
+
     /// A new client id. Regions and queues belong to a client.
     pub fn new_client(&self) -> ClientId {
         // Relaxed: a unique-id counter, orders nothing.
@@ -312,8 +362,10 @@ impl Engine {
         let memory = Arc::new(memory);
         // SAFETY: `keep` holds the mapping as long as the registration (the pinning drops first).
         let pin = unsafe { self.pin_host(memory.as_ptr(), len)? };
-        let keep: Keep = Box::new(HostKeep { _pin: pin, _memory: memory.clone() });
-        let id = self.table.register(client, MemoryKind::Host, memory.as_ptr() as u64, len as u64, Some(keep))?;
+        // SAFETY: as above: the registration drops before the mapping.
+        let (keys, nic) = unsafe { self.register_with_nic(memory.as_ptr() as u64, len, None)? };
+        let keep: Keep = Box::new(HostKeep { _nic: nic, _pin: pin, _memory: memory.clone() });
+        let id = self.table.register(client, MemoryKind::Host, memory.as_ptr() as u64, len as u64, keys, Some(keep))?;
         Ok(HostBuffer::new(id, memory))
     }
 
@@ -328,7 +380,11 @@ impl Engine {
         check_range(ptr as u64, len as u64)?;
         // SAFETY: the caller keeps the memory valid until deregistration, when `pin` drops.
         let pin = unsafe { self.pin_host(ptr, len)? };
-        self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, pin.map(|p| Box::new(p) as Keep))
+        // SAFETY: the caller keeps the memory valid until deregistration, when `keep` drops.
+        let (keys, nic) = unsafe { self.register_with_nic(ptr as u64, len, None)? };
+        // Tuple fields drop in order: the NIC registration before the pinning.
+        let keep: Keep = Box::new((nic, pin));
+        self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, keys, Some(keep))
     }
 
     /// Pins host memory for the CUDA device, unless the engine has none or it is pinned already.
@@ -337,6 +393,11 @@ impl Engine {
     /// The memory must stay mapped while the returned registration lives.
     unsafe fn pin_host(&self, ptr: *mut u8, len: usize) -> Result<Option<HostRegistration>, Error> {
         let Some(ctx) = &self.cuda else { return Ok(None) };
+        if self.nic.is_some() && self.gdr_mode != UseGdr::Auto {
+            // The NIC registration pins the pages and CUDA never touches them. (Under auto the
+            // CUDA driver may take over from a failed NIC, so they are pinned for it too.)
+            return Ok(None);
+        }
         ctx.make_current()?;
         if let Ok(info) = ctx.pointer_info(ptr as u64) {
             if info.memory_type == crate::cuda::MEMORY_TYPE_HOST {
@@ -355,7 +416,13 @@ impl Engine {
     /// The allocation must stay valid until [`Engine::deregister`] returns `Ok` for the region.
     pub unsafe fn register_gpu(&self, client: ClientId, ptr: u64, len: usize) -> Result<RegionId, Error> {
         let bad = |reason: String| Error::GpuRange { addr: ptr, len: len as u64, reason };
-        let ctx = self.cuda.as_ref().ok_or_else(|| bad("the engine does not run the cuda transport".into()))?;
+        let ctx = self.cuda.as_ref().ok_or_else(|| {
+            bad(if self.nic.is_some() {
+                "the engine runs the GDR transport without a CUDA driver (see Engine::transport_notes)".into()
+            } else {
+                "the engine does not run the cuda transport".into()
+            })
+        })?;
         ctx.make_current()?;
         if len == 0 {
             return Err(bad("zero length".into()));
@@ -377,12 +444,41 @@ impl Engine {
                 info.range_size, info.range_start
             )));
         }
-        self.table.register(client, MemoryKind::Gpu, ptr, len as u64, None)
+        // SAFETY: the caller keeps the allocation valid until deregistration, when `nic` drops.
+        let (keys, nic) = unsafe { self.register_with_nic(ptr, len, Some(&info)) }
+            .map_err(|e| bad(format!("registering it with the NIC: {e}")))?;
+        self.table.register(client, MemoryKind::Gpu, ptr, len as u64, keys, nic)
+    }
+
+    /// Registers memory with the NIC when the workers run the GDR transport; `gpu`: what the
+    /// CUDA driver says of device memory (exported as a dma-buf first, else registered by its
+    /// device pointer, which needs nvidia-peermem).
+    ///
+    /// # Safety
+    /// The memory must stay valid while the returned registration lives.
+    unsafe fn register_with_nic(
+        &self,
+        addr: u64,
+        len: usize,
+        gpu: Option<&crate::cuda::PointerInfo>,
+    ) -> Result<(NicKeys, Option<Keep>), Error> {
+        // SAFETY: forwarded from the caller.
+        unsafe { nic_register(self.nic.as_ref(), self.cuda.as_deref(), addr, len, gpu) }
     }
 
     /// The CUDA device context, when the engine runs the CUDA transport.
     pub fn cuda_context(&self) -> Option<&Arc<Context>> {
         self.cuda.as_ref()
+    }
+
+    /// Fault injection for tests: gives a region's NIC registration a remote key the NIC does
+    /// not know, as if that registration were gone while the region stays registered with the
+    /// engine. Copies writing into it then fail on the NIC (a remote access error), which is
+    /// how the GDR transport's recovery is tested.
+    #[doc(hidden)]
+    pub fn inject_stale_remote_key(&self, id: RegionId) -> Result<(), Error> {
+        let keys = self.table.keys(id).ok_or(Error::UnknownRegion { id })?;
+        self.table.set_keys(id, NicKeys { rkey: keys.rkey ^ 0x00ff_ff00, ..keys })
     }
 
     /// Deregisters a region. Refused with [`Error::RegionBusy`] while copies that use it are
@@ -433,6 +529,7 @@ impl Engine {
                 iterations: w.counters.iterations.load(Ordering::Relaxed),
                 descriptors: w.counters.descriptors.load(Ordering::Relaxed),
                 transport_completions: w.counters.completions.load(Ordering::Relaxed),
+                nic: w.nic_counters.as_ref().map(|c| c.snapshot()),
             })
             .collect()
     }
@@ -510,4 +607,157 @@ fn place_workers(config: &EngineConfig) -> Result<(Vec<Option<usize>>, Vec<Strin
             Ok((cores.into_iter().map(Some).collect(), notes))
         }
     }
+}
+
+/// The NIC the engine holds when its workers run the GDR transport.
+#[cfg(feature = "gdr")]
+type Nic = Arc<crate::transport::gdr::nic::Nic>;
+/// Without the `gdr` feature there is never a NIC.
+#[cfg(not(feature = "gdr"))]
+#[derive(Clone)]
+enum Nic {}
+
+/// Picks the transport for [`TransportKind::Cuda`]: the GDR/CUDA switch.
+///
+/// | `gdr` feature | `use_gdr` | result |
+/// |---|---|---|
+/// | either | off | CUDA driver copies |
+/// | off | on | start-up error |
+/// | on | on | GDR, or a start-up error naming what is missing |
+/// | either | auto | GDR when the NIC opens and passes its self-test, else CUDA with a note |
+///
+/// Running GDR, the CUDA context is loaded when a driver is there (GPU regions need it) and is
+/// optional otherwise (host regions only: the Soft-RoCE tests run so).
+fn choose_device_transport(
+    config: &mut EngineConfig,
+    cuda_config: &CudaConfig,
+    notes: &mut Vec<String>,
+) -> Result<(Option<Arc<Context>>, Option<Nic>), Error> {
+    let cuda = Driver::load().and_then(|driver| Context::new(&driver, cuda_config.device)).map(Arc::new);
+    if let (Ok(context), None) = (&cuda, &config.gpu) {
+        config.gpu = Some(context.info.pci_bus_id.clone());
+    }
+    let use_gdr = config.gdr.use_gdr;
+    if use_gdr == UseGdr::Off {
+        return Ok((Some(cuda?), None));
+    }
+    config.gdr.check().map_err(Error::Config)?;
+    let preferred = planned_nic(config);
+    match crate::transport::gdr::open(&config.gdr, preferred.as_deref()) {
+        #[allow(unreachable_patterns)] // without the `gdr` feature, open never succeeds
+        Ok(nic) => {
+            if let Err(e) = &cuda {
+                notes.push(format!("no CUDA driver ({e}): only host regions can be registered"));
+            }
+            Ok((cuda.ok(), Some(nic)))
+        }
+        Err(reason) if use_gdr == UseGdr::On => Err(Error::Gdr(reason)),
+        Err(reason) => {
+            let note = format!("use_gdr = auto: GDR unavailable, using the CUDA driver's copies: {reason}");
+            eprintln!("ferry: {note}");
+            notes.push(note);
+            match cuda {
+                Ok(context) => Ok((Some(context), None)),
+                Err(cuda) => Err(Error::NoDeviceTransport { gdr: reason, cuda }),
+            }
+        }
+    }
+}
+
+/// The topology plan's NIC for the engine's GPU, if the plan has one.
+fn planned_nic(config: &EngineConfig) -> Option<String> {
+    let bus = config.gpu.as_ref()?;
+    let machine = Machine::read(Path::new(&config.sysfs)).ok()?;
+    let planned = plan(&machine, &PlanConfig::default()).ok()?;
+    planned.gpus.into_iter().find(|g| &g.gpu == bus)?.nic.map(|n| n.name)
+}
+
+#[cfg(feature = "gdr")]
+fn gdr_transport(
+    nic: &Nic,
+    config: &GdrConfig,
+    counters: Arc<NicCounters>,
+    fallback: Option<Box<dyn Transport>>,
+) -> Box<dyn Transport> {
+    let transport = crate::transport::gdr::GdrTransport::new(nic.clone(), config.clone(), counters);
+    match fallback {
+        Some(fallback) => Box::new(transport.with_fallback(fallback)),
+        None => Box::new(transport),
+    }
+}
+
+#[cfg(not(feature = "gdr"))]
+fn gdr_transport(
+    nic: &Nic,
+    _config: &GdrConfig,
+    _counters: Arc<NicCounters>,
+    _fallback: Option<Box<dyn Transport>>,
+) -> Box<dyn Transport> {
+    match *nic {}
+}
+
+#[cfg(feature = "gdr")]
+fn nic_name(nic: Option<&Nic>) -> Option<String> {
+    nic.map(|n| n.name.clone())
+}
+
+#[cfg(not(feature = "gdr"))]
+fn nic_name(_nic: Option<&Nic>) -> Option<String> {
+    None
+}
+
+/// Registers memory with the NIC, if there is one: GPU memory (`gpu` set) as a dma-buf first,
+/// else by its device pointer (nvidia-peermem); host memory with `ibv_reg_mr`.
+///
+/// # Safety
+/// The memory must stay valid while the returned registration lives.
+#[cfg(feature = "gdr")]
+unsafe fn nic_register(
+    nic: Option<&Nic>,
+    cuda: Option<&Context>,
+    addr: u64,
+    len: usize,
+    gpu: Option<&crate::cuda::PointerInfo>,
+) -> Result<(NicKeys, Option<Keep>), Error> {
+    let Some(nic) = nic else { return Ok((NicKeys::default(), None)) };
+    let registered = match (gpu, cuda) {
+        (Some(info), Some(context)) => {
+            let dmabuf = context
+                .export_dmabuf(addr, len as u64, (info.range_start, info.range_size))
+                .map_err(|e| format!("exporting a dma-buf: {e}"))
+                // SAFETY: forwarded from the caller; the NIC holds its own reference to the
+                // dma-buf, so our descriptor may close once registered.
+                .and_then(|buf| unsafe {
+                    use std::os::fd::AsRawFd;
+                    nic.register_dmabuf(buf.fd.as_raw_fd(), buf.offset, len, addr)
+                });
+            match dmabuf {
+                Ok(mr) => Ok(mr),
+                // SAFETY: forwarded from the caller.
+                Err(first) => unsafe { nic.register(addr, len) }.map_err(|second| {
+                    format!("as a dma-buf: {first}; by device pointer (needs nvidia-peermem): {second}")
+                }),
+            }
+        }
+        // SAFETY: forwarded from the caller.
+        _ => unsafe { nic.register(addr, len) },
+    };
+    let mr = registered.map_err(Error::Gdr)?;
+    let keys = NicKeys { lkey: mr.lkey(), rkey: mr.rkey() };
+    Ok((keys, Some(Box::new(mr) as Keep)))
+}
+
+/// Without the `gdr` feature nothing is registered with a NIC.
+///
+/// # Safety
+/// None needed; the signature matches the `gdr` build.
+#[cfg(not(feature = "gdr"))]
+unsafe fn nic_register(
+    _nic: Option<&Nic>,
+    _cuda: Option<&Context>,
+    _addr: u64,
+    _len: usize,
+    _gpu: Option<&crate::cuda::PointerInfo>,
+) -> Result<(NicKeys, Option<Keep>), Error> {
+    Ok((NicKeys::default(), None))
 }

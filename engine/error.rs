@@ -153,6 +153,17 @@ pub enum Error {
     /// A benchmark run failed (copies completed with errors, a check did not hold).
     #[error("benchmark: {0}")]
     Benchmark(String),
+    /// The GDR transport cannot run (`use_gdr = on`), or the NIC refused a registration.
+    #[error("GDR: {0}")]
+    Gdr(String),
+    /// `use_gdr = auto` found neither a usable NIC nor a CUDA driver.
+    #[error("no transport for GPU copies: GDR: {gdr}; CUDA: {cuda}")]
+    NoDeviceTransport {
+        /// Why GDR could not run.
+        gdr: String,
+        /// Why the CUDA driver could not be loaded.
+        cuda: crate::cuda::CudaError,
+    },
     /// The engine was shut down.
     #[error("the engine is shut down")]
     ShutDown,

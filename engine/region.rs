@@ -51,6 +51,8 @@ struct Slot {
     len: AtomicU64,
     owner: AtomicU32,
     kind: AtomicU32,
+    /// The NIC's keys, `rkey << 32 | lkey` (GDR transport; 0 otherwise).
+    keys: AtomicU64,
 }
 
 /// What a worker publishes for the control plane. Only that worker writes it.
@@ -71,6 +73,13 @@ struct Control {
     next_unused: usize,
     /// What a region keeps alive (an allocation, a pinning) until it is deregistered.
     owned: Vec<Option<Keep>>,
+}
+
+/// The keys a NIC gave a region's memory registration (zero without the GDR transport).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct NicKeys {
+    pub(crate) lkey: u32,
+    pub(crate) rkey: u32,
 }
 
 /// Resources held for a region and released (dropped) when it is deregistered.
@@ -106,6 +115,7 @@ impl RegionTable {
         kind: MemoryKind,
         base: u64,
         len: u64,
+        keys: NicKeys,
         keep: Option<Keep>,
     ) -> Result<RegionId, Error> {
         check_range(base, len)?;
@@ -127,6 +137,7 @@ impl RegionTable {
         slot.len.store(len, Ordering::Relaxed);
         slot.owner.store(owner.0, Ordering::Relaxed);
         slot.kind.store(kind as u32, Ordering::Relaxed);
+        slot.keys.store(u64::from(keys.rkey) << 32 | u64::from(keys.lkey), Ordering::Relaxed);
         // R3: Release; pairs with A3 in lookup: a worker that sees ACTIVE sees the fields.
         slot.state.store(state_word(generation, ACTIVE), Ordering::Release);
         control.owned[index] = keep;
@@ -145,12 +156,33 @@ impl RegionTable {
         }
         // Relaxed: ordered after A3; the slot cannot be reused before this worker's next
         // iteration (deregister waits for it).
+        let keys = slot.keys.load(Ordering::Relaxed);
         Some(RegionView {
             base: slot.base.load(Ordering::Relaxed),
             len: slot.len.load(Ordering::Relaxed),
             owner: slot.owner.load(Ordering::Relaxed),
             kind: slot.kind.load(Ordering::Relaxed),
+            lkey: keys as u32,
+            rkey: (keys >> 32) as u32,
         })
+    }
+
+    /// Replaces the NIC keys of an active region (fault injection in tests).
+    pub(crate) fn set_keys(&self, id: RegionId, keys: NicKeys) -> Result<(), Error> {
+        let _control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = self.slots.get(id.index()).ok_or(Error::UnknownRegion { id })?;
+        // Relaxed: under the control lock; a worker may read the old or the new keys, both of
+        // which are whole (one 64-bit word).
+        if slot.state.load(Ordering::Relaxed) != state_word(id.generation(), ACTIVE) {
+            return Err(Error::UnknownRegion { id });
+        }
+        slot.keys.store(u64::from(keys.rkey) << 32 | u64::from(keys.lkey), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The NIC keys of an active region.
+    pub(crate) fn keys(&self, id: RegionId) -> Option<NicKeys> {
+        self.lookup(id.0).map(|v| NicKeys { lkey: v.lkey, rkey: v.rkey })
     }
 
     /// Deregisters `id`: refused while copies that use it are in flight.

@@ -60,8 +60,8 @@ fn two_threads(c: &mut Criterion) {
 
 fn validation(c: &mut Criterion) {
     let regions = [
-        RegionView { base: 0x1000_0000, len: 1 << 30, owner: 1, kind: 0 },
-        RegionView { base: 0x8000_0000, len: 1 << 30, owner: 1, kind: 0 },
+        RegionView { base: 0x1000_0000, len: 1 << 30, owner: 1, kind: 0, lkey: 0, rkey: 0 },
+        RegionView { base: 0x8000_0000, len: 1 << 30, owner: 1, kind: 0, lkey: 0, rkey: 0 },
     ];
     let lookup = |id: u32| regions.get(id as usize).copied();
     let descs: Vec<Descriptor> = (0..64u64)

@@ -7,6 +7,7 @@
 
 pub mod cuda;
 pub mod fault;
+pub mod gdr;
 pub mod host;
 pub mod null;
 

@@ -104,6 +104,7 @@ fn code_of(error: &Error) -> ferry_result {
         Error::Timeout { .. } => ferry_result::Timeout,
         Error::ShutDown => ferry_result::ShutDown,
         Error::Cuda(_) | Error::TransportStart { .. } | Error::Benchmark(_) => ferry_result::SystemError,
+        Error::Gdr(_) | Error::NoDeviceTransport { .. } => ferry_result::SystemError,
         Error::GpuRange { .. } => ferry_result::BadRange,
     }
 }

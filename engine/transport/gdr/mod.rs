@@ -1,0 +1,253 @@
+//! The GDR transport: GPUDirect RDMA through the NIC's DMA engine, over a reliable-connected
+//! queue pair connected to itself (one per worker).
+//!
+//! Both directions are RDMA WRITEs: host to GPU writes from host memory (local key) to GPU
+//! memory (remote key), GPU to host from GPU memory (local key) to host memory (remote key), so
+//! neither direction waits on a read round trip. Descriptors become chains of work requests
+//! posted with one doorbell; adjacent ranges merge into one work request's scatter/gather list;
+//! one work request in [`GdrConfig::signal_every`] asks for a completion (plus the last one
+//! before the transport would otherwise go quiet), and send-queue credits are counted so the
+//! queue can never overflow. A work-request error fails only the descriptors of that work
+//! request (a merged one is first retried unmerged), the queue pair is drained, reset and
+//! reconnected, and the descriptors behind it are posted again.
+//!
+//! Memory is registered with the NIC on the control plane only ([`crate::Engine::register_host`],
+//! [`crate::Engine::register_gpu`]): host memory with `ibv_reg_mr`, GPU memory as a dma-buf
+//! (`cuMemGetHandleForAddressRange` then `ibv_reg_dmabuf_mr`) or, failing that, with
+//! `ibv_reg_mr` on the device pointer (nvidia-peermem). The keys live in the region table, so a
+//! descriptor naming memory the NIC does not know fails validation; nothing registers on the
+//! hot path.
+//!
+//! Compiled with the `gdr` Cargo feature (on by default). libibverbs is loaded at run time.
+
+#[cfg(feature = "gdr")]
+pub mod nic;
+#[cfg(feature = "gdr")]
+mod post;
+
+#[cfg(feature = "gdr")]
+pub use post::GdrTransport;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Whether the CUDA transport kind runs over the NIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UseGdr {
+    /// Never: the CUDA driver's copies.
+    Off,
+    /// Always: the engine's start fails, naming what is missing, when GDR cannot run.
+    On,
+    /// GDR when a NIC is found and a loopback self-test passes; otherwise the CUDA driver's
+    /// copies, with the reason in [`crate::Engine::transport_notes`] and on stderr.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for UseGdr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<UseGdr, String> {
+        match s {
+            "off" => Ok(UseGdr::Off),
+            "on" => Ok(UseGdr::On),
+            "auto" => Ok(UseGdr::Auto),
+            other => Err(format!("use_gdr must be off, on or auto, not {other:?}")),
+        }
+    }
+}
+
+/// GDR settings (see [`crate::EngineConfig::gdr`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GdrConfig {
+    /// Off, on or auto.
+    pub use_gdr: UseGdr,
+    /// RDMA device name (`mlx5_0`); `None`: the topology plan's NIC for the engine's GPU, else
+    /// the first device with an active port.
+    pub nic: Option<String>,
+    /// Port number (from 1).
+    pub port: u8,
+    /// GID index; `None`: a RoCE v2 GID, routable ones first (see `nic::choose_gid`).
+    pub gid_index: Option<u8>,
+    /// Most work requests posted with one doorbell.
+    pub chain: usize,
+    /// One work request in this many asks for a completion (besides the last one before the
+    /// queue would go quiet).
+    pub signal_every: usize,
+    /// Send-queue depth wanted (capped by the device's limit).
+    pub send_queue_depth: usize,
+    /// Most scatter/gather entries per work request (capped by the device's limit).
+    pub max_sge: usize,
+    /// Writes up to this many bytes go inline (capped by what the device grants; 0: never).
+    pub inline_max: u32,
+    /// Recoveries in a row, with no successful completion between them, after which the NIC is
+    /// marked unusable.
+    pub max_recoveries: u32,
+}
+
+impl Default for GdrConfig {
+    fn default() -> Self {
+        GdrConfig {
+            use_gdr: UseGdr::Auto,
+            nic: None,
+            port: 1,
+            gid_index: None,
+            chain: 64,
+            signal_every: 16,
+            send_queue_depth: 1024,
+            max_sge: 16,
+            inline_max: 128,
+            max_recoveries: 3,
+        }
+    }
+}
+
+impl GdrConfig {
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.chain == 0 || self.signal_every == 0 || self.max_sge == 0 || self.port == 0 {
+            return Err("gdr: chain, signal_every, max_sge and port must be at least 1".into());
+        }
+        if self.send_queue_depth < 2 * self.signal_every.max(self.chain) {
+            return Err(format!(
+                "gdr: send_queue_depth {} must be at least twice chain and signal_every ({} and {})",
+                self.send_queue_depth, self.chain, self.signal_every
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Per-worker NIC counters, written by the worker with Relaxed stores (statistics only:
+/// nothing is ordered by them).
+#[derive(Debug, Default)]
+pub struct NicCounters {
+    work_requests: AtomicU64,
+    doorbells: AtomicU64,
+    completions: AtomicU64,
+    errors: AtomicU64,
+    recoveries: AtomicU64,
+    inline_writes: AtomicU64,
+}
+
+/// A snapshot of one worker's [`NicCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NicStats {
+    /// Work requests posted.
+    pub work_requests: u64,
+    /// `ibv_post_send` calls (one doorbell each).
+    pub doorbells: u64,
+    /// Work completions polled (successful and failed).
+    pub completions: u64,
+    /// Work completions with an error status, and failed posts.
+    pub errors: u64,
+    /// Times the queue pair was reset and reconnected.
+    pub recoveries: u64,
+    /// Work requests posted with their data inline.
+    pub inline_writes: u64,
+}
+
+impl NicCounters {
+    #[cfg_attr(not(feature = "gdr"), allow(dead_code))]
+    fn bump(counter: &AtomicU64, n: u64) {
+        // Relaxed: single writer (the worker), statistics only.
+        counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+
+    /// A snapshot.
+    pub fn snapshot(&self) -> NicStats {
+        // Relaxed: statistics only.
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NicStats {
+            work_requests: get(&self.work_requests),
+            doorbells: get(&self.doorbells),
+            completions: get(&self.completions),
+            errors: get(&self.errors),
+            recoveries: get(&self.recoveries),
+            inline_writes: get(&self.inline_writes),
+        }
+    }
+}
+
+/// `Done::detail` of an operation failed because the NIC was marked unusable.
+pub const DETAIL_NIC_UNUSABLE: u32 = 0x1_0000;
+/// `Done::detail` bit of an operation whose `ibv_post_send` failed (the low bits are the errno).
+pub const DETAIL_POST_FAILED: u32 = 0x2_0000;
+
+/// Opens the NIC for the engine (`preferred`: the topology plan's choice) and runs the loopback
+/// self-test: one RDMA WRITE between two registered buffers, checked byte for byte. Every
+/// failure names what is missing.
+#[cfg(feature = "gdr")]
+pub(crate) fn open(config: &GdrConfig, preferred: Option<&str>) -> Result<std::sync::Arc<nic::Nic>, String> {
+    let nic = nic::Nic::open(config, preferred)?;
+    self_test(&nic, config).map_err(|e| format!("{}: loopback self-test failed: {e}", nic.name))?;
+    Ok(nic)
+}
+
+/// Without the `gdr` feature there is no NIC to open.
+#[cfg(not(feature = "gdr"))]
+pub(crate) fn open<T>(_config: &GdrConfig, _preferred: Option<&str>) -> Result<T, String> {
+    Err("ferry was built without the `gdr` Cargo feature".into())
+}
+
+#[cfg(feature = "gdr")]
+fn self_test(nic: &std::sync::Arc<nic::Nic>, config: &GdrConfig) -> Result<(), String> {
+    use crate::desc::{Endpoint, ValidCopy};
+    use crate::transport::{Done, Op, Token, Transport};
+    const LEN: usize = 8192;
+    let src: Vec<u8> = (0..LEN).map(|i| (i * 7 + 3) as u8).collect();
+    let mut dst = vec![0u8; LEN];
+    // SAFETY: both buffers outlive their registrations (dropped at the end of this function,
+    // after the transport, which holds no reference to them once polled empty).
+    let (src_mr, dst_mr) =
+        unsafe { (nic.register(src.as_ptr() as u64, LEN)?, nic.register(dst.as_mut_ptr() as u64, LEN)?) };
+    let small = GdrConfig { send_queue_depth: 64, chain: 8, signal_every: 4, ..config.clone() };
+    let mut transport = GdrTransport::new(nic.clone(), small, std::sync::Arc::default());
+    transport.start()?;
+    let end = |mr: &sideway::ibverbs::memory_region::MemoryRegion, addr: u64| Endpoint {
+        region: 0,
+        kind: 0,
+        addr,
+        lkey: mr.lkey(),
+        rkey: mr.rkey(),
+    };
+    // Two writes: one above the inline limit, one small enough to go inline.
+    let ops = [
+        Op {
+            token: Token { queue: 0, slot: 0 },
+            copy: ValidCopy {
+                src: end(&src_mr, src.as_ptr() as u64),
+                dst: end(&dst_mr, dst.as_ptr() as u64),
+                len: 4096,
+            },
+        },
+        Op {
+            token: Token { queue: 0, slot: 1 },
+            copy: ValidCopy {
+                src: end(&src_mr, src.as_ptr() as u64 + 4096),
+                dst: end(&dst_mr, dst.as_ptr() as u64 + 4096),
+                len: 64,
+            },
+        },
+    ];
+    if transport.submit(&ops) != ops.len() {
+        return Err("the transport refused two operations".into());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut done = [Done::ok(Token { queue: 0, slot: 0 }); 4];
+    let mut seen = 0;
+    while seen < ops.len() {
+        let n = transport.poll(&mut done);
+        for d in &done[..n] {
+            if d.status != crate::Status::Ok {
+                return Err(format!("a write completed with status {:?} (detail {})", d.status, d.detail));
+            }
+        }
+        seen += n;
+        if std::time::Instant::now() > deadline {
+            return Err("no completion within 2 s".into());
+        }
+    }
+    drop(transport);
+    if dst[..4096 + 64] != src[..4096 + 64] || dst[4096 + 64..].iter().any(|&b| b != 0) {
+        return Err("the bytes written do not match".into());
+    }
+    Ok(())
+}
