@@ -19,12 +19,16 @@ usage: ferry bench [options]     bandwidth table of the engine on scattered bloc
 bench runs the engine on scattered blocks and prints block size x GB/s and descriptors/s.
 
 bench options:
-  --transport host|null|cuda
+  --transport host|null|cuda|gdr
                           default: cuda where a CUDA driver and GPU are present, else host;
                           host: the worker copies with the CPU;
                           null: no data moves, measures the engine's own cost per descriptor;
                           cuda: host <-> GPU through the CUDA transport, one column per
-                          strategy beside the PCIe ceiling, latency, and the SM-budget sweep
+                          strategy beside the PCIe ceiling, latency, and the SM-budget sweep;
+                          gdr: RDMA WRITEs between two host regions through the GDR transport,
+                          beside a raw-verbs loop on the same device (default sizes 4K,64K,
+                          total 16M: sized for Soft-RoCE)
+  --nic NAME              RDMA device for gdr (default: the first with an active port)
   --device N              CUDA device ordinal (default 0)
   --sm-budget N           SMs the copy kernel may use in the strategy columns (default 8)
   --total SIZE            bytes moved per cell, per repetition (default 1G; 256M with cuda)
@@ -47,8 +51,10 @@ struct Options {
     client_core: Option<usize>,
     device: i32,
     sm_budget: u32,
+    nic: Option<String>,
     total_given: bool,
     transport_given: bool,
+    sizes_given: bool,
 }
 
 fn parse_number(text: &str, base: u64) -> Result<u64, String> {
@@ -73,8 +79,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
         client_core: None,
         device: 0,
         sm_budget: 8,
+        nic: None,
         total_given: false,
         transport_given: false,
+        sizes_given: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -92,7 +100,11 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--sm-budget" => o.sm_budget = parse_number(value()?, 1000)? as u32,
             "--descriptors" => o.descriptors = parse_number(value()?, 1000)?,
             "--span" => o.span = parse_number(value()?, 1024)?,
-            "--sizes" => o.sizes = value()?.split(',').map(|s| parse_number(s, 1024)).collect::<Result<_, _>>()?,
+            "--sizes" => {
+                o.sizes = value()?.split(',').map(|s| parse_number(s, 1024)).collect::<Result<_, _>>()?;
+                o.sizes_given = true;
+            }
+            "--nic" => o.nic = Some(value()?.clone()),
             "--reps" => o.reps = parse_number(value()?, 1000)? as usize,
             "--worker-core" => o.worker_core = Some(parse_number(value()?, 1000)? as usize),
             "--client-core" => o.client_core = Some(parse_number(value()?, 1000)? as usize),
@@ -105,11 +117,22 @@ fn parse(args: &[String]) -> Result<Options, String> {
             Err(_) => "host".into(),
         };
     }
-    if !matches!(o.transport.as_str(), "host" | "null" | "cuda") {
-        return Err(format!("--transport {:?}: choose host, null or cuda", o.transport));
+    if !matches!(o.transport.as_str(), "host" | "null" | "cuda" | "gdr") {
+        return Err(format!("--transport {:?}: choose host, null, cuda or gdr", o.transport));
     }
     if o.transport == "cuda" && !o.total_given {
         o.total = 256 << 20;
+    }
+    if o.transport == "gdr" {
+        if !o.total_given {
+            o.total = 16 << 20;
+        }
+        if !o.sizes_given {
+            o.sizes = vec![4 << 10, 64 << 10];
+        }
+        if o.span == 256 << 20 {
+            o.span = 64 << 20;
+        }
     }
     if o.reps == 0 || o.sizes.is_empty() || o.sizes.iter().any(|&s| s == 0 || s > o.span) {
         return Err("--reps must be at least 1 and every block size between 1 and --span".into());
@@ -175,6 +198,9 @@ fn bench(o: &Options) -> Result<(), Error> {
     }
     if o.transport == "cuda" {
         return bench_cuda(o, &machine, client);
+    }
+    if o.transport == "gdr" {
+        return bench_gdr(o, &machine, client);
     }
     let (kind, reason) = match o.transport.as_str() {
         "null" => (TransportKind::Null, "asked for with --transport null: no data moves".to_owned()),
@@ -243,6 +269,113 @@ fn bench(o: &Options) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// The GDR transport between two host regions, beside a raw-verbs loop on the same device.
+#[cfg(feature = "gdr")]
+fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), Error> {
+    use ferry::transport::gdr::{baseline, nic::Nic, GdrConfig, UseGdr};
+    let gdr = GdrConfig { use_gdr: UseGdr::On, nic: o.nic.clone(), ..GdrConfig::default() };
+    let cores = match o.worker_core {
+        Some(core) => CorePlacement::Cores(vec![core]),
+        None => CorePlacement::Auto,
+    };
+    let config = EngineConfig {
+        transport: TransportKind::Cuda(CudaConfig::default()),
+        gdr: gdr.clone(),
+        cores,
+        max_len: 1 << 30,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(config)?;
+    let nic_name = engine.nic_name().unwrap_or_default();
+    let worker = engine.worker_cores()[0];
+    println!("ferry bench: transport {} on {nic_name}", engine.transport_name());
+    println!(
+        "machine: {}, {} online CPUs; worker on {}, client on {}; raw verbs loop on the client's thread; median of {} runs",
+        cpu_model(),
+        machine.online.len(),
+        show(worker),
+        show(client),
+        o.reps
+    );
+    for note in engine.transport_notes().iter().chain(engine.placement_notes()) {
+        println!("note: {note}");
+    }
+    let client_id = engine.new_client();
+    let span = o.span as usize;
+    let src = engine.allocate_host(client_id, span)?;
+    let dst = engine.allocate_host(client_id, span)?;
+    src.fill(0, span, 0x5a)?;
+    dst.fill(0, span, 0)?;
+    let mut queue = engine.open_queue(client_id, QueueConfig::default())?;
+    // The baseline's own registrations of the same memory, on its own context of the device.
+    let raw_nic = Nic::open(&GdrConfig { nic: Some(nic_name.clone()), ..gdr.clone() }, None).map_err(Error::Gdr)?;
+    // SAFETY: `src` and `dst` outlive these registrations (dropped at the end of this function,
+    // before the buffers, which are declared earlier).
+    let (src_mr, dst_mr) = unsafe {
+        (
+            raw_nic.register(src.as_ptr() as u64, span).map_err(Error::Gdr)?,
+            raw_nic.register(dst.as_ptr() as u64, span).map_err(Error::Gdr)?,
+        )
+    };
+    let raw_src = baseline::Side { addr: src.as_ptr() as u64, key: src_mr.lkey() };
+    let raw_dst = baseline::Side { addr: dst.as_ptr() as u64, key: dst_mr.rkey() };
+    println!(
+        "{} moved per cell as scattered blocks in two {} regions; chains of {}, one completion per {}",
+        human(o.total),
+        human(o.span),
+        gdr.chain,
+        gdr.signal_every
+    );
+    println!(
+        "{:>8} {:>12} {:>14} {:>12} {:>14} {:>10} {:>9} {:>9}",
+        "block", "raw writes/s", "engine writes/s", "raw GB/s", "engine GB/s", "engine/raw", "WR/bell", "WR/CQE"
+    );
+    for &block in &o.sizes {
+        let plan = scatter(span, block as usize, block);
+        let count = (o.total / block).max(1);
+        // Raw and engine runs alternate, so that both see the same phases of a noisy machine.
+        let (mut raw_runs, mut engine_runs) = (Vec::new(), Vec::new());
+        let before = engine.stats()[0].nic.unwrap_or_default();
+        for _ in 0..o.reps {
+            let chain = gdr.chain;
+            let every = gdr.signal_every as u64;
+            raw_runs.push(
+                baseline::raw_writes(&raw_nic, raw_src, raw_dst, &plan, block, count, chain, every, 1024)
+                    .map_err(Error::Benchmark)?,
+            );
+            engine_runs.push(drive(&mut queue, src.id(), dst.id(), &plan, block, count)?);
+        }
+        let after = engine.stats()[0].nic.unwrap_or_default();
+        let raw = median_by(raw_runs, Measurement::per_s);
+        let e = median_by(engine_runs, Measurement::per_s);
+        let wrs = (after.work_requests - before.work_requests) as f64;
+        println!(
+            "{:>8} {:>12.0} {:>14.0} {:>12.3} {:>14.3} {:>10.2} {:>9.1} {:>9.1}",
+            human(block),
+            raw.per_s(),
+            e.per_s(),
+            raw.gb_per_s(),
+            e.gb_per_s(),
+            e.per_s() / raw.per_s(),
+            wrs / (after.doorbells - before.doorbells).max(1) as f64,
+            wrs / (after.completions - before.completions).max(1) as f64
+        );
+    }
+    let times = ferry::bandwidth::latency(&mut queue, src.id(), dst.id(), 4096, 200, 2000)?;
+    println!(
+        "latency of one 4 KiB descriptor, push to completion: p50 {:.1} us, p99 {:.1} us",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
+    println!("NIC counters of the run: {:?}", engine.stats()[0].nic.unwrap_or_default());
+    Ok(())
+}
+
+#[cfg(not(feature = "gdr"))]
+fn bench_gdr(_o: &Options, _machine: &Machine, _client: Option<usize>) -> Result<(), Error> {
+    Err(Error::Gdr("ferry was built without the `gdr` Cargo feature".into()))
 }
 
 /// One CUDA engine with its two regions: pinned host memory and device memory of `span` bytes.

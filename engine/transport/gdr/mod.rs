@@ -21,6 +21,8 @@
 //! Compiled with the `gdr` Cargo feature (on by default). libibverbs is loaded at run time.
 
 #[cfg(feature = "gdr")]
+pub mod baseline;
+#[cfg(feature = "gdr")]
 pub mod nic;
 #[cfg(feature = "gdr")]
 mod post;
