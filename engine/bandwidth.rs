@@ -74,35 +74,51 @@ pub fn drive(
     block: u64,
     count: u64,
 ) -> Result<Measurement, Error> {
+    drive_queues(std::slice::from_mut(queue), src, dst, plan, block, count)
+}
+
+/// [`drive`] over several queues from this one thread: descriptor `k` of the plan goes to queue
+/// `k % queues.len()`, pushed 64 at a time, each queue polled in turn.
+pub fn drive_queues(
+    queues: &mut [Queue],
+    src: RegionId,
+    dst: RegionId,
+    plan: &[(u64, u64)],
+    block: u64,
+    count: u64,
+) -> Result<Measurement, Error> {
+    let n = queues.len() as u64;
+    assert!(n > 0, "drive_queues needs a queue");
     let mut staged = [Descriptor::default(); 64];
     let mut done = [Completion::default(); 256];
-    let (mut sent, mut received, mut failed) = (0u64, 0u64, 0u64);
+    // Per queue: the next descriptor index it pushes (k = q, q + n, q + 2n, ...).
+    let mut next: Vec<u64> = (0..n).collect();
+    let (mut received, mut failed) = (0u64, 0u64);
     let mut first_failure = None;
     let start = Instant::now();
-    let mut cursor = 0usize;
     while received < count {
-        if sent < count {
-            let n = (count - sent).min(staged.len() as u64) as usize;
-            for (k, d) in staged[..n].iter_mut().enumerate() {
-                let (s, t) = plan[cursor];
-                cursor = if cursor + 1 == plan.len() { 0 } else { cursor + 1 };
-                *d = Descriptor::copy(src, s, dst, t, block).with_tag(sent + k as u64);
+        for (q, queue) in queues.iter_mut().enumerate() {
+            let mut k = next[q];
+            let mut staged_n = 0;
+            while k < count && staged_n < staged.len() {
+                let (s, t) = plan[(k % plan.len() as u64) as usize];
+                staged[staged_n] = Descriptor::copy(src, s, dst, t, block).with_tag(k);
+                staged_n += 1;
+                k += n;
             }
-            let pushed = queue.submit(&staged[..n])?;
-            // Rewind the plan over what did not fit.
-            for _ in pushed..n {
-                cursor = if cursor == 0 { plan.len() - 1 } else { cursor - 1 };
+            if staged_n > 0 {
+                let pushed = queue.submit(&staged[..staged_n])? as u64;
+                next[q] += pushed * n;
             }
-            sent += pushed as u64;
+            let got = queue.poll(&mut done)?;
+            for c in &done[..got] {
+                if !c.is_ok() {
+                    failed += 1;
+                    first_failure.get_or_insert(*c);
+                }
+            }
+            received += got as u64;
         }
-        let n = queue.poll(&mut done)?;
-        for c in &done[..n] {
-            if !c.is_ok() {
-                failed += 1;
-                first_failure.get_or_insert(*c);
-            }
-        }
-        received += n as u64;
     }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(c) = first_failure {

@@ -324,6 +324,12 @@ impl Stream {
         check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(dst, src, len, self.0) })
     }
 
+    /// Makes work queued on this stream from now on wait for `event`'s last recorded point.
+    pub fn wait(&self, event: &Event) -> Result<(), CudaError> {
+        // SAFETY: live stream and event of the current context; flags 0.
+        check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(self.0, event.0, 0) })
+    }
+
     /// Queues `dsts.len()` copies in one call (driver 12.8+).
     pub fn copy_batch(&self, dsts: &mut [u64], srcs: &mut [u64], sizes: &mut [usize]) -> Result<(), CudaError> {
         debug_assert!(dsts.len() == srcs.len() && srcs.len() == sizes.len());

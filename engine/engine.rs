@@ -130,15 +130,17 @@ impl Default for EngineConfig {
 #[derive(Debug, Default)]
 pub(crate) struct WorkerCounters {
     iterations: AtomicU64,
+    idle_iterations: AtomicU64,
     descriptors: AtomicU64,
     completions: AtomicU64,
 }
 
 impl WorkerCounters {
-    pub(crate) fn add_iteration(&self, took: usize, reaped: usize) {
+    pub(crate) fn add_iteration(&self, took: usize, reaped: usize, idle: bool) {
         // Relaxed: single writer, statistics only.
         let bump = |c: &AtomicU64, n: u64| c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
         bump(&self.iterations, 1);
+        bump(&self.idle_iterations, u64::from(idle));
         bump(&self.descriptors, took as u64);
         bump(&self.completions, reaped as u64);
     }
@@ -149,6 +151,9 @@ impl WorkerCounters {
 pub struct EngineStats {
     /// Loop iterations.
     pub iterations: u64,
+    /// Loop iterations that found nothing to do (no descriptor taken, none submitted to the
+    /// transport, no completion reaped).
+    pub idle_iterations: u64,
     /// Descriptors taken from submission rings.
     pub descriptors: u64,
     /// Copies the transport reported finished.
@@ -527,6 +532,7 @@ impl Engine {
             .map(|w| EngineStats {
                 // Relaxed: statistics.
                 iterations: w.counters.iterations.load(Ordering::Relaxed),
+                idle_iterations: w.counters.idle_iterations.load(Ordering::Relaxed),
                 descriptors: w.counters.descriptors.load(Ordering::Relaxed),
                 transport_completions: w.counters.completions.load(Ordering::Relaxed),
                 nic: w.nic_counters.as_ref().map(|c| c.snapshot()),

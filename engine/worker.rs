@@ -217,8 +217,9 @@ impl Worker {
             let took = self.take_all(&mut state);
             let submitted = self.submit(&mut state);
             let reaped = self.reap(&mut state);
-            self.counters.add_iteration(took, reaped);
-            if took + submitted + reaped == 0 {
+            let idle = took + submitted + reaped == 0;
+            self.counters.add_iteration(took, reaped, idle);
+            if idle {
                 idle_iterations = idle_iterations.saturating_add(1);
                 match self.idle {
                     IdlePolicy::Spin => std::hint::spin_loop(),

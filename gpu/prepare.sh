@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin ferry
-# Test executables by target: the library's unit tests and the GPU integration tests.
-executables=$(cargo test --release -p ferry --lib --test gpu --no-run --message-format=json 2>/dev/null |
+# Test executables by target: the library's unit tests, the GPU integration tests, and the GDR
+# tests (their use_gdr switch tests run on a GPU machine without a NIC).
+executables=$(cargo test --release -p ferry --lib --test gpu --test gdr --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for m in map(json.loads, sys.stdin):
@@ -18,6 +19,9 @@ while read -r name path; do
     case $name in
         ferry) cp "$path" .device/ferry-lib-tests ;;
         gpu) cp "$path" .device/gpu-tests ;;
+        gdr) cp "$path" .device/gdr-tests ;;
     esac
 done <<<"$executables"
+# Debug info stays here; the carry limit (64 MiB with the working tree) is for code.
+strip --strip-debug .device/*
 ls .device && du -sh .device

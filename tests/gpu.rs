@@ -156,3 +156,58 @@ fn asking_for_cuda_without_a_driver_is_a_clear_startup_error() {
     .expect("no driver, no engine");
     assert!(err.to_string().contains("libcuda.so.1 not found"), "{err}");
 }
+
+#[test]
+fn a_gpu_region_exports_as_a_dmabuf_and_registering_it_with_a_nic_names_the_missing_nic() {
+    if !gpu_available() {
+        return;
+    }
+    // use_gdr = auto (the default): with no NIC here the engine runs on CUDA, saying why.
+    let engine = cuda_engine(Strategy::Auto);
+    assert_eq!(engine.transport_name(), "cuda");
+    println!("transport notes: {:?}", engine.transport_notes());
+    let context = engine.cuda_context().expect("a CUDA context").clone();
+    let device = DeviceBuffer::new(4 << 20).unwrap();
+    let (addr, len) = (device.ptr() + 8192 + 100, 1 << 20);
+    // SAFETY: the allocation outlives the engine.
+    unsafe { engine.register_gpu(engine.new_client(), addr, len) }.unwrap();
+    let info = context.pointer_info(addr).unwrap();
+    let dmabuf = context
+        .export_dmabuf(addr, len as u64, (info.range_start, info.range_size))
+        .expect("cuMemGetHandleForAddressRange exports the registered range as a dma-buf");
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", dmabuf.fd.as_raw_fd())).unwrap();
+    println!(
+        "dma-buf: fd {} -> {}, {} bytes exported, the range at offset {}",
+        dmabuf.fd.as_raw_fd(),
+        link.display(),
+        dmabuf.exported,
+        dmabuf.offset
+    );
+    assert!(link.to_string_lossy().contains("dmabuf"), "{}", link.display());
+    assert_eq!(dmabuf.offset, 100, "the buffer starts at the page holding the address");
+    assert!(dmabuf.exported >= dmabuf.offset + len as u64);
+    // Registering it with a NIC (use_gdr = on) fails at start, naming what is missing.
+    let on = Engine::start(EngineConfig {
+        transport: TransportKind::Cuda(CudaConfig::default()),
+        gdr: ferry::transport::gdr::GdrConfig {
+            use_gdr: ferry::transport::gdr::UseGdr::On,
+            ..ferry::transport::gdr::GdrConfig::default()
+        },
+        cores: CorePlacement::Unpinned,
+        ..EngineConfig::default()
+    });
+    match on {
+        Err(Error::Gdr(reason)) => {
+            println!("use_gdr = on: {reason}");
+            assert!(
+                reason.contains("libibverbs.so.1 not found") || reason.contains("no RDMA device"),
+                "the error names the missing NIC: {reason}"
+            );
+        }
+        Err(other) => panic!("expected a GDR error, got {other}"),
+        Ok(engine) => {
+            println!("SKIP: this machine has a usable RDMA NIC ({:?}): nothing is missing", engine.nic_name())
+        }
+    }
+}

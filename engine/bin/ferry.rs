@@ -2,7 +2,9 @@
 //!
 //! `ferry bench` measures the engine on scattered blocks and prints a table; see `ferry help`.
 
-use ferry::bandwidth::{drive, median_by, memcpy_baseline, percentile, ring_throughput, scatter, Measurement};
+use ferry::bandwidth::{
+    drive, drive_queues, median_by, memcpy_baseline, percentile, ring_throughput, scatter, Measurement,
+};
 use ferry::transport::cuda::{CudaConfig, Strategy};
 use ferry::{CorePlacement, Engine, EngineConfig, Error, QueueConfig, TransportKind};
 use ferry_topology::{Machine, PlanConfig};
@@ -30,7 +32,10 @@ bench options:
                           total 16M: sized for Soft-RoCE)
   --nic NAME              RDMA device for gdr (default: the first with an active port)
   --device N              CUDA device ordinal (default 0)
-  --sm-budget N           SMs the copy kernel may use in the strategy columns (default 8)
+  --sm-budget N           SMs the copy kernel may use in the strategy columns, in total over
+                          the workers (default 8)
+  --workers N             cuda: worker threads, each with its own queue and stream, fed by
+                          the one client thread (default 1)
   --total SIZE            bytes moved per cell, per repetition (default 1G; 256M with cuda)
   --descriptors N         descriptors per repetition with --transport null (default 20M)
   --span SIZE             bytes in each of the source and destination regions (default 256M)
@@ -52,6 +57,7 @@ struct Options {
     device: i32,
     sm_budget: u32,
     nic: Option<String>,
+    workers: usize,
     total_given: bool,
     transport_given: bool,
     sizes_given: bool,
@@ -80,6 +86,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         device: 0,
         sm_budget: 8,
         nic: None,
+        workers: 1,
         total_given: false,
         transport_given: false,
         sizes_given: false,
@@ -105,6 +112,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.sizes_given = true;
             }
             "--nic" => o.nic = Some(value()?.clone()),
+            "--workers" => o.workers = parse_number(value()?, 1000)? as usize,
             "--reps" => o.reps = parse_number(value()?, 1000)? as usize,
             "--worker-core" => o.worker_core = Some(parse_number(value()?, 1000)? as usize),
             "--client-core" => o.client_core = Some(parse_number(value()?, 1000)? as usize),
@@ -133,6 +141,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
         if o.span == 256 << 20 {
             o.span = 64 << 20;
         }
+    }
+    if o.workers == 0 || (o.workers > 1 && o.transport != "cuda") {
+        return Err("--workers must be at least 1, and above 1 only with --transport cuda".into());
     }
     if o.reps == 0 || o.sizes.is_empty() || o.sizes.iter().any(|&s| s == 0 || s > o.span) {
         return Err("--reps must be at least 1 and every block size between 1 and --span".into());
@@ -378,10 +389,13 @@ fn bench_gdr(_o: &Options, _machine: &Machine, _client: Option<usize>) -> Result
     Err(Error::Gdr("ferry was built without the `gdr` Cargo feature".into()))
 }
 
-/// One CUDA engine with its two regions: pinned host memory and device memory of `span` bytes.
+/// One CUDA engine with its two regions: pinned host memory and device memory of `span` bytes,
+/// and one queue per worker.
 struct CudaRig {
     engine: Engine,
-    queue: ferry::Queue,
+    queues: Vec<ferry::Queue>,
+    /// Share of the workers' loop iterations that found nothing to do, in the last run.
+    idle: f64,
     host: ferry::HostBuffer,
     device_id: ferry::RegionId,
     /// Dropped after the engine (fields drop in order): no copy can touch it any more.
@@ -390,14 +404,23 @@ struct CudaRig {
     _context: std::sync::Arc<ferry::cuda::Context>,
 }
 
-fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32) -> Result<CudaRig, Error> {
-    let config = CudaConfig { device: o.device, strategy, sm_budget, ..CudaConfig::default() };
+/// `sm_budget` is the total over `workers` workers (each gets an equal share, at least 1).
+fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32, workers: usize) -> Result<CudaRig, Error> {
+    let share = (sm_budget / workers as u32).max(1);
+    let config = CudaConfig { device: o.device, strategy, sm_budget: share, ..CudaConfig::default() };
     let cores = match o.worker_core {
-        Some(core) => CorePlacement::Cores(vec![core]),
+        Some(core) if workers == 1 => CorePlacement::Cores(vec![core]),
+        Some(core) => CorePlacement::Cores((core..core + workers).collect()),
         None => CorePlacement::Auto,
     };
     let engine = Engine::start(EngineConfig {
+        workers,
         transport: TransportKind::Cuda(config),
+        // This measures the CUDA driver's copies; GDR has its own bench (--transport gdr).
+        gdr: ferry::transport::gdr::GdrConfig {
+            use_gdr: ferry::transport::gdr::UseGdr::Off,
+            ..ferry::transport::gdr::GdrConfig::default()
+        },
         cores,
         burst: 256,
         max_len: 1 << 30,
@@ -413,10 +436,13 @@ fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32) -> Result<CudaRig, 
     let device_id = unsafe { engine.register_gpu(client, device.ptr(), span)? };
     // A deep queue: under load the transport batches at least 4 MiB while another batch runs, so
     // at 4 KiB the two batches on the stream and the one filling need more than 4096 descriptors.
-    let queue =
-        engine.open_queue(client, QueueConfig { submit_capacity: 16384, complete_capacity: 16384, worker: None })?;
+    let queues = (0..workers)
+        .map(|w| {
+            engine.open_queue(client, QueueConfig { submit_capacity: 16384, complete_capacity: 16384, worker: Some(w) })
+        })
+        .collect::<Result<_, _>>()?;
     let _context = engine.cuda_context().expect("a cuda engine has a context").clone();
-    Ok(CudaRig { engine, queue, host, device_id, device, _context })
+    Ok(CudaRig { engine, queues, idle: 0.0, host, device_id, device, _context })
 }
 
 impl CudaRig {
@@ -424,22 +450,29 @@ impl CudaRig {
         let plan = scatter(o.span as usize, block as usize, block);
         let count = (o.total / block).max(1);
         let (src, dst) = if h2d { (self.host.id(), self.device_id) } else { (self.device_id, self.host.id()) };
-        let runs =
-            (0..o.reps).map(|_| drive(&mut self.queue, src, dst, &plan, block, count)).collect::<Result<_, _>>()?;
+        let sum = |stats: Vec<ferry::EngineStats>| {
+            stats.iter().fold((0, 0), |(i, d), s| (i + s.iterations, d + s.idle_iterations))
+        };
+        let before = sum(self.engine.stats());
+        let runs = (0..o.reps)
+            .map(|_| drive_queues(&mut self.queues, src, dst, &plan, block, count))
+            .collect::<Result<_, _>>()?;
+        let after = sum(self.engine.stats());
+        self.idle = (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64;
         Ok(median_by(runs, Measurement::gb_per_s))
     }
 }
 
 fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), Error> {
     let strategies = [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Auto];
-    let mut rig = cuda_rig(o, Strategy::Auto, o.sm_budget)?;
+    let mut rig = cuda_rig(o, Strategy::Auto, o.sm_budget, 1)?;
     let ctx = rig.engine.cuda_context().expect("cuda engine").clone();
     println!(
         "ferry bench: transport cuda on GPU {} ({}, {} SMs, driver {})",
         ctx.info.ordinal, ctx.info.name, ctx.info.sm_count, ctx.driver_version
     );
     println!(
-        "machine: {}, {} online CPUs; worker on {}, client on {}; median of {} runs; {} per cell as scattered blocks",
+        "machine: {}, {} online CPUs; latency worker on {}, client on {}; median of {} runs; {} per cell as scattered blocks",
         cpu_model(),
         machine.online.len(),
         show(rig.engine.worker_cores()[0]),
@@ -460,7 +493,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut latencies = Vec::new();
     for (h2d, name) in [(true, "H2D"), (false, "D2H")] {
         let (src, dst) = if h2d { (rig.host.id(), rig.device_id) } else { (rig.device_id, rig.host.id()) };
-        let t = ferry::bandwidth::latency(&mut rig.queue, src, dst, 4096, 500, 5000)?;
+        let t = ferry::bandwidth::latency(&mut rig.queues[0], src, dst, 4096, 500, 5000)?;
         latencies.push(format!(
             "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us",
             percentile(&t, 0.5),
@@ -470,20 +503,27 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     drop(rig);
     // One engine per strategy; results[strategy][size][direction].
     let mut results = Vec::new();
+    let mut idle = Vec::new();
+    let mut worker_cores = Vec::new();
     for &strategy in &strategies {
-        let mut rig = cuda_rig(o, strategy, o.sm_budget)?;
+        let mut rig = cuda_rig(o, strategy, o.sm_budget, o.workers)?;
+        worker_cores = rig.engine.worker_cores();
         let mut cells = Vec::new();
         for &block in &o.sizes {
-            cells.push([rig.run(o, block, true)?.gb_per_s(), rig.run(o, block, false)?.gb_per_s()]);
+            let h2d = rig.run(o, block, true)?.gb_per_s();
+            if strategy == Strategy::Auto {
+                idle.push((block, rig.idle));
+            }
+            cells.push([h2d, rig.run(o, block, false)?.gb_per_s()]);
         }
         results.push(cells);
     }
-    let after = measure_ceiling(&cuda_rig(o, Strategy::Auto, o.sm_budget)?)?;
+    let after = measure_ceiling(&cuda_rig(o, Strategy::Auto, o.sm_budget, 1)?)?;
     let ceiling = [before[0].max(after[0]), before[1].max(after[1])];
     let mut sweep = Vec::new();
     let all = ctx.info.sm_count as u32;
     for sms in [1, 2, 4, 8, 16, all] {
-        let mut rig = cuda_rig(o, Strategy::Kernel, sms)?;
+        let mut rig = cuda_rig(o, Strategy::Kernel, sms, o.workers.min(sms as usize))?;
         sweep.push((sms, rig.run(o, 4096, true)?.gb_per_s(), rig.run(o, 4096, false)?.gb_per_s()));
     }
     println!(
@@ -494,9 +534,12 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     println!("  H2D {:.2} GB/s (before {:.2}, after {:.2})", ceiling[0], before[0], after[0]);
     println!("  D2H {:.2} GB/s (before {:.2}, after {:.2})", ceiling[1], before[1], after[1]);
     println!();
+    let cores: Vec<String> = worker_cores.iter().map(|&c| show(c)).collect();
     println!(
-        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs",
-        o.sm_budget
+        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {}",
+        o.sm_budget,
+        o.workers,
+        cores.join(", ")
     );
     print!("{:>8} {:>4}", "block", "dir");
     for s in &strategies {
@@ -512,8 +555,10 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
             println!(" {:>8.2} {:>11.2}", ceiling[d], results[3][i][d] / ceiling[d]);
         }
     }
+    let idle: Vec<String> = idle.iter().map(|(b, f)| format!("{} {:.0}%", human(*b), f * 100.0)).collect();
+    println!("worker loop iterations that found no work (auto, H2D): {}", idle.join(", "));
     println!();
-    println!("kernel strategy, 4 KiB blocks, GB/s against the SM budget");
+    println!("kernel strategy, 4 KiB blocks, GB/s against the SM budget (in total over the workers)");
     println!("{:>8} {:>8} {:>8} {:>10}", "SMs", "H2D", "D2H", "H2D/ceil");
     for (sms, h2d, d2h) in &sweep {
         println!("{:>8} {:>8.2} {:>8.2} {:>10.2}", sms, h2d, d2h, h2d / ceiling[0]);

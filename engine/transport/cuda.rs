@@ -4,8 +4,9 @@
 //! - `memcpy`: one `cuMemcpyAsync` per descriptor (the plain fallback).
 //! - `batch`: one `cuMemcpyBatchAsync` per batch (driver 12.8+, on a non-blocking stream).
 //! - `kernel`: ferry's SM copy kernel (`gpu/copy_kernel.cu`, loaded from its committed PTX) over
-//!   a task list written into pinned host memory and copied to device memory ahead of the launch
-//!   on the same stream, on a bounded grid: at most `sm_budget` SMs' worth of resident blocks.
+//!   a task list written into pinned host memory and copied to device memory on a second stream
+//!   (the launch waits for that copy by an event, so no copy sits between two kernels), on a
+//!   bounded grid: at most `sm_budget` SMs' worth of resident blocks.
 //!
 //! `auto` routes each batch: a lone descriptor goes to `memcpy` (one 4 KiB copy: 7.7 us by
 //! `cudaMemcpyAsync` against 12.2 us by kernel launch, on the H100), anything more to `kernel`
@@ -104,6 +105,10 @@ struct Batch {
 /// What exists only once the transport runs on its worker's thread.
 struct Live {
     stream: Stream,
+    /// Copies each batch's task list to the device while the batch before it still runs on
+    /// `stream`, which then waits for `staged` before the launch: no copy sits between kernels.
+    stage_stream: Stream,
+    staged: Event,
     kernel: Option<Kernel>,
     /// Task slots the CPU writes, and their device twin the kernel reads (same indices).
     staging: Option<(PinnedBuffer, DeviceBuffer)>,
@@ -279,8 +284,10 @@ impl CudaTransport {
                 let bytes = tasks * std::mem::size_of::<Task>();
                 // Only the staged prefix goes out; the rest stays queued.
                 n = take;
-                live.stream
+                live.stage_stream
                     .copy(tasks_ptr, buffer.as_ptr() as u64 + offset, bytes)
+                    .and_then(|()| live.staged.record(&live.stage_stream))
+                    .and_then(|()| live.stream.wait(&live.staged))
                     .and_then(|()| kernel.launch(&live.stream, grid, &mut params))
             }
         };
@@ -372,8 +379,12 @@ impl Transport for CudaTransport {
                 self.context.driver_version
             ));
         }
+        let stage_stream = Stream::new().map_err(|e| e.to_string())?;
+        let staged = Event::new().map_err(|e| e.to_string())?;
         self.live = Some(Live {
             stream,
+            stage_stream,
+            staged,
             kernel,
             staging,
             staging_head: 0,
@@ -449,8 +460,10 @@ impl Drop for CudaTransport {
         if let Some(live) = &self.live {
             // Work still on the stream reads or writes registered memory: wait for it before the
             // stream, kernel and staging go away.
-            if let Err(e) = live.stream.synchronize() {
-                eprintln!("ferry: cuda transport: synchronising at shutdown: {e}");
+            for stream in [&live.stream, &live.stage_stream] {
+                if let Err(e) = stream.synchronize() {
+                    eprintln!("ferry: cuda transport: synchronising at shutdown: {e}");
+                }
             }
         }
     }

@@ -47,17 +47,20 @@ mkdir -p "$WORK/debs" "$WORK/qemu-debs/partial"
 # ---- packages: download once per version, unpack once
 updated=0
 apt_update() { [ $updated = 1 ] || { log "apt-get update"; "${APT[@]}" update >&2 || true; updated=1; }; }
-fetch() { # package -> path of its .deb in $WORK/debs
+fetch() { # package -> path of its .deb in $WORK/debs (the apt lists are refreshed once if stale)
     local p=$1 v f
     v=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/{print $2}')
-    if [ -z "$v" ] || [ "$v" = "(none)" ]; then apt_update; v=$(apt-cache policy "$p" | awk '/Candidate:/{print $2}'); fi
-    [ -n "$v" ] && [ "$v" != "(none)" ] || die "no candidate version of $p in the apt lists"
     f=$(ls "$WORK/debs/${p}_"*"${v#*:}_"*.deb 2>/dev/null | head -1 || true)
-    if [ -z "$f" ]; then
-        (cd "$WORK/debs" && "${APT[@]}" download "$p=$v" >&2) || { apt_update; (cd "$WORK/debs" && "${APT[@]}" download "$p=$v" >&2); } \
-            || die "apt-get download $p=$v failed"
-        f=$(ls "$WORK/debs/${p}_"*"${v#*:}_"*.deb | head -1)
+    if [ -z "$f" ] && [ -n "$v" ] && [ "$v" != "(none)" ]; then
+        (cd "$WORK/debs" && "${APT[@]}" download "$p=$v" >&2) || true
+        f=$(ls "$WORK/debs/${p}_"*"${v#*:}_"*.deb 2>/dev/null | head -1 || true)
     fi
+    if [ -z "$f" ] && [ $updated = 0 ]; then
+        apt_update
+        fetch "$p"
+        return
+    fi
+    [ -n "$f" ] || die "cannot download $p (candidate ${v:-none})"
     echo "$f"
 }
 unpack() { # dir deb...
