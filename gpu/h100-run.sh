@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on the GPU machine, from the repository root, after gpu/prepare.sh
 # here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
-# prints a short table last (one worker, then two). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
+# prints a short table last (two workers, then one). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
@@ -24,13 +24,14 @@ fail() { echo "$1" >>"$out/failed"; }
         step "PTX and kernel probe"
         nvcc -ptx -arch=compute_80 -O3 -o "$out/copy_kernel.ptx" gpu/copy_kernel.cu
         nvcc -O3 -arch=sm_90 -o /tmp/probe gpu/probe.cu -lcuda && /tmp/probe | tee "$out/probe.txt"
+        nvcc -O3 -arch=sm_90 -o /tmp/lane gpu/lane.cu && /tmp/lane | tee "$out/lane.txt"
     fi
-    step "ferry bench (the main job: picks the cuda transport where a GPU is)"
+    step "ferry bench (the main job: picks the cuda transport where a GPU is; two workers here)"
     .device/ferry bench >"$out/bench-cuda.txt" 2>&1 || fail "ferry bench"
     cat "$out/bench-cuda.txt"
-    step "ferry bench --workers 2 (two workers, a queue and a stream each, 4 SMs each)"
-    .device/ferry bench --workers 2 >"$out/bench-cuda-2w.txt" 2>&1 || fail "ferry bench --workers 2"
-    cat "$out/bench-cuda-2w.txt"
+    step "ferry bench --workers 1 (one worker feeding the GPU, 8 SMs)"
+    .device/ferry bench --workers 1 >"$out/bench-cuda-1w.txt" 2>&1 || fail "ferry bench --workers 1"
+    cat "$out/bench-cuda-1w.txt"
     step "ferry bench --transport null (the engine's own cost per descriptor on this machine)"
     .device/ferry bench --transport null --descriptors 10M >"$out/bench-null.txt" 2>&1 || fail "ferry bench null"
     cat "$out/bench-null.txt"
@@ -42,5 +43,5 @@ fail() { echo "$1" >>"$out/failed"; }
 } 2>&1 | tee "$out/log.txt"
 echo
 echo "== summary (tests: $(grep -c '^test result: ok' "$out/log.txt") suites ok, $(grep -c 'FAILED' "$out/log.txt") FAILED lines)"
-for f in bench-cuda.txt bench-cuda-2w.txt; do echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; done
+for f in bench-cuda.txt bench-cuda-1w.txt; do echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; done
 if [ -e "$out/failed" ]; then echo "FAILED: $(paste -sd, "$out/failed")"; exit 1; fi
