@@ -36,8 +36,19 @@
 //! - `null`: completes every valid descriptor without moving data; measures the engine's cost.
 //! - `cuda`: host <-> GPU through the CUDA driver, loaded at run time
 //!   ([`transport::cuda`]); GPU memory is registered with [`Engine::register_gpu`].
+//! - `gdr`: GPUDirect RDMA ([`transport::gdr`]): the same [`TransportKind::Cuda`] with
+//!   [`EngineConfig::gdr`]'s `use_gdr` on (or auto, when a NIC passes its self-test); the
+//!   NIC's DMA engine copies through a loopback queue pair.
 //! - a caller-supplied [`Transport`] ([`TransportKind::Custom`]), such as [`FaultTransport`],
 //!   which fails chosen operations to test error paths.
+//!
+//! # Features and library dependencies
+//!
+//! - `gdr` (default): the GDR transport, through `sideway` and `rdma-mummy-sys`. Building needs
+//!   `cmake` and `libclang`; `libibverbs.so.1` is loaded at run time, so ferry builds and runs
+//!   where RDMA is absent (the transport is then unavailable, with the reason).
+//! - The CUDA driver (`libcuda.so.1`) is loaded at run time through `cudarc`; nothing CUDA is
+//!   needed to build.
 //!
 //! # Thread safety
 //!

@@ -202,6 +202,17 @@ fn show(core: Option<usize>) -> String {
     core.map_or("unpinned".into(), |c| format!("core {c}"))
 }
 
+/// Two engine-allocated host regions of `span` bytes, every page touched once (so that no run
+/// pays for first faults), and a queue, for one new client.
+fn host_pair(engine: &Engine, span: usize) -> Result<(ferry::HostBuffer, ferry::HostBuffer, ferry::Queue), Error> {
+    let client = engine.new_client();
+    let src = engine.allocate_host(client, span)?;
+    let dst = engine.allocate_host(client, span)?;
+    src.fill(0, span, 0x5a)?;
+    dst.fill(0, span, 0)?;
+    Ok((src, dst, engine.open_queue(client, QueueConfig::default())?))
+}
+
 fn bench(o: &Options) -> Result<(), Error> {
     let machine = Machine::read(Path::new("/sys"))?;
     // The client first, so that automatic placement keeps the worker off its core.
@@ -233,14 +244,8 @@ fn bench(o: &Options) -> Result<(), Error> {
     for note in engine.placement_notes() {
         println!("placement: {note}");
     }
-    let client_id = engine.new_client();
     let span = o.span as usize;
-    let src = engine.allocate_host(client_id, span)?;
-    let dst = engine.allocate_host(client_id, span)?;
-    // Touch every page once so that no run pays for first faults.
-    src.fill(0, span, 0x5a)?;
-    dst.fill(0, span, 0)?;
-    let mut queue = engine.open_queue(client_id, QueueConfig::default())?;
+    let (src, dst, mut queue) = host_pair(&engine, span)?;
     if o.transport == "null" {
         let ring = median_by(
             (0..o.reps).map(|_| ring_throughput(o.descriptors, client, worker)).collect::<Result<_, _>>()?,
@@ -315,13 +320,8 @@ fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<()
     for note in engine.transport_notes().iter().chain(engine.placement_notes()) {
         println!("note: {note}");
     }
-    let client_id = engine.new_client();
     let span = o.span as usize;
-    let src = engine.allocate_host(client_id, span)?;
-    let dst = engine.allocate_host(client_id, span)?;
-    src.fill(0, span, 0x5a)?;
-    dst.fill(0, span, 0)?;
-    let mut queue = engine.open_queue(client_id, QueueConfig::default())?;
+    let (src, dst, mut queue) = host_pair(&engine, span)?;
     // The baseline's own registrations of the same memory, on its own context of the device.
     let raw_nic = Nic::open(&GdrConfig { nic: Some(nic_name.clone()), ..gdr.clone() }, None).map_err(Error::Gdr)?;
     // SAFETY: `src` and `dst` outlive these registrations (dropped at the end of this function,

@@ -177,11 +177,12 @@ impl Nic {
     /// `depth` send work requests (already within the device's limit).
     pub(crate) fn loopback(self: &Arc<Nic>, depth: u32, max_sge: u32, inline: u32) -> Result<Loopback, String> {
         // Every send work request may complete with a completion (errors and flushes do, signaled
-        // or not), and receives are never posted, so the queue needs `depth` entries.
+        // or not), and receives are never posted, so `depth` entries would do; twice that leaves
+        // room for stale flushes after a recovery that stopped waiting for them.
         let cq = self
             .context
             .create_cq_builder()
-            .setup_cqe(depth.min(self.max_cqe))
+            .setup_cqe((2 * depth).min(self.max_cqe))
             .build()
             .map_err(|e| format!("ibv_create_cq ({depth} entries): {e}"))?;
         let qp = self

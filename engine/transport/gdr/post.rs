@@ -284,8 +284,11 @@ impl GdrTransport {
         NicCounters::bump(&self.counters.doorbells, 1);
         let posted = if rc == 0 {
             n
+        } else if bad.is_null() {
+            0 // the provider did not say where it stopped: take it as nothing posted
         } else {
-            // SAFETY: on failure `bad` points at the first work request not posted, inside `wrs`.
+            // SAFETY: on failure a non-null `bad` points at the first work request not posted,
+            // inside `wrs[..n]`.
             (unsafe { bad.offset_from(self.wrs.as_ptr()) }).clamp(0, n as isize) as usize
         };
         for plan in &self.plans[..posted] {
