@@ -486,6 +486,14 @@ impl Engine {
         self.table.set_keys(id, NicKeys { rkey: keys.rkey ^ 0x00ff_ff00, ..keys })
     }
 
+    /// Fault injection for tests: as [`Engine::inject_stale_remote_key`], for the local key, so
+    /// copies reading from the region fail on the NIC (a local protection error).
+    #[doc(hidden)]
+    pub fn inject_stale_local_key(&self, id: RegionId) -> Result<(), Error> {
+        let keys = self.table.keys(id).ok_or(Error::UnknownRegion { id })?;
+        self.table.set_keys(id, NicKeys { lkey: keys.lkey ^ 0x00ff_ff00, ..keys })
+    }
+
     /// Deregisters a region. Refused with [`Error::RegionBusy`] while copies that use it are
     /// in flight; it never waits for them.
     pub fn deregister(&self, id: RegionId) -> Result<(), Error> {

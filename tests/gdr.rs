@@ -263,6 +263,88 @@ fn a_failed_work_request_fails_only_its_descriptors_and_the_queue_pair_recovers(
 }
 
 #[test]
+fn descriptors_longer_than_a_work_request_are_split_and_arrive_whole() {
+    let Some(nic) = nic() else { return };
+    // Work requests of at most 4 KiB, so that the split path runs with small buffers (the
+    // default is 1 GiB).
+    let engine = gdr_engine(&nic, |c| c.gdr.max_wr_bytes = 4096);
+    let client = engine.new_client();
+    const SIZE: usize = 4 << 20;
+    let src = engine.allocate_host(client, SIZE).unwrap();
+    let dst = engine.allocate_host(client, SIZE).unwrap();
+    let mut rng = Rng(7);
+    let pattern: Vec<u8> = (0..SIZE).map(|_| rng.next() as u8).collect();
+    src.write(0, &pattern).unwrap();
+    dst.fill(0, SIZE, 0xee).unwrap();
+    let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+    let mut expected = vec![0xeeu8; SIZE];
+    let mut ds = Vec::new();
+    let mut cursor = 0u64;
+    let mut pieces = 0u64;
+    loop {
+        let len = 1 + rng.below(40_000);
+        let dst_off = cursor + 1 + rng.below(100);
+        if dst_off + len > SIZE as u64 {
+            break;
+        }
+        let src_off = rng.below(SIZE as u64 - len);
+        expected[dst_off as usize..(dst_off + len) as usize]
+            .copy_from_slice(&pattern[src_off as usize..(src_off + len) as usize]);
+        ds.push(Descriptor { tag: ds.len() as u64, ..Descriptor::copy(src.id(), src_off, dst.id(), dst_off, len) });
+        pieces += len.div_ceil(4096);
+        cursor = dst_off + len;
+    }
+    all_ok(&run(&mut queue, &ds));
+    let mut got = vec![0u8; SIZE];
+    dst.read(0, &mut got).unwrap();
+    assert_eq!(got.iter().zip(&expected).position(|(a, b)| a != b), None, "destination differs");
+    let stats = engine.stats()[0].nic.unwrap();
+    println!("{} descriptors of 1 B to 40 KB in {} work requests of at most 4 KiB", ds.len(), stats.work_requests);
+    assert_eq!(stats.work_requests, pieces, "each descriptor takes ceil(len / 4096) work requests");
+}
+
+#[test]
+fn a_failed_merged_work_request_is_retried_one_descriptor_each() {
+    let Some(nic) = nic() else { return };
+    let engine = gdr_engine(&nic, |c| c.burst = 256);
+    let client = engine.new_client();
+    let good = engine.allocate_host(client, 1 << 20).unwrap();
+    let broken = engine.allocate_host(client, 1 << 20).unwrap();
+    let dst = engine.allocate_host(client, 1 << 20).unwrap();
+    let pattern: Vec<u8> = (0..1 << 20).map(|i: usize| (i * 7 + 5) as u8).collect();
+    good.write(0, &pattern).unwrap();
+    dst.fill(0, 1 << 20, 0).unwrap();
+    engine.inject_stale_local_key(broken.id()).unwrap();
+    let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+    // 16 descriptors with adjacent destinations (they merge into one work request's scatter/
+    // gather list); the sixth reads from the region whose local key the NIC does not know.
+    let ds: Vec<Descriptor> = (0..16u64)
+        .map(|i| {
+            let source = if i == 5 { broken.id() } else { good.id() };
+            Descriptor { tag: i, ..Descriptor::copy(source, i * 8192, dst.id(), i * 1024, 1024) }
+        })
+        .collect();
+    let submitted = queue.submit(&ds).unwrap();
+    assert_eq!(submitted, ds.len());
+    let completions = collect(&mut queue, ds.len());
+    for c in &completions {
+        if c.tag == 5 {
+            assert_eq!(c.status(), Ok(Status::TransportFailed), "the descriptor with the bad source fails");
+        } else {
+            assert!(c.is_ok(), "descriptor {} merged with the bad one failed: {:?}", c.tag, c.status());
+        }
+    }
+    let mut got = vec![0u8; 16 * 1024];
+    dst.read(0, &mut got).unwrap();
+    for i in (0..16usize).filter(|&i| i != 5) {
+        assert_eq!(got[i * 1024..(i + 1) * 1024], pattern[i * 8192..i * 8192 + 1024], "descriptor {i}");
+    }
+    let stats = engine.stats()[0].nic.unwrap();
+    println!("a bad source in a merged work request: {stats:?}");
+    assert!(stats.recoveries >= 2, "the merged request failed, then the lone bad one: {stats:?}");
+}
+
+#[test]
 fn repeated_failures_mark_the_nic_unusable() {
     let Some(nic) = nic() else { return };
     let engine = gdr_engine(&nic, |c| c.gdr.max_recoveries = 2);

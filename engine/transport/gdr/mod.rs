@@ -80,6 +80,9 @@ pub struct GdrConfig {
     pub max_sge: usize,
     /// Writes up to this many bytes go inline (capped by what the device grants; 0: never).
     pub inline_max: u32,
+    /// Largest work request in bytes (at most 1 GiB: scatter/gather lengths are 32-bit and RDMA
+    /// messages at most 2 GiB); a longer descriptor is posted as several work requests.
+    pub max_wr_bytes: u64,
     /// Recoveries in a row, with no successful completion between them, after which the NIC is
     /// marked unusable.
     pub max_recoveries: u32,
@@ -97,6 +100,7 @@ impl Default for GdrConfig {
             send_queue_depth: 1024,
             max_sge: 16,
             inline_max: 128,
+            max_wr_bytes: 1 << 30,
             max_recoveries: 3,
         }
     }

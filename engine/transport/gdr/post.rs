@@ -18,9 +18,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Largest work request, in bytes (scatter/gather lengths are 32-bit; RDMA messages are at most
-/// 2 GiB): a longer descriptor is posted as several work requests.
-const MAX_WR_BYTES: u64 = 1 << 30;
 /// Completions taken per `ibv_poll_cq`.
 const POLL_BATCH: usize = 32;
 /// How long recovery waits for the flushed work requests' completions before resetting anyway.
@@ -75,6 +72,7 @@ pub struct GdrTransport {
     depth: usize,
     max_sge: usize,
     max_inline: u32,
+    max_wr_bytes: u64,
     state: State,
     /// Taken from the worker, not yet wholly placed in work requests, in order.
     waiting: VecDeque<Pending>,
@@ -117,6 +115,7 @@ impl GdrTransport {
             depth,
             max_sge,
             max_inline: 0,
+            max_wr_bytes: config.max_wr_bytes.clamp(1, 1 << 30),
             state: State::Ready,
             waiting: VecDeque::with_capacity(2 * depth),
             head_offset: 0,
@@ -185,7 +184,7 @@ impl GdrTransport {
                 let mergeable = !plan.closed
                     && plan.remote_addr + plan.bytes == dst
                     && plan.rkey == c.dst.rkey
-                    && plan.bytes + remaining <= MAX_WR_BYTES;
+                    && plan.bytes + remaining <= self.max_wr_bytes;
                 let last = self.sges[base + plan.num_sge - 1];
                 let placed = if !mergeable {
                     false
@@ -210,7 +209,7 @@ impl GdrTransport {
             if n == max_wrs {
                 break;
             }
-            let len = remaining.min(MAX_WR_BYTES);
+            let len = remaining.min(self.max_wr_bytes);
             let whole = len == remaining;
             self.sges[n * self.max_sge] = ibv_sge { addr: src, length: len as u32, lkey: c.src.lkey };
             self.plans[n] = Plan {
