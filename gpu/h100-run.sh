@@ -18,6 +18,8 @@ fail() { echo "$1" >>"$out/failed"; }
     step "GPU tests: CUDA loading (library) and the CUDA transport (tests/gpu.rs)"
     .device/ferry-lib-tests cuda:: --nocapture --test-threads 1 || fail "library cuda tests"
     .device/gpu-tests --nocapture --test-threads 1 || fail "gpu tests"
+    step "Python binding over the C ABI, GPU copies with a torch CUDA tensor"
+    FERRY_LIB=$PWD/.device/libferry.so python3 -m unittest discover -s python -v || fail "python binding"
     step "GDR tests (tests/gdr.rs): the use_gdr switch on a GPU machine without an RDMA NIC"
     .device/gdr-tests --nocapture --test-threads 1 || fail "gdr tests"
     if [ "${PROBE:-0}" = 1 ]; then

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin ferry
+cargo build --release -p ferry-ffi   # libferry.so, for the Python binding's GPU test
 # Test executables by target: the library's unit tests, the GPU integration tests, and the GDR
 # tests (their use_gdr switch tests run on a GPU machine without a NIC).
 executables=$(cargo test --release -p ferry --lib --test gpu --test gdr --no-run --message-format=json 2>/dev/null |
@@ -15,6 +16,7 @@ for m in map(json.loads, sys.stdin):
         print(m["target"]["name"], m["executable"])')
 rm -rf .device && mkdir -p .device
 cp target/release/ferry .device/ferry
+cp target/release/libferry.so .device/libferry.so
 while read -r name path; do
     case $name in
         ferry) cp "$path" .device/ferry-lib-tests ;;

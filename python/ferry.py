@@ -76,6 +76,32 @@ class _Config(ctypes.Structure):
         ("yield_when_idle", c_u32),
         ("max_len", c_u64),
         ("max_regions", c_u32),
+        ("cuda_device", ctypes.c_int32),
+        ("cuda_strategy", c_u32),
+        ("sm_budget", c_u32),
+        ("use_gdr", c_u32),
+        ("nic", ctypes.c_char_p),
+    ]
+
+
+ALL_SMS = 0xFFFFFFFF
+
+
+class WorkerStats(ctypes.Structure):
+    """One worker's counters (ferry_worker_stats); the GDR fields count when `nic` is 1."""
+
+    _fields_ = [
+        ("iterations", c_u64),
+        ("idle_iterations", c_u64),
+        ("descriptors", c_u64),
+        ("transport_completions", c_u64),
+        ("nic", c_u32),
+        ("work_requests", c_u64),
+        ("doorbells", c_u64),
+        ("nic_completions", c_u64),
+        ("nic_errors", c_u64),
+        ("recoveries", c_u64),
+        ("inline_writes", c_u64),
     ]
 
 
@@ -119,6 +145,9 @@ def _library():
             ("ferry_host_buffer_data", [p], p),
             ("ferry_host_buffer_free", [p], None),
             ("ferry_deregister", [p, c_u32], ctypes.c_int),
+            ("ferry_register_gpu", [p, c_u32, c_u64, c_size, ctypes.POINTER(c_u32)], ctypes.c_int),
+            ("ferry_engine_transport", [p, ctypes.c_char_p, c_size], c_size),
+            ("ferry_engine_stats", [p, c_u32, ctypes.POINTER(WorkerStats)], ctypes.c_int),
             ("ferry_queue_open", [p, c_u32, c_u64, c_u64, ctypes.POINTER(p)], ctypes.c_int),
             ("ferry_queue_submit", [p, ctypes.POINTER(Descriptor), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
             ("ferry_queue_poll", [p, ctypes.POINTER(Completion), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
@@ -196,10 +225,27 @@ class Queue:
 
 
 class Engine:
-    """A running engine; `close()` (or leaving a `with` block) shuts it down."""
+    """A running engine; `close()` (or leaving a `with` block) shuts it down.
 
-    def __init__(self, workers=1, transport="host", pinned=True, max_len=0):
-        config = _Config(workers=workers, transport={"host": 0, "null": 1}[transport], unpinned=0 if pinned else 1, max_len=max_len)
+    transport: "host" (CPU copies), "null" (no data moves) or "gpu" (host <-> GPU: over the NIC
+    or with the CUDA driver, as `use_gdr` says: "auto", "off" or "on"). GPU settings: `device`
+    (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel"), `sm_budget` (SMs the copy
+    kernel may use; ALL_SMS for all; 0: 8), `nic` (RDMA device name; None: the topology plan's).
+    """
+
+    def __init__(self, workers=1, transport="host", pinned=True, max_len=0, device=0, strategy="auto",
+                 sm_budget=0, use_gdr="auto", nic=None):
+        config = _Config(
+            workers=workers,
+            transport={"host": 0, "null": 1, "gpu": 2}[transport],
+            unpinned=0 if pinned else 1,
+            max_len=max_len,
+            cuda_device=device,
+            cuda_strategy={"auto": 0, "memcpy": 1, "batch": 2, "kernel": 3}[strategy],
+            sm_budget=sm_budget,
+            use_gdr={"auto": 0, "off": 1, "on": 2}[use_gdr],
+            nic=nic.encode() if nic else None,
+        )
         handle = ctypes.c_void_p()
         _check(_library().ferry_engine_start(ctypes.byref(config), ctypes.byref(handle)))
         self._handle = handle
@@ -216,6 +262,28 @@ class Engine:
 
     def deregister(self, region):
         _check(_library().ferry_deregister(self._handle, region))
+
+    def register_gpu(self, client, device_ptr, size):
+        """Registers `size` bytes of GPU memory at device address `device_ptr` (for example
+        `tensor.data_ptr()` of a CUDA tensor); returns the region id. Needs transport="gpu"."""
+        out = c_u32()
+        _check(_library().ferry_register_gpu(self._handle, client, device_ptr, size, ctypes.byref(out)))
+        return out.value
+
+    @property
+    def transport(self):
+        """The transport as text ("gdr on mlx5_0", "cuda", "host"), with why where it was a choice."""
+        lib = _library()
+        n = lib.ferry_engine_transport(self._handle, None, 0)
+        buf = ctypes.create_string_buffer(n + 1)
+        lib.ferry_engine_transport(self._handle, buf, len(buf))
+        return buf.value.decode(errors="replace")
+
+    def stats(self, worker=0):
+        """Worker `worker`'s counters (WorkerStats)."""
+        out = WorkerStats()
+        _check(_library().ferry_engine_stats(self._handle, worker, ctypes.byref(out)))
+        return out
 
     def open_queue(self, client, submit_capacity=0, complete_capacity=0):
         out = ctypes.c_void_p()

@@ -11,6 +11,9 @@
 
 
 
+// `ferry_config::sm_budget`: every SM of the GPU.
+#define FERRY_ALL_SMS UINT32_MAX
+
 // Result of a call.
 typedef enum {
   // Success.
@@ -93,7 +96,8 @@ typedef struct ferry_queue ferry_queue;
 typedef struct {
   // Worker threads (default 1).
   uint32_t workers;
-  // 0: host transport (CPU copies); 1: null transport (no data moves).
+  // 0: host transport (CPU copies); 1: null transport (no data moves); 2: GPU (host <-> GPU
+  // over the NIC or with the CUDA driver, as `use_gdr` says).
   uint32_t transport;
   // 1: do not pin workers (default: pin to the highest online CPUs, never CPU 0).
   uint32_t unpinned;
@@ -103,7 +107,44 @@ typedef struct {
   uint64_t max_len;
   // Region table capacity (default 4096, at most 65536).
   uint32_t max_regions;
+  // GPU transport: the CUDA device ordinal (default 0).
+  int32_t cuda_device;
+  // GPU transport, CUDA driver copies: 0 auto, 1 memcpy, 2 batch, 3 kernel.
+  uint32_t cuda_strategy;
+  // GPU transport: SMs the copy kernel may use (default 8; [`FERRY_ALL_SMS`]: all).
+  uint32_t sm_budget;
+  // GPU transport: 0 auto (GDR when a NIC passes its self-test, else the CUDA driver), 1 off
+  // (the CUDA driver), 2 on (GDR, or a start-up error naming what is missing).
+  uint32_t use_gdr;
+  // GPU transport: the RDMA device for GDR (NUL-terminated), or NULL for the topology plan's.
+  const char *nic;
 } ferry_config;
+
+// One worker's counters, from [`ferry_engine_stats`].
+typedef struct {
+  // Loop iterations.
+  uint64_t iterations;
+  // Loop iterations that found nothing to do.
+  uint64_t idle_iterations;
+  // Descriptors taken from submission rings.
+  uint64_t descriptors;
+  // Copies the transport reported finished.
+  uint64_t transport_completions;
+  // 1 when the worker runs the GDR transport (the fields below are its NIC counters).
+  uint32_t nic;
+  // GDR: work requests posted.
+  uint64_t work_requests;
+  // GDR: doorbells (`ibv_post_send` calls).
+  uint64_t doorbells;
+  // GDR: work completions polled.
+  uint64_t nic_completions;
+  // GDR: error completions and failed posts.
+  uint64_t nic_errors;
+  // GDR: queue-pair resets after an error.
+  uint64_t recoveries;
+  // GDR: work requests sent inline.
+  uint64_t inline_writes;
+} ferry_worker_stats;
 
 // One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,
 // `dst_offset`). The direction follows from the regions' kinds.
@@ -160,6 +201,22 @@ size_t ferry_last_error(char *buf, size_t len);
 // `config` must be NULL or point to a `ferry_config`; `out` must be valid for a write.
 ferry_result ferry_engine_start(const ferry_config *config, ferry_engine **out);
 
+// Writes the engine's transport into `buf` as text ("gdr on mlx5_0", "cuda", "host"), followed
+// by why it is what it is where that was a choice ("use_gdr = auto: ..."), NUL-terminated and
+// cut to fit; returns the full length without the NUL. `buf` may be NULL with `len` 0.
+//
+// # Safety
+// `engine` must be a live engine; `buf` valid for `len` bytes of writes (or NULL with 0).
+size_t ferry_engine_transport(const ferry_engine *engine, char *buf, size_t len);
+
+// Writes worker `worker`'s counters to `*out`.
+//
+// # Safety
+// `engine` must be a live engine; `out` valid for a write.
+ferry_result ferry_engine_stats(const ferry_engine *engine,
+                                uint32_t worker,
+                                ferry_worker_stats *out);
+
 // Shuts the engine down (started copies finish, queued ones are cancelled, queues close) and
 // frees it. NULL is ignored. Queues and buffers stay valid objects to free afterwards.
 //
@@ -212,6 +269,20 @@ ferry_result ferry_register_host(const ferry_engine *engine,
                                  uint8_t *ptr,
                                  size_t len,
                                  uint32_t *out_region);
+
+// Registers `len` bytes of GPU memory at device address `ptr` (from `cuMemAlloc` or a
+// framework's allocator) for `client`; writes the region id. Needs the GPU transport; the
+// range must be device memory of the engine's GPU inside one allocation (`FERRY_RESULT_BAD_RANGE`
+// with the reason otherwise). Over GDR it is also registered with the NIC.
+//
+// # Safety
+// The allocation must stay valid until [`ferry_deregister`] succeeds for the region or the
+// engine is freed.
+ferry_result ferry_register_gpu(const ferry_engine *engine,
+                                uint32_t client,
+                                uint64_t ptr,
+                                size_t len,
+                                uint32_t *out_region);
 
 // Deregisters a region: `FERRY_RESULT_REGION_BUSY` while copies that use it are in flight.
 //

@@ -15,6 +15,8 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![allow(non_camel_case_types)]
 
+use ferry::transport::cuda::{CudaConfig, Strategy};
+use ferry::transport::gdr::{GdrConfig, UseGdr};
 use ferry::{
     ClientId, Completion, CorePlacement, Descriptor, Engine, EngineConfig, Error, HostBuffer, IdlePolicy, Queue,
     QueueConfig, RegionId, TransportKind,
@@ -63,11 +65,12 @@ pub const FERRY_FLAG_FENCE: u32 = ferry::FLAG_FENCE;
 
 /// Engine settings for [`ferry_engine_start`]. Zero in a field means "the default".
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct ferry_config {
     /// Worker threads (default 1).
     pub workers: u32,
-    /// 0: host transport (CPU copies); 1: null transport (no data moves).
+    /// 0: host transport (CPU copies); 1: null transport (no data moves); 2: GPU (host <-> GPU
+    /// over the NIC or with the CUDA driver, as `use_gdr` says).
     pub transport: u32,
     /// 1: do not pin workers (default: pin to the highest online CPUs, never CPU 0).
     pub unpinned: u32,
@@ -77,6 +80,66 @@ pub struct ferry_config {
     pub max_len: u64,
     /// Region table capacity (default 4096, at most 65536).
     pub max_regions: u32,
+    /// GPU transport: the CUDA device ordinal (default 0).
+    pub cuda_device: i32,
+    /// GPU transport, CUDA driver copies: 0 auto, 1 memcpy, 2 batch, 3 kernel.
+    pub cuda_strategy: u32,
+    /// GPU transport: SMs the copy kernel may use (default 8; [`FERRY_ALL_SMS`]: all).
+    pub sm_budget: u32,
+    /// GPU transport: 0 auto (GDR when a NIC passes its self-test, else the CUDA driver), 1 off
+    /// (the CUDA driver), 2 on (GDR, or a start-up error naming what is missing).
+    pub use_gdr: u32,
+    /// GPU transport: the RDMA device for GDR (NUL-terminated), or NULL for the topology plan's.
+    pub nic: *const c_char,
+}
+
+impl Default for ferry_config {
+    fn default() -> Self {
+        ferry_config {
+            workers: 0,
+            transport: 0,
+            unpinned: 0,
+            yield_when_idle: 0,
+            max_len: 0,
+            max_regions: 0,
+            cuda_device: 0,
+            cuda_strategy: 0,
+            sm_budget: 0,
+            use_gdr: 0,
+            nic: std::ptr::null(),
+        }
+    }
+}
+
+/// `ferry_config::sm_budget`: every SM of the GPU.
+pub const FERRY_ALL_SMS: u32 = u32::MAX;
+
+/// One worker's counters, from [`ferry_engine_stats`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ferry_worker_stats {
+    /// Loop iterations.
+    pub iterations: u64,
+    /// Loop iterations that found nothing to do.
+    pub idle_iterations: u64,
+    /// Descriptors taken from submission rings.
+    pub descriptors: u64,
+    /// Copies the transport reported finished.
+    pub transport_completions: u64,
+    /// 1 when the worker runs the GDR transport (the fields below are its NIC counters).
+    pub nic: u32,
+    /// GDR: work requests posted.
+    pub work_requests: u64,
+    /// GDR: doorbells (`ibv_post_send` calls).
+    pub doorbells: u64,
+    /// GDR: work completions polled.
+    pub nic_completions: u64,
+    /// GDR: error completions and failed posts.
+    pub nic_errors: u64,
+    /// GDR: queue-pair resets after an error.
+    pub recoveries: u64,
+    /// GDR: work requests sent inline.
+    pub inline_writes: u64,
 }
 
 /// A running engine.
@@ -140,18 +203,24 @@ macro_rules! non_null {
 /// `buf` must be NULL or valid for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_last_error(buf: *mut c_char, len: usize) -> usize {
-    LAST_ERROR.with(|last| {
-        let text = last.borrow();
-        if !buf.is_null() && len > 0 {
-            let n = text.len().min(len - 1);
-            // SAFETY: the caller promised `buf` is valid for `len` bytes; n + 1 <= len.
-            unsafe {
-                std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), n);
-                *buf.add(n) = 0;
-            }
+    // SAFETY: forwarded from the caller.
+    LAST_ERROR.with(|last| unsafe { write_text(&last.borrow(), buf, len) })
+}
+
+/// Copies `text` into `buf`, cut to `len - 1` bytes and NUL-terminated; returns `text`'s length.
+///
+/// # Safety
+/// `buf` must be valid for `len` bytes of writes, or NULL.
+unsafe fn write_text(text: &str, buf: *mut c_char, len: usize) -> usize {
+    if !buf.is_null() && len > 0 {
+        let n = text.len().min(len - 1);
+        // SAFETY: the caller promised `buf` is valid for `len` bytes; n + 1 <= len.
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), n);
+            *buf.add(n) = 0;
         }
-        text.len()
-    })
+    }
+    text.len()
 }
 
 /// Starts an engine. `config` may be NULL for all defaults. On success `*out` owns the engine;
@@ -169,8 +238,11 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
         let transport = match c.transport {
             0 => TransportKind::Host,
             1 => TransportKind::Null,
-            other => return Err(Error::Config(format!("transport {other} is unknown (0 host, 1 null)"))),
+            2 => TransportKind::Cuda(cuda_config(&c)?),
+            other => return Err(Error::Config(format!("transport {other} is unknown (0 host, 1 null, 2 GPU)"))),
         };
+        // SAFETY: NULL or a NUL-terminated string, as the caller promised.
+        let gdr = gdr_config(&c, unsafe { optional_str(c.nic) }?)?;
         let config = EngineConfig {
             workers: if c.workers == 0 { defaults.workers } else { c.workers as usize },
             cores: if c.unpinned == 1 { CorePlacement::Unpinned } else { CorePlacement::Auto },
@@ -178,11 +250,116 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
             idle: if c.yield_when_idle == 1 { IdlePolicy::Yield { after: 1024 } } else { IdlePolicy::Spin },
             max_len: if c.max_len == 0 { defaults.max_len } else { c.max_len },
             max_regions: if c.max_regions == 0 { defaults.max_regions } else { c.max_regions as usize },
+            gdr,
             ..defaults
         };
         let engine = Engine::start(config)?;
         // SAFETY: `out` is valid for a write (checked non-null; the caller promised validity).
         unsafe { *out = Box::into_raw(Box::new(ferry_engine(engine))) };
+        Ok(())
+    })
+}
+
+fn cuda_config(c: &ferry_config) -> Result<CudaConfig, Error> {
+    let strategy = match c.cuda_strategy {
+        0 => Strategy::Auto,
+        1 => Strategy::Memcpy,
+        2 => Strategy::Batch,
+        3 => Strategy::Kernel,
+        other => {
+            return Err(Error::Config(format!(
+                "cuda_strategy {other} is unknown (0 auto, 1 memcpy, 2 batch, 3 kernel)"
+            )))
+        }
+    };
+    let defaults = CudaConfig::default();
+    let sm_budget = match c.sm_budget {
+        0 => defaults.sm_budget,
+        FERRY_ALL_SMS => 0,
+        n => n,
+    };
+    Ok(CudaConfig { device: c.cuda_device, strategy, sm_budget, ..defaults })
+}
+
+fn gdr_config(c: &ferry_config, nic: Option<String>) -> Result<GdrConfig, Error> {
+    let use_gdr = match c.use_gdr {
+        0 => UseGdr::Auto,
+        1 => UseGdr::Off,
+        2 => UseGdr::On,
+        other => return Err(Error::Config(format!("use_gdr {other} is unknown (0 auto, 1 off, 2 on)"))),
+    };
+    Ok(GdrConfig { use_gdr, nic, ..GdrConfig::default() })
+}
+
+/// The string at `p`, or `None` for NULL.
+///
+/// # Safety
+/// `p` must be NULL or point to a NUL-terminated string.
+unsafe fn optional_str(p: *const c_char) -> Result<Option<String>, Error> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: NUL-terminated, as the caller promised.
+    let text = unsafe { std::ffi::CStr::from_ptr(p) };
+    text.to_str().map(|t| Some(t.to_owned())).map_err(|_| Error::Config("the NIC name is not UTF-8".into()))
+}
+
+/// Writes the engine's transport into `buf` as text ("gdr on mlx5_0", "cuda", "host"), followed
+/// by why it is what it is where that was a choice ("use_gdr = auto: ..."), NUL-terminated and
+/// cut to fit; returns the full length without the NUL. `buf` may be NULL with `len` 0.
+///
+/// # Safety
+/// `engine` must be a live engine; `buf` valid for `len` bytes of writes (or NULL with 0).
+#[no_mangle]
+pub unsafe extern "C" fn ferry_engine_transport(engine: *const ferry_engine, buf: *mut c_char, len: usize) -> usize {
+    // SAFETY: NULL or a live engine, as the caller promised.
+    let Some(engine) = (unsafe { engine.as_ref() }) else { return 0 };
+    let engine = &engine.0;
+    let mut text = engine.transport_name().to_string();
+    if let Some(nic) = engine.nic_name() {
+        text += &format!(" on {nic}");
+    }
+    for note in engine.transport_notes() {
+        text += &format!("; {note}");
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { write_text(&text, buf, len) }
+}
+
+/// Writes worker `worker`'s counters to `*out`.
+///
+/// # Safety
+/// `engine` must be a live engine; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_engine_stats(
+    engine: *const ferry_engine,
+    worker: u32,
+    out: *mut ferry_worker_stats,
+) -> ferry_result {
+    non_null!(engine);
+    non_null!(out);
+    guard(|| {
+        // SAFETY: live engine, as the caller promised.
+        let stats = unsafe { &(*engine).0 }.stats();
+        let s = stats
+            .get(worker as usize)
+            .ok_or_else(|| Error::Config(format!("worker {worker}: the engine has {}", stats.len())))?;
+        let nic = s.nic.unwrap_or_default();
+        let value = ferry_worker_stats {
+            iterations: s.iterations,
+            idle_iterations: s.idle_iterations,
+            descriptors: s.descriptors,
+            transport_completions: s.transport_completions,
+            nic: u32::from(s.nic.is_some()),
+            work_requests: nic.work_requests,
+            doorbells: nic.doorbells,
+            nic_completions: nic.completions,
+            nic_errors: nic.errors,
+            recoveries: nic.recoveries,
+            inline_writes: nic.inline_writes,
+        };
+        // SAFETY: writable `out`, as the caller promised.
+        unsafe { *out = value };
         Ok(())
     })
 }
@@ -291,6 +468,33 @@ pub unsafe extern "C" fn ferry_register_host(
     guard(|| {
         // SAFETY: live engine; the memory promise is the caller's, forwarded.
         let id = unsafe { (*engine).0.register_host(ClientId(client), ptr, len) }?;
+        // SAFETY: writable `out_region`, as the caller promised.
+        unsafe { *out_region = id.0 };
+        Ok(())
+    })
+}
+
+/// Registers `len` bytes of GPU memory at device address `ptr` (from `cuMemAlloc` or a
+/// framework's allocator) for `client`; writes the region id. Needs the GPU transport; the
+/// range must be device memory of the engine's GPU inside one allocation (`FERRY_RESULT_BAD_RANGE`
+/// with the reason otherwise). Over GDR it is also registered with the NIC.
+///
+/// # Safety
+/// The allocation must stay valid until [`ferry_deregister`] succeeds for the region or the
+/// engine is freed.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_register_gpu(
+    engine: *const ferry_engine,
+    client: u32,
+    ptr: u64,
+    len: usize,
+    out_region: *mut u32,
+) -> ferry_result {
+    non_null!(engine);
+    non_null!(out_region);
+    guard(|| {
+        // SAFETY: live engine; the allocation promise is the caller's, forwarded.
+        let id = unsafe { (*engine).0.register_gpu(ClientId(client), ptr, len) }?;
         // SAFETY: writable `out_region`, as the caller promised.
         unsafe { *out_region = id.0 };
         Ok(())
