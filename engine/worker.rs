@@ -264,6 +264,7 @@ impl Worker {
             q.break_queue();
             return 0;
         };
+        batch.prefetch();
         let w = &mut q.window;
         let table = &*self.table;
         let mut took = 0;

@@ -217,6 +217,18 @@ impl<T: Pod> ReadBatch<'_, T> {
         self.len() == 0
     }
 
+    /// Starts fetching every slot of the view into this core's cache, so that the cache-line
+    /// transfers from the producer's core overlap instead of stalling one read at a time.
+    #[inline]
+    pub fn prefetch(&self) {
+        let c = &*self.consumer;
+        let mut i = c.head;
+        while i != self.end {
+            c.ring.prefetch_slot(i);
+            i = i.wrapping_add(1);
+        }
+    }
+
     /// The next item, without consuming it.
     #[inline]
     pub fn peek(&self) -> Option<T> {
