@@ -216,6 +216,7 @@ fn one_doorbell_and_one_completion_per_16_work_requests_at_steady_state() {
         wrs as f64 / completions as f64
     );
     assert!(wrs > 20_000);
+    assert_eq!(b.errors, 0, "the send queue never overflowed (a post beyond its depth fails)");
     assert!(doorbells * 16 <= wrs, "at most one doorbell per 16 work requests");
     assert!(completions * 16 <= wrs, "at most one completion per 16 work requests");
 }
@@ -374,6 +375,9 @@ fn an_unusable_nic_hands_over_to_the_fallback_transport() {
     use ferry::transport::{host::HostTransport, Done, Op, Token, Transport};
     let config = GdrConfig { nic: Some(nic), max_recoveries: 0, ..GdrConfig::default() };
     let nic = Nic::open(&config, None).expect("the Soft-RoCE device opens");
+    // rxe on a dummy netdev has only link-local GIDs: the RoCE v2 one must be chosen.
+    println!("{nic:?}: RoCE v2 {}, {} send WRs, {} SGEs", nic.roce_v2, nic.max_qp_wr, nic.max_sge);
+    assert!(nic.roce_v2, "a RoCE v2 GID is chosen when the port has one");
     let mut src = vec![7u8; 8192];
     let mut dst = vec![0u8; 8192];
     // SAFETY: both buffers outlive the registrations (dropped at the end of the test, after the
