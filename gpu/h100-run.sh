@@ -22,6 +22,8 @@ fail() { echo "$1" >>"$out/failed"; }
     FERRY_LIB=$PWD/.device/libferry.so python3 -m unittest discover -s python -v || fail "python binding"
     step "GDR tests (tests/gdr.rs): the use_gdr switch on a GPU machine without an RDMA NIC"
     .device/gdr-tests --nocapture --test-threads 1 || fail "gdr tests"
+    step "GDR switch tests built without the gdr feature (--no-default-features)"
+    .device/gdr-tests-without-feature --nocapture --test-threads 1 use_gdr || fail "gdr tests without the feature"
     if [ "${PROBE:-0}" = 1 ]; then
         step "PTX and kernel probe"
         nvcc -ptx -arch=compute_80 -O3 -o "$out/copy_kernel.ptx" gpu/copy_kernel.cu

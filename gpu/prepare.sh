@@ -14,7 +14,15 @@ import json, sys
 for m in map(json.loads, sys.stdin):
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         print(m["target"]["name"], m["executable"])')
+# The GDR switch tests once more, built without the gdr feature (the matrix's feature-off cells).
+nogdr=$(cargo test --release -p ferry --no-default-features --test gdr --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for m in map(json.loads, sys.stdin):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gdr":
+        print(m["executable"])')
 rm -rf .device && mkdir -p .device
+cp "$nogdr" .device/gdr-tests-without-feature
 cp target/release/ferry .device/ferry
 cp target/release/libferry.so .device/libferry.so
 while read -r name path; do
