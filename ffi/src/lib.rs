@@ -463,11 +463,28 @@ pub unsafe extern "C" fn ferry_register_host(
     len: usize,
     out_region: *mut u32,
 ) -> ferry_result {
+    // SAFETY: the memory promise is the caller's, forwarded.
+    let f = |e: &Engine| unsafe { e.register_host(ClientId(client), ptr, len) };
+    // SAFETY: engine and out_region as the caller promised.
+    unsafe { register(engine, out_region, f) }
+}
+
+/// Runs `f` (one of the engine's registrations) behind the panic boundary and writes the region
+/// id it returns to `*out_region`.
+///
+/// # Safety
+/// `engine` must be NULL or a live engine, `out_region` NULL or valid for a write, and `f`'s own
+/// promises must hold.
+unsafe fn register(
+    engine: *const ferry_engine,
+    out_region: *mut u32,
+    f: impl FnOnce(&Engine) -> Result<RegionId, Error>,
+) -> ferry_result {
     non_null!(engine);
     non_null!(out_region);
     guard(|| {
-        // SAFETY: live engine; the memory promise is the caller's, forwarded.
-        let id = unsafe { (*engine).0.register_host(ClientId(client), ptr, len) }?;
+        // SAFETY: live engine, as the caller promised.
+        let id = f(unsafe { &(*engine).0 })?;
         // SAFETY: writable `out_region`, as the caller promised.
         unsafe { *out_region = id.0 };
         Ok(())
@@ -490,15 +507,10 @@ pub unsafe extern "C" fn ferry_register_gpu(
     len: usize,
     out_region: *mut u32,
 ) -> ferry_result {
-    non_null!(engine);
-    non_null!(out_region);
-    guard(|| {
-        // SAFETY: live engine; the allocation promise is the caller's, forwarded.
-        let id = unsafe { (*engine).0.register_gpu(ClientId(client), ptr, len) }?;
-        // SAFETY: writable `out_region`, as the caller promised.
-        unsafe { *out_region = id.0 };
-        Ok(())
-    })
+    // SAFETY: the allocation promise is the caller's, forwarded.
+    let f = |e: &Engine| unsafe { e.register_gpu(ClientId(client), ptr, len) };
+    // SAFETY: engine and out_region as the caller promised.
+    unsafe { register(engine, out_region, f) }
 }
 
 /// Deregisters a region: `FERRY_RESULT_REGION_BUSY` while copies that use it are in flight.

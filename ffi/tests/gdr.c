@@ -2,22 +2,11 @@
  * (the Soft-RoCE guest sets it), scattered 4 KiB copies between two host regions through the
  * engine, checked byte for byte, plus the transport text and the NIC counters. Without
  * FERRY_NIC it checks that use_gdr = on names the missing NIC, and prints SKIP for the rest. */
-#include "ferry.h"
+#include "check.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            char text[512];                                                           \
-            ferry_last_error(text, sizeof text);                                      \
-            fprintf(stderr, "%s:%d: check failed: %s (last error: %s)\n", __FILE__,   \
-                    __LINE__, #cond, text);                                           \
-            return 1;                                                                 \
-        }                                                                             \
-    } while (0)
 
 static ferry_config gdr_config(const char *nic) {
     ferry_config config;

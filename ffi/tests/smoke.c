@@ -1,20 +1,9 @@
 /* A C client of libferry: copies through the engine, checks every completion and the bytes,
  * and checks the API conventions (NULL arguments, error text, busy deregistration). */
-#include "ferry.h"
+#include "check.h"
 
 #include <stdio.h>
 #include <string.h>
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            char text[256];                                                           \
-            ferry_last_error(text, sizeof text);                                      \
-            fprintf(stderr, "%s:%d: check failed: %s (last error: %s)\n", __FILE__,   \
-                    __LINE__, #cond, text);                                           \
-            return 1;                                                                 \
-        }                                                                             \
-    } while (0)
 
 int main(void) {
     ferry_config config;
