@@ -92,6 +92,12 @@ pub mod transport;
 #[cfg(not(loom))]
 mod worker;
 
+/// The Cargo features this build of the library was compiled with (`ferry --version` lists them).
+pub const FEATURES: &[&str] = &[
+    #[cfg(feature = "gdr")]
+    "gdr",
+];
+
 pub use desc::{Completion, Descriptor, RegionId, Status, FLAG_FENCE};
 #[cfg(not(loom))]
 pub use engine::{CorePlacement, Engine, EngineConfig, EngineStats, IdlePolicy, TransportKind};

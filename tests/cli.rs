@@ -76,3 +76,12 @@ fn bad_arguments_exit_2_with_usage() {
     assert_eq!(ferry(&["frobnicate"]).status.code(), Some(2));
     assert!(ferry(&["help"]).status.success());
 }
+
+#[test]
+fn version_lists_the_compiled_features() {
+    let out = ferry(&["--version"]);
+    assert!(out.status.success());
+    let line = stdout(&out);
+    let expected = if cfg!(feature = "gdr") { "(features: gdr)" } else { "(features: none)" };
+    assert!(line.starts_with("ferry ") && line.trim_end().ends_with(expected), "{line}");
+}

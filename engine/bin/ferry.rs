@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: ferry bench [options]     bandwidth table of the engine on scattered blocks
+       ferry --version           version and the Cargo features compiled in (gdr)
        ferry topo [--sysfs DIR] [--workers-per-gpu N]
                                  GPU x NIC matrix (nvidia-smi topo -m classes) and the plan
        ferry doctor [--sysfs DIR]
@@ -605,7 +606,7 @@ fn topo(args: &[String]) -> Result<(), String> {
 
 fn doctor(args: &[String]) -> Result<(), String> {
     let (sysfs, _) = report_options(args)?;
-    println!("ferry doctor (sysfs {})", sysfs.display());
+    println!("{}; doctor (sysfs {})", version_line(), sysfs.display());
     print!("{}", ferry::diagnostics::doctor::run(&sysfs).render());
     Ok(())
 }
@@ -618,6 +619,12 @@ fn report(name: &str, result: Result<(), String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ferry 0.1.0 (features: gdr)`: what a GPU machine's script checks before it trusts a bench.
+fn version_line() -> String {
+    let features = if ferry::FEATURES.is_empty() { "none".to_owned() } else { ferry::FEATURES.join(", ") };
+    format!("ferry {} (features: {features})", env!("CARGO_PKG_VERSION"))
 }
 
 fn main() -> ExitCode {
@@ -638,6 +645,10 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some("--version" | "-V" | "version") => {
+            println!("{}", version_line());
+            ExitCode::SUCCESS
+        }
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             ExitCode::SUCCESS

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one command to run on the GPU machine, from the repository root, after gpu/prepare.sh
-# here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
+# The one command to run on the GPU machine (the lent H200), from the repository root, after
+# gpu/prepare.sh here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
 # prints a short table last (two workers, then one). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
@@ -11,6 +11,13 @@ fail() { echo "$1" >>"$out/failed"; }
 {
     step "machine"
     nvidia-smi -L
+    step "ferry --version (the bench and doctor below are only meaningful with the gdr feature)"
+    version=$(.device/ferry --version) || version="ferry does not run"
+    echo "$version"
+    case $version in
+        *"features: "*gdr*) ;;
+        *) fail "the ferry in .device lacks the gdr feature: $version (run gpu/prepare.sh)" ;;
+    esac
     step "ferry topo"
     .device/ferry topo | tee "$out/topo.txt"
     step "ferry doctor"
