@@ -1,5 +1,6 @@
-//! Wire types shared with clients: [`Descriptor`] (client to engine) and [`Completion`]
-//! (engine to client), and the validation that turns an untrusted descriptor into a copy.
+//! Wire types shared with clients: [`Descriptor`] (client to engine), [`Completion`] (engine to
+//! client) and a queue's [`QueueState`] code, and the validation that turns an untrusted
+//! descriptor into a copy.
 //!
 //! Both types live in shared memory, so any bit pattern can arrive: they are `#[repr(C)]`,
 //! fixed size, hold no pointers, no `bool` and no enums, and are decoded with checks.
@@ -211,47 +212,161 @@ impl Completion {
     }
 }
 
-/// What validation needs to know of a region.
+/// Whether a queue is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueState {
+    /// A worker serves it.
+    Open,
+    /// The engine shut down; no more completions will come.
+    Closed,
+    /// A ring index was corrupt; the worker stopped serving the queue.
+    Broken,
+}
+
+impl std::fmt::Display for QueueState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QueueState::Open => "open",
+            QueueState::Closed => "closed (the engine shut down)",
+            QueueState::Broken => "broken (a ring index was corrupt)",
+        })
+    }
+}
+
+impl QueueState {
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            QueueState::Open => 0,
+            QueueState::Closed => 1,
+            QueueState::Broken => 2,
+        }
+    }
+
+    pub(crate) fn from_code(code: u32) -> QueueState {
+        match code {
+            0 => QueueState::Open,
+            1 => QueueState::Closed,
+            // Anything else was written by a misbehaving peer: treat as broken.
+            _ => QueueState::Broken,
+        }
+    }
+}
+
+/// What validation needs to know of a region. Made by the region table, or by
+/// [`RegionView::new`], whose caller vouches for the memory: a [`ValidCopy`] validated against
+/// it carries its addresses to a transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionView {
     /// Address of the first byte in this process.
-    pub base: u64,
+    pub(crate) base: u64,
     /// Length in bytes.
-    pub len: u64,
+    pub(crate) len: u64,
     /// Owning client.
-    pub owner: u32,
+    pub(crate) owner: u32,
     /// Memory kind code (see [`crate::MemoryKind`]).
-    pub kind: u32,
+    pub(crate) kind: u32,
     /// The NIC's local key for the region (GDR transport; 0 otherwise).
-    pub lkey: u32,
+    pub(crate) lkey: u32,
     /// The NIC's remote key for the region (GDR transport; 0 otherwise).
-    pub rkey: u32,
+    pub(crate) rkey: u32,
+}
+
+impl RegionView {
+    /// A region of `len` bytes at `base`, owned by client `owner`, of memory kind code `kind`,
+    /// with the NIC's keys (0 without a NIC).
+    ///
+    /// # Safety
+    /// `[base, base + len)` must be memory that every transport given copies validated against
+    /// this view may read and write, for as long as those copies are in flight.
+    pub unsafe fn new(base: u64, len: u64, owner: u32, kind: u32, lkey: u32, rkey: u32) -> RegionView {
+        RegionView { base, len, owner, kind, lkey, rkey }
+    }
 }
 
 /// One side of a validated copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Region id as it appeared in the descriptor.
-    pub region: u32,
-    /// Memory kind code of the region.
-    pub kind: u32,
-    /// Address of the first byte, in this process.
-    pub addr: u64,
-    /// The NIC's local key for the region (GDR transport; 0 otherwise).
-    pub lkey: u32,
-    /// The NIC's remote key for the region (GDR transport; 0 otherwise).
-    pub rkey: u32,
+    pub(crate) region: u32,
+    pub(crate) kind: u32,
+    pub(crate) addr: u64,
+    pub(crate) lkey: u32,
+    pub(crate) rkey: u32,
 }
 
-/// A descriptor that passed validation.
+impl Endpoint {
+    /// One side of a copy: region id (as in the descriptor), memory kind code, the address of
+    /// the first byte in this process, and the NIC's keys (0 without a NIC). Only a
+    /// [`ValidCopy`] gives it meaning; see [`ValidCopy::new_unchecked`].
+    pub fn new(region: u32, kind: u32, addr: u64, lkey: u32, rkey: u32) -> Endpoint {
+        Endpoint { region, kind, addr, lkey, rkey }
+    }
+
+    /// Region id as it appeared in the descriptor.
+    pub fn region(&self) -> u32 {
+        self.region
+    }
+
+    /// Memory kind code of the region (see [`crate::MemoryKind`]).
+    pub fn kind(&self) -> u32 {
+        self.kind
+    }
+
+    /// Address of the first byte, in this process.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// The NIC's local key for the region (GDR transport; 0 otherwise).
+    pub fn lkey(&self) -> u32 {
+        self.lkey
+    }
+
+    /// The NIC's remote key for the region (GDR transport; 0 otherwise).
+    pub fn rkey(&self) -> u32 {
+        self.rkey
+    }
+}
+
+/// A descriptor that passed validation: transports copy `len` bytes from `src.addr()` to
+/// `dst.addr()` on its word. Made only by [`validate`] (against region views the table, or an
+/// `unsafe` caller, vouched for) or by [`ValidCopy::new_unchecked`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ValidCopy {
+    pub(crate) src: Endpoint,
+    pub(crate) dst: Endpoint,
+    pub(crate) len: u64,
+}
+
+impl ValidCopy {
+    /// A copy of `len` bytes from `src` to `dst`, unchecked.
+    ///
+    /// # Safety
+    /// `len` bytes at `src.addr()` must be readable, and at `dst.addr()` writable, by the
+    /// transport that is given this copy (the CPU, the GPU or the NIC, with the keys given),
+    /// until the transport reports it done; the two ranges must not overlap.
+    pub unsafe fn new_unchecked(src: Endpoint, dst: Endpoint, len: u64) -> ValidCopy {
+        ValidCopy { src, dst, len }
+    }
+
     /// Source.
-    pub src: Endpoint,
+    pub fn src(&self) -> Endpoint {
+        self.src
+    }
+
     /// Destination.
-    pub dst: Endpoint,
+    pub fn dst(&self) -> Endpoint {
+        self.dst
+    }
+
     /// Bytes.
-    pub len: u64,
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the copy moves no bytes (never true of a validated one).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// Checks one untrusted descriptor. `lookup` resolves a region id to its current registration.

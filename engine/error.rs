@@ -1,7 +1,7 @@
 //! The engine's error type: one variant per failing operation, each saying how to fix it.
 
+use crate::desc::RegionId;
 use crate::ring::RingError;
-use crate::RegionId;
 use std::io;
 
 /// Errors of the engine's control plane (setup, registration, queues). The data path never
@@ -117,7 +117,7 @@ pub enum Error {
         /// Queue id.
         queue: u32,
         /// Its state.
-        state: crate::QueueState,
+        state: crate::desc::QueueState,
     },
     /// Waiting took longer than allowed.
     #[error("timed out after {waited:?} waiting for {what}")]
@@ -129,7 +129,7 @@ pub enum Error {
     },
     /// CUDA is unavailable or a driver call failed.
     #[error("CUDA: {0}")]
-    Cuda(#[from] crate::cuda::CudaError),
+    Cuda(#[from] crate::cuda_driver::CudaError),
     /// A worker's transport failed to start on its thread.
     #[error("worker {worker}: starting the {transport} transport: {reason}")]
     TransportStart {
@@ -162,7 +162,7 @@ pub enum Error {
         /// Why GDR could not run.
         gdr: String,
         /// Why the CUDA driver could not be loaded.
-        cuda: crate::cuda::CudaError,
+        cuda: crate::cuda_driver::CudaError,
     },
     /// The engine was shut down.
     #[error("the engine is shut down")]

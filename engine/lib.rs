@@ -69,16 +69,10 @@
 mod sync;
 
 #[cfg(not(loom))]
-pub mod cuda;
+pub mod config;
+#[cfg(not(loom))]
+mod cuda_driver;
 pub mod desc;
-#[cfg(not(loom))]
-pub mod diagnostics;
-pub mod ring;
-#[cfg(not(loom))]
-pub mod sys;
-
-#[cfg(not(loom))]
-pub mod bandwidth;
 #[cfg(not(loom))]
 pub mod engine;
 #[cfg(not(loom))]
@@ -87,6 +81,9 @@ pub mod error;
 pub mod queue;
 #[cfg(not(loom))]
 pub mod region;
+mod ring;
+#[cfg(not(loom))]
+mod sys;
 #[cfg(not(loom))]
 pub mod transport;
 #[cfg(not(loom))]
@@ -98,14 +95,45 @@ pub const FEATURES: &[&str] = &[
     "gdr",
 ];
 
-pub use desc::{Completion, Descriptor, RegionId, Status, FLAG_FENCE};
 #[cfg(not(loom))]
-pub use engine::{CorePlacement, Engine, EngineConfig, EngineStats, IdlePolicy, TransportKind};
+pub use config::{
+    CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, SmBudget, Strategy,
+    TransportKind, UseGdr,
+};
+pub use desc::{Completion, Descriptor, QueueState, RegionId, Status, FLAG_FENCE};
+#[cfg(not(loom))]
+pub use engine::Engine;
 #[cfg(not(loom))]
 pub use error::Error;
 #[cfg(not(loom))]
-pub use queue::{Queue, QueueConfig, QueueId, QueueState};
+pub use queue::{PushError, Queue, QueueId};
 #[cfg(not(loom))]
 pub use region::{ClientId, HostBuffer, MemoryKind};
 #[cfg(not(loom))]
-pub use transport::{fault::FaultTransport, Transport};
+pub use transport::{fault::FaultTransport, gdr::NicStats, Transport};
+#[cfg(not(loom))]
+pub use worker::EngineStats;
+
+/// Unstable internals for the `ferry` command, the benches and the tests: the CUDA driver
+/// layer, the rings, OS calls and the NIC. Not part of the API: they change without notice.
+#[doc(hidden)]
+#[cfg(not(loom))]
+pub mod internals {
+    /// The CUDA driver layer (loading, contexts, streams, events, kernels, pinned memory).
+    pub mod cuda {
+        pub use crate::cuda_driver::*;
+    }
+    /// The single-producer single-consumer rings and their shared memory.
+    pub mod ring {
+        pub use crate::ring::*;
+    }
+    /// Operating-system calls: pinning, resource limits, library probes.
+    pub mod sys {
+        pub use crate::sys::*;
+    }
+    /// The GDR transport's NIC (device, queue pairs, registration).
+    #[cfg(feature = "gdr")]
+    pub mod nic {
+        pub use crate::transport::gdr::nic::*;
+    }
+}

@@ -10,11 +10,12 @@
 //! [`Queue`] is the client's end. It can live in the engine's process or, through
 //! [`Queue::attach`] on the memfd, in another one.
 
+use crate::config::QueueConfig;
+use crate::desc::{Completion, Descriptor, QueueState};
 use crate::error::Error;
 use crate::ring::layout::{check_capacity, ring_bytes, INDEX_PADDING};
 use crate::ring::shm::SharedMemory;
 use crate::ring::{self, Consumer, Producer, RingError, RingMemory};
-use crate::{Completion, Descriptor};
 use std::fs::File;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -29,63 +30,6 @@ pub const QUEUE_ABI_VERSION: u32 = 1;
 /// A queue's id, unique within its engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct QueueId(pub u32);
-
-/// Whether a queue is served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QueueState {
-    /// A worker serves it.
-    Open,
-    /// The engine shut down; no more completions will come.
-    Closed,
-    /// A ring index was corrupt; the worker stopped serving the queue.
-    Broken,
-}
-
-impl std::fmt::Display for QueueState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            QueueState::Open => "open",
-            QueueState::Closed => "closed (the engine shut down)",
-            QueueState::Broken => "broken (a ring index was corrupt)",
-        })
-    }
-}
-
-impl QueueState {
-    fn code(self) -> u32 {
-        match self {
-            QueueState::Open => 0,
-            QueueState::Closed => 1,
-            QueueState::Broken => 2,
-        }
-    }
-
-    fn from_code(code: u32) -> QueueState {
-        match code {
-            0 => QueueState::Open,
-            1 => QueueState::Closed,
-            // Anything else was written by a misbehaving peer: treat as broken.
-            _ => QueueState::Broken,
-        }
-    }
-}
-
-/// Ring sizes of a new queue.
-#[derive(Clone, Copy, Debug)]
-pub struct QueueConfig {
-    /// Submission ring slots (a power of two). Also the most descriptors one queue has in flight.
-    pub submit_capacity: u64,
-    /// Completion ring slots (a power of two).
-    pub complete_capacity: u64,
-    /// Worker to serve the queue; `None` picks the worker with the fewest queues.
-    pub worker: Option<usize>,
-}
-
-impl Default for QueueConfig {
-    fn default() -> Self {
-        QueueConfig { submit_capacity: 4096, complete_capacity: 4096, worker: None }
-    }
-}
 
 #[repr(C, align(128))]
 struct Meta {

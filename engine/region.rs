@@ -12,10 +12,10 @@
 //! names the region while it is closing fails with [`crate::Status::UnknownRegion`]:
 //! deregistering a region while still submitting work on it is the caller's race.
 
+use crate::desc::RegionId;
 use crate::desc::RegionView;
 use crate::error::Error;
 use crate::ring::shm::SharedMemory;
-use crate::RegionId;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

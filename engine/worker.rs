@@ -13,15 +13,66 @@
 //! It never sleeps on this path; with [`IdlePolicy::Yield`] it yields the CPU after a run of
 //! empty iterations.
 
-use crate::desc::validate;
-use crate::engine::{IdlePolicy, WorkerCounters};
-use crate::queue::{QueueState, WorkerEnd};
+use crate::config::IdlePolicy;
+use crate::desc::{validate, Completion, QueueState, Status};
+use crate::queue::WorkerEnd;
 use crate::region::RegionTable;
+use crate::ring::PushError;
+use crate::transport::gdr::NicStats;
 use crate::transport::{Done, Op, Token, Transport};
-use crate::{Completion, Status};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Per-worker counters, written by the worker with Relaxed stores (statistics only: nothing is
+/// ordered by them).
+#[derive(Debug, Default)]
+pub(crate) struct WorkerCounters {
+    iterations: AtomicU64,
+    idle_iterations: AtomicU64,
+    descriptors: AtomicU64,
+    completions: AtomicU64,
+}
+
+impl WorkerCounters {
+    pub(crate) fn add_iteration(&self, took: usize, reaped: usize, idle: bool) {
+        // Relaxed: single writer, statistics only.
+        let bump = |c: &AtomicU64, n: u64| c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        bump(&self.iterations, 1);
+        bump(&self.idle_iterations, u64::from(idle));
+        bump(&self.descriptors, took as u64);
+        bump(&self.completions, reaped as u64);
+    }
+
+    /// A snapshot, with the worker's NIC counters when it runs GDR.
+    pub(crate) fn snapshot(&self, nic: Option<NicStats>) -> EngineStats {
+        // Relaxed: statistics only.
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EngineStats {
+            iterations: get(&self.iterations),
+            idle_iterations: get(&self.idle_iterations),
+            descriptors: get(&self.descriptors),
+            transport_completions: get(&self.completions),
+            nic,
+        }
+    }
+}
+
+/// A snapshot of one worker's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Loop iterations.
+    pub iterations: u64,
+    /// Loop iterations that found nothing to do (no descriptor taken, none submitted to the
+    /// transport, no completion reaped).
+    pub idle_iterations: u64,
+    /// Descriptors taken from submission rings.
+    pub descriptors: u64,
+    /// Copies the transport reported finished.
+    pub transport_completions: u64,
+    /// The NIC's counters, when the worker runs the GDR transport.
+    pub nic: Option<NicStats>,
+}
 
 /// Queues handed to a worker by the control plane.
 #[derive(Default)]
@@ -155,8 +206,8 @@ impl QueueSlot {
             };
             match batch.push(completion) {
                 Ok(()) => w.head_seq += 1,
-                Err(crate::ring::PushError::Full(_)) => break,
-                Err(crate::ring::PushError::Corrupted(..)) => {
+                Err(PushError::Full(_)) => break,
+                Err(PushError::Corrupted(..)) => {
                     corrupted = true;
                     break;
                 }

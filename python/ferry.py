@@ -84,7 +84,7 @@ class _Config(ctypes.Structure):
     ]
 
 
-ALL_SMS = 0xFFFFFFFF
+SM_BUDGET_ALL = 0xFFFFFFFF
 
 
 class WorkerStats(ctypes.Structure):
@@ -230,7 +230,8 @@ class Engine:
     transport: "host" (CPU copies), "null" (no data moves) or "gpu" (host <-> GPU: over the NIC
     or with the CUDA driver, as `use_gdr` says: "auto", "off" or "on"). GPU settings: `device`
     (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel"), `sm_budget` (SMs the copy
-    kernel may use; ALL_SMS for all; 0: 8), `nic` (RDMA device name; None: the topology plan's).
+    kernel may use in total over the workers; SM_BUDGET_ALL for every SM; 0: the default, 8;
+    fewer than `workers` fails at start), `nic` (RDMA device name; None: the topology plan's).
     """
 
     def __init__(self, workers=1, transport="host", pinned=True, max_len=0, device=0, strategy="auto",

@@ -5,9 +5,9 @@
 mod common;
 
 use common::*;
-use ferry::ring::layout::ring_bytes;
-use ferry::ring::shm::SharedMemory;
-use ferry::ring::{Consumer, Producer, RingMemory};
+use ferry::internals::ring::layout::ring_bytes;
+use ferry::internals::ring::shm::SharedMemory;
+use ferry::internals::ring::{Consumer, Producer, RingMemory};
 use ferry::{Descriptor, Queue, QueueConfig, RegionId, Status};
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -100,7 +100,7 @@ fn out_of_order_and_partial_transport_completions_come_back_in_order() {
 #[test]
 fn injected_errors_fail_exactly_the_affected_descriptors_and_other_queues_carry_on() {
     const MARK: u64 = 777;
-    let engine = fault_engine(|t| t.fail_when(|_, op| (op.copy.len == MARK).then_some(5)));
+    let engine = fault_engine(|t| t.fail_when(|_, op| (op.copy().len() == MARK).then_some(5)));
     let (c1, c2) = (engine.new_client(), engine.new_client());
     let (a1, b1) = (engine.allocate_host(c1, 1 << 20).unwrap(), engine.allocate_host(c1, 1 << 20).unwrap());
     let (a2, b2) = (engine.allocate_host(c2, 1 << 20).unwrap(), engine.allocate_host(c2, 1 << 20).unwrap());

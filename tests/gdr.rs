@@ -6,9 +6,9 @@
 mod common;
 
 use common::{collect, Rng};
-use ferry::transport::gdr::{GdrConfig, UseGdr};
 use ferry::{
-    Completion, CorePlacement, Descriptor, Engine, EngineConfig, Error, IdlePolicy, QueueConfig, Status, TransportKind,
+    Completion, CorePlacement, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig, IdlePolicy, QueueConfig,
+    Status, TransportKind, UseGdr,
 };
 
 /// The device under test, or `None` (after printing SKIP) where there is none. Inside the
@@ -26,12 +26,22 @@ fn nic() -> Option<String> {
 
 fn gdr_config(nic: &str, use_gdr: UseGdr) -> EngineConfig {
     EngineConfig {
-        transport: TransportKind::Cuda(Default::default()),
-        gdr: GdrConfig { use_gdr, nic: Some(nic.to_string()), ..GdrConfig::default() },
+        transport: TransportKind::Gpu(GpuConfig {
+            gdr: GdrConfig { use_gdr, nic: Some(nic.to_string()), ..GdrConfig::default() },
+            ..GpuConfig::default()
+        }),
         cores: CorePlacement::Unpinned,
         // Soft-RoCE does its work in kernel threads: a worker that yields leaves them the CPU.
         idle: IdlePolicy::Yield { after: 64 },
         ..EngineConfig::default()
+    }
+}
+
+/// The GDR settings of a GPU engine's configuration.
+fn gdr_of(config: &mut EngineConfig) -> &mut GdrConfig {
+    match &mut config.transport {
+        TransportKind::Gpu(gpu) => &mut gpu.gdr,
+        other => panic!("not a GPU transport: {other:?}"),
     }
 }
 
@@ -268,7 +278,7 @@ fn descriptors_longer_than_a_work_request_are_split_and_arrive_whole() {
     let Some(nic) = nic() else { return };
     // Work requests of at most 4 KiB, so that the split path runs with small buffers (the
     // default is 1 GiB).
-    let engine = gdr_engine(&nic, |c| c.gdr.max_wr_bytes = 4096);
+    let engine = gdr_engine(&nic, |c| gdr_of(c).max_wr_bytes = 4096);
     let client = engine.new_client();
     const SIZE: usize = 4 << 20;
     let src = engine.allocate_host(client, SIZE).unwrap();
@@ -348,7 +358,7 @@ fn a_failed_merged_work_request_is_retried_one_descriptor_each() {
 #[test]
 fn repeated_failures_mark_the_nic_unusable() {
     let Some(nic) = nic() else { return };
-    let engine = gdr_engine(&nic, |c| c.gdr.max_recoveries = 2);
+    let engine = gdr_engine(&nic, |c| gdr_of(c).max_recoveries = 2);
     let client = engine.new_client();
     let src = engine.allocate_host(client, 1 << 20).unwrap();
     let broken = engine.allocate_host(client, 1 << 20).unwrap();
@@ -371,7 +381,8 @@ fn repeated_failures_mark_the_nic_unusable() {
 fn an_unusable_nic_hands_over_to_the_fallback_transport() {
     let Some(nic) = nic() else { return };
     use ferry::desc::{Endpoint, ValidCopy};
-    use ferry::transport::gdr::{nic::Nic, GdrTransport};
+    use ferry::internals::nic::Nic;
+    use ferry::transport::gdr::GdrTransport;
     use ferry::transport::{host::HostTransport, Done, Op, Token, Transport};
     let config = GdrConfig { nic: Some(nic), max_recoveries: 0, ..GdrConfig::default() };
     let nic = Nic::open(&config, None).expect("the Soft-RoCE device opens");
@@ -387,14 +398,13 @@ fn an_unusable_nic_hands_over_to_the_fallback_transport() {
     };
     let mut t = GdrTransport::new(nic, config, Default::default()).with_fallback(Box::new(HostTransport::new()));
     t.start().unwrap();
-    let endpoint = |addr: u64, lkey: u32, rkey: u32| Endpoint { region: 0, kind: 0, addr, lkey, rkey };
-    let op = |slot: u32, rkey: u32| Op {
-        token: Token { queue: 0, slot },
-        copy: ValidCopy {
-            src: endpoint(src.as_ptr() as u64, src_mr.lkey(), src_mr.rkey()),
-            dst: endpoint(dst.as_ptr() as u64 + u64::from(slot) * 1024, dst_mr.lkey(), rkey),
-            len: 1024,
-        },
+    let endpoint = |addr: u64, lkey: u32, rkey: u32| Endpoint::new(0, 0, addr, lkey, rkey);
+    let op = |slot: u32, rkey: u32| {
+        let src = endpoint(src.as_ptr() as u64, src_mr.lkey(), src_mr.rkey());
+        let dst = endpoint(dst.as_ptr() as u64 + u64::from(slot) * 1024, dst_mr.lkey(), rkey);
+        // SAFETY: both 1 KiB ranges lie in `src` and `dst` (slot < 8), registered with the NIC
+        // and alive until the end of the test, after the transport.
+        Op::new(Token { queue: 0, slot }, unsafe { ValidCopy::new_unchecked(src, dst, 1024) })
     };
     let wait = |t: &mut GdrTransport| -> Done {
         let mut done = [Done::ok(Token { queue: 0, slot: 0 }); 1];
@@ -419,8 +429,10 @@ fn an_unusable_nic_hands_over_to_the_fallback_transport() {
 #[test]
 fn use_gdr_on_without_a_nic_fails_at_start_naming_it() {
     let config = EngineConfig {
-        transport: TransportKind::Cuda(Default::default()),
-        gdr: GdrConfig { use_gdr: UseGdr::On, nic: Some("ferry-no-such-nic".into()), ..GdrConfig::default() },
+        transport: TransportKind::Gpu(GpuConfig {
+            gdr: GdrConfig { use_gdr: UseGdr::On, nic: Some("ferry-no-such-nic".into()), ..GdrConfig::default() },
+            ..GpuConfig::default()
+        }),
         cores: CorePlacement::Unpinned,
         ..EngineConfig::default()
     };
@@ -444,8 +456,10 @@ fn use_gdr_on_without_a_nic_fails_at_start_naming_it() {
 #[test]
 fn use_gdr_off_and_auto_without_a_nic_run_on_cuda() {
     let config = |use_gdr| EngineConfig {
-        transport: TransportKind::Cuda(Default::default()),
-        gdr: GdrConfig { use_gdr, nic: Some("ferry-no-such-nic".into()), ..GdrConfig::default() },
+        transport: TransportKind::Gpu(GpuConfig {
+            gdr: GdrConfig { use_gdr, nic: Some("ferry-no-such-nic".into()), ..GdrConfig::default() },
+            ..GpuConfig::default()
+        }),
         cores: CorePlacement::Unpinned,
         ..EngineConfig::default()
     };

@@ -6,12 +6,14 @@
 mod common;
 
 use common::Rng;
-use ferry::cuda::{DeviceBuffer, Driver};
-use ferry::transport::cuda::{CudaConfig, Strategy};
-use ferry::{CorePlacement, Descriptor, Engine, EngineConfig, Error, QueueConfig, TransportKind};
+use ferry::internals::cuda::{DeviceBuffer, Driver};
+use ferry::{
+    CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig, QueueConfig, Strategy,
+    TransportKind, UseGdr,
+};
 
 fn gpu_available() -> bool {
-    match ferry::cuda::gpus() {
+    match ferry::internals::cuda::gpus() {
         Ok(_) => true,
         Err(e) => {
             println!("SKIP: no usable GPU ({e})");
@@ -21,7 +23,8 @@ fn gpu_available() -> bool {
 }
 
 fn cuda_engine(strategy: Strategy) -> Engine {
-    let transport = TransportKind::Cuda(CudaConfig { strategy, ..CudaConfig::default() });
+    let cuda = CudaConfig { strategy, ..CudaConfig::default() };
+    let transport = TransportKind::Gpu(GpuConfig { cuda, ..GpuConfig::default() });
     Engine::start(EngineConfig { transport, cores: CorePlacement::Unpinned, burst: 256, ..EngineConfig::default() })
         .expect("cuda engine starts")
 }
@@ -148,7 +151,7 @@ fn asking_for_cuda_without_a_driver_is_a_clear_startup_error() {
         return;
     }
     let err = Engine::start(EngineConfig {
-        transport: TransportKind::Cuda(CudaConfig::default()),
+        transport: TransportKind::Gpu(GpuConfig::default()),
         cores: CorePlacement::Unpinned,
         ..EngineConfig::default()
     })
@@ -189,11 +192,10 @@ fn a_gpu_region_exports_as_a_dmabuf_and_registering_it_with_a_nic_names_the_miss
     assert!(dmabuf.exported >= dmabuf.offset + len as u64);
     // Registering it with a NIC (use_gdr = on) fails at start, naming what is missing.
     let on = Engine::start(EngineConfig {
-        transport: TransportKind::Cuda(CudaConfig::default()),
-        gdr: ferry::transport::gdr::GdrConfig {
-            use_gdr: ferry::transport::gdr::UseGdr::On,
-            ..ferry::transport::gdr::GdrConfig::default()
-        },
+        transport: TransportKind::Gpu(GpuConfig {
+            gdr: GdrConfig { use_gdr: UseGdr::On, ..GdrConfig::default() },
+            ..GpuConfig::default()
+        }),
         cores: CorePlacement::Unpinned,
         ..EngineConfig::default()
     });

@@ -1,9 +1,9 @@
 //! The SPSC ring: a proptest model against `VecDeque`, header checks on attach, and a peer
 //! that publishes corrupt indices.
 
-use ferry::ring::layout::{ring_bytes, RingHeader};
-use ferry::ring::shm::SharedMemory;
-use ferry::ring::{Consumer, Producer, PushError, RingError, RingMemory};
+use ferry::internals::ring::layout::{ring_bytes, RingHeader};
+use ferry::internals::ring::shm::SharedMemory;
+use ferry::internals::ring::{Consumer, Producer, PushError, RingError, RingMemory};
 use ferry::Descriptor;
 use proptest::prelude::*;
 use std::collections::VecDeque;
@@ -115,10 +115,10 @@ fn attach_names_the_mismatched_field() {
     h.meta.abi_version.store(99, Ordering::Relaxed);
     let e = RingMemory::<Descriptor>::attach(memory.clone(), 0).err().unwrap();
     assert!(e.to_string().contains("abi_version is 0x63, expected 0x1"), "{e}");
-    h.meta.abi_version.store(ferry::ring::RING_ABI_VERSION, Ordering::Relaxed);
+    h.meta.abi_version.store(ferry::internals::ring::RING_ABI_VERSION, Ordering::Relaxed);
     h.meta.magic.store(0x1234, Ordering::Relaxed);
     assert_eq!(mismatch(RingMemory::<Descriptor>::attach(memory.clone(), 0).err().unwrap()), "magic");
-    h.meta.magic.store(ferry::ring::RING_MAGIC, Ordering::Relaxed);
+    h.meta.magic.store(ferry::internals::ring::RING_MAGIC, Ordering::Relaxed);
     // A capacity that is not a power of two, and one that would run past the mapping.
     h.meta.capacity.store(12, Ordering::Relaxed);
     assert!(matches!(RingMemory::<Descriptor>::attach(memory.clone(), 0), Err(RingError::Layout(_))));

@@ -1,8 +1,13 @@
 //! The engine end to end (descriptor ring -> worker -> transport -> completion ring) on the
 //! null and host transports, with one unpinned worker.
 
+/// The ferry command's workload, shared by path: the benches measure what `ferry bench` does.
+#[path = "../../engine/bin/ferry/bandwidth.rs"]
+#[allow(dead_code)]
+mod bandwidth;
+
+use bandwidth::{drive, scatter};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferry::bandwidth::{drive, scatter};
 use ferry::{CorePlacement, Engine, EngineConfig, QueueConfig, TransportKind};
 use std::time::{Duration, Instant};
 

@@ -22,57 +22,14 @@
 //! ceiling; see bench/results/h100.md).
 
 use super::{Done, Op, Token, Transport};
-use crate::cuda::{Context, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream};
-use crate::Status;
+use crate::config::{CudaConfig, Strategy};
+use crate::cuda_driver::{Context, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION};
+use crate::desc::Status;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// The kernel's PTX, generated on the H100 machine; see `gpu/copy_kernel.cu` for the command.
 pub const COPY_KERNEL_PTX: &str = include_str!("../../gpu/copy_kernel.ptx");
-
-/// How the transport moves a batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    /// Route each batch (see the module documentation).
-    Auto,
-    /// `cuMemcpyAsync` per descriptor.
-    Memcpy,
-    /// `cuMemcpyBatchAsync` per batch.
-    Batch,
-    /// The SM copy kernel.
-    Kernel,
-}
-
-impl Strategy {
-    /// Name in reports and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::Auto => "auto",
-            Strategy::Memcpy => "memcpy",
-            Strategy::Batch => "batch",
-            Strategy::Kernel => "kernel",
-        }
-    }
-}
-
-/// CUDA transport settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CudaConfig {
-    /// CUDA device ordinal.
-    pub device: i32,
-    /// Strategy.
-    pub strategy: Strategy,
-    /// Most SMs the copy kernel may occupy (0: all).
-    pub sm_budget: u32,
-    /// Most operations in one batch.
-    pub max_batch: usize,
-}
-
-impl Default for CudaConfig {
-    fn default() -> Self {
-        CudaConfig { device: 0, strategy: Strategy::Auto, sm_budget: 8, max_batch: 4096 }
-    }
-}
 
 /// One kernel task: the layout of `FerryCopy` in `gpu/copy_kernel.cu`.
 #[repr(C)]
@@ -119,10 +76,16 @@ struct Live {
     sizes: Vec<usize>,
 }
 
+fn context_sms(context: &Context) -> u32 {
+    u32::try_from(context.info.sm_count).unwrap_or(u32::MAX).max(1)
+}
+
 /// The CUDA transport of one worker.
 pub struct CudaTransport {
     context: Arc<Context>,
     config: CudaConfig,
+    /// SMs this worker's copy kernel may occupy (its share of [`CudaConfig::sm_budget`]).
+    sms: u32,
     live: Option<Live>,
     /// Accepted, not yet issued.
     queued: VecDeque<Op>,
@@ -137,11 +100,14 @@ pub struct CudaTransport {
 }
 
 impl CudaTransport {
-    /// A transport for `context`'s device; nothing is created before [`Transport::start`].
-    pub fn new(context: Arc<Context>, config: CudaConfig) -> CudaTransport {
+    /// A transport for `context`'s device whose copy kernel occupies at most `sms` SMs (one
+    /// worker's share of the budget); nothing is created before [`Transport::start`].
+    pub fn new(context: Arc<Context>, config: CudaConfig, sms: u32) -> CudaTransport {
+        let sms = sms.clamp(1, context_sms(&context));
         CudaTransport {
             context,
             config,
+            sms,
             live: None,
             queued: VecDeque::with_capacity(config.max_batch),
             queued_bytes: 0,
@@ -157,7 +123,7 @@ impl CudaTransport {
         match self.config.strategy {
             Strategy::Auto if n == 1 => Strategy::Memcpy,
             Strategy::Auto if live.kernel.is_some() => Strategy::Kernel,
-            Strategy::Auto if self.context.driver_version >= crate::cuda::BATCH_COPY_VERSION => Strategy::Batch,
+            Strategy::Auto if self.context.driver_version >= BATCH_COPY_VERSION => Strategy::Batch,
             Strategy::Auto => Strategy::Memcpy,
             s => s,
         }
@@ -202,7 +168,10 @@ impl CudaTransport {
                 let mut first_error = Ok(());
                 for op in self.queued.iter().take(n) {
                     let c = &op.copy;
-                    if let Err(e) = live.stream.copy(c.dst.addr, c.src.addr, c.len as usize) {
+                    // SAFETY: a validated copy: both ranges lie in registered regions (host ones
+                    // pinned and mapped, device ones of this context) that stay registered while
+                    // the copy is in flight (the region table counts it).
+                    if let Err(e) = unsafe { live.stream.copy(c.dst.addr, c.src.addr, c.len as usize) } {
                         first_error = Err(e);
                         break;
                     }
@@ -218,7 +187,8 @@ impl CudaTransport {
                     live.srcs.push(op.copy.src.addr);
                     live.sizes.push(op.copy.len as usize);
                 }
-                live.stream.copy_batch(&mut live.dsts, &mut live.srcs, &mut live.sizes)
+                // SAFETY: validated copies, as for memcpy above.
+                unsafe { live.stream.copy_batch(&mut live.dsts, &mut live.srcs, &mut live.sizes) }
             }
             Strategy::Kernel => {
                 let (Some(kernel), Some((buffer, device_tasks))) = (live.kernel.as_ref(), live.staging.as_ref()) else {
@@ -269,11 +239,7 @@ impl CudaTransport {
                 live.staging_head = start + tasks;
                 staging = Some((start, tasks));
                 let warps_per_block = (kernel.block_threads / 32) as usize;
-                let budget = match self.config.sm_budget {
-                    0 => self.context.info.sm_count as u32,
-                    b => b.min(self.context.info.sm_count as u32),
-                };
-                let grid = (budget * kernel.blocks_per_sm).min(tasks.div_ceil(warps_per_block) as u32).max(1);
+                let grid = (self.sms * kernel.blocks_per_sm).min(tasks.div_ceil(warps_per_block) as u32).max(1);
                 let offset = (start * std::mem::size_of::<Task>()) as u64;
                 let mut tasks_ptr = device_tasks.ptr() + offset;
                 let mut count = tasks as u32;
@@ -284,11 +250,15 @@ impl CudaTransport {
                 let bytes = tasks * std::mem::size_of::<Task>();
                 // Only the staged prefix goes out; the rest stays queued.
                 n = take;
-                live.stage_stream
-                    .copy(tasks_ptr, buffer.as_ptr() as u64 + offset, bytes)
+                // SAFETY: the staging slots [start, start + tasks) are this batch's until it
+                // completes (the running batch records them), in pinned memory and its device
+                // twin of `bytes` bytes from `offset`.
+                unsafe { live.stage_stream.copy(tasks_ptr, buffer.as_ptr() as u64 + offset, bytes) }
                     .and_then(|()| live.staged.record(&live.stage_stream))
                     .and_then(|()| live.stream.wait(&live.staged))
-                    .and_then(|()| kernel.launch(&live.stream, grid, &mut params))
+                    // SAFETY: `params` matches `ferry_copy(const FerryCopy*, uint32_t)`; every task
+                    // names a validated copy (as above), kept registered until the batch completes.
+                    .and_then(|()| unsafe { kernel.launch(&live.stream, grid, &mut params) })
             }
         };
         match result {
@@ -373,7 +343,7 @@ impl Transport for CudaTransport {
         if self.config.strategy == Strategy::Kernel && kernel.is_none() {
             return Err("the copy kernel needs CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, which this device lacks".into());
         }
-        if self.config.strategy == Strategy::Batch && self.context.driver_version < crate::cuda::BATCH_COPY_VERSION {
+        if self.config.strategy == Strategy::Batch && self.context.driver_version < BATCH_COPY_VERSION {
             return Err(format!(
                 "cuMemcpyBatchAsync needs driver API 12.8; this driver is {}",
                 self.context.driver_version

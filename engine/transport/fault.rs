@@ -3,7 +3,7 @@
 //! reverse order. Configured by its constructor and builder methods only.
 
 use super::{Done, Op, Transport};
-use crate::Status;
+use crate::desc::Status;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! The host transport: the worker copies with the CPU, inside `submit`.
 
 use super::{Done, Finished, Op, Transport};
-use crate::MemoryKind;
+use crate::region::MemoryKind;
 
 /// Copies host memory to host memory with `memmove`.
 #[derive(Debug)]

@@ -10,9 +10,10 @@ pub mod fault;
 pub mod gdr;
 pub mod host;
 pub mod null;
+pub(crate) mod select;
 
+use crate::desc::Status;
 use crate::desc::ValidCopy;
-use crate::Status;
 use std::collections::VecDeque;
 
 /// Identifies one operation to the worker that submitted it.
@@ -28,9 +29,26 @@ pub struct Token {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Op {
     /// Handed back in the matching [`Done`].
-    pub token: Token,
+    pub(crate) token: Token,
     /// What to copy (addresses already resolved and bounds-checked).
-    pub copy: ValidCopy,
+    pub(crate) copy: ValidCopy,
+}
+
+impl Op {
+    /// `copy`, to be reported done under `token`.
+    pub fn new(token: Token, copy: ValidCopy) -> Op {
+        Op { token, copy }
+    }
+
+    /// Handed back in the matching [`Done`].
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    /// What to copy (addresses already resolved and bounds-checked).
+    pub fn copy(&self) -> &ValidCopy {
+        &self.copy
+    }
 }
 
 /// A finished operation.

@@ -12,7 +12,10 @@
 
 
 // `ferry_config::sm_budget`: every SM of the GPU.
-#define FERRY_ALL_SMS UINT32_MAX
+#define FERRY_SM_BUDGET_ALL UINT32_MAX
+
+// The largest region table.
+#define EngineConfig_MAX_REGIONS (1 << 16)
 
 // Result of a call.
 typedef enum {
@@ -83,6 +86,9 @@ typedef uint32_t ferry_status;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// How the CUDA transport moves a batch.
+typedef struct Strategy Strategy;
+
 // A running engine.
 typedef struct ferry_engine ferry_engine;
 
@@ -111,7 +117,8 @@ typedef struct {
   int32_t cuda_device;
   // GPU transport, CUDA driver copies: 0 auto, 1 memcpy, 2 batch, 3 kernel.
   uint32_t cuda_strategy;
-  // GPU transport: SMs the copy kernel may use (default 8; [`FERRY_ALL_SMS`]: all).
+  // GPU transport: SMs the copy kernel may use, in total over the workers (0: the default,
+  // 8; [`FERRY_SM_BUDGET_ALL`]: every SM). Fewer than `workers` is a start-up error.
   uint32_t sm_budget;
   // GPU transport: 0 auto (GDR when a NIC passes its self-test, else the CUDA driver), 1 off
   // (the CUDA driver), 2 on (GDR, or a start-up error naming what is missing).
@@ -182,6 +189,8 @@ typedef struct {
   // Transport-specific detail for a failure (for example an errno or a verbs status), else 0.
   uint32_t detail;
 } ferry_completion;
+
+
 
 #ifdef __cplusplus
 extern "C" {

@@ -15,11 +15,9 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![allow(non_camel_case_types)]
 
-use ferry::transport::cuda::{CudaConfig, Strategy};
-use ferry::transport::gdr::{GdrConfig, UseGdr};
 use ferry::{
-    ClientId, Completion, CorePlacement, Descriptor, Engine, EngineConfig, Error, HostBuffer, IdlePolicy, Queue,
-    QueueConfig, RegionId, TransportKind,
+    ClientId, Completion, CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig,
+    HostBuffer, IdlePolicy, Queue, QueueConfig, RegionId, SmBudget, Strategy, TransportKind, UseGdr,
 };
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int};
@@ -84,7 +82,8 @@ pub struct ferry_config {
     pub cuda_device: i32,
     /// GPU transport, CUDA driver copies: 0 auto, 1 memcpy, 2 batch, 3 kernel.
     pub cuda_strategy: u32,
-    /// GPU transport: SMs the copy kernel may use (default 8; [`FERRY_ALL_SMS`]: all).
+    /// GPU transport: SMs the copy kernel may use, in total over the workers (0: the default,
+    /// 8; [`FERRY_SM_BUDGET_ALL`]: every SM). Fewer than `workers` is a start-up error.
     pub sm_budget: u32,
     /// GPU transport: 0 auto (GDR when a NIC passes its self-test, else the CUDA driver), 1 off
     /// (the CUDA driver), 2 on (GDR, or a start-up error naming what is missing).
@@ -112,7 +111,7 @@ impl Default for ferry_config {
 }
 
 /// `ferry_config::sm_budget`: every SM of the GPU.
-pub const FERRY_ALL_SMS: u32 = u32::MAX;
+pub const FERRY_SM_BUDGET_ALL: u32 = u32::MAX;
 
 /// One worker's counters, from [`ferry_engine_stats`].
 #[repr(C)]
@@ -238,11 +237,10 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
         let transport = match c.transport {
             0 => TransportKind::Host,
             1 => TransportKind::Null,
-            2 => TransportKind::Cuda(cuda_config(&c)?),
+            // SAFETY: NULL or a NUL-terminated string, as the caller promised.
+            2 => TransportKind::Gpu(gpu_config(&c, unsafe { optional_str(c.nic) }?)?),
             other => return Err(Error::Config(format!("transport {other} is unknown (0 host, 1 null, 2 GPU)"))),
         };
-        // SAFETY: NULL or a NUL-terminated string, as the caller promised.
-        let gdr = gdr_config(&c, unsafe { optional_str(c.nic) }?)?;
         let config = EngineConfig {
             workers: if c.workers == 0 { defaults.workers } else { c.workers as usize },
             cores: if c.unpinned == 1 { CorePlacement::Unpinned } else { CorePlacement::Auto },
@@ -250,7 +248,6 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
             idle: if c.yield_when_idle == 1 { IdlePolicy::Yield { after: 1024 } } else { IdlePolicy::Spin },
             max_len: if c.max_len == 0 { defaults.max_len } else { c.max_len },
             max_regions: if c.max_regions == 0 { defaults.max_regions } else { c.max_regions as usize },
-            gdr,
             ..defaults
         };
         let engine = Engine::start(config)?;
@@ -260,7 +257,8 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
     })
 }
 
-fn cuda_config(c: &ferry_config) -> Result<CudaConfig, Error> {
+/// The GPU transport's settings from the C struct: a zero field takes the Rust default.
+fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error> {
     let strategy = match c.cuda_strategy {
         0 => Strategy::Auto,
         1 => Strategy::Memcpy,
@@ -272,23 +270,25 @@ fn cuda_config(c: &ferry_config) -> Result<CudaConfig, Error> {
             )))
         }
     };
-    let defaults = CudaConfig::default();
     let sm_budget = match c.sm_budget {
-        0 => defaults.sm_budget,
-        FERRY_ALL_SMS => 0,
-        n => n,
+        0 => SmBudget::DEFAULT,
+        FERRY_SM_BUDGET_ALL => SmBudget::All,
+        n => SmBudget::sms(n).expect("0 is matched above"),
     };
-    Ok(CudaConfig { device: c.cuda_device, strategy, sm_budget, ..defaults })
-}
-
-fn gdr_config(c: &ferry_config, nic: Option<String>) -> Result<GdrConfig, Error> {
     let use_gdr = match c.use_gdr {
         0 => UseGdr::Auto,
         1 => UseGdr::Off,
         2 => UseGdr::On,
         other => return Err(Error::Config(format!("use_gdr {other} is unknown (0 auto, 1 off, 2 on)"))),
     };
-    Ok(GdrConfig { use_gdr, nic, ..GdrConfig::default() })
+    let device = u32::try_from(c.cuda_device)
+        .map_err(|_| Error::Config(format!("cuda_device {} is negative", c.cuda_device)))?;
+    Ok(GpuConfig {
+        device,
+        cuda: CudaConfig { strategy, sm_budget, ..CudaConfig::default() },
+        gdr: GdrConfig { use_gdr, nic, ..GdrConfig::default() },
+        ..GpuConfig::default()
+    })
 }
 
 /// The string at `p`, or `None` for NULL.

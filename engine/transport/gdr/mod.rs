@@ -21,105 +21,15 @@
 //! Compiled with the `gdr` Cargo feature (on by default). libibverbs is loaded at run time.
 
 #[cfg(feature = "gdr")]
-pub mod baseline;
-#[cfg(feature = "gdr")]
-pub mod nic;
+pub(crate) mod nic;
 #[cfg(feature = "gdr")]
 mod post;
 
 #[cfg(feature = "gdr")]
 pub use post::GdrTransport;
 
+use crate::config::GdrConfig;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// Whether the CUDA transport kind runs over the NIC.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum UseGdr {
-    /// Never: the CUDA driver's copies.
-    Off,
-    /// Always: the engine's start fails, naming what is missing, when GDR cannot run.
-    On,
-    /// GDR when a NIC is found and a loopback self-test passes; otherwise the CUDA driver's
-    /// copies, with the reason in [`crate::Engine::transport_notes`] and on stderr.
-    #[default]
-    Auto,
-}
-
-impl std::str::FromStr for UseGdr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<UseGdr, String> {
-        match s {
-            "off" => Ok(UseGdr::Off),
-            "on" => Ok(UseGdr::On),
-            "auto" => Ok(UseGdr::Auto),
-            other => Err(format!("use_gdr must be off, on or auto, not {other:?}")),
-        }
-    }
-}
-
-/// GDR settings (see [`crate::EngineConfig::gdr`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GdrConfig {
-    /// Off, on or auto.
-    pub use_gdr: UseGdr,
-    /// RDMA device name (`mlx5_0`); `None`: the topology plan's NIC for the engine's GPU, else
-    /// the first device with an active port.
-    pub nic: Option<String>,
-    /// Port number (from 1).
-    pub port: u8,
-    /// GID index; `None`: a RoCE v2 GID, routable ones first (see `nic::choose_gid`).
-    pub gid_index: Option<u8>,
-    /// Most work requests posted with one doorbell.
-    pub chain: usize,
-    /// One work request in this many asks for a completion (besides the last one before the
-    /// queue would go quiet).
-    pub signal_every: usize,
-    /// Send-queue depth wanted (capped by the device's limit).
-    pub send_queue_depth: usize,
-    /// Most scatter/gather entries per work request (capped by the device's limit).
-    pub max_sge: usize,
-    /// Writes up to this many bytes go inline (capped by what the device grants; 0: never).
-    pub inline_max: u32,
-    /// Largest work request in bytes (at most 1 GiB: scatter/gather lengths are 32-bit and RDMA
-    /// messages at most 2 GiB); a longer descriptor is posted as several work requests.
-    pub max_wr_bytes: u64,
-    /// Recoveries in a row, with no successful completion between them, after which the NIC is
-    /// marked unusable.
-    pub max_recoveries: u32,
-}
-
-impl Default for GdrConfig {
-    fn default() -> Self {
-        GdrConfig {
-            use_gdr: UseGdr::Auto,
-            nic: None,
-            port: 1,
-            gid_index: None,
-            chain: 64,
-            signal_every: 16,
-            send_queue_depth: 1024,
-            max_sge: 16,
-            inline_max: 128,
-            max_wr_bytes: 1 << 30,
-            max_recoveries: 3,
-        }
-    }
-}
-
-impl GdrConfig {
-    pub(crate) fn check(&self) -> Result<(), String> {
-        if self.chain == 0 || self.signal_every == 0 || self.max_sge == 0 || self.port == 0 {
-            return Err("gdr: chain, signal_every, max_sge and port must be at least 1".into());
-        }
-        if self.send_queue_depth < 2 * self.signal_every.max(self.chain) {
-            return Err(format!(
-                "gdr: send_queue_depth {} must be at least twice chain and signal_every ({} and {})",
-                self.send_queue_depth, self.chain, self.signal_every
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// Per-worker NIC counters, written by the worker with Relaxed stores (statistics only:
 /// nothing is ordered by them).
@@ -242,7 +152,7 @@ fn self_test(nic: &std::sync::Arc<nic::Nic>, config: &GdrConfig) -> Result<(), S
     while seen < ops.len() {
         let n = transport.poll(&mut done);
         for d in &done[..n] {
-            if d.status != crate::Status::Ok {
+            if d.status != crate::desc::Status::Ok {
                 return Err(format!("a write completed with status {:?} (detail {})", d.status, d.detail));
             }
         }

@@ -6,7 +6,7 @@
 //! domain, completion queue, queue pair, then INIT, RTR and RTS. Teardown is the reverse, held
 //! in place by the `Arc`s each object keeps of what it was made from.
 
-use super::GdrConfig;
+use crate::config::GdrConfig;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid, GidType};
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionQueue as _};
 use sideway::ibverbs::device::{DeviceInfo as _, DeviceList};
@@ -175,7 +175,7 @@ impl Nic {
 
     /// A reliable-connected queue pair with its own completion queue, connected to itself.
     /// `depth` send work requests (already within the device's limit).
-    pub(crate) fn loopback(self: &Arc<Nic>, depth: u32, max_sge: u32, inline: u32) -> Result<Loopback, String> {
+    pub fn loopback(self: &Arc<Nic>, depth: u32, max_sge: u32, inline: u32) -> Result<Loopback, String> {
         // Every send work request may complete with a completion (errors and flushes do, signaled
         // or not), and receives are never posted, so `depth` entries would do; twice that leaves
         // room for stale flushes after a recovery that stopped waiting for them.
@@ -245,7 +245,7 @@ fn choose_gid(context: &Arc<DeviceContext>, config: &GdrConfig) -> Result<(u8, G
 }
 
 /// A queue pair connected to itself, and its completion queue.
-pub(crate) struct Loopback {
+pub struct Loopback {
     /// Dropped before `cq` (field order), which it was made with.
     pub(crate) qp: BasicQueuePair,
     pub(crate) cq: Arc<BasicCompletionQueue>,
@@ -258,7 +258,7 @@ pub(crate) struct Loopback {
 impl Loopback {
     /// Brings the queue pair from any state to RTS, connected to itself: RESET, INIT, RTR (path
     /// MTU from the port, destination = its own number and GID), RTS.
-    pub(crate) fn connect(&mut self) -> Result<(), String> {
+    pub fn connect(&mut self) -> Result<(), String> {
         let nic = self.nic.clone();
         let step = |qp: &mut BasicQueuePair, attr: &QueuePairAttribute, what: &str| {
             qp.modify(attr).map_err(|e| format!("ibv_modify_qp to {what}: {e}"))
@@ -304,13 +304,13 @@ impl Loopback {
     }
 
     /// The raw queue pair, for `ibv_post_send`.
-    pub(crate) fn raw_qp(&self) -> *mut rdma_mummy_sys::ibv_qp {
+    pub fn raw_qp(&self) -> *mut rdma_mummy_sys::ibv_qp {
         // SAFETY: the pointer is used only while `self` (which owns the queue pair) lives.
         unsafe { self.qp.qp().as_ptr() }
     }
 
     /// The raw completion queue, for `ibv_poll_cq`.
-    pub(crate) fn raw_cq(&self) -> *mut rdma_mummy_sys::ibv_cq {
+    pub fn raw_cq(&self) -> *mut rdma_mummy_sys::ibv_cq {
         // SAFETY: as in raw_qp.
         unsafe { self.cq.cq().as_ptr() }
     }

@@ -8,9 +8,10 @@
 //! work request posted before it, signaled or not.
 
 use super::nic::{Loopback, Nic};
-use super::{GdrConfig, NicCounters, DETAIL_NIC_UNUSABLE, DETAIL_POST_FAILED};
+use super::{NicCounters, DETAIL_NIC_UNUSABLE, DETAIL_POST_FAILED};
+use crate::config::GdrConfig;
+use crate::desc::Status;
 use crate::transport::{Done, Finished, Op, Transport};
-use crate::Status;
 use rdma_mummy_sys::{
     ibv_poll_cq, ibv_post_send, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_status, ibv_wr_opcode,
 };

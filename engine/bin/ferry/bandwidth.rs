@@ -5,13 +5,34 @@
 //! never touch adjacent memory. The same plan drives the engine and the plain `memcpy`
 //! baseline, so the two figures of one run compare like with like.
 
-use crate::error::Error;
-use crate::ring::layout::ring_bytes;
-use crate::ring::shm::SharedMemory;
-use crate::ring::{Consumer, Producer, RingMemory};
-use crate::{Completion, Descriptor, HostBuffer, Queue, RegionId};
+use ferry::internals::cuda::CudaError;
+use ferry::internals::ring::layout::ring_bytes;
+use ferry::internals::ring::shm::SharedMemory;
+use ferry::internals::ring::{Consumer, Producer, RingMemory};
+use ferry::{Completion, Descriptor, HostBuffer, Queue, RegionId};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// What a benchmark run fails with: the engine's errors, the CUDA driver's, or a check of the
+/// run that did not hold (copies completed with errors, a wrong checksum).
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The engine refused something.
+    #[error(transparent)]
+    Engine(#[from] ferry::Error),
+    /// A CUDA driver call of the benchmark itself failed.
+    #[error("CUDA: {0}")]
+    Cuda(#[from] CudaError),
+    /// A ring of the raw-ring benchmark.
+    #[error(transparent)]
+    Ring(#[from] ferry::internals::ring::RingError),
+    /// Reading the machine's topology.
+    #[error(transparent)]
+    Topology(#[from] ferry_topology::TopologyError),
+    /// A check of the run did not hold.
+    #[error("{0}")]
+    Failed(String),
+}
 
 /// What one run moved and how long it took.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -73,7 +94,7 @@ pub fn drive(
     plan: &[(u64, u64)],
     block: u64,
     count: u64,
-) -> Result<Measurement, Error> {
+) -> Result<Measurement, BenchError> {
     drive_queues(std::slice::from_mut(queue), src, dst, plan, block, count)
 }
 
@@ -86,7 +107,7 @@ pub fn drive_queues(
     plan: &[(u64, u64)],
     block: u64,
     count: u64,
-) -> Result<Measurement, Error> {
+) -> Result<Measurement, BenchError> {
     let n = queues.len() as u64;
     assert!(n > 0, "drive_queues needs a queue");
     let mut staged = [Descriptor::default(); 64];
@@ -122,7 +143,7 @@ pub fn drive_queues(
     }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(c) = first_failure {
-        return Err(Error::Benchmark(format!("{failed} of {count} copies failed; first: {c:?}")));
+        return Err(BenchError::Failed(format!("{failed} of {count} copies failed; first: {c:?}")));
     }
     Ok(Measurement { descriptors: count, bytes: count * block, seconds })
 }
@@ -148,23 +169,22 @@ pub fn ring_throughput(
     count: u64,
     producer_core: Option<usize>,
     consumer_core: Option<usize>,
-) -> Result<Measurement, Error> {
+) -> Result<Measurement, BenchError> {
     let capacity = 4096;
     let memory = SharedMemory::create("ferry-bench-ring", ring_bytes(capacity, std::mem::size_of::<Descriptor>()))
-        .map_err(|source| Error::SharedMemory { what: "the ring benchmark", source })?;
+        .map_err(|e| BenchError::Failed(format!("shared memory for the ring benchmark: {e}")))?;
     let memory = Arc::new(memory);
     let ring = Arc::new(RingMemory::<Descriptor>::create(memory, 0, capacity)?);
     let mut producer = Producer::new(ring.clone());
     let mut consumer = Consumer::new(ring);
-    let pin = |core: Option<usize>| -> Result<(), Error> {
+    let pin = |core: Option<usize>| -> Result<(), BenchError> {
         match core {
-            Some(core) => {
-                crate::sys::pin_current_thread(core).map_err(|source| Error::PinWorker { worker: 0, core, source })
-            }
+            Some(core) => ferry::internals::sys::pin_current_thread(core)
+                .map_err(|e| BenchError::Failed(format!("pinning the ring consumer to core {core}: {e}"))),
             None => Ok(()),
         }
     };
-    let popper = std::thread::spawn(move || -> Result<u64, Error> {
+    let popper = std::thread::spawn(move || -> Result<u64, BenchError> {
         pin(consumer_core)?;
         let mut seen = 0u64;
         let mut checksum = 0u64;
@@ -188,10 +208,10 @@ pub fn ring_throughput(
             i += 1;
         }
     }
-    let checksum = popper.join().map_err(|_| Error::Benchmark("ring benchmark consumer panicked".into()))??;
+    let checksum = popper.join().map_err(|_| BenchError::Failed("ring benchmark consumer panicked".into()))??;
     let seconds = start.elapsed().as_secs_f64();
     if checksum != count * (count.wrapping_sub(1)) / 2 {
-        return Err(Error::Benchmark("ring benchmark: checksum of popped tags is wrong".into()));
+        return Err(BenchError::Failed("ring benchmark: checksum of popped tags is wrong".into()));
     }
     Ok(Measurement { descriptors: count, bytes: 0, seconds })
 }
@@ -199,12 +219,17 @@ pub fn ring_throughput(
 /// GB/s of one `len`-byte copy on a fresh non-blocking stream, median of `reps` (the PCIe
 /// ceiling when one side is pinned host memory and the other device memory). The CUDA context
 /// must be current on this thread.
-pub fn copy_ceiling(dst: u64, src: u64, len: usize, reps: usize) -> Result<f64, Error> {
-    let stream = crate::cuda::Stream::new()?;
+///
+/// # Safety
+/// As `Stream::copy`: `src` readable and `dst` writable by the device for `len` bytes, and
+/// nothing else writing them, until this returns (it synchronizes after each copy).
+pub unsafe fn copy_ceiling(dst: u64, src: u64, len: usize, reps: usize) -> Result<f64, BenchError> {
+    let stream = ferry::internals::cuda::Stream::new()?;
     let mut runs = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         let start = Instant::now();
-        stream.copy(dst, src, len)?;
+        // SAFETY: forwarded from the caller; the copy finishes before the next line returns.
+        unsafe { stream.copy(dst, src, len)? };
         stream.synchronize()?;
         runs.push(Measurement { descriptors: 1, bytes: len as u64, seconds: start.elapsed().as_secs_f64() });
     }
@@ -221,21 +246,21 @@ pub fn latency(
     len: u64,
     warmup: usize,
     samples: usize,
-) -> Result<Vec<f64>, Error> {
+) -> Result<Vec<f64>, BenchError> {
     let mut out = [Completion::default()];
     let mut times = Vec::with_capacity(samples);
     for i in 0..warmup + samples {
         let d = Descriptor::copy(src, 0, dst, 0, len).with_tag(i as u64);
         let start = Instant::now();
         if queue.submit(std::slice::from_ref(&d))? != 1 {
-            return Err(Error::Benchmark("latency: the submission ring is full".into()));
+            return Err(BenchError::Failed("latency: the submission ring is full".into()));
         }
         while queue.poll(&mut out)? == 0 {
             std::hint::spin_loop();
         }
         let micros = start.elapsed().as_secs_f64() * 1e6;
         if !out[0].is_ok() {
-            return Err(Error::Benchmark(format!("latency: copy failed: {:?}", out[0])));
+            return Err(BenchError::Failed(format!("latency: copy failed: {:?}", out[0])));
         }
         if i >= warmup {
             times.push(micros);

@@ -2,11 +2,21 @@
 //!
 //! `ferry bench` measures the engine on scattered blocks and prints a table; see `ferry help`.
 
-use ferry::bandwidth::{
-    drive, drive_queues, median_by, memcpy_baseline, percentile, ring_throughput, scatter, Measurement,
+mod bandwidth;
+mod doctor;
+#[cfg(feature = "gdr")]
+mod gdr_baseline;
+mod topo;
+
+use bandwidth::{
+    copy_ceiling, drive, drive_queues, latency, median_by, memcpy_baseline, percentile, ring_throughput, scatter,
+    BenchError, Measurement,
 };
-use ferry::transport::cuda::{CudaConfig, Strategy};
-use ferry::{CorePlacement, Engine, EngineConfig, Error, QueueConfig, TransportKind};
+use ferry::internals::cuda::{gpus, Context, DeviceBuffer};
+use ferry::{
+    CorePlacement, CudaConfig, Engine, EngineConfig, GdrConfig, GpuConfig, QueueConfig, SmBudget, Strategy,
+    TransportKind, UseGdr,
+};
 use ferry_topology::{Machine, PlanConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,8 +67,8 @@ struct Options {
     reps: usize,
     worker_core: Option<usize>,
     client_core: Option<usize>,
-    device: i32,
-    sm_budget: u32,
+    device: u32,
+    sm_budget: SmBudget,
     nic: Option<String>,
     workers: usize,
     total_given: bool,
@@ -87,7 +97,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         worker_core: None,
         client_core: None,
         device: 0,
-        sm_budget: 8,
+        sm_budget: SmBudget::DEFAULT,
         nic: None,
         workers: 0,
         total_given: false,
@@ -106,8 +116,14 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.total = parse_number(value()?, 1024)?;
                 o.total_given = true;
             }
-            "--device" => o.device = parse_number(value()?, 1000)? as i32,
-            "--sm-budget" => o.sm_budget = parse_number(value()?, 1000)? as u32,
+            "--device" => o.device = u32::try_from(parse_number(value()?, 1000)?).map_err(|e| e.to_string())?,
+            "--sm-budget" => {
+                o.sm_budget = match value()?.as_str() {
+                    "all" => SmBudget::All,
+                    n => SmBudget::sms(u32::try_from(parse_number(n, 1000)?).map_err(|e| e.to_string())?)
+                        .ok_or("--sm-budget 0: give a number of SMs (at least 1) or all")?,
+                }
+            }
             "--descriptors" => o.descriptors = parse_number(value()?, 1000)?,
             "--span" => o.span = parse_number(value()?, 1024)?,
             "--sizes" => {
@@ -177,7 +193,7 @@ fn cpu_model() -> String {
 
 /// Whether the CUDA transport can run here: `Err` says why not.
 fn default_transport() -> Result<(), String> {
-    ferry::cuda::gpus().map(drop).map_err(|e| e.to_string())
+    gpus().map(drop).map_err(|e| e.to_string())
 }
 
 /// Why the host transport runs, in words.
@@ -191,7 +207,7 @@ fn transport_reason(o: &Options) -> String {
     }
 }
 
-fn start_engine(transport: TransportKind, worker: Option<usize>) -> Result<Engine, Error> {
+fn start_engine(transport: TransportKind, worker: Option<usize>) -> Result<Engine, ferry::Error> {
     let cores = match worker {
         Some(core) => CorePlacement::Cores(vec![core]),
         None => CorePlacement::Auto,
@@ -205,7 +221,10 @@ fn show(core: Option<usize>) -> String {
 
 /// Two engine-allocated host regions of `span` bytes, every page touched once (so that no run
 /// pays for first faults), and a queue, for one new client.
-fn host_pair(engine: &Engine, span: usize) -> Result<(ferry::HostBuffer, ferry::HostBuffer, ferry::Queue), Error> {
+fn host_pair(
+    engine: &Engine,
+    span: usize,
+) -> Result<(ferry::HostBuffer, ferry::HostBuffer, ferry::Queue), ferry::Error> {
     let client = engine.new_client();
     let src = engine.allocate_host(client, span)?;
     let dst = engine.allocate_host(client, span)?;
@@ -214,12 +233,13 @@ fn host_pair(engine: &Engine, span: usize) -> Result<(ferry::HostBuffer, ferry::
     Ok((src, dst, engine.open_queue(client, QueueConfig::default())?))
 }
 
-fn bench(o: &Options) -> Result<(), Error> {
+fn bench(o: &Options) -> Result<(), BenchError> {
     let machine = Machine::read(Path::new("/sys"))?;
     // The client first, so that automatic placement keeps the worker off its core.
     let client = o.client_core.or_else(|| machine.online.first().copied().filter(|_| machine.online.len() > 1));
     if let Some(core) = client {
-        ferry::sys::pin_current_thread(core).map_err(|source| Error::PinWorker { worker: usize::MAX, core, source })?;
+        ferry::internals::sys::pin_current_thread(core)
+            .map_err(|e| BenchError::Failed(format!("pinning the client thread to core {core}: {e}")))?;
     }
     if o.transport == "cuda" {
         return bench_cuda(o, &machine, client);
@@ -292,16 +312,16 @@ fn bench(o: &Options) -> Result<(), Error> {
 
 /// The GDR transport between two host regions, beside a raw-verbs loop on the same device.
 #[cfg(feature = "gdr")]
-fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), Error> {
-    use ferry::transport::gdr::{baseline, nic::Nic, GdrConfig, UseGdr};
+fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), BenchError> {
+    use ferry::internals::nic::Nic;
+    use gdr_baseline as baseline;
     let gdr = GdrConfig { use_gdr: UseGdr::On, nic: o.nic.clone(), ..GdrConfig::default() };
     let cores = match o.worker_core {
         Some(core) => CorePlacement::Cores(vec![core]),
         None => CorePlacement::Auto,
     };
     let config = EngineConfig {
-        transport: TransportKind::Cuda(CudaConfig::default()),
-        gdr: gdr.clone(),
+        transport: TransportKind::Gpu(GpuConfig { gdr: gdr.clone(), ..GpuConfig::default() }),
         cores,
         max_len: 1 << 30,
         ..EngineConfig::default()
@@ -324,13 +344,14 @@ fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<()
     let span = o.span as usize;
     let (src, dst, mut queue) = host_pair(&engine, span)?;
     // The baseline's own registrations of the same memory, on its own context of the device.
-    let raw_nic = Nic::open(&GdrConfig { nic: Some(nic_name.clone()), ..gdr.clone() }, None).map_err(Error::Gdr)?;
+    let raw_nic =
+        Nic::open(&GdrConfig { nic: Some(nic_name.clone()), ..gdr.clone() }, None).map_err(BenchError::Failed)?;
     // SAFETY: `src` and `dst` outlive these registrations (dropped at the end of this function,
     // before the buffers, which are declared earlier).
     let (src_mr, dst_mr) = unsafe {
         (
-            raw_nic.register(src.as_ptr() as u64, span).map_err(Error::Gdr)?,
-            raw_nic.register(dst.as_ptr() as u64, span).map_err(Error::Gdr)?,
+            raw_nic.register(src.as_ptr() as u64, span).map_err(BenchError::Failed)?,
+            raw_nic.register(dst.as_ptr() as u64, span).map_err(BenchError::Failed)?,
         )
     };
     let raw_src = baseline::Side { addr: src.as_ptr() as u64, key: src_mr.lkey() };
@@ -357,7 +378,7 @@ fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<()
             let every = gdr.signal_every as u64;
             raw_runs.push(
                 baseline::raw_writes(&raw_nic, raw_src, raw_dst, &plan, block, count, chain, every, 1024)
-                    .map_err(Error::Benchmark)?,
+                    .map_err(BenchError::Failed)?,
             );
             engine_runs.push(drive(&mut queue, src.id(), dst.id(), &plan, block, count)?);
         }
@@ -377,7 +398,7 @@ fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<()
             wrs / (after.completions - before.completions).max(1) as f64
         );
     }
-    let times = ferry::bandwidth::latency(&mut queue, src.id(), dst.id(), 4096, 200, 2000)?;
+    let times = latency(&mut queue, src.id(), dst.id(), 4096, 200, 2000)?;
     println!(
         "latency of one 4 KiB descriptor, push to completion: p50 {:.1} us, p99 {:.1} us",
         percentile(&times, 0.5),
@@ -388,8 +409,8 @@ fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<()
 }
 
 #[cfg(not(feature = "gdr"))]
-fn bench_gdr(_o: &Options, _machine: &Machine, _client: Option<usize>) -> Result<(), Error> {
-    Err(Error::Gdr("ferry was built without the `gdr` Cargo feature".into()))
+fn bench_gdr(_o: &Options, _machine: &Machine, _client: Option<usize>) -> Result<(), BenchError> {
+    Err(BenchError::Failed("ferry was built without the `gdr` Cargo feature".into()))
 }
 
 /// One CUDA engine with its two regions: pinned host memory and device memory of `span` bytes,
@@ -402,15 +423,20 @@ struct CudaRig {
     host: ferry::HostBuffer,
     device_id: ferry::RegionId,
     /// Dropped after the engine (fields drop in order): no copy can touch it any more.
-    device: ferry::cuda::DeviceBuffer,
+    device: DeviceBuffer,
     /// Keeps the primary context alive until `device` is freed.
-    _context: std::sync::Arc<ferry::cuda::Context>,
+    _context: std::sync::Arc<Context>,
 }
 
-/// `sm_budget` is the total over `workers` workers (each gets an equal share, at least 1).
-fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32, workers: usize) -> Result<CudaRig, Error> {
-    let share = (sm_budget / workers as u32).max(1);
-    let config = CudaConfig { device: o.device, strategy, sm_budget: share, ..CudaConfig::default() };
+/// `sm_budget` is the total over `workers` workers (each gets an equal share).
+fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: SmBudget, workers: usize) -> Result<CudaRig, BenchError> {
+    let gpu = GpuConfig {
+        device: o.device,
+        cuda: CudaConfig { strategy, sm_budget, ..CudaConfig::default() },
+        // This measures the CUDA driver's copies; GDR has its own bench (--transport gdr).
+        gdr: GdrConfig { use_gdr: UseGdr::Off, ..GdrConfig::default() },
+        ..GpuConfig::default()
+    };
     let cores = match o.worker_core {
         Some(core) if workers == 1 => CorePlacement::Cores(vec![core]),
         Some(core) => CorePlacement::Cores((core..core + workers).collect()),
@@ -418,12 +444,7 @@ fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32, workers: usize) -> 
     };
     let engine = Engine::start(EngineConfig {
         workers,
-        transport: TransportKind::Cuda(config),
-        // This measures the CUDA driver's copies; GDR has its own bench (--transport gdr).
-        gdr: ferry::transport::gdr::GdrConfig {
-            use_gdr: ferry::transport::gdr::UseGdr::Off,
-            ..ferry::transport::gdr::GdrConfig::default()
-        },
+        transport: TransportKind::Gpu(gpu),
         cores,
         burst: 256,
         max_len: 1 << 30,
@@ -433,7 +454,7 @@ fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32, workers: usize) -> 
     let span = o.span as usize;
     let host = engine.allocate_host(client, span)?;
     host.fill(0, span, 0x5a)?;
-    let device = ferry::cuda::DeviceBuffer::new(span)?;
+    let device = DeviceBuffer::new(span)?;
     device.fill(0)?;
     // SAFETY: `device` lives in the rig beside the engine, which is dropped first.
     let device_id = unsafe { engine.register_gpu(client, device.ptr(), span)? };
@@ -449,7 +470,7 @@ fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: u32, workers: usize) -> 
 }
 
 impl CudaRig {
-    fn run(&mut self, o: &Options, block: u64, h2d: bool) -> Result<Measurement, Error> {
+    fn run(&mut self, o: &Options, block: u64, h2d: bool) -> Result<Measurement, BenchError> {
         let plan = scatter(o.span as usize, block as usize, block);
         let count = (o.total / block).max(1);
         let (src, dst) = if h2d { (self.host.id(), self.device_id) } else { (self.device_id, self.host.id()) };
@@ -466,14 +487,14 @@ impl CudaRig {
     }
 }
 
-fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), Error> {
+fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), BenchError> {
     let workers = match o.workers {
         0 if machine.online.len() >= 3 => 2,
         0 => 1,
         n => n,
     };
     let o = &Options { workers, ..o.clone() };
-    let strategies = [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Auto];
+    let strategies = Strategy::ALL;
     let mut rig = cuda_rig(o, Strategy::Auto, o.sm_budget, 1)?;
     let ctx = rig.engine.cuda_context().expect("cuda engine").clone();
     println!(
@@ -491,18 +512,19 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     );
     // The ceiling is measured before and after the table; the higher median of the two is used,
     // so a disturbed reading can only lower ferry's ratios, never raise them.
-    let measure_ceiling = |rig: &CudaRig| -> Result<[f64; 2], Error> {
+    let measure_ceiling = |rig: &CudaRig| -> Result<[f64; 2], BenchError> {
         let (host, device, span) = (rig.host.as_ptr() as u64, rig.device.ptr(), o.span as usize);
-        Ok([
-            ferry::bandwidth::copy_ceiling(device, host, span, o.reps.max(5))?,
-            ferry::bandwidth::copy_ceiling(host, device, span, o.reps.max(5))?,
-        ])
+        // SAFETY: both buffers are `span` bytes, alive in the rig, and no copy of the engine
+        // touches them while no descriptor is pushed.
+        unsafe {
+            Ok([copy_ceiling(device, host, span, o.reps.max(5))?, copy_ceiling(host, device, span, o.reps.max(5))?])
+        }
     };
     let before = measure_ceiling(&rig)?;
     let mut latencies = Vec::new();
     for (h2d, name) in [(true, "H2D"), (false, "D2H")] {
         let (src, dst) = if h2d { (rig.host.id(), rig.device_id) } else { (rig.device_id, rig.host.id()) };
-        let t = ferry::bandwidth::latency(&mut rig.queues[0], src, dst, 4096, 500, 5000)?;
+        let t = latency(&mut rig.queues[0], src, dst, 4096, 500, 5000)?;
         latencies.push(format!(
             "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us",
             percentile(&t, 0.5),
@@ -532,7 +554,8 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut sweep = Vec::new();
     let all = ctx.info.sm_count as u32;
     for sms in [1, 2, 4, 8, 16, all] {
-        let mut rig = cuda_rig(o, Strategy::Kernel, sms, o.workers.min(sms as usize))?;
+        let budget = SmBudget::sms(sms).expect("at least one SM");
+        let mut rig = cuda_rig(o, Strategy::Kernel, budget, o.workers.min(sms as usize))?;
         sweep.push((sms, rig.run(o, 4096, true)?.gb_per_s(), rig.run(o, 4096, false)?.gb_per_s()));
     }
     println!(
@@ -597,17 +620,17 @@ fn report_options(args: &[String]) -> Result<(PathBuf, usize), String> {
 fn topo(args: &[String]) -> Result<(), String> {
     let (sysfs, workers_per_gpu) = report_options(args)?;
     let machine = Machine::read(&sysfs).map_err(|e| e.to_string())?;
-    let avoid: Vec<usize> = ferry::sys::pinned_cpu().into_iter().collect();
+    let avoid: Vec<usize> = ferry::internals::sys::pinned_cpu().into_iter().collect();
     let plan = ferry_topology::plan::plan(&machine, &PlanConfig { workers_per_gpu, avoid, ..PlanConfig::default() })?;
     println!("ferry topo (sysfs {})", sysfs.display());
-    print!("{}", ferry::diagnostics::topo::render(&machine, &plan));
+    print!("{}", topo::render(&machine, &plan));
     Ok(())
 }
 
 fn doctor(args: &[String]) -> Result<(), String> {
     let (sysfs, _) = report_options(args)?;
     println!("{}; doctor (sysfs {})", version_line(), sysfs.display());
-    print!("{}", ferry::diagnostics::doctor::run(&sysfs).render());
+    print!("{}", doctor::run(&sysfs).render());
     Ok(())
 }
 

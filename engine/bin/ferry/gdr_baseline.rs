@@ -2,8 +2,8 @@
 //! thread posting chains of RDMA WRITEs straight to a loopback queue pair on the same device,
 //! with the engine's chain length and signaling ratio, and no rings, validation or bookkeeping.
 
-use super::nic::Nic;
 use crate::bandwidth::Measurement;
+use ferry::internals::nic::Nic;
 use rdma_mummy_sys::{ibv_poll_cq, ibv_post_send, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wr_opcode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! `ferry doctor`: checks what the GPU transports need and says how to fix what is missing.
 
-use crate::cuda::{Driver, BATCH_COPY_VERSION};
+use ferry::internals::cuda::{Device, Driver, BATCH_COPY_VERSION};
 use ferry_topology::cpu::format_cpulist;
 use ferry_topology::Machine;
 use std::fmt::Write;
@@ -61,7 +61,7 @@ pub fn run(sysfs: &Path) -> Report {
             return r;
         }
     };
-    let verbs = crate::sys::library_loads("libibverbs.so.1");
+    let verbs = ferry::internals::sys::library_loads("libibverbs.so.1");
     r.checks.push(match &verbs {
         Ok(()) => ok("libibverbs.so.1 loads"),
         Err(e) => fail(
@@ -119,7 +119,7 @@ pub fn run(sysfs: &Path) -> Report {
             "modprobe nvidia-peermem",
         )
     });
-    r.checks.push(match crate::sys::memlock_limit() {
+    r.checks.push(match ferry::internals::sys::memlock_limit() {
         Ok(None) => ok("RLIMIT_MEMLOCK is unlimited"),
         Ok(Some(n)) if n >= 1 << 30 => ok(format!("RLIMIT_MEMLOCK is {} MiB", n >> 20)),
         Ok(Some(n)) => warn(
@@ -203,7 +203,7 @@ fn huge_pages(sysfs: &Path) -> Check {
 }
 
 /// Which transport each GPU would get, and why.
-fn decide(machine: &Machine, devices: &[crate::cuda::Device], verbs: bool, cuda: bool, r: &mut Report) {
+fn decide(machine: &Machine, devices: &[Device], verbs: bool, cuda: bool, r: &mut Report) {
     let plan = ferry_topology::plan::plan(machine, &Default::default()).unwrap_or_default();
     if machine.gpus.is_empty() && devices.is_empty() {
         r.decisions.push("no GPU: ferry runs the host transport (host-to-host copies)".into());

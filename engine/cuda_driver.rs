@@ -318,9 +318,13 @@ impl Stream {
     }
 
     /// Queues a copy of `len` bytes (unified addressing: host or device pointers).
-    pub fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), CudaError> {
-        // SAFETY: the caller's pointers were validated against registered regions; the driver
-        // checks what it can and reports the rest asynchronously.
+    ///
+    /// # Safety
+    /// `src` must be readable and `dst` writable for `len` bytes, by the device, until the copy
+    /// has finished on the stream (host memory pinned and mapped, or device memory of this
+    /// context), and nothing else may write `dst` or `src` meanwhile.
+    pub unsafe fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), CudaError> {
+        // SAFETY: the caller's contract covers both ranges until the copy finishes.
         check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(dst, src, len, self.0) })
     }
 
@@ -331,8 +335,11 @@ impl Stream {
     }
 
     /// Queues `dsts.len()` copies in one call (driver 12.8+).
-    pub fn copy_batch(&self, dsts: &mut [u64], srcs: &mut [u64], sizes: &mut [usize]) -> Result<(), CudaError> {
-        debug_assert!(dsts.len() == srcs.len() && srcs.len() == sizes.len());
+    ///
+    /// # Safety
+    /// As [`Stream::copy`], for each `(dsts[i], srcs[i], sizes[i])`.
+    pub unsafe fn copy_batch(&self, dsts: &mut [u64], srcs: &mut [u64], sizes: &mut [usize]) -> Result<(), CudaError> {
+        assert!(dsts.len() == srcs.len() && srcs.len() == sizes.len(), "copy_batch: arrays of different lengths");
         let mut attrs = sys::CUmemcpyAttributes {
             srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
             srcLocHint: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID, id: 0 },
@@ -341,7 +348,8 @@ impl Stream {
         };
         let mut attr_index: usize = 0;
         let mut fail_index: usize = 0;
-        // SAFETY: the three arrays have `len` entries; one attribute applies from index 0.
+        // SAFETY: the three arrays have `len` entries (asserted); one attribute applies from
+        // index 0; the caller's contract covers every range.
         check("cuMemcpyBatchAsync", unsafe {
             sys::cuMemcpyBatchAsync(
                 dsts.as_mut_ptr(),
@@ -449,9 +457,19 @@ impl Kernel {
     }
 
     /// Launches on `stream` with `grid` blocks; `params` point at each argument's value.
-    pub fn launch(&self, stream: &Stream, grid: u32, params: &mut [*mut std::ffi::c_void]) -> Result<(), CudaError> {
-        // SAFETY: live function and stream; `params` matches the kernel's signature (the
-        // caller's contract) and outlives the call, which copies the values.
+    ///
+    /// # Safety
+    /// `params` must match the kernel's signature, each pointing at a live value of the
+    /// argument's type, and every memory the kernel reads or writes through them must stay
+    /// valid, and untouched by others, until the kernel has finished on the stream.
+    pub unsafe fn launch(
+        &self,
+        stream: &Stream,
+        grid: u32,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<(), CudaError> {
+        // SAFETY: live function and stream; `params` is as the caller promised and outlives the
+        // call, which copies the values.
         check("cuLaunchKernel", unsafe {
             sys::cuLaunchKernel(
                 self.function,

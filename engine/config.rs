@@ -1,0 +1,418 @@
+//! Every setting of the engine, in one place: [`EngineConfig`] and what it holds (the transport
+//! with its GPU, CUDA and GDR settings, core placement, idle policy), and [`QueueConfig`] for
+//! one queue. Built with defaults, validated once when the engine starts ([`EngineConfig::check`]
+//! for what needs no hardware; the GPU settings against the device at start).
+
+use crate::error::Error;
+use crate::transport::Transport;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Builds one transport per worker, given the worker's index.
+pub type TransportFactory = Arc<dyn Fn(usize) -> Box<dyn Transport> + Send + Sync>;
+
+/// Which transport the workers run.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// The CPU copies host memory ([`crate::transport::host::HostTransport`]).
+    Host,
+    /// Completes without moving data ([`crate::transport::null::NullTransport`]).
+    Null,
+    /// Host <-> GPU copies: over the NIC ([`crate::transport::gdr`]) or with the CUDA driver
+    /// ([`crate::transport::cuda::CudaTransport`]), as [`GdrConfig::use_gdr`] says. With the
+    /// CUDA driver, host regions are pinned and mapped for the device when registered; over the
+    /// NIC, every region is registered with it.
+    Gpu(GpuConfig),
+    /// A caller-supplied transport, built once per worker.
+    Custom(TransportFactory),
+}
+
+impl std::fmt::Debug for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransportKind::Host => f.write_str("Host"),
+            TransportKind::Null => f.write_str("Null"),
+            TransportKind::Gpu(c) => write!(f, "Gpu({c:?})"),
+            TransportKind::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+/// The GPU transport's settings: which GPU, how the CUDA driver copies, whether and how the NIC
+/// copies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// CUDA device ordinal.
+    pub device: u32,
+    /// The GPU's PCI bus id (`0000:18:00.0`), optional. With a CUDA driver it must name the
+    /// same GPU as `device` (checked at start); without one (GDR on host memory only) it is the
+    /// GPU whose cores and NIC the topology plan gives the engine. Unset: the bus id the driver
+    /// reports for `device`.
+    pub bus_id: Option<String>,
+    /// How the CUDA driver copies.
+    pub cuda: CudaConfig,
+    /// Whether copies go over the NIC, which NIC, chains and signaling.
+    pub gdr: GdrConfig,
+}
+
+/// How the CUDA transport moves a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// Route each batch (see [`crate::transport::cuda`]).
+    #[default]
+    Auto,
+    /// `cuMemcpyAsync` per descriptor.
+    Memcpy,
+    /// `cuMemcpyBatchAsync` per batch.
+    Batch,
+    /// The SM copy kernel.
+    Kernel,
+}
+
+impl Strategy {
+    /// Every strategy, in the order reports list them.
+    pub const ALL: [Strategy; 4] = [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Auto];
+
+    /// Name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Auto => "auto",
+            Strategy::Memcpy => "memcpy",
+            Strategy::Batch => "batch",
+            Strategy::Kernel => "kernel",
+        }
+    }
+}
+
+/// How many SMs the copy kernel may occupy, in total over the engine's workers (each worker
+/// gets an equal share; a budget smaller than the number of workers is a start-up error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmBudget {
+    /// Every SM of the GPU.
+    All,
+    /// At most this many (capped by the GPU's SM count).
+    Sms(NonZeroU32),
+}
+
+impl SmBudget {
+    /// The default: 8 SMs in total.
+    pub const DEFAULT: SmBudget = SmBudget::Sms(NonZeroU32::new(8).unwrap());
+
+    /// `n` SMs; `None` for 0, which is no budget at all.
+    pub fn sms(n: u32) -> Option<SmBudget> {
+        NonZeroU32::new(n).map(SmBudget::Sms)
+    }
+
+    /// Each of `workers` workers' share on a GPU with `sm_count` SMs (at least 1).
+    pub(crate) fn per_worker(self, sm_count: u32, workers: usize) -> Result<u32, Error> {
+        let workers = u32::try_from(workers).unwrap_or(u32::MAX).max(1);
+        let total = match self {
+            SmBudget::All => sm_count,
+            SmBudget::Sms(n) => n.get().min(sm_count),
+        };
+        if total < workers {
+            return Err(Error::Config(format!(
+                "sm_budget is {total} SMs in total but the engine has {workers} workers: give each worker at least one"
+            )));
+        }
+        Ok(total / workers)
+    }
+}
+
+impl Default for SmBudget {
+    fn default() -> Self {
+        SmBudget::DEFAULT
+    }
+}
+
+impl std::fmt::Display for SmBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SmBudget::All => f.write_str("all"),
+            SmBudget::Sms(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// CUDA transport settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaConfig {
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Most SMs the copy kernel may occupy, in total over the workers.
+    pub sm_budget: SmBudget,
+    /// Most operations in one batch.
+    pub max_batch: usize,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig { strategy: Strategy::Auto, sm_budget: SmBudget::DEFAULT, max_batch: 4096 }
+    }
+}
+
+/// Whether the GPU transport runs over the NIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UseGdr {
+    /// Never: the CUDA driver's copies.
+    Off,
+    /// Always: the engine's start fails, naming what is missing, when GDR cannot run.
+    On,
+    /// GDR when a NIC is found and a loopback self-test passes; otherwise the CUDA driver's
+    /// copies, with the reason in [`crate::Engine::transport_notes`] and on stderr.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for UseGdr {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<UseGdr, Error> {
+        match s {
+            "off" => Ok(UseGdr::Off),
+            "on" => Ok(UseGdr::On),
+            "auto" => Ok(UseGdr::Auto),
+            other => Err(Error::Config(format!("use_gdr must be off, on or auto, not {other:?}"))),
+        }
+    }
+}
+
+/// GDR settings ([`GpuConfig::gdr`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GdrConfig {
+    /// Off, on or auto.
+    pub use_gdr: UseGdr,
+    /// RDMA device name (`mlx5_0`); `None`: the topology plan's NIC for the engine's GPU, else
+    /// the first device with an active port.
+    pub nic: Option<String>,
+    /// Port number (from 1).
+    pub port: u8,
+    /// GID index; `None`: a RoCE v2 GID, routable ones first.
+    pub gid_index: Option<u8>,
+    /// Most work requests posted with one doorbell.
+    pub chain: usize,
+    /// One work request in this many asks for a completion (besides the last one before the
+    /// queue would go quiet).
+    pub signal_every: usize,
+    /// Send-queue depth wanted (capped by the device's limit).
+    pub send_queue_depth: usize,
+    /// Most scatter/gather entries per work request (capped by the device's limit).
+    pub max_sge: usize,
+    /// Writes up to this many bytes go inline (capped by what the device grants; 0: never).
+    pub inline_max: u32,
+    /// Largest work request in bytes (at most 1 GiB: scatter/gather lengths are 32-bit and RDMA
+    /// messages at most 2 GiB); a longer descriptor is posted as several work requests.
+    pub max_wr_bytes: u64,
+    /// Recoveries in a row, with no successful completion between them, after which the NIC is
+    /// marked unusable.
+    pub max_recoveries: u32,
+}
+
+impl Default for GdrConfig {
+    fn default() -> Self {
+        GdrConfig {
+            use_gdr: UseGdr::Auto,
+            nic: None,
+            port: 1,
+            gid_index: None,
+            chain: 64,
+            signal_every: 16,
+            send_queue_depth: 1024,
+            max_sge: 16,
+            inline_max: 128,
+            max_wr_bytes: 1 << 30,
+            max_recoveries: 3,
+        }
+    }
+}
+
+impl GdrConfig {
+    /// Checks the settings that need no device.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.chain == 0 || self.signal_every == 0 || self.max_sge == 0 || self.port == 0 {
+            return Err(Error::Config("gdr: chain, signal_every, max_sge and port must be at least 1".into()));
+        }
+        if self.send_queue_depth < 2 * self.signal_every.max(self.chain) {
+            return Err(Error::Config(format!(
+                "gdr: send_queue_depth {} must be at least twice chain and signal_every ({} and {})",
+                self.send_queue_depth, self.chain, self.signal_every
+            )));
+        }
+        if self.max_wr_bytes == 0 || self.max_wr_bytes > 1 << 30 {
+            return Err(Error::Config(format!("gdr: max_wr_bytes {} must be between 1 and 1 GiB", self.max_wr_bytes)));
+        }
+        Ok(())
+    }
+}
+
+/// Where the worker threads run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CorePlacement {
+    /// From the topology plan: with the GPU transport, free CPUs local to the engine's GPU
+    /// (isolated ones first); otherwise free CPUs anywhere, isolated ones first,
+    /// highest-numbered first. Never CPU 0, nor the CPU the calling thread is pinned to, while
+    /// anything else is left (see [`crate::Engine::placement_notes`]).
+    Auto,
+    /// Worker `i` on core `cores[i]`; one core per worker.
+    Cores(Vec<usize>),
+    /// No pinning (tests on shared machines).
+    Unpinned,
+}
+
+/// What a worker does when an iteration found no work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdlePolicy {
+    /// Keep spinning: the lowest latency, one core fully busy.
+    Spin,
+    /// After `after` empty iterations in a row, yield the CPU on each further empty one.
+    Yield {
+        /// Empty iterations before yielding.
+        after: u32,
+    },
+}
+
+/// Engine configuration.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Worker threads.
+    pub workers: usize,
+    /// Their cores.
+    pub cores: CorePlacement,
+    /// The transport.
+    pub transport: TransportKind,
+    /// Most descriptors a worker takes from one queue per visit.
+    pub burst: usize,
+    /// Longest descriptor accepted (bytes).
+    pub max_len: u64,
+    /// Region table capacity (at most 65536).
+    pub max_regions: usize,
+    /// Idle behaviour.
+    pub idle: IdlePolicy,
+    /// How long shutdown, and the close of a queue, wait for copies a transport has started.
+    pub shutdown_timeout: Duration,
+    /// sysfs root, for the online CPU list and the topology plan.
+    pub sysfs: std::path::PathBuf,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            workers: 1,
+            cores: CorePlacement::Auto,
+            transport: TransportKind::Host,
+            burst: 64,
+            max_len: 64 << 20,
+            max_regions: 4096,
+            idle: IdlePolicy::Spin,
+            shutdown_timeout: Duration::from_secs(5),
+            sysfs: "/sys".into(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The largest region table.
+    pub const MAX_REGIONS: usize = 1 << 16;
+
+    /// Checks every setting that needs no hardware; [`crate::Engine::start`] calls it first.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.workers == 0 {
+            return Err(Error::Config("workers must be at least 1".into()));
+        }
+        if self.burst == 0 {
+            return Err(Error::Config("burst must be at least 1".into()));
+        }
+        if self.max_len == 0 {
+            return Err(Error::Config("max_len must be at least 1".into()));
+        }
+        if self.max_regions == 0 || self.max_regions > Self::MAX_REGIONS {
+            return Err(Error::Config(format!(
+                "max_regions is {}; it must be between 1 and {}",
+                self.max_regions,
+                Self::MAX_REGIONS
+            )));
+        }
+        if let CorePlacement::Cores(cores) = &self.cores {
+            if cores.len() != self.workers {
+                return Err(Error::Config(format!("{} cores given for {} workers", cores.len(), self.workers)));
+            }
+            for (i, core) in cores.iter().enumerate() {
+                if cores[..i].contains(core) {
+                    return Err(Error::Config(format!("core {core} is given to two workers")));
+                }
+            }
+        }
+        if let TransportKind::Gpu(gpu) = &self.transport {
+            if gpu.cuda.max_batch == 0 {
+                return Err(Error::Config("cuda.max_batch must be at least 1".into()));
+            }
+            if gpu.gdr.use_gdr != UseGdr::Off {
+                gpu.gdr.check()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ring sizes of a new queue, and its worker.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueConfig {
+    /// Submission ring slots (a power of two). Also the most descriptors one queue has in flight.
+    pub submit_capacity: u64,
+    /// Completion ring slots (a power of two).
+    pub complete_capacity: u64,
+    /// Worker to serve the queue; `None` picks the worker with the fewest queues.
+    pub worker: Option<usize>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig { submit_capacity: 4096, complete_capacity: 4096, worker: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sm_budget_is_a_total_split_over_the_workers() {
+        let eight = SmBudget::sms(8).unwrap();
+        assert_eq!(eight.per_worker(132, 1).unwrap(), 8);
+        assert_eq!(eight.per_worker(132, 2).unwrap(), 4);
+        assert_eq!(eight.per_worker(4, 1).unwrap(), 4, "capped by the GPU's SMs");
+        assert_eq!(SmBudget::All.per_worker(132, 2).unwrap(), 66);
+        assert!(SmBudget::sms(1).unwrap().per_worker(132, 2).is_err(), "fewer SMs than workers");
+        assert_eq!(SmBudget::sms(0), None, "0 is no budget: not expressible");
+        assert_eq!(SmBudget::default(), eight);
+    }
+
+    #[test]
+    fn check_rejects_each_bad_setting() {
+        let ok = EngineConfig::default();
+        ok.check().unwrap();
+        let bad = [
+            EngineConfig { workers: 0, ..ok.clone() },
+            EngineConfig { burst: 0, ..ok.clone() },
+            EngineConfig { max_len: 0, ..ok.clone() },
+            EngineConfig { max_regions: 0, ..ok.clone() },
+            EngineConfig { max_regions: (1 << 16) + 1, ..ok.clone() },
+            EngineConfig { cores: CorePlacement::Cores(vec![1, 2]), ..ok.clone() },
+            EngineConfig { workers: 2, cores: CorePlacement::Cores(vec![1, 1]), ..ok.clone() },
+            EngineConfig {
+                transport: TransportKind::Gpu(GpuConfig {
+                    gdr: GdrConfig { chain: 0, ..GdrConfig::default() },
+                    ..GpuConfig::default()
+                }),
+                ..ok.clone()
+            },
+        ];
+        for config in bad {
+            assert!(matches!(config.check(), Err(Error::Config(_))), "{config:?}");
+        }
+    }
+}
