@@ -90,6 +90,7 @@ impl Strategy {
 /// How many SMs the copy kernel may occupy, in total over the engine's workers (each worker
 /// gets an equal share; a budget smaller than the number of workers is a start-up error).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SmBudget {
     /// Every SM of the GPU.
     All,
@@ -114,9 +115,11 @@ impl SmBudget {
             SmBudget::Sms(n) => n.get().min(sm_count),
         };
         if total < workers {
-            return Err(Error::Config(format!(
-                "sm_budget is {total} SMs in total but the engine has {workers} workers: give each worker at least one"
-            )));
+            return Err(Error::setting(
+                "CudaConfig::sm_budget",
+                format!("{total} SMs in total"),
+                format!("at least one SM per worker ({workers} workers)"),
+            ));
         }
         Ok(total / workers)
     }
@@ -156,6 +159,7 @@ impl Default for CudaConfig {
 
 /// Whether the GPU transport runs over the NIC.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum UseGdr {
     /// Never: the CUDA driver's copies.
     Off,
@@ -174,7 +178,7 @@ impl std::str::FromStr for UseGdr {
             "off" => Ok(UseGdr::Off),
             "on" => Ok(UseGdr::On),
             "auto" => Ok(UseGdr::Auto),
-            other => Err(Error::Config(format!("use_gdr must be off, on or auto, not {other:?}"))),
+            other => Err(Error::setting("use_gdr", format!("{other:?}"), "off, on or auto")),
         }
     }
 }
@@ -231,17 +235,25 @@ impl Default for GdrConfig {
 impl GdrConfig {
     /// Checks the settings that need no device.
     pub fn check(&self) -> Result<(), Error> {
-        if self.chain == 0 || self.signal_every == 0 || self.max_sge == 0 || self.port == 0 {
-            return Err(Error::Config("gdr: chain, signal_every, max_sge and port must be at least 1".into()));
+        for (setting, value) in [
+            ("GdrConfig::chain", self.chain),
+            ("GdrConfig::signal_every", self.signal_every),
+            ("GdrConfig::max_sge", self.max_sge),
+            ("GdrConfig::port", self.port.into()),
+        ] {
+            if value == 0 {
+                return Err(Error::setting(setting, 0, "at least 1"));
+            }
         }
         if self.send_queue_depth < 2 * self.signal_every.max(self.chain) {
-            return Err(Error::Config(format!(
-                "gdr: send_queue_depth {} must be at least twice chain and signal_every ({} and {})",
-                self.send_queue_depth, self.chain, self.signal_every
-            )));
+            return Err(Error::setting(
+                "GdrConfig::send_queue_depth",
+                self.send_queue_depth,
+                format!("at least twice chain and signal_every ({} and {})", self.chain, self.signal_every),
+            ));
         }
         if self.max_wr_bytes == 0 || self.max_wr_bytes > 1 << 30 {
-            return Err(Error::Config(format!("gdr: max_wr_bytes {} must be between 1 and 1 GiB", self.max_wr_bytes)));
+            return Err(Error::setting("GdrConfig::max_wr_bytes", self.max_wr_bytes, "between 1 and 1 GiB"));
         }
         Ok(())
     }
@@ -321,34 +333,42 @@ impl EngineConfig {
     /// Checks every setting that needs no hardware; [`crate::Engine::start`] calls it first.
     pub fn check(&self) -> Result<(), Error> {
         if self.workers == 0 {
-            return Err(Error::Config("workers must be at least 1".into()));
+            return Err(Error::setting("EngineConfig::workers", 0, "at least 1"));
         }
         if self.burst == 0 {
-            return Err(Error::Config("burst must be at least 1".into()));
+            return Err(Error::setting("EngineConfig::burst", 0, "at least 1"));
         }
         if self.max_len == 0 {
-            return Err(Error::Config("max_len must be at least 1".into()));
+            return Err(Error::setting("EngineConfig::max_len", 0, "at least 1"));
         }
         if self.max_regions == 0 || self.max_regions > Self::MAX_REGIONS {
-            return Err(Error::Config(format!(
-                "max_regions is {}; it must be between 1 and {}",
+            return Err(Error::setting(
+                "EngineConfig::max_regions",
                 self.max_regions,
-                Self::MAX_REGIONS
-            )));
+                format!("between 1 and {}", Self::MAX_REGIONS),
+            ));
         }
         if let CorePlacement::Cores(cores) = &self.cores {
             if cores.len() != self.workers {
-                return Err(Error::Config(format!("{} cores given for {} workers", cores.len(), self.workers)));
+                return Err(Error::setting(
+                    "EngineConfig::cores",
+                    format!("{} cores", cores.len()),
+                    format!("one core per worker ({} workers)", self.workers),
+                ));
             }
             for (i, core) in cores.iter().enumerate() {
                 if cores[..i].contains(core) {
-                    return Err(Error::Config(format!("core {core} is given to two workers")));
+                    return Err(Error::setting(
+                        "EngineConfig::cores",
+                        format!("{cores:?}"),
+                        format!("without core {core} twice"),
+                    ));
                 }
             }
         }
         if let TransportKind::Gpu(gpu) = &self.transport {
             if gpu.cuda.max_batch == 0 {
-                return Err(Error::Config("cuda.max_batch must be at least 1".into()));
+                return Err(Error::setting("CudaConfig::max_batch", 0, "at least 1"));
             }
             if gpu.gdr.use_gdr != UseGdr::Off {
                 gpu.gdr.check()?;
@@ -412,7 +432,7 @@ mod tests {
             },
         ];
         for config in bad {
-            assert!(matches!(config.check(), Err(Error::Config(_))), "{config:?}");
+            assert!(matches!(config.check(), Err(Error::InvalidSetting { .. })), "{config:?}");
         }
     }
 }

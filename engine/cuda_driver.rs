@@ -11,10 +11,31 @@ use std::os::fd::FromRawFd;
 
 /// Why a CUDA call failed or CUDA cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CudaError {
-    /// The driver lacks something this use needs.
-    #[error("{0}")]
-    Unsupported(String),
+    /// The driver lists no GPU.
+    #[error("the CUDA driver lists no GPU")]
+    NoGpu,
+    /// No device has this ordinal.
+    #[error("no CUDA device {ordinal} (cuDeviceGetCount says fewer): check GpuConfig::device")]
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: i32,
+    },
+    /// A range cannot be exported as a dma-buf.
+    #[error("cannot export {len} bytes at {ptr:#x} page-aligned as a dma-buf")]
+    Unexportable {
+        /// Start address.
+        ptr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A string handed to the driver holds a NUL byte.
+    #[error("the {what} holds a NUL byte")]
+    NulByte {
+        /// What string.
+        what: &'static str,
+    },
     /// No libcuda on this machine.
     #[error("libcuda.so.1 not found: install the NVIDIA driver (no CUDA toolkit is needed)")]
     NoLibrary,
@@ -160,7 +181,7 @@ impl Driver {
 pub fn gpus() -> Result<Vec<Device>, CudaError> {
     let devices = Driver::load()?.devices()?;
     if devices.is_empty() {
-        return Err(CudaError::Unsupported("the CUDA driver lists no GPU".into()));
+        return Err(CudaError::NoGpu);
     }
     Ok(devices)
 }
@@ -186,10 +207,7 @@ impl Context {
     /// Retains the primary context of device `ordinal` and makes it current on this thread.
     pub fn new(driver: &Driver, ordinal: i32) -> Result<Context, CudaError> {
         let devices = driver.devices()?;
-        let info = devices
-            .into_iter()
-            .find(|d| d.ordinal == ordinal)
-            .ok_or_else(|| CudaError::Unsupported(format!("no CUDA device {ordinal} (cuDeviceGetCount says fewer)")))?;
+        let info = devices.into_iter().find(|d| d.ordinal == ordinal).ok_or(CudaError::NoDevice { ordinal })?;
         let mut device: sys::CUdevice = 0;
         // SAFETY: initialised driver; valid ordinal; valid out pointer.
         check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut device, ordinal) })?;
@@ -237,7 +255,7 @@ impl Context {
         let start = (ptr & !(page - 1)).max(alloc_start);
         let end = (ptr + len).next_multiple_of(page).min(alloc_start + alloc_len);
         if end <= start || ptr < start {
-            return Err(CudaError::Unsupported(format!("cannot export {len} bytes at {ptr:#x} page-aligned")));
+            return Err(CudaError::Unexportable { ptr, len });
         }
         let mut fd: c_int = -1;
         // SAFETY: `fd` is a valid out pointer for an int (the DMA_BUF_FD handle type writes an fd).
@@ -431,9 +449,8 @@ unsafe impl Send for Kernel {}
 impl Kernel {
     /// Loads `ptx` (NUL-free text) and finds `name` in it.
     pub fn load(ptx: &str, name: &str, block_threads: u32) -> Result<Kernel, CudaError> {
-        let text = std::ffi::CString::new(ptx).map_err(|_| CudaError::Unsupported("PTX holds a NUL byte".into()))?;
-        let cname =
-            std::ffi::CString::new(name).map_err(|_| CudaError::Unsupported("kernel name holds a NUL".into()))?;
+        let text = std::ffi::CString::new(ptx).map_err(|_| CudaError::NulByte { what: "PTX" })?;
+        let cname = std::ffi::CString::new(name).map_err(|_| CudaError::NulByte { what: "kernel name" })?;
         let mut module: sys::CUmodule = std::ptr::null_mut();
         // SAFETY: NUL-terminated PTX text; valid out pointer.
         check("cuModuleLoadData", unsafe { sys::cuModuleLoadData(&mut module, text.as_ptr().cast()) })?;

@@ -92,6 +92,7 @@ impl std::fmt::Display for RegionId {
 /// Outcome of a descriptor. `Ok` is 0; every failure has its own code.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Status {
     /// Copied.
     Ok = 0,
@@ -214,6 +215,7 @@ impl Completion {
 
 /// Whether a queue is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum QueueState {
     /// A worker serves it.
     Open,

@@ -4,7 +4,7 @@
 use crate::config::{CorePlacement, EngineConfig, QueueConfig};
 use crate::cuda_driver::{Context, HostRegistration, MEMORY_TYPE_DEVICE, MEMORY_TYPE_HOST};
 use crate::desc::RegionId;
-use crate::error::Error;
+use crate::error::{Error, GpuRangeFault};
 use crate::queue::{Queue, QueueId, QueueMemory, WorkerEnd};
 use crate::region::{check_range, ClientId, HostBuffer, Keep, MemoryKind, NicKeys, RegionTable};
 use crate::ring::shm::SharedMemory;
@@ -103,10 +103,10 @@ impl Engine {
                     };
                     let started = pinned.and_then(|()| {
                         let transport = worker.transport.name();
-                        worker.transport.start().map_err(|reason| Error::TransportStart {
+                        worker.transport.start().map_err(|source| Error::TransportStart {
                             worker: index,
                             transport,
-                            reason,
+                            source,
                         })
                     });
                     let ok = started.is_ok();
@@ -130,7 +130,7 @@ impl Engine {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e), // Drop stops and joins the workers started so far.
-                Err(_) => return Err(Error::Config("a worker thread exited during start-up".into())),
+                Err(_) => return Err(Error::WorkerExited),
             }
         }
         Ok(engine)
@@ -227,38 +227,30 @@ impl Engine {
     /// # Safety
     /// The allocation must stay valid until [`Engine::deregister`] returns `Ok` for the region.
     pub unsafe fn register_gpu(&self, client: ClientId, ptr: u64, len: usize) -> Result<RegionId, Error> {
-        let bad = |reason: String| Error::GpuRange { addr: ptr, len: len as u64, reason };
+        let bad = |fault: GpuRangeFault| Error::GpuRange { addr: ptr, len: len as u64, fault };
         let ctx = self.device.cuda.as_ref().ok_or_else(|| {
-            bad(if self.device.nic.is_some() {
-                "the engine runs the GDR transport without a CUDA driver (see Engine::transport_notes)".into()
-            } else {
-                "the engine does not run the GPU transport".into()
-            })
+            bad(if self.device.nic.is_some() { GpuRangeFault::NoCudaDriver } else { GpuRangeFault::NoGpuTransport })
         })?;
         ctx.make_current()?;
         if len == 0 {
-            return Err(bad("zero length".into()));
+            return Err(bad(GpuRangeFault::ZeroLength));
         }
-        let info = ctx.pointer_info(ptr).map_err(|e| bad(format!("the driver does not know this address ({e})")))?;
+        let info = ctx.pointer_info(ptr).map_err(|e| bad(GpuRangeFault::UnknownAddress(e)))?;
         if info.memory_type != MEMORY_TYPE_DEVICE {
-            return Err(bad(format!("memory type {} is not device memory", info.memory_type)));
+            return Err(bad(GpuRangeFault::NotDeviceMemory { memory_type: info.memory_type }));
         }
         if info.ordinal != ctx.info.ordinal {
-            return Err(bad(format!(
-                "the memory is on CUDA device {}, the engine serves device {}",
-                info.ordinal, ctx.info.ordinal
-            )));
+            return Err(bad(GpuRangeFault::OtherDevice { found: info.ordinal, engine: ctx.info.ordinal }));
         }
-        let end = ptr.checked_add(len as u64).ok_or_else(|| bad("range wraps the address space".into()))?;
+        let end = ptr.checked_add(len as u64).ok_or(bad(GpuRangeFault::Wraps))?;
         if ptr < info.range_start || end > info.range_start + info.range_size {
-            return Err(bad(format!(
-                "the range runs past its allocation ({} bytes at {:#x})",
-                info.range_size, info.range_start
-            )));
+            return Err(bad(GpuRangeFault::PastAllocation { start: info.range_start, size: info.range_size }));
         }
         // SAFETY: the caller keeps the allocation valid until deregistration, when `nic` drops.
-        let (keys, nic) = unsafe { self.device.register_with_nic(ptr, len, Some(&info)) }
-            .map_err(|e| bad(format!("registering it with the NIC: {e}")))?;
+        let (keys, nic) = unsafe { self.device.register_with_nic(ptr, len, Some(&info)) }.map_err(|e| match e {
+            Error::Gdr(e) => bad(GpuRangeFault::Nic(e)),
+            other => other,
+        })?;
         self.table.register(client, MemoryKind::Gpu, ptr, len as u64, keys, nic)
     }
 
@@ -301,10 +293,11 @@ impl Engine {
         let worker = match config.worker {
             Some(w) if w < self.workers.len() => w,
             Some(w) => {
-                return Err(Error::Config(format!(
-                    "QueueConfig::worker is {w}, but the engine has {} workers",
-                    self.workers.len()
-                )))
+                return Err(Error::setting(
+                    "QueueConfig::worker",
+                    w,
+                    format!("below the engine's {} workers", self.workers.len()),
+                ))
             }
             // Relaxed: read and written under queue_lock.
             None => {
@@ -372,26 +365,24 @@ fn place_workers(config: &EngineConfig, gpu: Option<&str>) -> Result<(Vec<Option
             let avoid: Vec<usize> = crate::sys::pinned_cpu().into_iter().collect();
             let (cores, notes) = match gpu {
                 Some(bus) => {
-                    let planned =
-                        plan(&machine, &PlanConfig { workers_per_gpu: config.workers, avoid, ..PlanConfig::default() })
-                            .map_err(Error::Config)?;
-                    let known: Vec<&str> = planned.gpus.iter().map(|g| g.gpu.as_str()).collect();
-                    let gpu = planned.gpus.iter().find(|g| g.gpu == bus).ok_or_else(|| {
-                        Error::Config(format!(
-                            "the engine's GPU {bus} is not an NVIDIA GPU of this machine (found: {known:?})"
-                        ))
+                    let planned = plan(
+                        &machine,
+                        &PlanConfig { workers_per_gpu: config.workers, avoid, ..PlanConfig::default() },
+                    )?;
+                    let gpu = planned.gpus.iter().find(|g| g.gpu == bus).ok_or_else(|| Error::GpuNotInTopology {
+                        bus_id: bus.to_owned(),
+                        found: planned.gpus.iter().map(|g| g.gpu.clone()).collect(),
                     })?;
                     (gpu.cores.clone(), gpu.notes.clone())
                 }
                 None => host_cores(&machine, config.workers, &avoid),
             };
             if cores.len() < config.workers {
-                return Err(Error::Config(format!(
-                    "{} workers but only {} online CPUs ({})",
-                    config.workers,
-                    cores.len(),
-                    format_cpulist(&machine.online)
-                )));
+                return Err(Error::NotEnoughCores {
+                    workers: config.workers,
+                    usable: cores.len(),
+                    online: format_cpulist(&machine.online),
+                });
             }
             Ok((cores.into_iter().map(Some).collect(), notes))
         }

@@ -1,16 +1,30 @@
-//! The engine's error type: one variant per failing operation, each saying how to fix it.
+//! The engine's error type: one variant per failing operation, with the context it failed in
+//! and the error underneath as its source, each message saying how to fix it.
 
-use crate::desc::RegionId;
+use crate::cuda_driver::CudaError;
+use crate::desc::{QueueState, RegionId};
 use crate::ring::RingError;
+use crate::transport::gdr::GdrError;
 use std::io;
+
+/// What a transport's [`crate::Transport::start`] fails with: the transport's own error.
+pub type TransportError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Errors of the engine's control plane (setup, registration, queues). The data path never
 /// returns these: a failed copy is a [`crate::Status`] in its completion.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// The configuration is inconsistent.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    /// A setting is out of its range or contradicts another.
+    #[error("invalid configuration: {setting} is {value}; it must be {rule}")]
+    InvalidSetting {
+        /// The setting, as spelled in the configuration (`EngineConfig::workers`).
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// What it must be.
+        rule: String,
+    },
     /// A worker's core is not an online CPU.
     #[error(
         "worker {worker}: core {core} is not online (online CPUs: {online}); pick one of those in EngineConfig::cores"
@@ -22,6 +36,36 @@ pub enum Error {
         core: usize,
         /// The online CPU list.
         online: String,
+    },
+    /// Automatic placement found fewer usable CPUs than workers.
+    #[error("{workers} workers but only {usable} usable CPUs (online: {online}): lower EngineConfig::workers")]
+    NotEnoughCores {
+        /// Workers asked for.
+        workers: usize,
+        /// CPUs placement could use.
+        usable: usize,
+        /// The online CPU list.
+        online: String,
+    },
+    /// The engine's GPU is not among the NVIDIA GPUs that sysfs shows.
+    #[error(
+        "the engine's GPU {bus_id} is not an NVIDIA GPU of this machine's sysfs (found: {found:?}); check GpuConfig"
+    )]
+    GpuNotInTopology {
+        /// The GPU's PCI bus id.
+        bus_id: String,
+        /// The NVIDIA GPUs sysfs shows.
+        found: Vec<String>,
+    },
+    /// `GpuConfig::bus_id` names another GPU than `GpuConfig::device`.
+    #[error("GpuConfig: CUDA device {device} is the GPU at {actual}, but bus_id names {configured}: set one of them")]
+    GpuMismatch {
+        /// The CUDA ordinal.
+        device: u32,
+        /// Its bus id, as the driver reports it.
+        actual: String,
+        /// The configured bus id.
+        configured: String,
     },
     /// `sched_setaffinity` failed for a worker.
     #[error("worker {worker}: pinning to core {core} failed: {source} (is the core outside this process's cpuset?)")]
@@ -43,8 +87,22 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// Reading the machine's CPU list failed.
-    #[error("reading the online CPU list: {0}")]
+    /// A worker thread ended during start-up without saying why (it panicked).
+    #[error("a worker thread exited during start-up (it panicked: see stderr)")]
+    WorkerExited,
+    /// A worker's transport failed to start on its thread.
+    #[error("worker {worker}: starting the {transport} transport: {source}")]
+    TransportStart {
+        /// Worker index.
+        worker: usize,
+        /// Transport name.
+        transport: &'static str,
+        /// The transport's error.
+        #[source]
+        source: TransportError,
+    },
+    /// Reading the machine's CPUs, PCI devices or NICs from sysfs failed.
+    #[error("reading the machine's topology: {0}")]
     Topology(#[from] ferry_topology::TopologyError),
     /// Creating or mapping shared memory failed.
     #[error("shared memory for {what}: {source}")]
@@ -58,9 +116,26 @@ pub enum Error {
     /// A ring header did not match or a ring peer broke the protocol.
     #[error(transparent)]
     Ring(#[from] RingError),
-    /// A queue's shared memory is not a ferry queue of this ABI.
-    #[error("attaching a queue: {0}")]
-    QueueLayout(String),
+    /// The memory handed to [`crate::Queue::attach`] is too small to hold a queue.
+    #[error("attaching a queue: {len} bytes is too small for a queue header ({need} bytes): not a ferry queue")]
+    QueueTooSmall {
+        /// Bytes mapped.
+        len: usize,
+        /// Bytes a header needs.
+        need: usize,
+    },
+    /// A queue header field differs from what this library expects.
+    #[error(
+        "attaching a queue: header field {field} is {found:#x}, expected {expected:#x}: not a ferry queue of this ABI (library and engine must be the same version)"
+    )]
+    QueueHeader {
+        /// The field.
+        field: &'static str,
+        /// What the header holds.
+        found: u64,
+        /// What this library expects.
+        expected: u64,
+    },
     /// Every slot of the region table is in use.
     #[error("region table full ({capacity} regions): deregister unused regions or raise EngineConfig::max_regions")]
     RegionTableFull {
@@ -117,7 +192,7 @@ pub enum Error {
         /// Queue id.
         queue: u32,
         /// Its state.
-        state: crate::desc::QueueState,
+        state: QueueState,
     },
     /// Waiting took longer than allowed.
     #[error("timed out after {waited:?} waiting for {what}")]
@@ -129,42 +204,108 @@ pub enum Error {
     },
     /// CUDA is unavailable or a driver call failed.
     #[error("CUDA: {0}")]
-    Cuda(#[from] crate::cuda_driver::CudaError),
-    /// A worker's transport failed to start on its thread.
-    #[error("worker {worker}: starting the {transport} transport: {reason}")]
-    TransportStart {
-        /// Worker index.
-        worker: usize,
-        /// Transport name.
-        transport: &'static str,
-        /// What failed.
-        reason: String,
+    Cuda(#[from] CudaError),
+    /// The copy kernel cannot be loaded, and the `kernel` strategy needs it.
+    #[error("the copy kernel cannot run: {source}; choose another Strategy")]
+    KernelUnavailable {
+        /// Why it failed to load.
+        #[source]
+        source: CudaError,
+    },
+    /// The GPU or its driver lacks what a chosen strategy needs.
+    #[error("{strategy} needs {needs}, which this GPU or driver lacks; choose another Strategy")]
+    DeviceLacks {
+        /// The strategy.
+        strategy: &'static str,
+        /// What it needs.
+        needs: &'static str,
+    },
+    /// The CUDA driver is older than a chosen strategy needs.
+    #[error("{strategy} needs CUDA driver API {needed}; this driver is {found}: update the driver or choose another Strategy")]
+    DriverTooOld {
+        /// The strategy.
+        strategy: &'static str,
+        /// The version it needs.
+        needed: i32,
+        /// The driver's.
+        found: i32,
     },
     /// A GPU memory range cannot be registered.
-    #[error("registering {len} bytes of GPU memory at {addr:#x}: {reason}")]
+    #[error("registering {len} bytes of GPU memory at {addr:#x}: {fault}")]
     GpuRange {
         /// Start address.
         addr: u64,
         /// Length.
         len: u64,
         /// Why.
-        reason: String,
+        #[source]
+        fault: GpuRangeFault,
     },
-    /// A benchmark run failed (copies completed with errors, a check did not hold).
-    #[error("benchmark: {0}")]
-    Benchmark(String),
     /// The GDR transport cannot run (`use_gdr = on`), or the NIC refused a registration.
     #[error("GDR: {0}")]
-    Gdr(String),
+    Gdr(#[from] GdrError),
     /// `use_gdr = auto` found neither a usable NIC nor a CUDA driver.
     #[error("no transport for GPU copies: GDR: {gdr}; CUDA: {cuda}")]
     NoDeviceTransport {
         /// Why GDR could not run.
-        gdr: String,
+        gdr: GdrError,
         /// Why the CUDA driver could not be loaded.
-        cuda: crate::cuda_driver::CudaError,
+        cuda: CudaError,
     },
     /// The engine was shut down.
     #[error("the engine is shut down")]
     ShutDown,
+}
+
+/// Why a GPU memory range cannot be registered ([`Error::GpuRange`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GpuRangeFault {
+    /// The engine runs no GPU transport.
+    #[error("the engine does not run the GPU transport (TransportKind::Gpu)")]
+    NoGpuTransport,
+    /// The engine runs GDR without a CUDA driver (host regions only).
+    #[error("the engine runs the GDR transport without a CUDA driver: only host regions can be registered")]
+    NoCudaDriver,
+    /// Zero bytes.
+    #[error("zero length")]
+    ZeroLength,
+    /// The range wraps the address space.
+    #[error("the range wraps the address space")]
+    Wraps,
+    /// The driver does not know the address.
+    #[error("the CUDA driver does not know this address ({0})")]
+    UnknownAddress(#[source] CudaError),
+    /// The address is not device memory.
+    #[error("memory type {memory_type} is not device memory")]
+    NotDeviceMemory {
+        /// `CU_POINTER_ATTRIBUTE_MEMORY_TYPE`.
+        memory_type: u32,
+    },
+    /// The memory is on another GPU.
+    #[error("the memory is on CUDA device {found}, the engine serves device {engine}")]
+    OtherDevice {
+        /// Its device.
+        found: i32,
+        /// The engine's.
+        engine: i32,
+    },
+    /// The range runs past its allocation.
+    #[error("the range runs past its allocation ({size} bytes at {start:#x})")]
+    PastAllocation {
+        /// The allocation's start.
+        start: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The NIC refused it.
+    #[error("registering it with the NIC: {0}")]
+    Nic(#[source] GdrError),
+}
+
+impl Error {
+    /// An [`Error::InvalidSetting`].
+    pub(crate) fn setting(setting: &'static str, value: impl std::fmt::Display, rule: impl Into<String>) -> Error {
+        Error::InvalidSetting { setting, value: value.to_string(), rule: rule.into() }
+    }
 }

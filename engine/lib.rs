@@ -106,9 +106,10 @@ pub use engine::Engine;
 #[cfg(not(loom))]
 pub use error::Error;
 #[cfg(not(loom))]
-pub use queue::{PushError, Queue, QueueId};
+pub use queue::{Queue, QueueId};
 #[cfg(not(loom))]
 pub use region::{ClientId, HostBuffer, MemoryKind};
+pub use ring::PushError;
 #[cfg(not(loom))]
 pub use transport::{fault::FaultTransport, gdr::NicStats, Transport};
 #[cfg(not(loom))]

@@ -13,9 +13,9 @@
 use crate::config::QueueConfig;
 use crate::desc::{Completion, Descriptor, QueueState};
 use crate::error::Error;
-use crate::ring::layout::{check_capacity, ring_bytes, INDEX_PADDING};
+use crate::ring::layout::{check_capacity, ring_bytes, INDEX_PADDING, MAX_CAPACITY};
 use crate::ring::shm::SharedMemory;
-use crate::ring::{self, Consumer, Producer, RingError, RingMemory};
+use crate::ring::{Consumer, Producer, PushError, RingError, RingMemory};
 use std::fs::File;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -78,10 +78,12 @@ unsafe impl Sync for QueueMemory {}
 impl QueueMemory {
     /// Creates the memfd and writes the header and both rings.
     pub(crate) fn create(id: QueueId, client: u32, config: &QueueConfig) -> Result<QueueMemory, Error> {
-        for (what, capacity) in
-            [("submit_capacity", config.submit_capacity), ("complete_capacity", config.complete_capacity)]
-        {
-            check_capacity(capacity).map_err(|e| Error::Config(format!("QueueConfig::{what}: {e}")))?;
+        for (what, capacity) in [
+            ("QueueConfig::submit_capacity", config.submit_capacity),
+            ("QueueConfig::complete_capacity", config.complete_capacity),
+        ] {
+            check_capacity(capacity)
+                .map_err(|_| Error::setting(what, capacity, format!("a power of two between 1 and {MAX_CAPACITY}")))?;
         }
         let submit_offset = HEADER_SIZE;
         let complete_offset = submit_offset + ring_bytes(config.submit_capacity, std::mem::size_of::<Descriptor>());
@@ -114,7 +116,7 @@ impl QueueMemory {
         let memory =
             SharedMemory::open(file).map_err(|source| Error::SharedMemory { what: "attaching a queue", source })?;
         if memory.len() < HEADER_SIZE {
-            return Err(Error::QueueLayout(format!("{} bytes is too small for a queue header", memory.len())));
+            return Err(Error::QueueTooSmall { len: memory.len(), need: HEADER_SIZE });
         }
         let memory = Arc::new(memory);
         let header = NonNull::new(memory.as_ptr().cast::<QueueHeader>()).expect("mapping is not null");
@@ -124,13 +126,15 @@ impl QueueMemory {
         // Relaxed: written before the memfd was handed over; every value is checked.
         let magic = meta.magic.load(Ordering::Relaxed);
         if magic != QUEUE_MAGIC {
-            return Err(Error::QueueLayout(format!(
-                "magic is {magic:#x}, expected {QUEUE_MAGIC:#x}: not a ferry queue"
-            )));
+            return Err(Error::QueueHeader { field: "magic", found: magic, expected: QUEUE_MAGIC });
         }
         let abi = meta.abi_version.load(Ordering::Relaxed);
         if abi != QUEUE_ABI_VERSION {
-            return Err(Error::QueueLayout(format!("abi_version is {abi}, this library speaks {QUEUE_ABI_VERSION}")));
+            return Err(Error::QueueHeader {
+                field: "abi_version",
+                found: abi.into(),
+                expected: QUEUE_ABI_VERSION.into(),
+            });
         }
         let submit_offset = usize::try_from(meta.submit_offset.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
         let complete_offset = usize::try_from(meta.complete_offset.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
@@ -143,9 +147,7 @@ impl QueueMemory {
             ("complete_capacity", complete.capacity(), meta.complete_capacity.load(Ordering::Relaxed)),
         ] {
             if ring != meta {
-                return Err(Error::QueueLayout(format!(
-                    "{field} is {meta} in the queue header but {ring} in the ring"
-                )));
+                return Err(Error::QueueHeader { field, found: meta, expected: ring });
             }
         }
         Ok(queue)
@@ -195,27 +197,6 @@ impl QueueMemory {
     }
 }
 
-/// Why a descriptor was not pushed; the descriptor is handed back.
-#[derive(Debug)]
-pub enum PushError {
-    /// The submission ring is full: the worker has not taken earlier descriptors yet. Poll
-    /// completions (the worker stops taking work while the completion ring is full) and retry.
-    Full(Descriptor),
-    /// The queue is not open any more.
-    NotOpen(Descriptor, QueueState),
-    /// The worker published a corrupt ring index.
-    Corrupted(Descriptor, RingError),
-}
-
-impl PushError {
-    /// The descriptor that was not pushed.
-    pub fn into_inner(self) -> Descriptor {
-        match self {
-            PushError::Full(d) | PushError::NotOpen(d, _) | PushError::Corrupted(d, _) => d,
-        }
-    }
-}
-
 /// The client's end of a queue: pushes descriptors, polls completions. `Send`, not `Sync`.
 pub struct Queue {
     memory: QueueMemory,
@@ -262,15 +243,12 @@ impl Queue {
     }
 
     /// Pushes one descriptor and publishes it at once.
-    pub fn push(&mut self, d: Descriptor) -> Result<(), PushError> {
+    pub fn push(&mut self, d: Descriptor) -> Result<(), PushError<Descriptor>> {
         match self.state() {
             QueueState::Open => {}
             state => return Err(PushError::NotOpen(d, state)),
         }
-        self.submit.push(d).map_err(|e| match e {
-            ring::PushError::Full(d) => PushError::Full(d),
-            ring::PushError::Corrupted(d, e) => PushError::Corrupted(d, e),
-        })
+        self.submit.push(d)
     }
 
     /// Pushes as many of `ds` as fit, published together; returns how many.
@@ -283,8 +261,9 @@ impl Queue {
         for (n, d) in ds.iter().enumerate() {
             match batch.push(*d) {
                 Ok(()) => {}
-                Err(ring::PushError::Full(_)) => return Ok(n),
-                Err(ring::PushError::Corrupted(_, e)) => return Err(e.into()),
+                Err(PushError::Full(_)) => return Ok(n),
+                Err(PushError::Corrupted(_, e)) => return Err(e.into()),
+                Err(PushError::NotOpen(..)) => unreachable!("a ring never reports NotOpen"),
             }
         }
         Ok(ds.len())

@@ -28,6 +28,7 @@ pub struct ClientId(pub u32);
 /// What kind of memory a region is.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MemoryKind {
     /// Host DRAM.
     Host = 0,

@@ -49,9 +49,14 @@ pub fn memlock_limit() -> io::Result<Option<u64>> {
     Ok((limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur))
 }
 
+/// Why a shared library cannot be loaded: what `dlerror` said.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LoadError(pub String);
+
 /// Whether the shared library `name` can be loaded (it is loaded and unloaded again).
-pub fn library_loads(name: &str) -> Result<(), String> {
-    let cname = CString::new(name).map_err(|_| "library name has a NUL byte".to_owned())?;
+pub fn library_loads(name: &str) -> Result<(), LoadError> {
+    let cname = CString::new(name).map_err(|_| LoadError("library name has a NUL byte".to_owned()))?;
     // SAFETY: dlopen with a valid C string; loading runs the library's initialisers, which for
     // the system libraries probed here (libibverbs, libcuda) only set up internal state.
     let handle = unsafe { libc::dlopen(cname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
@@ -64,7 +69,7 @@ pub fn library_loads(name: &str) -> Result<(), String> {
             // SAFETY: non-null dlerror result is a NUL-terminated string.
             unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned()
         };
-        return Err(text);
+        return Err(LoadError(text));
     }
     // SAFETY: `handle` came from dlopen above and is closed once.
     unsafe { libc::dlclose(handle) };

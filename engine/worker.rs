@@ -206,7 +206,8 @@ impl QueueSlot {
             };
             match batch.push(completion) {
                 Ok(()) => w.head_seq += 1,
-                Err(PushError::Full(_)) => break,
+                // A bare ring never reports NotOpen.
+                Err(PushError::Full(_) | PushError::NotOpen(..)) => break,
                 Err(PushError::Corrupted(..)) => {
                     corrupted = true;
                     break;

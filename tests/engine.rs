@@ -86,7 +86,7 @@ fn out_of_order_and_partial_transport_completions_come_back_in_order() {
         loop {
             match queue.push(d) {
                 Ok(()) => break,
-                Err(ferry::queue::PushError::Full(back)) => d = back,
+                Err(ferry::PushError::Full(back)) => d = back,
                 Err(e) => panic!("{e:?}"),
             }
         }
@@ -155,7 +155,7 @@ fn a_full_submission_ring_hands_the_descriptor_back() {
     for i in 0..64 {
         match queue.push(d(i)) {
             Ok(()) => pushed += 1,
-            Err(ferry::queue::PushError::Full(back)) => {
+            Err(ferry::PushError::Full(back)) => {
                 refused = Some(back);
                 break;
             }
@@ -352,6 +352,6 @@ fn shutdown_finishes_started_copies_and_cancels_the_rest() {
     assert_eq!(statuses, vec![(0, Status::Ok), (1, Status::Cancelled), (2, Status::Cancelled), (3, Status::Cancelled)]);
     assert_eq!(queue.state(), QueueState::Closed);
     assert_eq!(queue.watermark(), 4);
-    assert!(matches!(queue.push(d(4)), Err(ferry::queue::PushError::NotOpen(_, QueueState::Closed))));
+    assert!(matches!(queue.push(d(4)), Err(ferry::PushError::NotOpen(_, QueueState::Closed))));
     assert!(matches!(queue.wait_one(TIMEOUT), Err(Error::QueueNotOpen { .. })));
 }

@@ -6,6 +6,7 @@
 mod common;
 
 use common::{collect, Rng};
+use ferry::transport::gdr::GdrError;
 use ferry::{
     Completion, CorePlacement, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig, IdlePolicy, QueueConfig,
     Status, TransportKind, UseGdr,
@@ -440,13 +441,22 @@ fn use_gdr_on_without_a_nic_fails_at_start_naming_it() {
         Err(Error::Gdr(reason)) => {
             println!("use_gdr = on, no such NIC: {reason}");
             let named = if cfg!(feature = "gdr") {
-                reason.contains("ferry-no-such-nic")
-                    || reason.contains("libibverbs")
-                    || reason.contains("no RDMA device")
+                match &reason {
+                    GdrError::DeviceNotFound { name, .. } => name == "ferry-no-such-nic",
+                    GdrError::NoLibrary | GdrError::NoDevice => true,
+                    _ => false,
+                }
             } else {
-                reason.contains("`gdr` Cargo feature")
+                matches!(reason, GdrError::NotBuilt)
             };
-            assert!(named, "the error names what is missing: {reason}");
+            assert!(named, "the error names what is missing: {reason:?}");
+            let text = reason.to_string();
+            assert!(
+                ["ferry-no-such-nic", "libibverbs", "no RDMA device", "`gdr` Cargo feature"]
+                    .iter()
+                    .any(|t| text.contains(t)),
+                "the message names it too: {text}"
+            );
         }
         Err(other) => panic!("expected a GDR start-up error, got: {other}"),
         Ok(_) => panic!("use_gdr = on started without its NIC"),

@@ -28,6 +28,7 @@ pub use queue_ends::{Consumer, Producer, PushError, ReadBatch, WriteBatch};
 
 /// A ring could not be attached or its peer broke the protocol.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RingError {
     /// A header field differs from what this side expects.
     #[error("ring header mismatch: {field} is {found:#x}, expected {expected:#x}")]

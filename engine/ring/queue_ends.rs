@@ -1,15 +1,21 @@
 //! The two ends of a ring: [`Producer`] and [`Consumer`], and their batch views.
 
 use super::{RingError, RingMemory};
+use crate::desc::QueueState;
 use crate::sync::Ordering;
 use bytemuck::Pod;
 use std::sync::Arc;
 
-/// Why a push did not happen; the item is handed back either way.
+/// Why a push did not happen (into a ring, or into a [`crate::Queue`]); the item is handed back
+/// either way.
 #[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PushError<T> {
-    /// The ring is full: the consumer has not freed a slot yet. Try again later.
+    /// The ring is full: the consumer has not freed a slot yet. For a queue: poll completions
+    /// (the worker stops taking work while the completion ring is full) and retry.
     Full(T),
+    /// The queue is not open any more (never returned by a bare ring).
+    NotOpen(T, QueueState),
     /// The consumer published a corrupt head index; this ring cannot be used any more.
     Corrupted(T, RingError),
 }
@@ -18,7 +24,7 @@ impl<T> PushError<T> {
     /// The item that was not pushed.
     pub fn into_inner(self) -> T {
         match self {
-            PushError::Full(item) | PushError::Corrupted(item, _) => item,
+            PushError::Full(item) | PushError::NotOpen(item, _) | PushError::Corrupted(item, _) => item,
         }
     }
 }

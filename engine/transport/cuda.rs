@@ -25,6 +25,7 @@ use super::{Done, Op, Token, Transport};
 use crate::config::{CudaConfig, Strategy};
 use crate::cuda_driver::{Context, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION};
 use crate::desc::Status;
+use crate::error::{Error, TransportError};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -319,9 +320,9 @@ impl Transport for CudaTransport {
         "cuda"
     }
 
-    fn start(&mut self) -> Result<(), String> {
-        self.context.make_current().map_err(|e| e.to_string())?;
-        let stream = Stream::new().map_err(|e| e.to_string())?;
+    fn start(&mut self) -> Result<(), TransportError> {
+        self.context.make_current()?;
+        let stream = Stream::new()?;
         let wants_kernel = matches!(self.config.strategy, Strategy::Auto | Strategy::Kernel);
         let (kernel, staging) = if wants_kernel && self.context.info.host_pointer_for_registered {
             let kernel = Kernel::load(COPY_KERNEL_PTX, "ferry_copy", BLOCK_THREADS);
@@ -330,7 +331,7 @@ impl Transport for CudaTransport {
             match (kernel, staging) {
                 (Ok(k), Ok(s)) => (Some(k), Some(s)),
                 (Err(e), _) | (_, Err(e)) if self.config.strategy == Strategy::Kernel => {
-                    return Err(format!("the copy kernel cannot run: {e}"))
+                    return Err(Error::KernelUnavailable { source: e }.into())
                 }
                 (Err(e), _) | (_, Err(e)) => {
                     eprintln!("ferry: cuda transport: copy kernel unavailable ({e}); auto routes to batch or memcpy");
@@ -341,16 +342,22 @@ impl Transport for CudaTransport {
             (None, None)
         };
         if self.config.strategy == Strategy::Kernel && kernel.is_none() {
-            return Err("the copy kernel needs CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, which this device lacks".into());
+            return Err(Error::DeviceLacks {
+                strategy: "the kernel strategy",
+                needs: "CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM",
+            }
+            .into());
         }
         if self.config.strategy == Strategy::Batch && self.context.driver_version < BATCH_COPY_VERSION {
-            return Err(format!(
-                "cuMemcpyBatchAsync needs driver API 12.8; this driver is {}",
-                self.context.driver_version
-            ));
+            return Err(Error::DriverTooOld {
+                strategy: "the batch strategy (cuMemcpyBatchAsync)",
+                needed: BATCH_COPY_VERSION,
+                found: self.context.driver_version,
+            }
+            .into());
         }
-        let stage_stream = Stream::new().map_err(|e| e.to_string())?;
-        let staged = Event::new().map_err(|e| e.to_string())?;
+        let stage_stream = Stream::new()?;
+        let staged = Event::new()?;
         self.live = Some(Live {
             stream,
             stage_stream,

@@ -4,6 +4,7 @@
 
 use super::{Done, Op, Transport};
 use crate::desc::Status;
+use crate::error::TransportError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -95,7 +96,7 @@ impl Transport for FaultTransport {
         "fault"
     }
 
-    fn start(&mut self) -> Result<(), String> {
+    fn start(&mut self) -> Result<(), TransportError> {
         self.inner.start()
     }
 

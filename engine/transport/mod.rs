@@ -14,6 +14,7 @@ pub(crate) mod select;
 
 use crate::desc::Status;
 use crate::desc::ValidCopy;
+use crate::error::TransportError;
 use std::collections::VecDeque;
 
 /// Identifies one operation to the worker that submitted it.
@@ -76,7 +77,7 @@ pub trait Transport: Send {
 
     /// Called once on the worker's thread before the first `submit`, to set up what must be
     /// made there (a CUDA context made current, streams). An error stops the engine's start.
-    fn start(&mut self) -> Result<(), String> {
+    fn start(&mut self) -> Result<(), TransportError> {
         Ok(())
     }
 

@@ -5,6 +5,8 @@
 
 use super::cuda::CudaTransport;
 use super::gdr::NicCounters;
+#[cfg(feature = "gdr")]
+use super::gdr::{GdrError, VerbsError};
 use super::host::HostTransport;
 use super::null::NullTransport;
 use super::Transport;
@@ -70,10 +72,11 @@ pub(crate) fn select(config: &EngineConfig) -> Result<Selected, Error> {
     };
     if let (Ok(context), Some(wanted)) = (&cuda, &gpu.bus_id) {
         if !same_bus_id(&context.info.pci_bus_id, wanted) {
-            return Err(Error::Config(format!(
-                "GpuConfig: device {} is the GPU at {}, but bus_id names {wanted}",
-                gpu.device, context.info.pci_bus_id
-            )));
+            return Err(Error::GpuMismatch {
+                device: gpu.device,
+                actual: context.info.pci_bus_id.clone(),
+                configured: wanted.clone(),
+            });
         }
     }
     let sms_per_worker = match &cuda {
@@ -240,19 +243,18 @@ unsafe fn nic_register(
         (Some(info), Some(context)) => {
             let dmabuf = context
                 .export_dmabuf(addr, len as u64, (info.range_start, info.range_size))
-                .map_err(|e| format!("exporting a dma-buf: {e}"))
+                .map_err(VerbsError::from)
                 // SAFETY: forwarded from the caller; the NIC holds its own reference to the
                 // dma-buf, so our descriptor may close once registered.
                 .and_then(|buf| unsafe {
                     use std::os::fd::AsRawFd;
-                    nic.register_dmabuf(buf.fd.as_raw_fd(), buf.offset, len, addr)
+                    nic.register_dmabuf(buf.fd.as_raw_fd(), buf.offset, len, addr).map_err(VerbsError::from)
                 });
             match dmabuf {
                 Ok(mr) => Ok(mr),
                 // SAFETY: forwarded from the caller.
-                Err(first) => unsafe { nic.register(addr, len) }.map_err(|second| {
-                    format!("as a dma-buf: {first}; by device pointer (needs nvidia-peermem): {second}")
-                }),
+                Err(dmabuf) => unsafe { nic.register(addr, len) }
+                    .map_err(|peermem| GdrError::GpuMemory { dmabuf, peermem: Box::new(peermem) }),
             }
         }
         // SAFETY: forwarded from the caller.

@@ -154,10 +154,16 @@ thread_local! {
 
 fn code_of(error: &Error) -> ferry_result {
     match error {
-        Error::Config(_) | Error::OutOfRange { .. } => ferry_result::InvalidArgument,
-        Error::CoreOffline { .. } | Error::PinWorker { .. } | Error::Topology(_) => ferry_result::CoreUnavailable,
-        Error::SpawnWorker { .. } | Error::SharedMemory { .. } => ferry_result::SystemError,
-        Error::Ring(_) | Error::QueueLayout(_) => ferry_result::LayoutMismatch,
+        Error::InvalidSetting { .. } | Error::OutOfRange { .. } | Error::GpuMismatch { .. } => {
+            ferry_result::InvalidArgument
+        }
+        Error::CoreOffline { .. }
+        | Error::PinWorker { .. }
+        | Error::Topology(_)
+        | Error::NotEnoughCores { .. }
+        | Error::GpuNotInTopology { .. } => ferry_result::CoreUnavailable,
+        Error::SpawnWorker { .. } | Error::SharedMemory { .. } | Error::WorkerExited => ferry_result::SystemError,
+        Error::Ring(_) | Error::QueueTooSmall { .. } | Error::QueueHeader { .. } => ferry_result::LayoutMismatch,
         Error::RegionTableFull { .. } => ferry_result::RegionTableFull,
         Error::BadRange { .. } => ferry_result::BadRange,
         Error::UnknownRegion { .. } => ferry_result::UnknownRegion,
@@ -165,9 +171,15 @@ fn code_of(error: &Error) -> ferry_result {
         Error::QueueNotOpen { .. } => ferry_result::QueueNotOpen,
         Error::Timeout { .. } => ferry_result::Timeout,
         Error::ShutDown => ferry_result::ShutDown,
-        Error::Cuda(_) | Error::TransportStart { .. } | Error::Benchmark(_) => ferry_result::SystemError,
+        Error::Cuda(_)
+        | Error::TransportStart { .. }
+        | Error::KernelUnavailable { .. }
+        | Error::DeviceLacks { .. }
+        | Error::DriverTooOld { .. } => ferry_result::SystemError,
         Error::Gdr(_) | Error::NoDeviceTransport { .. } => ferry_result::SystemError,
         Error::GpuRange { .. } => ferry_result::BadRange,
+        // A variant newer than this mapping.
+        _ => ferry_result::SystemError,
     }
 }
 
@@ -182,8 +194,13 @@ fn guard(f: impl FnOnce() -> Result<(), Error>) -> ferry_result {
     code
 }
 
-fn null_argument(name: &str) -> Error {
-    Error::Config(format!("{name} is NULL"))
+fn null_argument(name: &'static str) -> Error {
+    invalid(name, "NULL", "a valid pointer")
+}
+
+/// An argument of a C call out of its range, as the engine's [`Error::InvalidSetting`].
+fn invalid(argument: &'static str, value: impl std::fmt::Display, rule: impl Into<String>) -> Error {
+    Error::InvalidSetting { setting: argument, value: value.to_string(), rule: rule.into() }
 }
 
 macro_rules! non_null {
@@ -239,7 +256,7 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
             1 => TransportKind::Null,
             // SAFETY: NULL or a NUL-terminated string, as the caller promised.
             2 => TransportKind::Gpu(gpu_config(&c, unsafe { optional_str(c.nic) }?)?),
-            other => return Err(Error::Config(format!("transport {other} is unknown (0 host, 1 null, 2 GPU)"))),
+            other => return Err(invalid("ferry_config::transport", other, "0 host, 1 null or 2 GPU")),
         };
         let config = EngineConfig {
             workers: if c.workers == 0 { defaults.workers } else { c.workers as usize },
@@ -264,11 +281,7 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         1 => Strategy::Memcpy,
         2 => Strategy::Batch,
         3 => Strategy::Kernel,
-        other => {
-            return Err(Error::Config(format!(
-                "cuda_strategy {other} is unknown (0 auto, 1 memcpy, 2 batch, 3 kernel)"
-            )))
-        }
+        other => return Err(invalid("ferry_config::cuda_strategy", other, "0 auto, 1 memcpy, 2 batch or 3 kernel")),
     };
     let sm_budget = match c.sm_budget {
         0 => SmBudget::DEFAULT,
@@ -279,10 +292,10 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         0 => UseGdr::Auto,
         1 => UseGdr::Off,
         2 => UseGdr::On,
-        other => return Err(Error::Config(format!("use_gdr {other} is unknown (0 auto, 1 off, 2 on)"))),
+        other => return Err(invalid("ferry_config::use_gdr", other, "0 auto, 1 off or 2 on")),
     };
-    let device = u32::try_from(c.cuda_device)
-        .map_err(|_| Error::Config(format!("cuda_device {} is negative", c.cuda_device)))?;
+    let device =
+        u32::try_from(c.cuda_device).map_err(|_| invalid("ferry_config::cuda_device", c.cuda_device, "0 or more"))?;
     Ok(GpuConfig {
         device,
         cuda: CudaConfig { strategy, sm_budget, ..CudaConfig::default() },
@@ -301,7 +314,7 @@ unsafe fn optional_str(p: *const c_char) -> Result<Option<String>, Error> {
     }
     // SAFETY: NUL-terminated, as the caller promised.
     let text = unsafe { std::ffi::CStr::from_ptr(p) };
-    text.to_str().map(|t| Some(t.to_owned())).map_err(|_| Error::Config("the NIC name is not UTF-8".into()))
+    text.to_str().map(|t| Some(t.to_owned())).map_err(|_| invalid("ferry_config::nic", text.to_string_lossy(), "UTF-8"))
 }
 
 /// Writes the engine's transport into `buf` as text ("gdr on mlx5_0", "cuda", "host"), followed
@@ -343,7 +356,7 @@ pub unsafe extern "C" fn ferry_engine_stats(
         let stats = unsafe { &(*engine).0 }.stats();
         let s = stats
             .get(worker as usize)
-            .ok_or_else(|| Error::Config(format!("worker {worker}: the engine has {}", stats.len())))?;
+            .ok_or_else(|| invalid("worker", worker, format!("below the engine's {} workers", stats.len())))?;
         let nic = s.nic.unwrap_or_default();
         let value = ferry_worker_stats {
             iterations: s.iterations,

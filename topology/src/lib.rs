@@ -20,6 +20,7 @@ pub use relation::Relation;
 
 /// A sysfs file could not be read or parsed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TopologyError {
     /// Reading a file failed.
     #[error("reading {path}: {source}")]
@@ -29,6 +30,14 @@ pub enum TopologyError {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// The plan's configuration names a NIC the machine does not have.
+    #[error("configured NIC {name} not found (RDMA devices: {known:?})")]
+    NicNotFound {
+        /// The configured name.
+        name: String,
+        /// The RDMA devices found.
+        known: Vec<String>,
     },
     /// A file held something unexpected.
     #[error("parsing {path}: {what}")]

@@ -11,6 +11,7 @@
 
 use crate::machine::Machine;
 use crate::relation::Relation;
+use crate::TopologyError;
 use std::collections::BTreeSet;
 
 /// Choices the caller makes; the plan fills in the rest.
@@ -112,7 +113,7 @@ pub fn pick_cores(
 }
 
 /// Builds the plan. Fails only when the configuration names a NIC the machine lacks.
-pub fn plan(machine: &Machine, config: &PlanConfig) -> Result<Plan, String> {
+pub fn plan(machine: &Machine, config: &PlanConfig) -> Result<Plan, TopologyError> {
     let per_gpu = config.workers_per_gpu.max(1);
     let mut plan = Plan::default();
     if machine.gpus.is_empty() {
@@ -123,8 +124,8 @@ pub fn plan(machine: &Machine, config: &PlanConfig) -> Result<Plan, String> {
     }
     if let Some(name) = &config.nic {
         if !machine.nics.iter().any(|n| &n.rdma.name == name) {
-            let known: Vec<&str> = machine.nics.iter().map(|n| n.rdma.name.as_str()).collect();
-            return Err(format!("configured NIC {name} not found (RDMA devices: {known:?})"));
+            let known: Vec<String> = machine.nics.iter().map(|n| n.rdma.name.clone()).collect();
+            return Err(TopologyError::NicNotFound { name: name.clone(), known });
         }
     }
     let mut assigned = vec![0usize; machine.nics.len()];

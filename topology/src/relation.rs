@@ -4,6 +4,7 @@ use crate::pci::PciDevice;
 
 /// The connection between two devices, nearest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
 pub enum Relation {
     /// At most one PCIe switch between them (both below one switch).
     Pix,

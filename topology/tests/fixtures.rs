@@ -103,7 +103,13 @@ fn explicit_configuration_wins() {
     let err =
         ferry_topology::plan::plan(&machine, &PlanConfig { nic: Some("mlx5_99".into()), ..PlanConfig::default() })
             .unwrap_err();
-    assert!(err.contains("mlx5_99") && err.contains("mlx5_0"), "{err}");
+    match &err {
+        ferry_topology::TopologyError::NicNotFound { name, known } => {
+            assert_eq!(name, "mlx5_99");
+            assert!(known.iter().any(|k| k == "mlx5_0"), "{err}");
+        }
+        other => panic!("expected NicNotFound, got {other}"),
+    }
 }
 
 #[test]

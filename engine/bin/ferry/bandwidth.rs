@@ -26,6 +26,9 @@ pub enum BenchError {
     /// A ring of the raw-ring benchmark.
     #[error(transparent)]
     Ring(#[from] ferry::internals::ring::RingError),
+    /// The raw-verbs baseline's own NIC calls.
+    #[error("GDR: {0}")]
+    Gdr(#[from] ferry::transport::gdr::GdrError),
     /// Reading the machine's topology.
     #[error(transparent)]
     Topology(#[from] ferry_topology::TopologyError),

@@ -32,7 +32,7 @@ pub fn raw_writes(
     signal_every: u64,
     depth: usize,
 ) -> Result<Measurement, String> {
-    let link = nic.loopback(depth as u32, 1, 0)?;
+    let link = nic.loopback(depth as u32, 1, 0).map_err(|e| e.to_string())?;
     // SAFETY: plain data; all zeroes is valid.
     let mut wrs: Vec<ibv_send_wr> = (0..chain).map(|_| unsafe { std::mem::zeroed() }).collect();
     let mut sges = vec![ibv_sge { addr: 0, length: 0, lkey: 0 }; chain];

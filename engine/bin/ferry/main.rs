@@ -344,16 +344,11 @@ fn bench_gdr(o: &Options, machine: &Machine, client: Option<usize>) -> Result<()
     let span = o.span as usize;
     let (src, dst, mut queue) = host_pair(&engine, span)?;
     // The baseline's own registrations of the same memory, on its own context of the device.
-    let raw_nic =
-        Nic::open(&GdrConfig { nic: Some(nic_name.clone()), ..gdr.clone() }, None).map_err(BenchError::Failed)?;
+    let raw_nic = Nic::open(&GdrConfig { nic: Some(nic_name.clone()), ..gdr.clone() }, None)?;
     // SAFETY: `src` and `dst` outlive these registrations (dropped at the end of this function,
     // before the buffers, which are declared earlier).
-    let (src_mr, dst_mr) = unsafe {
-        (
-            raw_nic.register(src.as_ptr() as u64, span).map_err(BenchError::Failed)?,
-            raw_nic.register(dst.as_ptr() as u64, span).map_err(BenchError::Failed)?,
-        )
-    };
+    let (src_mr, dst_mr) =
+        unsafe { (raw_nic.register(src.as_ptr() as u64, span)?, raw_nic.register(dst.as_ptr() as u64, span)?) };
     let raw_src = baseline::Side { addr: src.as_ptr() as u64, key: src_mr.lkey() };
     let raw_dst = baseline::Side { addr: dst.as_ptr() as u64, key: dst_mr.rkey() };
     println!(
@@ -621,7 +616,8 @@ fn topo(args: &[String]) -> Result<(), String> {
     let (sysfs, workers_per_gpu) = report_options(args)?;
     let machine = Machine::read(&sysfs).map_err(|e| e.to_string())?;
     let avoid: Vec<usize> = ferry::internals::sys::pinned_cpu().into_iter().collect();
-    let plan = ferry_topology::plan::plan(&machine, &PlanConfig { workers_per_gpu, avoid, ..PlanConfig::default() })?;
+    let plan = ferry_topology::plan::plan(&machine, &PlanConfig { workers_per_gpu, avoid, ..PlanConfig::default() })
+        .map_err(|e| e.to_string())?;
     println!("ferry topo (sysfs {})", sysfs.display());
     print!("{}", topo::render(&machine, &plan));
     Ok(())

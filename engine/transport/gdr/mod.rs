@@ -20,11 +20,13 @@
 //!
 //! Compiled with the `gdr` Cargo feature (on by default). libibverbs is loaded at run time.
 
+mod error;
 #[cfg(feature = "gdr")]
 pub(crate) mod nic;
 #[cfg(feature = "gdr")]
 mod post;
 
+pub use error::{GdrError, SelfTestFault, VerbsError};
 #[cfg(feature = "gdr")]
 pub use post::GdrTransport;
 
@@ -91,20 +93,21 @@ pub const DETAIL_POST_FAILED: u32 = 0x2_0000;
 /// self-test: one RDMA WRITE between two registered buffers, checked byte for byte. Every
 /// failure names what is missing.
 #[cfg(feature = "gdr")]
-pub(crate) fn open(config: &GdrConfig, preferred: Option<&str>) -> Result<std::sync::Arc<nic::Nic>, String> {
+pub(crate) fn open(config: &GdrConfig, preferred: Option<&str>) -> Result<std::sync::Arc<nic::Nic>, GdrError> {
     let nic = nic::Nic::open(config, preferred)?;
-    self_test(&nic, config).map_err(|e| format!("{}: loopback self-test failed: {e}", nic.name))?;
+    self_test(&nic, config).map_err(|fault| GdrError::SelfTest { device: nic.name.clone(), fault })?;
     Ok(nic)
 }
 
 /// Without the `gdr` feature there is no NIC to open.
 #[cfg(not(feature = "gdr"))]
-pub(crate) fn open<T>(_config: &GdrConfig, _preferred: Option<&str>) -> Result<T, String> {
-    Err("ferry was built without the `gdr` Cargo feature".into())
+pub(crate) fn open<T>(_config: &GdrConfig, _preferred: Option<&str>) -> Result<T, GdrError> {
+    Err(GdrError::NotBuilt)
 }
 
 #[cfg(feature = "gdr")]
-fn self_test(nic: &std::sync::Arc<nic::Nic>, config: &GdrConfig) -> Result<(), String> {
+fn self_test(nic: &std::sync::Arc<nic::Nic>, config: &GdrConfig) -> Result<(), SelfTestFault> {
+    let setup = |e: GdrError| SelfTestFault::Setup(Box::new(e));
     use crate::desc::{Endpoint, ValidCopy};
     use crate::transport::{Done, Op, Token, Transport};
     const LEN: usize = 8192;
@@ -112,11 +115,18 @@ fn self_test(nic: &std::sync::Arc<nic::Nic>, config: &GdrConfig) -> Result<(), S
     let mut dst = vec![0u8; LEN];
     // SAFETY: both buffers outlive their registrations (dropped at the end of this function,
     // after the transport, which holds no reference to them once polled empty).
-    let (src_mr, dst_mr) =
-        unsafe { (nic.register(src.as_ptr() as u64, LEN)?, nic.register(dst.as_mut_ptr() as u64, LEN)?) };
+    let (src_mr, dst_mr) = unsafe {
+        (
+            nic.register(src.as_ptr() as u64, LEN).map_err(setup)?,
+            nic.register(dst.as_mut_ptr() as u64, LEN).map_err(setup)?,
+        )
+    };
     let small = GdrConfig { send_queue_depth: 64, chain: 8, signal_every: 4, ..config.clone() };
     let mut transport = GdrTransport::new(nic.clone(), small, std::sync::Arc::default());
-    transport.start()?;
+    transport.start().map_err(|e| match e.downcast::<GdrError>() {
+        Ok(e) => SelfTestFault::Setup(e),
+        Err(e) => SelfTestFault::Setup(Box::new(GdrError::Fallback(e))),
+    })?;
     let end = |mr: &sideway::ibverbs::memory_region::MemoryRegion, addr: u64| Endpoint {
         region: 0,
         kind: 0,
@@ -144,7 +154,7 @@ fn self_test(nic: &std::sync::Arc<nic::Nic>, config: &GdrConfig) -> Result<(), S
         },
     ];
     if transport.submit(&ops) != ops.len() {
-        return Err("the transport refused two operations".into());
+        return Err(SelfTestFault::Refused);
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     let mut done = [Done::ok(Token { queue: 0, slot: 0 }); 4];
@@ -153,17 +163,17 @@ fn self_test(nic: &std::sync::Arc<nic::Nic>, config: &GdrConfig) -> Result<(), S
         let n = transport.poll(&mut done);
         for d in &done[..n] {
             if d.status != crate::desc::Status::Ok {
-                return Err(format!("a write completed with status {:?} (detail {})", d.status, d.detail));
+                return Err(SelfTestFault::Failed { status: d.status.code(), detail: d.detail });
             }
         }
         seen += n;
         if std::time::Instant::now() > deadline {
-            return Err("no completion within 2 s".into());
+            return Err(SelfTestFault::NoCompletion);
         }
     }
     drop(transport);
     if dst[..4096 + 64] != src[..4096 + 64] || dst[4096 + 64..].iter().any(|&b| b != 0) {
-        return Err("the bytes written do not match".into());
+        return Err(SelfTestFault::WrongBytes);
     }
     Ok(())
 }

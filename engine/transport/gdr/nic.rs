@@ -6,6 +6,7 @@
 //! domain, completion queue, queue pair, then INIT, RTR and RTS. Teardown is the reverse, held
 //! in place by the `Arc`s each object keeps of what it was made from.
 
+use super::error::GdrError;
 use crate::config::GdrConfig;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid, GidType};
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionQueue as _};
@@ -88,48 +89,45 @@ fn libibverbs_present() -> bool {
 impl Nic {
     /// Opens the NIC: `config.nic` by name, else `preferred` (the topology plan's choice), else
     /// the first device with an active port. Every failure names what is missing.
-    pub fn open(config: &GdrConfig, preferred: Option<&str>) -> Result<Arc<Nic>, String> {
+    pub fn open(config: &GdrConfig, preferred: Option<&str>) -> Result<Arc<Nic>, GdrError> {
         if !libibverbs_present() {
-            return Err(format!(
-                "{LIBIBVERBS} not found: install libibverbs1 and ibverbs-providers (Debian/Ubuntu) or rdma-core"
-            ));
+            return Err(GdrError::NoLibrary);
         }
-        let list = DeviceList::new().map_err(|e| format!("listing RDMA devices (ibv_get_device_list): {e}"))?;
+        let list = DeviceList::new().map_err(|e| GdrError::verbs("ibv_get_device_list", "", e))?;
         let names: Vec<String> = list.iter().map(|d| d.name()).collect();
         if names.is_empty() {
-            return Err("no RDMA device: libibverbs found none (is the NIC's driver loaded? for Soft-RoCE: \
-                        `rdma link add rxe0 type rxe netdev IF`)"
-                .into());
+            return Err(GdrError::NoDevice);
         }
         let wanted = config.nic.as_deref().or(preferred);
         let candidates: Vec<String> = match wanted {
             Some(name) if names.iter().any(|n| n == name) => vec![name.to_string()],
             Some(name) if config.nic.is_some() => {
-                return Err(format!("RDMA device {name} not found (present: {})", names.join(", ")))
+                return Err(GdrError::DeviceNotFound { name: name.to_owned(), present: names })
             }
             _ => names.clone(),
         };
-        let mut reasons = Vec::new();
+        let mut tried = Vec::new();
         for name in &candidates {
             let device = list.iter().find(|d| &d.name() == name).expect("listed above");
             match Nic::open_device(config, name, &device) {
                 Ok(nic) => return Ok(Arc::new(nic)),
-                Err(reason) => reasons.push(format!("{name}: {reason}")),
+                Err(e) => tried.push((name.clone(), e)),
             }
         }
-        Err(format!("no usable RDMA device: {}", reasons.join("; ")))
+        Err(GdrError::NoUsableDevice { tried })
     }
 
-    fn open_device(config: &GdrConfig, name: &str, device: &sideway::ibverbs::device::Device) -> Result<Nic, String> {
-        let context = device.open().map_err(|e| format!("opening the device: {e}"))?;
-        let attr = context.query_device().map_err(|e| format!("ibv_query_device: {e}"))?;
-        let port_attr =
-            context.query_port(config.port).map_err(|e| format!("ibv_query_port (port {}): {e}", config.port))?;
+    fn open_device(config: &GdrConfig, name: &str, device: &sideway::ibverbs::device::Device) -> Result<Nic, GdrError> {
+        let context = device.open().map_err(|e| GdrError::verbs("ibv_open_device", "", e))?;
+        let attr = context.query_device().map_err(|e| GdrError::verbs("ibv_query_device", "", e))?;
+        let port_attr = context
+            .query_port(config.port)
+            .map_err(|e| GdrError::verbs("ibv_query_port", format!(" (port {})", config.port), e))?;
         if port_attr.port_state() != PortState::Active {
-            return Err(format!("port {} is not active ({:?})", config.port, port_attr.port_state()));
+            return Err(GdrError::PortInactive { port: config.port, state: format!("{:?}", port_attr.port_state()) });
         }
         let (gid_index, gid, roce_v2) = choose_gid(&context, config)?;
-        let pd = context.alloc_pd().map_err(|e| format!("ibv_alloc_pd: {e}"))?;
+        let pd = context.alloc_pd().map_err(|e| GdrError::verbs("ibv_alloc_pd", "", e))?;
         Ok(Nic {
             pd,
             context,
@@ -150,10 +148,10 @@ impl Nic {
     ///
     /// # Safety
     /// The memory must stay mapped while the returned region lives.
-    pub unsafe fn register(&self, addr: u64, len: usize) -> Result<Arc<MemoryRegion>, String> {
+    pub unsafe fn register(&self, addr: u64, len: usize) -> Result<Arc<MemoryRegion>, GdrError> {
         // SAFETY: forwarded from the caller.
         unsafe { self.pd.reg_mr(addr as usize, len, access()) }
-            .map_err(|e| format!("ibv_reg_mr of {len} bytes at {addr:#x} on {}: {e}", self.name))
+            .map_err(|e| GdrError::verbs("ibv_reg_mr", format!(" ({len} bytes at {addr:#x} on {})", self.name), e))
     }
 
     /// Registers a dma-buf: `len` bytes at `offset` into the buffer behind `fd`, addressed on the
@@ -167,15 +165,15 @@ impl Nic {
         offset: u64,
         len: usize,
         iova: u64,
-    ) -> Result<Arc<MemoryRegion>, String> {
+    ) -> Result<Arc<MemoryRegion>, GdrError> {
         // SAFETY: forwarded from the caller.
         unsafe { self.pd.reg_dmabuf_mr(offset, len, iova, fd, access()) }
-            .map_err(|e| format!("ibv_reg_dmabuf_mr of {len} bytes on {}: {e}", self.name))
+            .map_err(|e| GdrError::verbs("ibv_reg_dmabuf_mr", format!(" ({len} bytes on {})", self.name), e))
     }
 
     /// A reliable-connected queue pair with its own completion queue, connected to itself.
     /// `depth` send work requests (already within the device's limit).
-    pub fn loopback(self: &Arc<Nic>, depth: u32, max_sge: u32, inline: u32) -> Result<Loopback, String> {
+    pub fn loopback(self: &Arc<Nic>, depth: u32, max_sge: u32, inline: u32) -> Result<Loopback, GdrError> {
         // Every send work request may complete with a completion (errors and flushes do, signaled
         // or not), and receives are never posted, so `depth` entries would do; twice that leaves
         // room for stale flushes after a recovery that stopped waiting for them.
@@ -184,7 +182,7 @@ impl Nic {
             .create_cq_builder()
             .setup_cqe((2 * depth).min(self.max_cqe))
             .build()
-            .map_err(|e| format!("ibv_create_cq ({depth} entries): {e}"))?;
+            .map_err(|e| GdrError::verbs("ibv_create_cq", format!(" ({depth} entries)"), e))?;
         let qp = self
             .pd
             .create_qp_builder()
@@ -196,8 +194,15 @@ impl Nic {
             .setup_send_cq(cq.clone())
             .setup_recv_cq(cq.clone())
             .build()
-            .map_err(|e| format!("ibv_create_qp (RC, {depth} send WRs, {max_sge} SGEs, {inline} B inline): {e}"))?;
-        let (_, init) = qp.query(QueuePairAttributeMask::Capabilities).map_err(|e| format!("ibv_query_qp: {e}"))?;
+            .map_err(|e| {
+                GdrError::verbs(
+                    "ibv_create_qp",
+                    format!(" (RC, {depth} send WRs, {max_sge} SGEs, {inline} B inline)"),
+                    e,
+                )
+            })?;
+        let (_, init) =
+            qp.query(QueuePairAttributeMask::Capabilities).map_err(|e| GdrError::verbs("ibv_query_qp", "", e))?;
         let mut lb = Loopback { qp, cq, nic: self.clone(), max_inline: init.max_inline_data() };
         lb.connect()?;
         Ok(lb)
@@ -213,15 +218,15 @@ fn access() -> AccessFlags {
 /// The GID for RoCE v2 (or InfiniBand): the configured index, else a RoCE v2 entry whose address
 /// is routable (IPv4-mapped first), else a RoCE v2 link-local one (a device whose only address is
 /// its IPv6 link-local), else whatever the port has at index 0.
-fn choose_gid(context: &Arc<DeviceContext>, config: &GdrConfig) -> Result<(u8, Gid, bool), String> {
+fn choose_gid(context: &Arc<DeviceContext>, config: &GdrConfig) -> Result<(u8, Gid, bool), GdrError> {
     if let Some(index) = config.gid_index {
         let gid = context
             .query_gid(config.port, index.into())
-            .map_err(|e| format!("ibv_query_gid (port {}, index {index}): {e}", config.port))?;
+            .map_err(|e| GdrError::verbs("ibv_query_gid", format!(" (port {}, index {index})", config.port), e))?;
         let v2 = context.query_gid_type(config.port, index.into()).map(|t| t == GidType::RoceV2 as u32);
         return Ok((index, gid, v2.unwrap_or(false)));
     }
-    let table = context.query_gid_table().map_err(|e| format!("ibv_query_gid_table: {e}"))?;
+    let table = context.query_gid_table().map_err(|e| GdrError::verbs("ibv_query_gid_table", "", e))?;
     let entries: Vec<_> =
         table.iter().filter(|e| e.port_num() == u32::from(config.port) && !e.gid().is_zero()).collect();
     let rank = |e: &&sideway::ibverbs::address::GidEntry| {
@@ -236,11 +241,8 @@ fn choose_gid(context: &Arc<DeviceContext>, config: &GdrConfig) -> Result<(u8, G
             _ => 3,
         }
     };
-    let best = entries
-        .iter()
-        .min_by_key(|e| (rank(e), e.gid_index()))
-        .ok_or_else(|| format!("port {} has no GID (is the netdev up with an address?)", config.port))?;
-    let index = u8::try_from(best.gid_index()).map_err(|_| format!("GID index {} above 255", best.gid_index()))?;
+    let best = entries.iter().min_by_key(|e| (rank(e), e.gid_index())).ok_or(GdrError::NoGid { port: config.port })?;
+    let index = u8::try_from(best.gid_index()).map_err(|_| GdrError::GidIndex { index: best.gid_index() })?;
     Ok((index, best.gid(), matches!(best.gid_type(), GidType::RoceV2)))
 }
 
@@ -258,10 +260,10 @@ pub struct Loopback {
 impl Loopback {
     /// Brings the queue pair from any state to RTS, connected to itself: RESET, INIT, RTR (path
     /// MTU from the port, destination = its own number and GID), RTS.
-    pub fn connect(&mut self) -> Result<(), String> {
+    pub fn connect(&mut self) -> Result<(), GdrError> {
         let nic = self.nic.clone();
         let step = |qp: &mut BasicQueuePair, attr: &QueuePairAttribute, what: &str| {
-            qp.modify(attr).map_err(|e| format!("ibv_modify_qp to {what}: {e}"))
+            qp.modify(attr).map_err(|e| GdrError::verbs("ibv_modify_qp", format!(" (to {what})"), e))
         };
         let mut reset = QueuePairAttribute::new();
         reset.setup_state(QueuePairState::Reset);
@@ -297,10 +299,10 @@ impl Loopback {
     }
 
     /// Moves the queue pair to the error state: everything posted completes, flushed.
-    pub(crate) fn set_error_state(&mut self) -> Result<(), String> {
+    pub(crate) fn set_error_state(&mut self) -> Result<(), GdrError> {
         let mut err = QueuePairAttribute::new();
         err.setup_state(QueuePairState::Error);
-        self.qp.modify(&err).map_err(|e| format!("ibv_modify_qp to ERR: {e}"))
+        self.qp.modify(&err).map_err(|e| GdrError::verbs("ibv_modify_qp", " (to ERR)", e))
     }
 
     /// The raw queue pair, for `ibv_post_send`.

@@ -7,10 +7,12 @@
 //! connection completes work requests in order, so one successful completion finishes every
 //! work request posted before it, signaled or not.
 
+use super::error::GdrError;
 use super::nic::{Loopback, Nic};
 use super::{NicCounters, DETAIL_NIC_UNUSABLE, DETAIL_POST_FAILED};
 use crate::config::GdrConfig;
 use crate::desc::Status;
+use crate::error::TransportError;
 use crate::transport::{Done, Finished, Op, Transport};
 use rdma_mummy_sys::{
     ibv_poll_cq, ibv_post_send, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_status, ibv_wr_opcode,
@@ -308,8 +310,8 @@ impl GdrTransport {
             // pair is moved to the error state, drained and reset.
             let outstanding = !self.posted.is_empty();
             if outstanding {
-                if let Err(reason) = self.link.as_mut().expect("started").set_error_state() {
-                    self.mark_unusable(&reason);
+                if let Err(e) = self.link.as_mut().expect("started").set_error_state() {
+                    self.mark_unusable(&e.to_string());
                     return;
                 }
             }
@@ -453,14 +455,14 @@ impl Transport for GdrTransport {
         "gdr"
     }
 
-    fn start(&mut self) -> Result<(), String> {
+    fn start(&mut self) -> Result<(), TransportError> {
         let depth = self.depth as u32;
         let inline = self.config.inline_max;
         let link = self.nic.loopback(depth, self.max_sge as u32, inline)?;
         self.max_inline = link.max_inline.min(inline);
         self.link = Some(link);
         match &mut self.fallback {
-            Some(fallback) => fallback.start().map_err(|e| format!("starting the fallback transport: {e}")),
+            Some(fallback) => fallback.start().map_err(|e| GdrError::Fallback(e).into()),
             None => Ok(()),
         }
     }
