@@ -35,12 +35,29 @@
 //! - `host`: the worker copies with the CPU (host to host). Runs anywhere.
 //! - `null`: completes every valid descriptor without moving data; measures the engine's cost.
 //! - `cuda`: host <-> GPU through the CUDA driver, loaded at run time
-//!   ([`transport::cuda`]); GPU memory is registered with [`Engine::register_gpu`].
-//! - `gdr`: GPUDirect RDMA ([`transport::gdr`]): the same [`TransportKind::Cuda`] with
-//!   [`EngineConfig::gdr`]'s `use_gdr` on (or auto, when a NIC passes its self-test); the
-//!   NIC's DMA engine copies through a loopback queue pair.
+//!   ([`transport::cuda`]): [`TransportKind::Gpu`] with [`GpuConfig::gdr`]'s `use_gdr` off (or
+//!   auto, when no NIC passes its self-test). GPU memory is registered with
+//!   [`Engine::register_gpu`].
+//! - `gdr`: GPUDirect RDMA ([`transport::gdr`]): the same [`TransportKind::Gpu`] with `use_gdr`
+//!   on (or auto, when a NIC passes its self-test); the NIC's DMA engine copies through a
+//!   loopback queue pair.
 //! - a caller-supplied [`Transport`] ([`TransportKind::Custom`]), such as [`FaultTransport`],
-//!   which fails chosen operations to test error paths.
+//!   which fails chosen operations to test error paths. A transport receives only copies that
+//!   passed validation ([`desc::ValidCopy`]: made by the engine, or by an `unsafe` constructor).
+//!
+//! # Configuration
+//!
+//! Every setting is in [`config`]: [`EngineConfig`] holds the workers, their cores, the
+//! transport (with one [`GpuConfig`] for the GPU: device, [`CudaConfig`], [`GdrConfig`]) and the
+//! limits; [`QueueConfig`] sizes one queue. [`EngineConfig::check`] validates what needs no
+//! hardware; [`Engine::start`] checks the rest against the machine. The copy kernel's
+//! [`SmBudget`] is a total over the workers, `SmBudget::All` spelled out.
+//!
+//! # Errors
+//!
+//! Control-plane calls return [`Error`], one variant per failing operation with its context and
+//! the underlying error as its source; the data path reports a [`Status`] per completion and
+//! never panics on bad input.
 //!
 //! # Features and library dependencies
 //!
