@@ -140,6 +140,18 @@ impl std::fmt::Display for SmBudget {
     }
 }
 
+/// Scheduling priority of the CUDA transport's streams (its copies and copy-kernel launches)
+/// against the other work on the GPU, such as the inference server's forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamPriority {
+    /// The driver's default priority.
+    #[default]
+    Normal,
+    /// The greatest priority the context offers (`cuCtxGetStreamPriorityRange`).
+    Highest,
+}
+
 /// CUDA transport settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CudaConfig {
@@ -149,11 +161,18 @@ pub struct CudaConfig {
     pub sm_budget: SmBudget,
     /// Most operations in one batch.
     pub max_batch: usize,
+    /// Priority of the transport's streams.
+    pub priority: StreamPriority,
 }
 
 impl Default for CudaConfig {
     fn default() -> Self {
-        CudaConfig { strategy: Strategy::Auto, sm_budget: SmBudget::DEFAULT, max_batch: 4096 }
+        CudaConfig {
+            strategy: Strategy::Auto,
+            sm_budget: SmBudget::DEFAULT,
+            max_batch: 4096,
+            priority: StreamPriority::Normal,
+        }
     }
 }
 

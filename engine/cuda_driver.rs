@@ -329,6 +329,15 @@ impl Stream {
         Ok(Stream(stream))
     }
 
+    /// A new non-blocking stream in the current context with scheduling priority `priority`
+    /// (lower numbers are higher priorities; see [`stream_priorities`]).
+    pub fn with_priority(priority: i32) -> Result<Stream, CudaError> {
+        let mut stream: sys::CUstream = std::ptr::null_mut();
+        // SAFETY: valid out pointer; 1 is CU_STREAM_NON_BLOCKING; the driver clamps the priority.
+        check("cuStreamCreateWithPriority", unsafe { sys::cuStreamCreateWithPriority(&mut stream, 1, priority) })?;
+        Ok(Stream(stream))
+    }
+
     /// Waits for everything queued so far (control plane and benchmarks only).
     pub fn synchronize(&self) -> Result<(), CudaError> {
         // SAFETY: a live stream.
@@ -391,7 +400,16 @@ impl Drop for Stream {
     }
 }
 
-/// An event without timing, for polling completion.
+/// The current context's stream priorities: (least, greatest). The greatest is the smaller
+/// number; (0, 0) means the device has no priorities.
+pub fn stream_priorities() -> Result<(i32, i32), CudaError> {
+    let (mut least, mut greatest): (c_int, c_int) = (0, 0);
+    // SAFETY: valid out pointers.
+    check("cuCtxGetStreamPriorityRange", unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) })?;
+    Ok((least, greatest))
+}
+
+/// An event, for polling completion (and, made by [`Event::timed`], for timing).
 #[derive(Debug)]
 pub struct Event(sys::CUevent);
 
@@ -405,6 +423,23 @@ impl Event {
         // SAFETY: valid out pointer; 2 is CU_EVENT_DISABLE_TIMING.
         check("cuEventCreate", unsafe { sys::cuEventCreate(&mut event, 2) })?;
         Ok(Event(event))
+    }
+
+    /// A new event in the current context that records time, for [`Event::elapsed_ms`].
+    pub fn timed() -> Result<Event, CudaError> {
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out pointer; flags 0: the default, with timing.
+        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut event, 0) })?;
+        Ok(Event(event))
+    }
+
+    /// Milliseconds of GPU time from `start` to this event, both made by [`Event::timed`],
+    /// recorded and completed.
+    pub fn elapsed_ms(&self, start: &Event) -> Result<f32, CudaError> {
+        let mut ms = 0f32;
+        // SAFETY: live events of the current context; valid out pointer.
+        check("cuEventElapsedTime", unsafe { sys::cuEventElapsedTime(&mut ms, start.0, self.0) })?;
+        Ok(ms)
     }
 
     /// Marks the point in `stream` after everything queued so far.

@@ -115,7 +115,7 @@ pub const FEATURES: &[&str] = &[
 #[cfg(not(loom))]
 pub use config::{
     CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, SmBudget, Strategy,
-    TransportKind, UseGdr,
+    StreamPriority, TransportKind, UseGdr,
 };
 pub use desc::{Completion, Descriptor, QueueState, RegionId, Status, FLAG_FENCE};
 #[cfg(not(loom))]

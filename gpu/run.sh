@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command to run on the GPU machine (the lent H200), from the repository root, after
 # gpu/prepare.sh here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
-# prints a short table last (two workers, then one). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
+# prints a short table last (two workers; then one worker, idle and under a compute load). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
@@ -40,9 +40,9 @@ fail() { echo "$1" >>"$out/failed"; }
     step "ferry bench (the main job: picks the cuda transport where a GPU is; two workers here)"
     .device/ferry bench >"$out/bench-cuda.txt" 2>&1 || fail "ferry bench"
     cat "$out/bench-cuda.txt"
-    step "ferry bench --workers 1 (one worker feeding the GPU, 8 SMs)"
-    .device/ferry bench --workers 1 >"$out/bench-cuda-1w.txt" 2>&1 || fail "ferry bench --workers 1"
-    cat "$out/bench-cuda-1w.txt"
+    step "ferry bench --workers 1 --load compute (idle, then under a saturating FMA kernel on every SM)"
+    .device/ferry bench --workers 1 --load compute >"$out/bench-cuda-load.txt" 2>&1 || fail "ferry bench --load compute"
+    cat "$out/bench-cuda-load.txt"
     step "ferry bench --transport null (the engine's own cost per descriptor on this machine)"
     .device/ferry bench --transport null --descriptors 10M >"$out/bench-null.txt" 2>&1 || fail "ferry bench null"
     cat "$out/bench-null.txt"
@@ -54,5 +54,5 @@ fail() { echo "$1" >>"$out/failed"; }
 } 2>&1 | tee "$out/log.txt"
 echo
 echo "== summary (tests: $(grep -c '^test result: ok' "$out/log.txt") suites ok, $(grep -c 'FAILED' "$out/log.txt") FAILED lines)"
-for f in bench-cuda.txt bench-cuda-1w.txt; do echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; done
+for f in bench-cuda.txt bench-cuda-load.txt; do echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; done
 if [ -e "$out/failed" ]; then echo "FAILED: $(paste -sd, "$out/failed")"; exit 1; fi

@@ -22,8 +22,10 @@
 //! ceiling; see bench/results/h100.md).
 
 use super::{Done, Op, Token, Transport};
-use crate::config::{CudaConfig, Strategy};
-use crate::cuda_driver::{Context, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION};
+use crate::config::{CudaConfig, Strategy, StreamPriority};
+use crate::cuda_driver::{
+    stream_priorities, Context, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION,
+};
 use crate::desc::Status;
 use crate::error::{Error, TransportError};
 use std::collections::VecDeque;
@@ -322,7 +324,11 @@ impl Transport for CudaTransport {
 
     fn start(&mut self) -> Result<(), TransportError> {
         self.context.make_current()?;
-        let stream = Stream::new()?;
+        let new_stream = || match self.config.priority {
+            StreamPriority::Normal => Stream::new(),
+            StreamPriority::Highest => Stream::with_priority(stream_priorities()?.1),
+        };
+        let stream = new_stream()?;
         let wants_kernel = matches!(self.config.strategy, Strategy::Auto | Strategy::Kernel);
         let (kernel, staging) = if wants_kernel && self.context.info.host_pointer_for_registered {
             let kernel = Kernel::load(COPY_KERNEL_PTX, "ferry_copy", BLOCK_THREADS);
@@ -356,7 +362,7 @@ impl Transport for CudaTransport {
             }
             .into());
         }
-        let stage_stream = Stream::new()?;
+        let stage_stream = new_stream()?;
         let staged = Event::new()?;
         self.live = Some(Live {
             stream,

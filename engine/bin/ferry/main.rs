@@ -6,6 +6,7 @@ mod bandwidth;
 mod doctor;
 #[cfg(feature = "gdr")]
 mod gdr_baseline;
+mod load;
 mod topo;
 
 use bandwidth::{
@@ -15,11 +16,13 @@ use bandwidth::{
 use ferry::internals::cuda::{gpus, Context, DeviceBuffer};
 use ferry::{
     CorePlacement, CudaConfig, Engine, EngineConfig, GdrConfig, GpuConfig, QueueConfig, SmBudget, Strategy,
-    TransportKind, UseGdr,
+    StreamPriority, TransportKind, UseGdr,
 };
 use ferry_topology::{Machine, PlanConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 usage: ferry bench [options]     bandwidth table of the engine on scattered blocks
@@ -45,6 +48,8 @@ bench options:
   --device N              CUDA device ordinal (default 0)
   --sm-budget N           SMs the copy kernel may use in the strategy columns, in total over
                           the workers (default 8)
+  --load none|compute     cuda: after the idle table, the table again with a saturating FMA kernel
+                          on every SM (default none), with the share of its throughput each cell took
   --workers N             cuda: worker threads, each with its own queue and stream, fed by
                           the one client thread (default 2 where 3 or more CPUs are online: one
                           worker feeds about 11 M descriptors/s, 0.8 of PCIe at 4 KiB; else 1)
@@ -71,6 +76,7 @@ struct Options {
     sm_budget: SmBudget,
     nic: Option<String>,
     workers: usize,
+    load: bool,
     total_given: bool,
     transport_given: bool,
     sizes_given: bool,
@@ -100,6 +106,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         sm_budget: SmBudget::DEFAULT,
         nic: None,
         workers: 0,
+        load: false,
         total_given: false,
         transport_given: false,
         sizes_given: false,
@@ -132,6 +139,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--nic" => o.nic = Some(value()?.clone()),
             "--workers" => o.workers = parse_number(value()?, 1000)? as usize,
+            "--load" => {
+                o.load = match value()?.as_str() {
+                    "none" => false,
+                    "compute" => true,
+                    other => return Err(format!("--load {other:?}: choose none or compute")),
+                }
+            }
             "--reps" => o.reps = parse_number(value()?, 1000)? as usize,
             "--worker-core" => o.worker_core = Some(parse_number(value()?, 1000)? as usize),
             "--client-core" => o.client_core = Some(parse_number(value()?, 1000)? as usize),
@@ -425,9 +439,13 @@ struct CudaRig {
 
 /// `sm_budget` is the total over `workers` workers (each gets an equal share).
 fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: SmBudget, workers: usize) -> Result<CudaRig, BenchError> {
+    cuda_rig_with(o, CudaConfig { strategy, sm_budget, ..CudaConfig::default() }, workers)
+}
+
+fn cuda_rig_with(o: &Options, cuda: CudaConfig, workers: usize) -> Result<CudaRig, BenchError> {
     let gpu = GpuConfig {
         device: o.device,
-        cuda: CudaConfig { strategy, sm_budget, ..CudaConfig::default() },
+        cuda,
         // This measures the CUDA driver's copies; GDR has its own bench (--transport gdr).
         gdr: GdrConfig { use_gdr: UseGdr::Off, ..GdrConfig::default() },
         ..GpuConfig::default()
@@ -594,7 +612,86 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     for line in latencies {
         println!("{line}");
     }
+    if o.load {
+        println!();
+        bench_cuda_under_load(o, &ctx, ceiling)?;
+    }
     Ok(())
+}
+
+/// The columns of the under-load table: each strategy, and the SM-using ones again on the
+/// highest-priority streams.
+const LOADED_COLUMNS: [(Strategy, StreamPriority, &str); 6] = [
+    (Strategy::Memcpy, StreamPriority::Normal, "memcpy"),
+    (Strategy::Batch, StreamPriority::Normal, "batch"),
+    (Strategy::Kernel, StreamPriority::Normal, "kernel"),
+    (Strategy::Kernel, StreamPriority::Highest, "kernel^"),
+    (Strategy::Auto, StreamPriority::Normal, "auto"),
+    (Strategy::Auto, StreamPriority::Highest, "auto^"),
+];
+
+/// The table again with a saturating compute kernel on every SM (`--load compute`): copy GB/s
+/// and the share of the load's throughput lost while each cell copied.
+fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 2]) -> Result<(), BenchError> {
+    let load = load::ComputeLoad::start(ctx.clone(), Duration::from_millis(300))?;
+    let before = load.alone_ms;
+    // results[column][size][direction] = (GB/s, loss)
+    let mut results = Vec::new();
+    for &(strategy, priority, name) in &LOADED_COLUMNS {
+        progress(&format!("under load: {name}"));
+        let cuda = CudaConfig { strategy, sm_budget: o.sm_budget, priority, ..CudaConfig::default() };
+        let mut rig = cuda_rig_with(o, cuda, o.workers)?;
+        let mut cells = Vec::new();
+        for &block in &o.sizes {
+            let mut cell = [(0.0, None); 2];
+            for (d, h2d) in [true, false].into_iter().enumerate() {
+                let t0 = Instant::now();
+                let gb = rig.run(o, block, h2d)?.gb_per_s();
+                cell[d] = (gb, load.loss(t0, Instant::now()));
+            }
+            cells.push(cell);
+        }
+        results.push(cells);
+    }
+    let after = {
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(300));
+        load.mean_ms(t0, Instant::now()).unwrap_or(f64::NAN)
+    };
+    println!(
+        "under a compute load: an FMA kernel on every SM ({} blocks of 256 threads), launched back to back on its own stream in ferry's CUDA context, {:.2} ms per launch alone (before the table; {:.2} after)",
+        load.grid, before, after
+    );
+    println!("GB/s through the engine (loss: the share of the load's throughput lost while the cell copied); ^: highest-priority streams");
+    print!("{:>8} {:>4}", "block", "dir");
+    for (_, _, name) in &LOADED_COLUMNS {
+        print!(" {:>15}", name);
+    }
+    println!(" {:>11}", "best/ceil");
+    for (i, &block) in o.sizes.iter().enumerate() {
+        for (d, dir) in ["H2D", "D2H"].iter().enumerate() {
+            print!("{:>8} {:>4}", human(block), dir);
+            let mut best: f64 = 0.0;
+            for cells in &results {
+                let (gb, loss) = cells[i][d];
+                best = best.max(gb);
+                match loss {
+                    Some(l) => print!(" {:>7.2} ({:>4.1}%)", gb, l * 100.0),
+                    None => print!(" {:>7.2} (   - )", gb),
+                }
+            }
+            println!(" {:>11.2}", best / ceiling[d]);
+        }
+    }
+    load.finish()
+}
+
+/// One line of progress on stderr, when it is a terminal.
+fn progress(text: &str) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!("ferry bench: {text}");
+    }
 }
 
 /// Options of `topo` and `doctor`: `--sysfs DIR`, `--workers-per-gpu N`.
