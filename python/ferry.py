@@ -23,7 +23,37 @@ import time
 
 c_u32, c_u64, c_size = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
 
+# The constants of ferry.h, without the FERRY_ prefix; a dict holds one family, FERRY_<NAME>_<KEY>
+# being NAME[key]. test_header.py checks every one against the header, both ways.
+
+# Descriptor.flags: start only after every earlier descriptor of the queue completed.
 FLAG_FENCE = 1
+
+# Engine(sm_budget=...): every SM of the GPU, in total over the engine's workers.
+SM_BUDGET_ALL = 0xFFFFFFFF
+
+# Call results (ferry_result): FerryError.code.
+RESULT = {
+    "ok": 0,
+    "null_argument": 1,
+    "panic": 2,
+    "invalid_argument": 3,
+    "core_unavailable": 4,
+    "region_table_full": 5,
+    "unknown_region": 6,
+    "region_busy": 7,
+    "bad_range": 8,
+    "queue_not_open": 9,
+    "timeout": 10,
+    "system_error": 11,
+    "layout_mismatch": 12,
+    "shut_down": 13,
+}
+
+# Engine(transport=...), Engine(strategy=...), Engine(use_gdr=...): ferry_config's codes.
+TRANSPORT = {"host": 0, "null": 1, "gpu": 2}
+CUDA_STRATEGY = {"auto": 0, "memcpy": 1, "batch": 2, "kernel": 3}
+USE_GDR = {"auto": 0, "off": 1, "on": 2}
 
 # Completion status codes (ferry_status in ferry.h).
 STATUS = {
@@ -42,8 +72,13 @@ STATUS = {
 STATUS_NAME = {v: k for k, v in STATUS.items()}
 
 
+# Each ctypes.Structure names the C struct it mirrors in _c_name; test_header.py compares them.
+
+
 class Descriptor(ctypes.Structure):
     """One copy request; same layout as ferry_descriptor (64 bytes)."""
+
+    _c_name = "ferry_descriptor"
 
     _fields_ = [
         ("tag", c_u64),
@@ -61,6 +96,8 @@ class Descriptor(ctypes.Structure):
 class Completion(ctypes.Structure):
     """The result of one descriptor; same layout as ferry_completion (32 bytes)."""
 
+    _c_name = "ferry_completion"
+
     _fields_ = [("tag", c_u64), ("seq", c_u64), ("bytes", c_u64), ("status", c_u32), ("detail", c_u32)]
 
     @property
@@ -69,6 +106,9 @@ class Completion(ctypes.Structure):
 
 
 class _Config(ctypes.Structure):
+    """ferry_config; a zero field means the default."""
+
+    _c_name = "ferry_config"
     _fields_ = [
         ("workers", c_u32),
         ("transport", c_u32),
@@ -84,11 +124,10 @@ class _Config(ctypes.Structure):
     ]
 
 
-SM_BUDGET_ALL = 0xFFFFFFFF
-
-
 class WorkerStats(ctypes.Structure):
     """One worker's counters (ferry_worker_stats); the GDR fields count when `nic` is 1."""
+
+    _c_name = "ferry_worker_stats"
 
     _fields_ = [
         ("iterations", c_u64),
@@ -127,6 +166,28 @@ def _find_library():
     raise FerryError(-1, "libferry.so not found: build it with `cargo build --release -p ferry-ffi` or set FERRY_LIB")
 
 
+_p = ctypes.c_void_p
+# The C functions this binding calls: (name, argtypes, restype); test_header.py checks them.
+_SIGNATURES = [
+    ("ferry_last_error", [ctypes.c_char_p, c_size], c_size),
+    ("ferry_engine_start", [ctypes.POINTER(_Config), ctypes.POINTER(_p)], ctypes.c_int),
+    ("ferry_engine_free", [_p], None),
+    ("ferry_engine_new_client", [_p, ctypes.POINTER(c_u32)], ctypes.c_int),
+    ("ferry_host_alloc", [_p, c_u32, c_size, ctypes.POINTER(_p)], ctypes.c_int),
+    ("ferry_host_buffer_region", [_p], c_u32),
+    ("ferry_host_buffer_data", [_p], _p),
+    ("ferry_host_buffer_free", [_p], None),
+    ("ferry_deregister", [_p, c_u32], ctypes.c_int),
+    ("ferry_register_gpu", [_p, c_u32, c_u64, c_size, ctypes.POINTER(c_u32)], ctypes.c_int),
+    ("ferry_engine_transport", [_p, ctypes.c_char_p, c_size], c_size),
+    ("ferry_engine_stats", [_p, c_u32, ctypes.POINTER(WorkerStats)], ctypes.c_int),
+    ("ferry_queue_open", [_p, c_u32, c_u64, c_u64, ctypes.POINTER(_p)], ctypes.c_int),
+    ("ferry_queue_submit", [_p, ctypes.POINTER(Descriptor), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
+    ("ferry_queue_poll", [_p, ctypes.POINTER(Completion), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
+    ("ferry_queue_watermark", [_p], c_u64),
+    ("ferry_queue_free", [_p], None),
+]
+
 _lib = None
 
 
@@ -134,26 +195,7 @@ def _library():
     global _lib
     if _lib is None:
         lib = ctypes.CDLL(_find_library())
-        p = ctypes.c_void_p
-        for name, args, res in [
-            ("ferry_last_error", [ctypes.c_char_p, c_size], c_size),
-            ("ferry_engine_start", [ctypes.POINTER(_Config), ctypes.POINTER(p)], ctypes.c_int),
-            ("ferry_engine_free", [p], None),
-            ("ferry_engine_new_client", [p, ctypes.POINTER(c_u32)], ctypes.c_int),
-            ("ferry_host_alloc", [p, c_u32, c_size, ctypes.POINTER(p)], ctypes.c_int),
-            ("ferry_host_buffer_region", [p], c_u32),
-            ("ferry_host_buffer_data", [p], p),
-            ("ferry_host_buffer_free", [p], None),
-            ("ferry_deregister", [p, c_u32], ctypes.c_int),
-            ("ferry_register_gpu", [p, c_u32, c_u64, c_size, ctypes.POINTER(c_u32)], ctypes.c_int),
-            ("ferry_engine_transport", [p, ctypes.c_char_p, c_size], c_size),
-            ("ferry_engine_stats", [p, c_u32, ctypes.POINTER(WorkerStats)], ctypes.c_int),
-            ("ferry_queue_open", [p, c_u32, c_u64, c_u64, ctypes.POINTER(p)], ctypes.c_int),
-            ("ferry_queue_submit", [p, ctypes.POINTER(Descriptor), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
-            ("ferry_queue_poll", [p, ctypes.POINTER(Completion), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
-            ("ferry_queue_watermark", [p], c_u64),
-            ("ferry_queue_free", [p], None),
-        ]:
+        for name, args, res in _SIGNATURES:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, res
         _lib = lib
@@ -229,22 +271,24 @@ class Engine:
 
     transport: "host" (CPU copies), "null" (no data moves) or "gpu" (host <-> GPU: over the NIC
     or with the CUDA driver, as `use_gdr` says: "auto", "off" or "on"). GPU settings: `device`
-    (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel"), `sm_budget` (SMs the copy
-    kernel may use in total over the workers; SM_BUDGET_ALL for every SM; 0: the default, 8;
-    fewer than `workers` fails at start), `nic` (RDMA device name; None: the topology plan's).
+    (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel"), `sm_budget` (the most SMs
+    the copy kernel may use, in total over the engine's workers, each getting an equal share,
+    capped at the GPU's SM count; SM_BUDGET_ALL: every SM; 0: the default, 8 SMs; a budget below
+    `workers` fails at start with RESULT["invalid_argument"]), `nic` (RDMA device name; None:
+    the topology plan's). As in ferry_config, 0 in `max_len` or `workers` means the default.
     """
 
     def __init__(self, workers=1, transport="host", pinned=True, max_len=0, device=0, strategy="auto",
                  sm_budget=0, use_gdr="auto", nic=None):
         config = _Config(
             workers=workers,
-            transport={"host": 0, "null": 1, "gpu": 2}[transport],
+            transport=TRANSPORT[transport],
             unpinned=0 if pinned else 1,
             max_len=max_len,
             cuda_device=device,
-            cuda_strategy={"auto": 0, "memcpy": 1, "batch": 2, "kernel": 3}[strategy],
+            cuda_strategy=CUDA_STRATEGY[strategy],
             sm_budget=sm_budget,
-            use_gdr={"auto": 0, "off": 1, "on": 2}[use_gdr],
+            use_gdr=USE_GDR[use_gdr],
             nic=nic.encode() if nic else None,
         )
         handle = ctypes.c_void_p()

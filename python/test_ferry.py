@@ -76,10 +76,25 @@ class FerryTest(unittest.TestCase):
             client = engine.new_client()
             with self.assertRaises(ferry.FerryError) as caught:
                 engine.register_gpu(client, 0x10, 4096)  # not device memory
-            self.assertEqual(caught.exception.code, 8)  # FERRY_RESULT_BAD_RANGE
+            self.assertEqual(caught.exception.code, ferry.RESULT["bad_range"])
         with self.assertRaises(ferry.FerryError) as caught:
             ferry.Engine(transport="gpu", use_gdr="on", nic="ferry-no-such-nic", pinned=False)
         self.assertIn("GDR", str(caught.exception))
+
+    def test_sm_budget_is_a_total_over_the_workers(self):
+        """A budget below the number of workers fails at start; 0 (the default, 8), a budget of one
+        SM per worker and SM_BUDGET_ALL start."""
+        try:
+            ferry.Engine(transport="gpu", use_gdr="off", pinned=False).close()
+        except ferry.FerryError as e:
+            print(f"SKIP: the CUDA driver's transport cannot start here: {e}")
+            self.skipTest("no CUDA driver transport")
+        with self.assertRaises(ferry.FerryError) as caught:
+            ferry.Engine(transport="gpu", use_gdr="off", workers=2, sm_budget=1, pinned=False)
+        self.assertEqual(caught.exception.code, ferry.RESULT["invalid_argument"])
+        self.assertIn("2 workers", str(caught.exception))
+        for budget in (0, 2, ferry.SM_BUDGET_ALL):
+            ferry.Engine(transport="gpu", use_gdr="off", workers=2, sm_budget=budget, pinned=False).close()
 
     def test_gpu_copies_with_torch(self):
         """H2D and D2H through the C ABI between an engine buffer and a torch CUDA tensor."""

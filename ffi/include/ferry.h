@@ -9,13 +9,42 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+// `ferry_descriptor::flags`: start only after every earlier descriptor of the queue completed.
+#define FERRY_FLAG_FENCE 1
 
+// `ferry_config::transport`: host memory only, copied by the CPU (the default).
+#define FERRY_TRANSPORT_HOST 0
 
-// `ferry_config::sm_budget`: every SM of the GPU.
+// `ferry_config::transport`: no data moves (measures the engine itself).
+#define FERRY_TRANSPORT_NULL 1
+
+// `ferry_config::transport`: host <-> GPU, over the NIC or with the CUDA driver, as
+// `ferry_config::use_gdr` says.
+#define FERRY_TRANSPORT_GPU 2
+
+// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor, `kernel` for more (the default).
+#define FERRY_CUDA_STRATEGY_AUTO 0
+
+// `ferry_config::cuda_strategy`: one `cuMemcpyAsync` per descriptor.
+#define FERRY_CUDA_STRATEGY_MEMCPY 1
+
+// `ferry_config::cuda_strategy`: one `cuMemcpyBatchAsync` per batch (driver 12.8+).
+#define FERRY_CUDA_STRATEGY_BATCH 2
+
+// `ferry_config::cuda_strategy`: ferry's SM copy kernel, on at most `sm_budget` SMs.
+#define FERRY_CUDA_STRATEGY_KERNEL 3
+
+// `ferry_config::use_gdr`: GDR when a NIC passes its self-test, else the CUDA driver (the default).
+#define FERRY_USE_GDR_AUTO 0
+
+// `ferry_config::use_gdr`: never GDR: the CUDA driver's copies.
+#define FERRY_USE_GDR_OFF 1
+
+// `ferry_config::use_gdr`: GDR, or a start-up error naming what is missing.
+#define FERRY_USE_GDR_ON 2
+
+// `ferry_config::sm_budget`: every SM of the GPU, in total over the engine's workers.
 #define FERRY_SM_BUDGET_ALL UINT32_MAX
-
-// The largest region table.
-#define EngineConfig_MAX_REGIONS (1 << 16)
 
 // Result of a call.
 typedef enum {
@@ -23,7 +52,8 @@ typedef enum {
   FERRY_RESULT_OK = 0,
   // A required pointer argument was NULL.
   FERRY_RESULT_NULL_ARGUMENT = 1,
-  // ferry panicked; the object involved should not be used again.
+  // ferry panicked (`ferry_last_error` says where); the object involved should not be used
+  // again.
   FERRY_RESULT_PANIC = 2,
   // Invalid configuration or argument.
   FERRY_RESULT_INVALID_ARGUMENT = 3,
@@ -86,9 +116,6 @@ typedef uint32_t ferry_status;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// How the CUDA transport moves a batch.
-typedef struct Strategy Strategy;
-
 // A running engine.
 typedef struct ferry_engine ferry_engine;
 
@@ -102,8 +129,7 @@ typedef struct ferry_queue ferry_queue;
 typedef struct {
   // Worker threads (default 1).
   uint32_t workers;
-  // 0: host transport (CPU copies); 1: null transport (no data moves); 2: GPU (host <-> GPU
-  // over the NIC or with the CUDA driver, as `use_gdr` says).
+  // `FERRY_TRANSPORT_HOST` (0, the default), `FERRY_TRANSPORT_NULL` or `FERRY_TRANSPORT_GPU`.
   uint32_t transport;
   // 1: do not pin workers (default: pin to the highest online CPUs, never CPU 0).
   uint32_t unpinned;
@@ -115,13 +141,15 @@ typedef struct {
   uint32_t max_regions;
   // GPU transport: the CUDA device ordinal (default 0).
   int32_t cuda_device;
-  // GPU transport, CUDA driver copies: 0 auto, 1 memcpy, 2 batch, 3 kernel.
+  // GPU transport, CUDA driver copies: a `FERRY_CUDA_STRATEGY_*` code (default auto).
   uint32_t cuda_strategy;
-  // GPU transport: SMs the copy kernel may use, in total over the workers (0: the default,
-  // 8; [`FERRY_SM_BUDGET_ALL`]: every SM). Fewer than `workers` is a start-up error.
+  // GPU transport: the most SMs the copy kernel may use, in total over the engine's workers
+  // (each gets an equal share), capped at the GPU's SM count. 0: the default, 8 SMs;
+  // [`FERRY_SM_BUDGET_ALL`]: every SM. A budget below `workers` is a start-up error
+  // (`FERRY_RESULT_INVALID_ARGUMENT`).
   uint32_t sm_budget;
-  // GPU transport: 0 auto (GDR when a NIC passes its self-test, else the CUDA driver), 1 off
-  // (the CUDA driver), 2 on (GDR, or a start-up error naming what is missing).
+  // GPU transport: a `FERRY_USE_GDR_*` code (default auto: GDR when a NIC passes its
+  // self-test, else the CUDA driver).
   uint32_t use_gdr;
   // GPU transport: the RDMA device for GDR (NUL-terminated), or NULL for the topology plan's.
   const char *nic;
@@ -197,7 +225,8 @@ extern "C" {
 #endif // __cplusplus
 
 // Copies the calling thread's last error text into `buf` (NUL-terminated, truncated to
-// `len - 1` bytes) and returns the full text's length in bytes.
+// `len - 1` bytes) and returns the full text's length in bytes. Returns 0 if ferry panicked
+// (`buf` is then unspecified; call again for the panic's text).
 //
 // # Safety
 // `buf` must be NULL or valid for `len` bytes.
@@ -212,10 +241,12 @@ ferry_result ferry_engine_start(const ferry_config *config, ferry_engine **out);
 
 // Writes the engine's transport into `buf` as text ("gdr on mlx5_0", "cuda", "host"), followed
 // by why it is what it is where that was a choice ("use_gdr = auto: ..."), NUL-terminated and
-// cut to fit; returns the full length without the NUL. `buf` may be NULL with `len` 0.
+// cut to fit; returns the full length without the NUL. `buf` may be NULL with `len` 0. Returns
+// 0 (the text is never empty) for a NULL engine, writing nothing, and if ferry panicked (the
+// panic's text is then in [`ferry_last_error`]).
 //
 // # Safety
-// `engine` must be a live engine; `buf` valid for `len` bytes of writes (or NULL with 0).
+// `engine` must be NULL or a live engine; `buf` valid for `len` bytes of writes (or NULL with 0).
 size_t ferry_engine_transport(const ferry_engine *engine, char *buf, size_t len);
 
 // Writes worker `worker`'s counters to `*out`.
@@ -227,7 +258,8 @@ ferry_result ferry_engine_stats(const ferry_engine *engine,
                                 ferry_worker_stats *out);
 
 // Shuts the engine down (started copies finish, queued ones are cancelled, queues close) and
-// frees it. NULL is ignored. Queues and buffers stay valid objects to free afterwards.
+// frees it. NULL is ignored. Queues and buffers stay valid objects to free afterwards. Never
+// unwinds: a panic while shutting down is written to stderr.
 //
 // # Safety
 // `engine` must be NULL or come from [`ferry_engine_start`], and not be used afterwards.
@@ -250,19 +282,22 @@ ferry_result ferry_host_alloc(const ferry_engine *engine,
                               size_t len,
                               ferry_host_buffer **out);
 
-// The region id of a buffer (0 for NULL, which is never a valid id).
+// The region id of a buffer. Returns 0, which is never a valid id, for NULL and if ferry
+// panicked (the panic's text is then in [`ferry_last_error`]).
 //
 // # Safety
 // `buffer` must be NULL or a live buffer.
 uint32_t ferry_host_buffer_region(const ferry_host_buffer *buffer);
 
-// The first byte of a buffer (NULL for NULL).
+// The first byte of a buffer. Returns NULL for NULL and if ferry panicked (the panic's text is
+// then in [`ferry_last_error`]).
 //
 // # Safety
 // `buffer` must be NULL or a live buffer.
 uint8_t *ferry_host_buffer_data(const ferry_host_buffer *buffer);
 
-// Frees the buffer handle. NULL is ignored. Does not deregister the region.
+// Frees the buffer handle. NULL is ignored. Does not deregister the region. Never unwinds: a
+// panic is written to stderr.
 //
 // # Safety
 // `buffer` must be NULL or come from [`ferry_host_alloc`], and not be used afterwards.
@@ -316,7 +351,8 @@ ferry_result ferry_queue_open(const ferry_engine *engine,
 // `out` must be valid for a write.
 ferry_result ferry_queue_attach(int fd, ferry_queue **out);
 
-// The queue's memfd, to pass to another process (-1 for NULL). Owned by the queue.
+// The queue's memfd, to pass to another process; owned by the queue. Returns -1 for NULL and
+// if ferry panicked (the panic's text is then in [`ferry_last_error`]).
 //
 // # Safety
 // `queue` must be NULL or a live queue.
@@ -340,14 +376,15 @@ ferry_result ferry_queue_submit(ferry_queue *queue,
 // valid for a write.
 ferry_result ferry_queue_poll(ferry_queue *queue, ferry_completion *out, size_t cap, size_t *n);
 
-// In-order watermark: every descriptor with seq below it has its completion published
-// (0 for NULL).
+// In-order watermark: every descriptor with seq below it has its completion published.
+// Returns 0 for NULL and if ferry panicked (the panic's text is then in [`ferry_last_error`]):
+// 0 claims nothing complete, so a caller never reuses memory too early on it.
 //
 // # Safety
 // `queue` must be NULL or a live queue.
 uint64_t ferry_queue_watermark(const ferry_queue *queue);
 
-// Frees a queue handle. NULL is ignored.
+// Frees a queue handle. NULL is ignored. Never unwinds: a panic is written to stderr.
 //
 // # Safety
 // `queue` must be NULL or come from [`ferry_queue_open`]/[`ferry_queue_attach`], and not be

@@ -1,8 +1,12 @@
 //! The C ABI of ferry.
 //!
 //! Conventions (as in rustls-ffi):
-//! - Every function returns a [`ferry_result`] (or a plain value where nothing can fail) and
-//!   never unwinds: a panic inside becomes `FERRY_RESULT_PANIC`.
+//! - Every export is behind the panic boundary and never unwinds. Its body is one call of a
+//!   boundary helper, by what it returns: [`guard`] for a [`ferry_result`] (a panic becomes
+//!   `FERRY_RESULT_PANIC`), [`guard_value`] for a plain value (a panic returns the sentinel its
+//!   doc comment names), [`guard_free`] for a `_free` function (a panic is written to stderr and
+//!   swallowed). The panic's text is left for [`ferry_last_error`]. `tests/boundary.rs` fails
+//!   for an export that skips the boundary.
 //! - Pointer arguments are checked for NULL (`FERRY_RESULT_NULL_ARGUMENT`).
 //! - Output parameters are written only on success.
 //! - Objects come in `_new`/`_free` (or `_start`/`_free`) pairs; `_free` accepts NULL.
@@ -19,8 +23,10 @@ use ferry::{
     ClientId, Completion, CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig,
     HostBuffer, IdlePolicy, Queue, QueueConfig, RegionId, SmBudget, Strategy, TransportKind, UseGdr,
 };
+use std::any::Any;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int};
+use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -32,7 +38,8 @@ pub enum ferry_result {
     Ok = 0,
     /// A required pointer argument was NULL.
     NullArgument = 1,
-    /// ferry panicked; the object involved should not be used again.
+    /// ferry panicked (`ferry_last_error` says where); the object involved should not be used
+    /// again.
     Panic = 2,
     /// Invalid configuration or argument.
     InvalidArgument = 3,
@@ -58,8 +65,33 @@ pub enum ferry_result {
     ShutDown = 13,
 }
 
-/// Flag: start only after every earlier descriptor of the queue completed.
-pub const FERRY_FLAG_FENCE: u32 = ferry::FLAG_FENCE;
+/// `ferry_descriptor::flags`: start only after every earlier descriptor of the queue completed.
+pub const FERRY_FLAG_FENCE: u32 = 1;
+const _: () = assert!(FERRY_FLAG_FENCE == ferry::FLAG_FENCE);
+
+/// `ferry_config::transport`: host memory only, copied by the CPU (the default).
+pub const FERRY_TRANSPORT_HOST: u32 = 0;
+/// `ferry_config::transport`: no data moves (measures the engine itself).
+pub const FERRY_TRANSPORT_NULL: u32 = 1;
+/// `ferry_config::transport`: host <-> GPU, over the NIC or with the CUDA driver, as
+/// `ferry_config::use_gdr` says.
+pub const FERRY_TRANSPORT_GPU: u32 = 2;
+
+/// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor, `kernel` for more (the default).
+pub const FERRY_CUDA_STRATEGY_AUTO: u32 = 0;
+/// `ferry_config::cuda_strategy`: one `cuMemcpyAsync` per descriptor.
+pub const FERRY_CUDA_STRATEGY_MEMCPY: u32 = 1;
+/// `ferry_config::cuda_strategy`: one `cuMemcpyBatchAsync` per batch (driver 12.8+).
+pub const FERRY_CUDA_STRATEGY_BATCH: u32 = 2;
+/// `ferry_config::cuda_strategy`: ferry's SM copy kernel, on at most `sm_budget` SMs.
+pub const FERRY_CUDA_STRATEGY_KERNEL: u32 = 3;
+
+/// `ferry_config::use_gdr`: GDR when a NIC passes its self-test, else the CUDA driver (the default).
+pub const FERRY_USE_GDR_AUTO: u32 = 0;
+/// `ferry_config::use_gdr`: never GDR: the CUDA driver's copies.
+pub const FERRY_USE_GDR_OFF: u32 = 1;
+/// `ferry_config::use_gdr`: GDR, or a start-up error naming what is missing.
+pub const FERRY_USE_GDR_ON: u32 = 2;
 
 /// Engine settings for [`ferry_engine_start`]. Zero in a field means "the default".
 #[repr(C)]
@@ -67,8 +99,7 @@ pub const FERRY_FLAG_FENCE: u32 = ferry::FLAG_FENCE;
 pub struct ferry_config {
     /// Worker threads (default 1).
     pub workers: u32,
-    /// 0: host transport (CPU copies); 1: null transport (no data moves); 2: GPU (host <-> GPU
-    /// over the NIC or with the CUDA driver, as `use_gdr` says).
+    /// `FERRY_TRANSPORT_HOST` (0, the default), `FERRY_TRANSPORT_NULL` or `FERRY_TRANSPORT_GPU`.
     pub transport: u32,
     /// 1: do not pin workers (default: pin to the highest online CPUs, never CPU 0).
     pub unpinned: u32,
@@ -80,18 +111,19 @@ pub struct ferry_config {
     pub max_regions: u32,
     /// GPU transport: the CUDA device ordinal (default 0).
     pub cuda_device: i32,
-    /// GPU transport, CUDA driver copies: 0 auto, 1 memcpy, 2 batch, 3 kernel.
+    /// GPU transport, CUDA driver copies: a `FERRY_CUDA_STRATEGY_*` code (default auto).
     pub cuda_strategy: u32,
-    /// GPU transport: SMs the copy kernel may use, in total over the workers (0: the default,
-    /// 8; [`FERRY_SM_BUDGET_ALL`]: every SM). Fewer than `workers` is a start-up error.
+    /// GPU transport: the most SMs the copy kernel may use, in total over the engine's workers
+    /// (each gets an equal share), capped at the GPU's SM count. 0: the default, 8 SMs;
+    /// [`FERRY_SM_BUDGET_ALL`]: every SM. A budget below `workers` is a start-up error
+    /// (`FERRY_RESULT_INVALID_ARGUMENT`).
     pub sm_budget: u32,
-    /// GPU transport: 0 auto (GDR when a NIC passes its self-test, else the CUDA driver), 1 off
-    /// (the CUDA driver), 2 on (GDR, or a start-up error naming what is missing).
+    /// GPU transport: a `FERRY_USE_GDR_*` code (default auto: GDR when a NIC passes its
+    /// self-test, else the CUDA driver).
     pub use_gdr: u32,
     /// GPU transport: the RDMA device for GDR (NUL-terminated), or NULL for the topology plan's.
     pub nic: *const c_char,
 }
-
 impl Default for ferry_config {
     fn default() -> Self {
         ferry_config {
@@ -110,7 +142,7 @@ impl Default for ferry_config {
     }
 }
 
-/// `ferry_config::sm_budget`: every SM of the GPU.
+/// `ferry_config::sm_budget`: every SM of the GPU, in total over the engine's workers.
 pub const FERRY_SM_BUDGET_ALL: u32 = u32::MAX;
 
 /// One worker's counters, from [`ferry_engine_stats`].
@@ -183,19 +215,77 @@ fn code_of(error: &Error) -> ferry_result {
     }
 }
 
-/// Runs `f` behind the panic boundary and records the error text.
-fn guard(f: impl FnOnce() -> Result<(), Error>) -> ferry_result {
-    let (code, text) = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => return ferry_result::Ok,
-        Ok(Err(e)) => (code_of(&e), e.to_string()),
-        Err(_) => (ferry_result::Panic, "ferry panicked; see stderr".to_owned()),
-    };
-    LAST_ERROR.with(|last| *last.borrow_mut() = text);
-    code
+/// Why an export failed: a NULL pointer argument (its name) or the engine's error.
+enum Failure {
+    Null(&'static str),
+    Engine(Error),
 }
 
-fn null_argument(name: &'static str) -> Error {
-    invalid(name, "NULL", "a valid pointer")
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure::Engine(error)
+    }
+}
+
+/// Returns [`Failure::Null`] from the enclosing closure for the first of the pointers that is
+/// NULL.
+macro_rules! non_null {
+    ($($p:ident),+) => {
+        $(
+            if $p.is_null() {
+                return Err(Failure::Null(stringify!($p)));
+            }
+        )+
+    };
+}
+
+/// The panic boundary, the one `catch_unwind` of the crate: runs `f`; a panic becomes the text
+/// "`function` panicked: <its message>". Each export reaches it through [`guard`],
+/// [`guard_value`] or [`guard_free`].
+fn catch_panic<T>(function: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| format!("{function} panicked: {}", panic_message(payload)))
+}
+
+/// The message of a panic's payload. A payload other than the `&str` or `String` of `panic!`
+/// is leaked, not dropped: its `Drop` could panic again, outside any boundary.
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        return (*text).to_owned();
+    }
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(other) => {
+            std::mem::forget(other);
+            "a panic without a message".to_owned()
+        }
+    }
+}
+
+/// Makes `text` the calling thread's last error. Never panics: while the thread is being torn
+/// down it has no slot left, and the text is dropped.
+fn set_last_error(text: String) {
+    let _ = LAST_ERROR.try_with(|last| {
+        if let Ok(mut slot) = last.try_borrow_mut() {
+            *slot = text;
+        }
+    });
+}
+
+/// The boundary of an export that returns a [`ferry_result`]: runs `f`; its failure becomes
+/// the code (and the calling thread's last error text), a panic `FERRY_RESULT_PANIC`.
+fn guard(function: &str, f: impl FnOnce() -> Result<(), Failure>) -> ferry_result {
+    let outcome = catch_panic(function, || match f() {
+        Ok(()) => None,
+        Err(Failure::Null(name)) => Some((ferry_result::NullArgument, format!("{function}: {name} is NULL"))),
+        Err(Failure::Engine(e)) => Some((code_of(&e), e.to_string())),
+    });
+    let (code, text) = match outcome {
+        Ok(None) => return ferry_result::Ok,
+        Ok(Some(failure)) => failure,
+        Err(text) => (ferry_result::Panic, text),
+    };
+    set_last_error(text);
+    code
 }
 
 /// An argument of a C call out of its range, as the engine's [`Error::InvalidSetting`].
@@ -203,24 +293,37 @@ fn invalid(argument: &'static str, value: impl std::fmt::Display, rule: impl Int
     Error::InvalidSetting { setting: argument, value: value.to_string(), rule: rule.into() }
 }
 
-macro_rules! non_null {
-    ($p:ident) => {
-        if $p.is_null() {
-            LAST_ERROR.with(|last| *last.borrow_mut() = null_argument(stringify!($p)).to_string());
-            return ferry_result::NullArgument;
-        }
-    };
+/// The boundary of an export that returns a plain value: runs `f`; a panic returns `sentinel`
+/// (the export's doc comment names it) and leaves the panic's text for [`ferry_last_error`].
+fn guard_value<T>(function: &str, sentinel: T, f: impl FnOnce() -> T) -> T {
+    catch_panic(function, f).unwrap_or_else(|text| {
+        set_last_error(text);
+        sentinel
+    })
+}
+
+/// The boundary of a `_free` export, which has no way to report: runs `f`; a panic is written
+/// to stderr (and left for [`ferry_last_error`]) and swallowed.
+fn guard_free(function: &str, f: impl FnOnce()) {
+    if let Err(text) = catch_panic(function, f) {
+        // writeln! and not eprintln!, which panics when stderr is closed.
+        let _ = writeln!(std::io::stderr(), "ferry: {text}");
+        set_last_error(text);
+    }
 }
 
 /// Copies the calling thread's last error text into `buf` (NUL-terminated, truncated to
-/// `len - 1` bytes) and returns the full text's length in bytes.
+/// `len - 1` bytes) and returns the full text's length in bytes. Returns 0 if ferry panicked
+/// (`buf` is then unspecified; call again for the panic's text).
 ///
 /// # Safety
 /// `buf` must be NULL or valid for `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_last_error(buf: *mut c_char, len: usize) -> usize {
-    // SAFETY: forwarded from the caller.
-    LAST_ERROR.with(|last| unsafe { write_text(&last.borrow(), buf, len) })
+    guard_value("ferry_last_error", 0, || {
+        // SAFETY: `buf` is NULL or valid for `len` bytes, as the caller promised.
+        LAST_ERROR.with(|last| unsafe { write_text(&last.borrow(), buf, len) })
+    })
 }
 
 /// Copies `text` into `buf`, cut to `len - 1` bytes and NUL-terminated; returns `text`'s length.
@@ -246,17 +349,17 @@ unsafe fn write_text(text: &str, buf: *mut c_char, len: usize) -> usize {
 /// `config` must be NULL or point to a `ferry_config`; `out` must be valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *mut *mut ferry_engine) -> ferry_result {
-    non_null!(out);
-    // SAFETY: NULL or a valid ferry_config, as the caller promised.
-    let c = unsafe { config.as_ref() }.copied().unwrap_or_default();
-    guard(|| {
+    guard("ferry_engine_start", || {
+        non_null!(out);
+        // SAFETY: NULL or a valid ferry_config, as the caller promised.
+        let c = unsafe { config.as_ref() }.copied().unwrap_or_default();
         let defaults = EngineConfig::default();
         let transport = match c.transport {
-            0 => TransportKind::Host,
-            1 => TransportKind::Null,
+            FERRY_TRANSPORT_HOST => TransportKind::Host,
+            FERRY_TRANSPORT_NULL => TransportKind::Null,
             // SAFETY: NULL or a NUL-terminated string, as the caller promised.
-            2 => TransportKind::Gpu(gpu_config(&c, unsafe { optional_str(c.nic) }?)?),
-            other => return Err(invalid("ferry_config::transport", other, "0 host, 1 null or 2 GPU")),
+            FERRY_TRANSPORT_GPU => TransportKind::Gpu(gpu_config(&c, unsafe { optional_str(c.nic) }?)?),
+            other => return Err(invalid("ferry_config::transport", other, "0 host, 1 null or 2 GPU").into()),
         };
         let config = EngineConfig {
             workers: if c.workers == 0 { defaults.workers } else { c.workers as usize },
@@ -277,10 +380,10 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
 /// The GPU transport's settings from the C struct: a zero field takes the Rust default.
 fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error> {
     let strategy = match c.cuda_strategy {
-        0 => Strategy::Auto,
-        1 => Strategy::Memcpy,
-        2 => Strategy::Batch,
-        3 => Strategy::Kernel,
+        FERRY_CUDA_STRATEGY_AUTO => Strategy::Auto,
+        FERRY_CUDA_STRATEGY_MEMCPY => Strategy::Memcpy,
+        FERRY_CUDA_STRATEGY_BATCH => Strategy::Batch,
+        FERRY_CUDA_STRATEGY_KERNEL => Strategy::Kernel,
         other => return Err(invalid("ferry_config::cuda_strategy", other, "0 auto, 1 memcpy, 2 batch or 3 kernel")),
     };
     let sm_budget = match c.sm_budget {
@@ -289,9 +392,9 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         n => SmBudget::sms(n).expect("0 is matched above"),
     };
     let use_gdr = match c.use_gdr {
-        0 => UseGdr::Auto,
-        1 => UseGdr::Off,
-        2 => UseGdr::On,
+        FERRY_USE_GDR_AUTO => UseGdr::Auto,
+        FERRY_USE_GDR_OFF => UseGdr::Off,
+        FERRY_USE_GDR_ON => UseGdr::On,
         other => return Err(invalid("ferry_config::use_gdr", other, "0 auto, 1 off or 2 on")),
     };
     let device =
@@ -319,24 +422,28 @@ unsafe fn optional_str(p: *const c_char) -> Result<Option<String>, Error> {
 
 /// Writes the engine's transport into `buf` as text ("gdr on mlx5_0", "cuda", "host"), followed
 /// by why it is what it is where that was a choice ("use_gdr = auto: ..."), NUL-terminated and
-/// cut to fit; returns the full length without the NUL. `buf` may be NULL with `len` 0.
+/// cut to fit; returns the full length without the NUL. `buf` may be NULL with `len` 0. Returns
+/// 0 (the text is never empty) for a NULL engine, writing nothing, and if ferry panicked (the
+/// panic's text is then in [`ferry_last_error`]).
 ///
 /// # Safety
-/// `engine` must be a live engine; `buf` valid for `len` bytes of writes (or NULL with 0).
+/// `engine` must be NULL or a live engine; `buf` valid for `len` bytes of writes (or NULL with 0).
 #[no_mangle]
 pub unsafe extern "C" fn ferry_engine_transport(engine: *const ferry_engine, buf: *mut c_char, len: usize) -> usize {
-    // SAFETY: NULL or a live engine, as the caller promised.
-    let Some(engine) = (unsafe { engine.as_ref() }) else { return 0 };
-    let engine = &engine.0;
-    let mut text = engine.transport_name().to_string();
-    if let Some(nic) = engine.nic_name() {
-        text += &format!(" on {nic}");
-    }
-    for note in engine.transport_notes() {
-        text += &format!("; {note}");
-    }
-    // SAFETY: forwarded from the caller.
-    unsafe { write_text(&text, buf, len) }
+    guard_value("ferry_engine_transport", 0, || {
+        // SAFETY: NULL or a live engine, as the caller promised.
+        let Some(engine) = (unsafe { engine.as_ref() }) else { return 0 };
+        let engine = &engine.0;
+        let mut text = engine.transport_name().to_string();
+        if let Some(nic) = engine.nic_name() {
+            text += &format!(" on {nic}");
+        }
+        for note in engine.transport_notes() {
+            text += &format!("; {note}");
+        }
+        // SAFETY: `buf` is valid for `len` bytes or NULL, as the caller promised.
+        unsafe { write_text(&text, buf, len) }
+    })
 }
 
 /// Writes worker `worker`'s counters to `*out`.
@@ -349,9 +456,8 @@ pub unsafe extern "C" fn ferry_engine_stats(
     worker: u32,
     out: *mut ferry_worker_stats,
 ) -> ferry_result {
-    non_null!(engine);
-    non_null!(out);
-    guard(|| {
+    guard("ferry_engine_stats", || {
+        non_null!(engine, out);
         // SAFETY: live engine, as the caller promised.
         let stats = unsafe { &(*engine).0 }.stats();
         let s = stats
@@ -378,18 +484,19 @@ pub unsafe extern "C" fn ferry_engine_stats(
 }
 
 /// Shuts the engine down (started copies finish, queued ones are cancelled, queues close) and
-/// frees it. NULL is ignored. Queues and buffers stay valid objects to free afterwards.
+/// frees it. NULL is ignored. Queues and buffers stay valid objects to free afterwards. Never
+/// unwinds: a panic while shutting down is written to stderr.
 ///
 /// # Safety
 /// `engine` must be NULL or come from [`ferry_engine_start`], and not be used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_engine_free(engine: *mut ferry_engine) {
-    if engine.is_null() {
-        return;
-    }
-    // SAFETY: the caller hands back ownership of a pointer from ferry_engine_start.
-    let engine = unsafe { Box::from_raw(engine) };
-    let _ = catch_unwind(AssertUnwindSafe(|| drop(engine)));
+    guard_free("ferry_engine_free", || {
+        if !engine.is_null() {
+            // SAFETY: the caller hands back ownership of a pointer from ferry_engine_start.
+            drop(unsafe { Box::from_raw(engine) });
+        }
+    })
 }
 
 /// Writes a new client id to `*out`.
@@ -398,9 +505,8 @@ pub unsafe extern "C" fn ferry_engine_free(engine: *mut ferry_engine) {
 /// `engine` must be a live engine; `out` valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_engine_new_client(engine: *const ferry_engine, out: *mut u32) -> ferry_result {
-    non_null!(engine);
-    non_null!(out);
-    guard(|| {
+    guard("ferry_engine_new_client", || {
+        non_null!(engine, out);
         // SAFETY: live engine and writable `out`, as the caller promised.
         unsafe { *out = (*engine).0.new_client().0 };
         Ok(())
@@ -420,9 +526,8 @@ pub unsafe extern "C" fn ferry_host_alloc(
     len: usize,
     out: *mut *mut ferry_host_buffer,
 ) -> ferry_result {
-    non_null!(engine);
-    non_null!(out);
-    guard(|| {
+    guard("ferry_host_alloc", || {
+        non_null!(engine, out);
         // SAFETY: live engine, as the caller promised.
         let buffer = unsafe { &(*engine).0 }.allocate_host(ClientId(client), len)?;
         // SAFETY: writable `out`, as the caller promised.
@@ -431,36 +536,45 @@ pub unsafe extern "C" fn ferry_host_alloc(
     })
 }
 
-/// The region id of a buffer (0 for NULL, which is never a valid id).
+/// The region id of a buffer. Returns 0, which is never a valid id, for NULL and if ferry
+/// panicked (the panic's text is then in [`ferry_last_error`]).
 ///
 /// # Safety
 /// `buffer` must be NULL or a live buffer.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_host_buffer_region(buffer: *const ferry_host_buffer) -> u32 {
-    // SAFETY: NULL or a live buffer, as the caller promised.
-    unsafe { buffer.as_ref() }.map_or(0, |b| b.0.id().0)
+    guard_value("ferry_host_buffer_region", 0, || {
+        // SAFETY: NULL or a live buffer, as the caller promised.
+        unsafe { buffer.as_ref() }.map_or(0, |b| b.0.id().0)
+    })
 }
 
-/// The first byte of a buffer (NULL for NULL).
+/// The first byte of a buffer. Returns NULL for NULL and if ferry panicked (the panic's text is
+/// then in [`ferry_last_error`]).
 ///
 /// # Safety
 /// `buffer` must be NULL or a live buffer.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_host_buffer_data(buffer: *const ferry_host_buffer) -> *mut u8 {
-    // SAFETY: NULL or a live buffer, as the caller promised.
-    unsafe { buffer.as_ref() }.map_or(std::ptr::null_mut(), |b| b.0.as_ptr())
+    guard_value("ferry_host_buffer_data", std::ptr::null_mut(), || {
+        // SAFETY: NULL or a live buffer, as the caller promised.
+        unsafe { buffer.as_ref() }.map_or(std::ptr::null_mut(), |b| b.0.as_ptr())
+    })
 }
 
-/// Frees the buffer handle. NULL is ignored. Does not deregister the region.
+/// Frees the buffer handle. NULL is ignored. Does not deregister the region. Never unwinds: a
+/// panic is written to stderr.
 ///
 /// # Safety
 /// `buffer` must be NULL or come from [`ferry_host_alloc`], and not be used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_host_buffer_free(buffer: *mut ferry_host_buffer) {
-    if !buffer.is_null() {
-        // SAFETY: the caller hands back ownership of a pointer from ferry_host_alloc.
-        drop(unsafe { Box::from_raw(buffer) });
-    }
+    guard_free("ferry_host_buffer_free", || {
+        if !buffer.is_null() {
+            // SAFETY: the caller hands back ownership of a pointer from ferry_host_alloc.
+            drop(unsafe { Box::from_raw(buffer) });
+        }
+    })
 }
 
 /// Registers `len` bytes of the caller's memory at `ptr` for `client`; writes the region id.
@@ -476,14 +590,16 @@ pub unsafe extern "C" fn ferry_register_host(
     len: usize,
     out_region: *mut u32,
 ) -> ferry_result {
-    // SAFETY: the memory promise is the caller's, forwarded.
-    let f = |e: &Engine| unsafe { e.register_host(ClientId(client), ptr, len) };
-    // SAFETY: engine and out_region as the caller promised.
-    unsafe { register(engine, out_region, f) }
+    guard("ferry_register_host", || {
+        // SAFETY: the memory promise is the caller's, forwarded.
+        let f = |e: &Engine| unsafe { e.register_host(ClientId(client), ptr, len) };
+        // SAFETY: engine and out_region as the caller promised.
+        unsafe { register(engine, out_region, f) }
+    })
 }
 
-/// Runs `f` (one of the engine's registrations) behind the panic boundary and writes the region
-/// id it returns to `*out_region`.
+/// Runs `f` (one of the engine's registrations) and writes the region id it returns to
+/// `*out_region`; called inside an export's boundary.
 ///
 /// # Safety
 /// `engine` must be NULL or a live engine, `out_region` NULL or valid for a write, and `f`'s own
@@ -492,16 +608,13 @@ unsafe fn register(
     engine: *const ferry_engine,
     out_region: *mut u32,
     f: impl FnOnce(&Engine) -> Result<RegionId, Error>,
-) -> ferry_result {
-    non_null!(engine);
-    non_null!(out_region);
-    guard(|| {
-        // SAFETY: live engine, as the caller promised.
-        let id = f(unsafe { &(*engine).0 })?;
-        // SAFETY: writable `out_region`, as the caller promised.
-        unsafe { *out_region = id.0 };
-        Ok(())
-    })
+) -> Result<(), Failure> {
+    non_null!(engine, out_region);
+    // SAFETY: live engine, as the caller promised.
+    let id = f(unsafe { &(*engine).0 })?;
+    // SAFETY: writable `out_region`, as the caller promised.
+    unsafe { *out_region = id.0 };
+    Ok(())
 }
 
 /// Registers `len` bytes of GPU memory at device address `ptr` (from `cuMemAlloc` or a
@@ -520,10 +633,12 @@ pub unsafe extern "C" fn ferry_register_gpu(
     len: usize,
     out_region: *mut u32,
 ) -> ferry_result {
-    // SAFETY: the allocation promise is the caller's, forwarded.
-    let f = |e: &Engine| unsafe { e.register_gpu(ClientId(client), ptr, len) };
-    // SAFETY: engine and out_region as the caller promised.
-    unsafe { register(engine, out_region, f) }
+    guard("ferry_register_gpu", || {
+        // SAFETY: the allocation promise is the caller's, forwarded.
+        let f = |e: &Engine| unsafe { e.register_gpu(ClientId(client), ptr, len) };
+        // SAFETY: engine and out_region as the caller promised.
+        unsafe { register(engine, out_region, f) }
+    })
 }
 
 /// Deregisters a region: `FERRY_RESULT_REGION_BUSY` while copies that use it are in flight.
@@ -532,9 +647,12 @@ pub unsafe extern "C" fn ferry_register_gpu(
 /// `engine` must be a live engine.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_deregister(engine: *const ferry_engine, region: u32) -> ferry_result {
-    non_null!(engine);
-    // SAFETY: live engine, as the caller promised.
-    guard(|| unsafe { &(*engine).0 }.deregister(RegionId(region)))
+    guard("ferry_deregister", || {
+        non_null!(engine);
+        // SAFETY: live engine, as the caller promised.
+        unsafe { &(*engine).0 }.deregister(RegionId(region))?;
+        Ok(())
+    })
 }
 
 /// Opens a queue for `client` with rings of the given capacities (powers of two; 0 means 4096).
@@ -549,9 +667,8 @@ pub unsafe extern "C" fn ferry_queue_open(
     complete_capacity: u64,
     out: *mut *mut ferry_queue,
 ) -> ferry_result {
-    non_null!(engine);
-    non_null!(out);
-    guard(|| {
+    guard("ferry_queue_open", || {
+        non_null!(engine, out);
         let defaults = QueueConfig::default();
         let config = QueueConfig {
             submit_capacity: if submit_capacity == 0 { defaults.submit_capacity } else { submit_capacity },
@@ -573,15 +690,16 @@ pub unsafe extern "C" fn ferry_queue_open(
 /// `out` must be valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_queue_attach(fd: c_int, out: *mut *mut ferry_queue) -> ferry_result {
-    non_null!(out);
-    guard(|| {
+    guard("ferry_queue_attach", || {
+        non_null!(out);
         // SAFETY: F_DUPFD_CLOEXEC on a caller-supplied descriptor; failure is reported.
         let own = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         if own < 0 {
             return Err(Error::SharedMemory {
                 what: "duplicating the queue descriptor",
                 source: std::io::Error::last_os_error(),
-            });
+            }
+            .into());
         }
         // SAFETY: `own` is a fresh descriptor that nothing else owns.
         let file = unsafe { std::fs::File::from_raw_fd(own) };
@@ -592,15 +710,18 @@ pub unsafe extern "C" fn ferry_queue_attach(fd: c_int, out: *mut *mut ferry_queu
     })
 }
 
-/// The queue's memfd, to pass to another process (-1 for NULL). Owned by the queue.
+/// The queue's memfd, to pass to another process; owned by the queue. Returns -1 for NULL and
+/// if ferry panicked (the panic's text is then in [`ferry_last_error`]).
 ///
 /// # Safety
 /// `queue` must be NULL or a live queue.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_queue_fd(queue: *const ferry_queue) -> c_int {
-    use std::os::fd::AsRawFd;
-    // SAFETY: NULL or a live queue, as the caller promised.
-    unsafe { queue.as_ref() }.map_or(-1, |q| q.0.file().as_raw_fd())
+    guard_value("ferry_queue_fd", -1, || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: NULL or a live queue, as the caller promised.
+        unsafe { queue.as_ref() }.map_or(-1, |q| q.0.file().as_raw_fd())
+    })
 }
 
 /// Pushes up to `n` descriptors (`ferry_descriptor`) (as many as fit), published together; writes how many to
@@ -616,10 +737,8 @@ pub unsafe extern "C" fn ferry_queue_submit(
     n: usize,
     pushed: *mut usize,
 ) -> ferry_result {
-    non_null!(queue);
-    non_null!(descs);
-    non_null!(pushed);
-    guard(|| {
+    guard("ferry_queue_submit", || {
+        non_null!(queue, descs, pushed);
         // SAFETY: `descs` is valid for `n` reads, as the caller promised.
         let descs: &[Descriptor] = unsafe { std::slice::from_raw_parts(descs, n) };
         // SAFETY: a live queue used by this thread only, as the caller promised.
@@ -642,10 +761,8 @@ pub unsafe extern "C" fn ferry_queue_poll(
     cap: usize,
     n: *mut usize,
 ) -> ferry_result {
-    non_null!(queue);
-    non_null!(out);
-    non_null!(n);
-    guard(|| {
+    guard("ferry_queue_poll", || {
+        non_null!(queue, out, n);
         // SAFETY: `out` is valid for `cap` writes, as the caller promised.
         let out: &mut [Completion] = unsafe { std::slice::from_raw_parts_mut(out, cap) };
         // SAFETY: a live queue used by this thread only, as the caller promised.
@@ -656,26 +773,139 @@ pub unsafe extern "C" fn ferry_queue_poll(
     })
 }
 
-/// In-order watermark: every descriptor with seq below it has its completion published
-/// (0 for NULL).
+/// In-order watermark: every descriptor with seq below it has its completion published.
+/// Returns 0 for NULL and if ferry panicked (the panic's text is then in [`ferry_last_error`]):
+/// 0 claims nothing complete, so a caller never reuses memory too early on it.
 ///
 /// # Safety
 /// `queue` must be NULL or a live queue.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_queue_watermark(queue: *const ferry_queue) -> u64 {
-    // SAFETY: NULL or a live queue, as the caller promised.
-    unsafe { queue.as_ref() }.map_or(0, |q| q.0.watermark())
+    guard_value("ferry_queue_watermark", 0, || {
+        // SAFETY: NULL or a live queue, as the caller promised.
+        unsafe { queue.as_ref() }.map_or(0, |q| q.0.watermark())
+    })
 }
 
-/// Frees a queue handle. NULL is ignored.
+/// Frees a queue handle. NULL is ignored. Never unwinds: a panic is written to stderr.
 ///
 /// # Safety
 /// `queue` must be NULL or come from [`ferry_queue_open`]/[`ferry_queue_attach`], and not be
 /// used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn ferry_queue_free(queue: *mut ferry_queue) {
-    if !queue.is_null() {
-        // SAFETY: the caller hands back ownership.
-        drop(unsafe { Box::from_raw(queue) });
+    guard_free("ferry_queue_free", || {
+        if !queue.is_null() {
+            // SAFETY: the caller hands back ownership of a pointer from ferry_queue_open/attach.
+            drop(unsafe { Box::from_raw(queue) });
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ptr::{null, null_mut};
+
+    /// The calling thread's last error text, through the export.
+    fn last_error() -> String {
+        let mut buf = [0 as c_char; 512];
+        // SAFETY: `buf` is valid for its length.
+        let n = unsafe { ferry_last_error(buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: ferry_last_error NUL-terminated `buf`.
+        let text = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap().to_owned();
+        assert_eq!(n, text.len(), "{text}");
+        text
+    }
+
+    #[test]
+    fn a_panic_becomes_the_panic_code_and_names_the_export() {
+        assert_eq!(guard("ferry_test", || panic!("boom {}", 42)), ferry_result::Panic);
+        assert_eq!(last_error(), "ferry_test panicked: boom 42");
+        assert_eq!(guard("ferry_test", || panic!("a literal")), ferry_result::Panic);
+        assert_eq!(last_error(), "ferry_test panicked: a literal");
+    }
+
+    #[test]
+    fn failures_become_their_codes_and_success_leaves_the_text() {
+        let p: *const u8 = null();
+        let null_p = || {
+            non_null!(p);
+            Ok(())
+        };
+        assert_eq!(guard("ferry_test", null_p), ferry_result::NullArgument);
+        assert_eq!(last_error(), "ferry_test: p is NULL");
+        assert_eq!(guard("ferry_test", || Err(Error::ShutDown.into())), ferry_result::ShutDown);
+        assert_eq!(last_error(), Error::ShutDown.to_string());
+        assert_eq!(guard("ferry_test", || Ok(())), ferry_result::Ok);
+        assert_eq!(last_error(), Error::ShutDown.to_string());
+    }
+
+    #[test]
+    fn a_plain_value_returns_its_sentinel_on_a_panic() {
+        assert_eq!(guard_value("ferry_test", -1, || -> c_int { panic!("boom") }), -1);
+        assert_eq!(last_error(), "ferry_test panicked: boom");
+        assert_eq!(guard_value("ferry_test", -1, || 5), 5);
+    }
+
+    #[test]
+    fn a_free_function_swallows_a_panic() {
+        guard_free("ferry_test_free", || panic!("in drop"));
+        assert_eq!(last_error(), "ferry_test_free panicked: in drop");
+    }
+
+    #[test]
+    fn a_payload_whose_drop_panics_stays_inside() {
+        struct Bomb;
+        impl Drop for Bomb {
+            fn drop(&mut self) {
+                panic!("the payload was dropped");
+            }
+        }
+        assert_eq!(guard("ferry_test", || std::panic::panic_any(Bomb)), ferry_result::Panic);
+        assert_eq!(last_error(), "ferry_test panicked: a panic without a message");
+    }
+
+    #[test]
+    fn null_arguments_give_sentinels_and_leave_outputs_alone() {
+        // SAFETY: every pointer is NULL or valid, as the exports allow.
+        unsafe {
+            assert_eq!(ferry_host_buffer_region(null()), 0);
+            assert!(ferry_host_buffer_data(null()).is_null());
+            assert_eq!(ferry_queue_fd(null()), -1);
+            assert_eq!(ferry_queue_watermark(null()), 0);
+            assert_eq!(ferry_engine_transport(null(), null_mut(), 0), 0);
+            ferry_engine_free(null_mut());
+            ferry_host_buffer_free(null_mut());
+            ferry_queue_free(null_mut());
+            assert_eq!(ferry_engine_start(null(), null_mut()), ferry_result::NullArgument);
+            assert_eq!(last_error(), "ferry_engine_start: out is NULL");
+            let mut client = 7;
+            assert_eq!(ferry_engine_new_client(null(), &mut client), ferry_result::NullArgument);
+            assert_eq!((client, last_error().as_str()), (7, "ferry_engine_new_client: engine is NULL"));
+            let mut pushed = 7;
+            assert_eq!(ferry_queue_submit(null_mut(), null(), 1, &mut pushed), ferry_result::NullArgument);
+            assert_eq!((pushed, last_error().as_str()), (7, "ferry_queue_submit: queue is NULL"));
+        }
+    }
+
+    #[test]
+    fn a_failed_call_leaves_its_output_alone() {
+        let config = ferry_config { unpinned: 1, ..ferry_config::default() };
+        let mut engine = null_mut();
+        // SAFETY: valid config and output.
+        assert_eq!(unsafe { ferry_engine_start(&config, &mut engine) }, ferry_result::Ok);
+        let mut stats = ferry_worker_stats { iterations: 7, ..ferry_worker_stats::default() };
+        // SAFETY: a live engine and a valid output.
+        assert_eq!(unsafe { ferry_engine_stats(engine, 5, &mut stats) }, ferry_result::InvalidArgument);
+        assert_eq!(stats.iterations, 7);
+        assert!(last_error().contains("worker is 5"), "{}", last_error());
+        let mut region = 7;
+        // SAFETY: a live engine; NULL memory is refused before it is touched.
+        let refused = unsafe { ferry_register_host(engine, 0, null_mut(), 4096, &mut region) };
+        assert_ne!(refused, ferry_result::Ok);
+        assert_eq!(region, 7);
+        // SAFETY: from ferry_engine_start, not used afterwards.
+        unsafe { ferry_engine_free(engine) };
     }
 }
