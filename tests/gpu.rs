@@ -142,7 +142,11 @@ fn gpu_registration_checks_the_range() {
         Engine::start(EngineConfig { cores: CorePlacement::Unpinned, ..EngineConfig::default() }).unwrap();
     // SAFETY: refused before anything is registered.
     let err = unsafe { host_engine.register_gpu(host_engine.new_client(), device.ptr(), 4096) }.unwrap_err();
-    assert!(err.to_string().contains("does not run the cuda transport"), "{err}");
+    assert!(
+        matches!(err, Error::GpuRange { fault: ferry::error::GpuRangeFault::NoGpuTransport, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("does not run the GPU transport"), "{err}");
 }
 
 #[test]
