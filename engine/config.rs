@@ -88,7 +88,8 @@ impl Strategy {
 }
 
 /// How many SMs the copy kernel may occupy, in total over the engine's workers (each worker
-/// gets an equal share; a budget smaller than the number of workers is a start-up error).
+/// gets an equal share; a budget smaller than the number of workers is a start-up error). Set
+/// at start ([`CudaConfig::sm_budget`]) and live ([`crate::Engine::set_sm_budget`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SmBudget {
@@ -96,6 +97,9 @@ pub enum SmBudget {
     All,
     /// At most this many (capped by the GPU's SM count).
     Sms(NonZeroU32),
+    /// None: the copy kernel does not run; `auto` (and `kernel`) copy with the copy engine, and
+    /// the GPU's SMs are all the server's.
+    None,
 }
 
 impl SmBudget {
@@ -113,6 +117,7 @@ impl SmBudget {
         let total = match self {
             SmBudget::All => sm_count,
             SmBudget::Sms(n) => n.get().min(sm_count),
+            SmBudget::None => return Ok(0),
         };
         if total < workers {
             return Err(Error::setting(
@@ -136,7 +141,29 @@ impl std::fmt::Display for SmBudget {
         match self {
             SmBudget::All => f.write_str("all"),
             SmBudget::Sms(n) => write!(f, "{n}"),
+            SmBudget::None => f.write_str("none"),
         }
+    }
+}
+
+/// Where the `auto` strategy leaves the copy kernel for the copy engine, per direction: index 0
+/// host to GPU, 1 GPU to host. The measurements behind the default are in `engine/router.rs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteTable {
+    /// Batches whose mean block is at least this many bytes go to the copy engine.
+    pub copy_engine_from: [u64; 2],
+}
+
+impl RouteTable {
+    /// Measured on the H200 (a Hopper GPU on PCIe Gen5): the copy engine beats the kernel from
+    /// 256 KiB blocks up in both directions, the kernel wins at 64 KiB and below (see
+    /// `engine/router.rs`).
+    pub const HOPPER: RouteTable = RouteTable { copy_engine_from: [256 << 10, 256 << 10] };
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        RouteTable::HOPPER
     }
 }
 
@@ -163,6 +190,8 @@ pub struct CudaConfig {
     pub max_batch: usize,
     /// Priority of the transport's streams.
     pub priority: StreamPriority,
+    /// Where `auto` switches from the copy kernel to the copy engine.
+    pub route: RouteTable,
 }
 
 impl Default for CudaConfig {
@@ -172,6 +201,7 @@ impl Default for CudaConfig {
             sm_budget: SmBudget::DEFAULT,
             max_batch: 4096,
             priority: StreamPriority::Normal,
+            route: RouteTable::HOPPER,
         }
     }
 }
@@ -389,6 +419,13 @@ impl EngineConfig {
             if gpu.cuda.max_batch == 0 {
                 return Err(Error::setting("CudaConfig::max_batch", 0, "at least 1"));
             }
+            if gpu.cuda.strategy == Strategy::Kernel && gpu.cuda.sm_budget == SmBudget::None {
+                return Err(Error::setting(
+                    "CudaConfig::sm_budget",
+                    SmBudget::None,
+                    "at least one SM with the kernel strategy",
+                ));
+            }
             if gpu.gdr.use_gdr != UseGdr::Off {
                 gpu.gdr.check()?;
             }
@@ -428,6 +465,7 @@ mod tests {
         assert!(SmBudget::sms(1).unwrap().per_worker(132, 2).is_err(), "fewer SMs than workers");
         assert_eq!(SmBudget::sms(0), None, "0 is no budget: not expressible");
         assert_eq!(SmBudget::default(), eight);
+        assert_eq!(SmBudget::None.per_worker(132, 4).unwrap(), 0, "no SMs, whatever the workers");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The engine: configuration, start-up, the control plane (clients, regions, queues) and
 //! shutdown.
 
-use crate::config::{CorePlacement, EngineConfig, QueueConfig};
+use crate::config::{CorePlacement, EngineConfig, QueueConfig, SmBudget};
 use crate::cuda_driver::{Context, HostRegistration, MEMORY_TYPE_DEVICE, MEMORY_TYPE_HOST};
 use crate::desc::RegionId;
 use crate::error::{Error, GpuRangeFault};
@@ -252,6 +252,15 @@ impl Engine {
             other => other,
         })?;
         self.table.register(client, MemoryKind::Gpu, ptr, len as u64, keys, nic)
+    }
+
+    /// Changes the copy kernel's SM budget while the engine runs: a total over the workers, as
+    /// [`crate::CudaConfig::sm_budget`]; every worker's next batch uses it. A server lowers it
+    /// (to [`SmBudget::None`]: the copy engine alone) while its forward pass needs every SM, and
+    /// raises it when the GPU has room. Fails on an engine without a CUDA context, or with a
+    /// budget below the number of workers.
+    pub fn set_sm_budget(&self, budget: SmBudget) -> Result<(), Error> {
+        self.device.set_sm_budget(budget, self.workers.len())
     }
 
     /// The CUDA device context, when the engine runs the CUDA transport.

@@ -100,6 +100,8 @@ pub mod queue;
 pub mod region;
 mod ring;
 #[cfg(not(loom))]
+mod router;
+#[cfg(not(loom))]
 mod sys;
 #[cfg(not(loom))]
 pub mod transport;
@@ -114,8 +116,8 @@ pub const FEATURES: &[&str] = &[
 
 #[cfg(not(loom))]
 pub use config::{
-    CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, SmBudget, Strategy,
-    StreamPriority, TransportKind, UseGdr,
+    CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, RouteTable, SmBudget,
+    Strategy, StreamPriority, TransportKind, UseGdr,
 };
 pub use desc::{Completion, Descriptor, QueueState, RegionId, Status, FLAG_FENCE};
 #[cfg(not(loom))]

@@ -29,8 +29,10 @@ c_u32, c_u64, c_size = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
 # Descriptor.flags: start only after every earlier descriptor of the queue completed.
 FLAG_FENCE = 1
 
-# Engine(sm_budget=...): every SM of the GPU, in total over the engine's workers.
+# Engine(sm_budget=...), Engine.set_sm_budget: every SM of the GPU, in total over the workers.
 SM_BUDGET_ALL = 0xFFFFFFFF
+# Engine(sm_budget=...), Engine.set_sm_budget: no SM; the copy engine alone.
+SM_BUDGET_NONE = 0xFFFFFFFE
 
 # Call results (ferry_result): FerryError.code.
 RESULT = {
@@ -178,6 +180,7 @@ _SIGNATURES = [
     ("ferry_host_buffer_data", [_p], _p),
     ("ferry_host_buffer_free", [_p], None),
     ("ferry_deregister", [_p, c_u32], ctypes.c_int),
+    ("ferry_engine_set_sm_budget", [_p, c_u32], ctypes.c_int),
     ("ferry_register_gpu", [_p, c_u32, c_u64, c_size, ctypes.POINTER(c_u32)], ctypes.c_int),
     ("ferry_engine_transport", [_p, ctypes.c_char_p, c_size], c_size),
     ("ferry_engine_stats", [_p, c_u32, ctypes.POINTER(WorkerStats)], ctypes.c_int),
@@ -273,8 +276,9 @@ class Engine:
     or with the CUDA driver, as `use_gdr` says: "auto", "off" or "on"). GPU settings: `device`
     (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel"), `sm_budget` (the most SMs
     the copy kernel may use, in total over the engine's workers, each getting an equal share,
-    capped at the GPU's SM count; SM_BUDGET_ALL: every SM; 0: the default, 8 SMs; a budget below
-    `workers` fails at start with RESULT["invalid_argument"]), `nic` (RDMA device name; None:
+    capped at the GPU's SM count; SM_BUDGET_ALL: every SM; SM_BUDGET_NONE: no SM, the copy engine
+    alone; 0: the default, 8 SMs; a budget below `workers` fails at start with
+    RESULT["invalid_argument"]; `set_sm_budget` changes it while the engine runs), `nic` (RDMA device name; None:
     the topology plan's). As in ferry_config, 0 in `max_len` or `workers` means the default.
     """
 
@@ -307,6 +311,12 @@ class Engine:
 
     def deregister(self, region):
         _check(_library().ferry_deregister(self._handle, region))
+
+    def set_sm_budget(self, sm_budget):
+        """Changes the copy kernel's SM budget while the engine runs (a total over the workers;
+        SM_BUDGET_NONE while the forward pass needs every SM, a count or SM_BUDGET_ALL when the
+        GPU has room). 0 is refused here. Needs transport="gpu" with a CUDA driver."""
+        _check(_library().ferry_engine_set_sm_budget(self._handle, sm_budget))
 
     def register_gpu(self, client, device_ptr, size):
         """Registers `size` bytes of GPU memory at device address `device_ptr` (for example

@@ -93,8 +93,24 @@ class FerryTest(unittest.TestCase):
             ferry.Engine(transport="gpu", use_gdr="off", workers=2, sm_budget=1, pinned=False)
         self.assertEqual(caught.exception.code, ferry.RESULT["invalid_argument"])
         self.assertIn("2 workers", str(caught.exception))
-        for budget in (0, 2, ferry.SM_BUDGET_ALL):
+        for budget in (0, 2, ferry.SM_BUDGET_ALL, ferry.SM_BUDGET_NONE):
             ferry.Engine(transport="gpu", use_gdr="off", workers=2, sm_budget=budget, pinned=False).close()
+        # Live: none, a share per worker and all are taken; 0 and fewer than the workers are not.
+        with ferry.Engine(transport="gpu", use_gdr="off", workers=2, pinned=False) as engine:
+            for budget in (ferry.SM_BUDGET_NONE, 2, ferry.SM_BUDGET_ALL):
+                engine.set_sm_budget(budget)
+            for budget in (0, 1):
+                with self.assertRaises(ferry.FerryError) as caught:
+                    engine.set_sm_budget(budget)
+                self.assertEqual(caught.exception.code, ferry.RESULT["invalid_argument"])
+
+    def test_set_sm_budget_needs_the_gpu_transport(self):
+        """A host engine has no copy kernel to budget: the live setting is refused, naming it."""
+        with ferry.Engine(pinned=False) as engine:
+            with self.assertRaises(ferry.FerryError) as caught:
+                engine.set_sm_budget(8)
+            self.assertEqual(caught.exception.code, ferry.RESULT["invalid_argument"])
+            self.assertIn("SM budget", str(caught.exception))
 
     def test_gpu_copies_with_torch(self):
         """H2D and D2H through the C ABI between an engine buffer and a torch CUDA tensor."""

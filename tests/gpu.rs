@@ -9,8 +9,8 @@ use common::Rng;
 use ferry::internals::cuda::{DeviceBuffer, Driver};
 use ferry::transport::gdr::GdrError;
 use ferry::{
-    CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig, QueueConfig, Strategy,
-    TransportKind, UseGdr,
+    CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig, QueueConfig, SmBudget,
+    Strategy, TransportKind, UseGdr,
 };
 
 fn gpu_available() -> bool {
@@ -74,8 +74,20 @@ fn random_copies_every_strategy_both_directions() {
     if !gpu_available() {
         return;
     }
-    for strategy in [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Auto] {
+    // The last two: the live SM budget taken to none, so `auto` and `kernel` use the copy engine.
+    let cases = [
+        (Strategy::Memcpy, None),
+        (Strategy::Batch, None),
+        (Strategy::Kernel, None),
+        (Strategy::Auto, None),
+        (Strategy::Auto, Some(SmBudget::None)),
+        (Strategy::Kernel, Some(SmBudget::None)),
+    ];
+    for (strategy, live_budget) in cases {
         let engine = cuda_engine(strategy);
+        if let Some(budget) = live_budget {
+            engine.set_sm_budget(budget).unwrap();
+        }
         assert_eq!(engine.new_client().0, 1);
         let client = ferry::ClientId(1);
         let host = engine.allocate_host(client, SIZE).unwrap();
@@ -106,7 +118,13 @@ fn random_copies_every_strategy_both_directions() {
         run_copies(&engine, gpu, host.id(), &copies);
         host.read(0, &mut got).unwrap();
         assert!(got == expected_host, "{}: D2H bytes differ", strategy.name());
-        println!("{}: {} H2D and {} D2H copies checked byte for byte", strategy.name(), copies.len(), copies.len());
+        println!(
+            "{} (live SM budget {}): {} H2D and {} D2H copies checked byte for byte",
+            strategy.name(),
+            live_budget.map_or("as configured".to_owned(), |b| b.to_string()),
+            copies.len(),
+            copies.len()
+        );
         engine.deregister(gpu).unwrap();
         drop(engine);
     }
@@ -142,10 +160,7 @@ fn gpu_registration_checks_the_range() {
         Engine::start(EngineConfig { cores: CorePlacement::Unpinned, ..EngineConfig::default() }).unwrap();
     // SAFETY: refused before anything is registered.
     let err = unsafe { host_engine.register_gpu(host_engine.new_client(), device.ptr(), 4096) }.unwrap_err();
-    assert!(
-        matches!(err, Error::GpuRange { fault: ferry::error::GpuRangeFault::NoGpuTransport, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, Error::GpuRange { fault: ferry::error::GpuRangeFault::NoGpuTransport, .. }), "{err}");
     assert!(err.to_string().contains("does not run the GPU transport"), "{err}");
 }
 
@@ -216,5 +231,16 @@ fn a_gpu_region_exports_as_a_dmabuf_and_registering_it_with_a_nic_names_the_miss
         Ok(engine) => {
             println!("SKIP: this machine has a usable RDMA NIC ({:?}): nothing is missing", engine.nic_name())
         }
+    }
+}
+
+#[test]
+fn the_live_sm_budget_is_refused_without_a_cuda_context() {
+    // Runs everywhere: a host engine has no copy kernel to budget.
+    let engine = Engine::start(EngineConfig { cores: CorePlacement::Unpinned, ..EngineConfig::default() }).unwrap();
+    for budget in [SmBudget::None, SmBudget::All, SmBudget::DEFAULT] {
+        let err = engine.set_sm_budget(budget).unwrap_err();
+        assert!(matches!(err, Error::InvalidSetting { .. }), "{err}");
+        assert!(err.to_string().contains("GPU transport"), "{err}");
     }
 }

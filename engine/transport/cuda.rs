@@ -28,7 +28,10 @@ use crate::cuda_driver::{
 };
 use crate::desc::Status;
 use crate::error::{Error, TransportError};
+use crate::region::MemoryKind;
+use crate::router::{route, Available};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// The kernel's PTX, generated on the H100 machine; see `gpu/copy_kernel.cu` for the command.
@@ -87,8 +90,9 @@ fn context_sms(context: &Context) -> u32 {
 pub struct CudaTransport {
     context: Arc<Context>,
     config: CudaConfig,
-    /// SMs this worker's copy kernel may occupy (its share of [`CudaConfig::sm_budget`]).
-    sms: u32,
+    /// SMs this worker's copy kernel may occupy right now: its share of the engine's live SM
+    /// budget, written by [`crate::Engine::set_sm_budget`] (0: the kernel does not run).
+    sms: Arc<AtomicU32>,
     live: Option<Live>,
     /// Accepted, not yet issued.
     queued: VecDeque<Op>,
@@ -104,9 +108,9 @@ pub struct CudaTransport {
 
 impl CudaTransport {
     /// A transport for `context`'s device whose copy kernel occupies at most `sms` SMs (one
-    /// worker's share of the budget); nothing is created before [`Transport::start`].
-    pub fn new(context: Arc<Context>, config: CudaConfig, sms: u32) -> CudaTransport {
-        let sms = sms.clamp(1, context_sms(&context));
+    /// worker's share of the budget, read before every launch); nothing is created before
+    /// [`Transport::start`].
+    pub(crate) fn new(context: Arc<Context>, config: CudaConfig, sms: Arc<AtomicU32>) -> CudaTransport {
         CudaTransport {
             context,
             config,
@@ -120,14 +124,37 @@ impl CudaTransport {
         }
     }
 
-    /// The strategy for a batch of `n` operations.
+    /// SMs the kernel may use now (0: none).
+    fn live_sms(&self) -> u32 {
+        // Relaxed: a setting, read once per batch; it orders nothing.
+        self.sms.load(Ordering::Relaxed).min(context_sms(&self.context))
+    }
+
+    /// The strategy for a batch of the first `n` queued operations.
     fn pick(&self, n: usize) -> Strategy {
         let live = self.live.as_ref().expect("started");
+        let has = Available { kernel: live.kernel.is_some(), batch: self.context.driver_version >= BATCH_COPY_VERSION };
+        let sms = self.live_sms();
         match self.config.strategy {
-            Strategy::Auto if n == 1 => Strategy::Memcpy,
-            Strategy::Auto if live.kernel.is_some() => Strategy::Kernel,
-            Strategy::Auto if self.context.driver_version >= BATCH_COPY_VERSION => Strategy::Batch,
-            Strategy::Auto => Strategy::Memcpy,
+            Strategy::Auto => {
+                let (mut bytes, mut to_gpu) = (0, 0);
+                for op in self.queued.iter().take(n) {
+                    bytes += op.copy.len;
+                    if op.copy.dst.kind == MemoryKind::Gpu as u32 {
+                        to_gpu += op.copy.len;
+                    }
+                }
+                let dir = usize::from(to_gpu * 2 < bytes);
+                route(&self.config.route, n, bytes, dir, sms, has)
+            }
+            // The live budget took every SM away: the copy engine, else memcpy.
+            Strategy::Kernel if sms == 0 => {
+                if has.batch {
+                    Strategy::Batch
+                } else {
+                    Strategy::Memcpy
+                }
+            }
             s => s,
         }
     }
@@ -158,6 +185,7 @@ impl CudaTransport {
     /// Issues up to `n` queued operations as one batch; returns how many left the queue.
     fn issue(&mut self, n: usize) -> usize {
         let mut strategy = self.pick(n);
+        let sms = self.live_sms().max(1);
         let mut n = n;
         let first_tasks = self.queued.front().map_or(0, |op| op.copy.len.div_ceil(CHUNK) as usize);
         if strategy == Strategy::Kernel && first_tasks > STAGING_TASKS {
@@ -242,7 +270,7 @@ impl CudaTransport {
                 live.staging_head = start + tasks;
                 staging = Some((start, tasks));
                 let warps_per_block = (kernel.block_threads / 32) as usize;
-                let grid = (self.sms * kernel.blocks_per_sm).min(tasks.div_ceil(warps_per_block) as u32).max(1);
+                let grid = (sms * kernel.blocks_per_sm).min(tasks.div_ceil(warps_per_block) as u32).max(1);
                 let offset = (start * std::mem::size_of::<Task>()) as u64;
                 let mut tasks_ptr = device_tasks.ptr() + offset;
                 let mut count = tasks as u32;

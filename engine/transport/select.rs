@@ -10,13 +10,14 @@ use super::gdr::{GdrError, VerbsError};
 use super::host::HostTransport;
 use super::null::NullTransport;
 use super::Transport;
-use crate::config::{EngineConfig, GpuConfig, TransportKind, UseGdr};
+use crate::config::{EngineConfig, GpuConfig, SmBudget, TransportKind, UseGdr};
 use crate::cuda_driver::{sysfs_bus_id, Context, Driver, PointerInfo};
 use crate::error::Error;
 use crate::region::{Keep, NicKeys};
 use ferry_topology::plan::{plan, PlanConfig};
 use ferry_topology::Machine;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// The NIC the engine holds when its workers run the GDR transport.
@@ -35,8 +36,11 @@ pub(crate) struct Selected {
     /// The NIC, when the workers run the GDR transport (registration registers with it).
     pub(crate) nic: Option<Nic>,
     pub(crate) use_gdr: UseGdr,
-    /// Each worker's share of the SM budget.
-    sms_per_worker: u32,
+    /// Each worker's share of the live SM budget, read by every CUDA transport before each
+    /// batch ([`Selected::set_sm_budget`]).
+    sms_per_worker: Arc<AtomicU32>,
+    /// The GPU's SMs (0 without a CUDA context).
+    sm_count: u32,
     /// The PCI bus id of the engine's GPU, for core placement.
     pub(crate) gpu_bus_id: Option<String>,
     /// Why the transport is what it is, where that was a choice.
@@ -60,7 +64,8 @@ pub(crate) fn select(config: &EngineConfig) -> Result<Selected, Error> {
             cuda: None,
             nic: None,
             use_gdr: UseGdr::Off,
-            sms_per_worker: 0,
+            sms_per_worker: Arc::default(),
+            sm_count: 0,
             gpu_bus_id: None,
             notes: Vec::new(),
         });
@@ -79,14 +84,18 @@ pub(crate) fn select(config: &EngineConfig) -> Result<Selected, Error> {
             });
         }
     }
-    let sms_per_worker = match &cuda {
-        Ok(context) => {
-            gpu.cuda.sm_budget.per_worker(u32::try_from(context.info.sm_count).unwrap_or(1), config.workers)?
-        }
-        Err(_) => 0,
+    // Without a CUDA context (GDR on host memory only) there is no kernel to budget.
+    let sm_count = cuda.as_ref().map_or(0, |context| u32::try_from(context.info.sm_count).unwrap_or(1));
+    let share = if sm_count > 0 { gpu.cuda.sm_budget.per_worker(sm_count, config.workers)? } else { 0 };
+    let mut selected = Selected {
+        cuda: None,
+        nic: None,
+        use_gdr: gpu.gdr.use_gdr,
+        sms_per_worker: Arc::new(AtomicU32::new(share)),
+        sm_count,
+        gpu_bus_id,
+        notes: Vec::new(),
     };
-    let mut selected =
-        Selected { cuda: None, nic: None, use_gdr: gpu.gdr.use_gdr, sms_per_worker, gpu_bus_id, notes: Vec::new() };
     if gpu.gdr.use_gdr == UseGdr::Off {
         selected.cuda = Some(cuda?);
         return Ok(selected);
@@ -145,7 +154,7 @@ impl Selected {
             TransportKind::Null => (Box::new(NullTransport::new()), None),
             TransportKind::Gpu(gpu) => {
                 let cuda = |context: &Arc<Context>| -> Box<dyn Transport> {
-                    Box::new(CudaTransport::new(context.clone(), gpu.cuda, self.sms_per_worker))
+                    Box::new(CudaTransport::new(context.clone(), gpu.cuda, self.sms_per_worker.clone()))
                 };
                 match &self.nic {
                     Some(nic) => {
@@ -162,6 +171,22 @@ impl Selected {
             }
             TransportKind::Custom(factory) => (factory(index), None),
         }
+    }
+
+    /// Sets the copy kernel's SM budget of every CUDA transport (a total over `workers`); the
+    /// next batch of each worker sees it.
+    pub(crate) fn set_sm_budget(&self, budget: SmBudget, workers: usize) -> Result<(), Error> {
+        if self.cuda.is_none() {
+            return Err(Error::setting(
+                "the SM budget",
+                budget,
+                "set on an engine running the GPU transport with a CUDA driver",
+            ));
+        }
+        let share = budget.per_worker(self.sm_count, workers)?;
+        // Relaxed: a setting read once per batch; nothing is published with it.
+        self.sms_per_worker.store(share, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The RDMA device the workers post to, when they run the GDR transport.

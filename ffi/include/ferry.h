@@ -46,6 +46,10 @@
 // `ferry_config::sm_budget`: every SM of the GPU, in total over the engine's workers.
 #define FERRY_SM_BUDGET_ALL UINT32_MAX
 
+// `ferry_config::sm_budget`: no SM; the copy kernel does not run and the `auto` and `kernel`
+// strategies copy with the copy engine.
+#define FERRY_SM_BUDGET_NONE (UINT32_MAX - 1)
+
 // Result of a call.
 typedef enum {
   // Success.
@@ -145,8 +149,9 @@ typedef struct {
   uint32_t cuda_strategy;
   // GPU transport: the most SMs the copy kernel may use, in total over the engine's workers
   // (each gets an equal share), capped at the GPU's SM count. 0: the default, 8 SMs;
-  // [`FERRY_SM_BUDGET_ALL`]: every SM. A budget below `workers` is a start-up error
-  // (`FERRY_RESULT_INVALID_ARGUMENT`).
+  // [`FERRY_SM_BUDGET_ALL`]: every SM; [`FERRY_SM_BUDGET_NONE`]: no SM (the copy engine
+  // alone). A budget below `workers` is a start-up error (`FERRY_RESULT_INVALID_ARGUMENT`).
+  // It can be changed while the engine runs with [`ferry_engine_set_sm_budget`].
   uint32_t sm_budget;
   // GPU transport: a `FERRY_USE_GDR_*` code (default auto: GDR when a NIC passes its
   // self-test, else the CUDA driver).
@@ -217,8 +222,6 @@ typedef struct {
   // Transport-specific detail for a failure (for example an errno or a verbs status), else 0.
   uint32_t detail;
 } ferry_completion;
-
-
 
 #ifdef __cplusplus
 extern "C" {
@@ -327,6 +330,18 @@ ferry_result ferry_register_gpu(const ferry_engine *engine,
                                 uint64_t ptr,
                                 size_t len,
                                 uint32_t *out_region);
+
+// Changes the copy kernel's SM budget while the engine runs: `sm_budget` as
+// `ferry_config::sm_budget` (a total over the workers; [`FERRY_SM_BUDGET_NONE`]: the copy
+// engine alone, every SM left to the caller's kernels; [`FERRY_SM_BUDGET_ALL`]: every SM), but 0
+// is `FERRY_RESULT_INVALID_ARGUMENT` here. Each worker's next batch uses it. A server lowers it
+// while its forward pass needs every SM (prefill) and raises it when the GPU has room.
+// `FERRY_RESULT_INVALID_ARGUMENT` also for an engine without the GPU transport's CUDA context,
+// or a budget below the number of workers.
+//
+// # Safety
+// `engine` must be a live engine.
+ferry_result ferry_engine_set_sm_budget(const ferry_engine *engine, uint32_t sm_budget);
 
 // Deregisters a region: `FERRY_RESULT_REGION_BUSY` while copies that use it are in flight.
 //

@@ -115,8 +115,9 @@ pub struct ferry_config {
     pub cuda_strategy: u32,
     /// GPU transport: the most SMs the copy kernel may use, in total over the engine's workers
     /// (each gets an equal share), capped at the GPU's SM count. 0: the default, 8 SMs;
-    /// [`FERRY_SM_BUDGET_ALL`]: every SM. A budget below `workers` is a start-up error
-    /// (`FERRY_RESULT_INVALID_ARGUMENT`).
+    /// [`FERRY_SM_BUDGET_ALL`]: every SM; [`FERRY_SM_BUDGET_NONE`]: no SM (the copy engine
+    /// alone). A budget below `workers` is a start-up error (`FERRY_RESULT_INVALID_ARGUMENT`).
+    /// It can be changed while the engine runs with [`ferry_engine_set_sm_budget`].
     pub sm_budget: u32,
     /// GPU transport: a `FERRY_USE_GDR_*` code (default auto: GDR when a NIC passes its
     /// self-test, else the CUDA driver).
@@ -144,6 +145,9 @@ impl Default for ferry_config {
 
 /// `ferry_config::sm_budget`: every SM of the GPU, in total over the engine's workers.
 pub const FERRY_SM_BUDGET_ALL: u32 = u32::MAX;
+/// `ferry_config::sm_budget`: no SM; the copy kernel does not run and the `auto` and `kernel`
+/// strategies copy with the copy engine.
+pub const FERRY_SM_BUDGET_NONE: u32 = u32::MAX - 1;
 
 /// One worker's counters, from [`ferry_engine_stats`].
 #[repr(C)]
@@ -388,8 +392,7 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
     };
     let sm_budget = match c.sm_budget {
         0 => SmBudget::DEFAULT,
-        FERRY_SM_BUDGET_ALL => SmBudget::All,
-        n => SmBudget::sms(n).expect("0 is matched above"),
+        n => sm_budget_of(n),
     };
     let use_gdr = match c.use_gdr {
         FERRY_USE_GDR_AUTO => UseGdr::Auto,
@@ -638,6 +641,38 @@ pub unsafe extern "C" fn ferry_register_gpu(
         let f = |e: &Engine| unsafe { e.register_gpu(ClientId(client), ptr, len) };
         // SAFETY: engine and out_region as the caller promised.
         unsafe { register(engine, out_region, f) }
+    })
+}
+
+/// A nonzero C SM budget: a count, [`FERRY_SM_BUDGET_ALL`] or [`FERRY_SM_BUDGET_NONE`].
+fn sm_budget_of(n: u32) -> SmBudget {
+    match n {
+        FERRY_SM_BUDGET_ALL => SmBudget::All,
+        FERRY_SM_BUDGET_NONE => SmBudget::None,
+        n => SmBudget::sms(n).unwrap_or(SmBudget::DEFAULT),
+    }
+}
+
+/// Changes the copy kernel's SM budget while the engine runs: `sm_budget` as
+/// `ferry_config::sm_budget` (a total over the workers; [`FERRY_SM_BUDGET_NONE`]: the copy
+/// engine alone, every SM left to the caller's kernels; [`FERRY_SM_BUDGET_ALL`]: every SM), but 0
+/// is `FERRY_RESULT_INVALID_ARGUMENT` here. Each worker's next batch uses it. A server lowers it
+/// while its forward pass needs every SM (prefill) and raises it when the GPU has room.
+/// `FERRY_RESULT_INVALID_ARGUMENT` also for an engine without the GPU transport's CUDA context,
+/// or a budget below the number of workers.
+///
+/// # Safety
+/// `engine` must be a live engine.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_engine_set_sm_budget(engine: *const ferry_engine, sm_budget: u32) -> ferry_result {
+    guard("ferry_engine_set_sm_budget", || {
+        non_null!(engine);
+        if sm_budget == 0 {
+            return Err(invalid("sm_budget", 0, "a count of SMs, FERRY_SM_BUDGET_ALL or FERRY_SM_BUDGET_NONE").into());
+        }
+        // SAFETY: live engine, as the caller promised.
+        unsafe { &(*engine).0 }.set_sm_budget(sm_budget_of(sm_budget))?;
+        Ok(())
     })
 }
 

@@ -619,15 +619,15 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     Ok(())
 }
 
-/// The columns of the under-load table: each strategy, and the SM-using ones again on the
-/// highest-priority streams.
-const LOADED_COLUMNS: [(Strategy, StreamPriority, &str); 6] = [
-    (Strategy::Memcpy, StreamPriority::Normal, "memcpy"),
-    (Strategy::Batch, StreamPriority::Normal, "batch"),
-    (Strategy::Kernel, StreamPriority::Normal, "kernel"),
-    (Strategy::Kernel, StreamPriority::Highest, "kernel^"),
-    (Strategy::Auto, StreamPriority::Normal, "auto"),
-    (Strategy::Auto, StreamPriority::Highest, "auto^"),
+/// The columns of the under-load table: each strategy; the kernel again on the highest-priority
+/// streams; `auto` again with the live SM budget at none (what a server sets during prefill).
+const LOADED_COLUMNS: [(Strategy, StreamPriority, Option<SmBudget>, &str); 6] = [
+    (Strategy::Memcpy, StreamPriority::Normal, None, "memcpy"),
+    (Strategy::Batch, StreamPriority::Normal, None, "batch"),
+    (Strategy::Kernel, StreamPriority::Normal, None, "kernel"),
+    (Strategy::Kernel, StreamPriority::Highest, None, "kernel^"),
+    (Strategy::Auto, StreamPriority::Normal, None, "auto"),
+    (Strategy::Auto, StreamPriority::Normal, Some(SmBudget::None), "auto/none"),
 ];
 
 /// The table again with a saturating compute kernel on every SM (`--load compute`): copy GB/s
@@ -637,10 +637,13 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 2]) -> 
     let before = load.alone_ms;
     // results[column][size][direction] = (GB/s, loss)
     let mut results = Vec::new();
-    for &(strategy, priority, name) in &LOADED_COLUMNS {
+    for &(strategy, priority, live_budget, name) in &LOADED_COLUMNS {
         progress(&format!("under load: {name}"));
         let cuda = CudaConfig { strategy, sm_budget: o.sm_budget, priority, ..CudaConfig::default() };
         let mut rig = cuda_rig_with(o, cuda, o.workers)?;
+        if let Some(budget) = live_budget {
+            rig.engine.set_sm_budget(budget)?;
+        }
         let mut cells = Vec::new();
         for &block in &o.sizes {
             let mut cell = [(0.0, None); 2];
@@ -662,9 +665,11 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 2]) -> 
         "under a compute load: an FMA kernel on every SM ({} blocks of 256 threads), launched back to back on its own stream in ferry's CUDA context, {:.2} ms per launch alone (before the table; {:.2} after)",
         load.grid, before, after
     );
-    println!("GB/s through the engine (loss: the share of the load's throughput lost while the cell copied); ^: highest-priority streams");
+    println!(
+        "GB/s through the engine (loss: the share of the load's throughput lost while the cell copied); ^: highest-priority streams; /none: live SM budget none"
+    );
     print!("{:>8} {:>4}", "block", "dir");
-    for (_, _, name) in &LOADED_COLUMNS {
+    for (_, _, _, name) in &LOADED_COLUMNS {
         print!(" {:>15}", name);
     }
     println!(" {:>11}", "best/ceil");
