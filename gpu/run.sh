@@ -41,7 +41,7 @@ fail() { echo "$1" >>"$out/failed"; }
     .device/ferry bench >"$out/bench-cuda.txt" 2>&1 || fail "ferry bench"
     cat "$out/bench-cuda.txt"
     step "ferry bench --workers 1 --load compute (idle, then under a saturating FMA kernel on every SM)"
-    .device/ferry bench --workers 1 --load compute >"$out/bench-cuda-load.txt" 2>&1 || fail "ferry bench --load compute"
+    .device/ferry bench --workers 1 --load compute --plot "$out/bench-h200.svg" >"$out/bench-cuda-load.txt" 2>&1 || fail "ferry bench --load compute"
     cat "$out/bench-cuda-load.txt"
     step "ferry bench --transport null (the engine's own cost per descriptor on this machine)"
     .device/ferry bench --transport null --descriptors 10M >"$out/bench-null.txt" 2>&1 || fail "ferry bench null"

@@ -101,6 +101,20 @@ pub fn drive(
     drive_queues(std::slice::from_mut(queue), src, dst, plan, block, count)
 }
 
+/// One way descriptors go: from `src` at `src_base` + the plan's source offset to `dst` at
+/// `dst_base` + its destination offset.
+#[derive(Clone, Copy, Debug)]
+pub struct Lane {
+    /// Source region.
+    pub src: RegionId,
+    /// Destination region.
+    pub dst: RegionId,
+    /// Added to the plan's source offsets.
+    pub src_base: u64,
+    /// Added to the plan's destination offsets.
+    pub dst_base: u64,
+}
+
 /// [`drive`] over several queues from this one thread: descriptor `k` of the plan goes to queue
 /// `k % queues.len()`, pushed 64 at a time, each queue polled in turn.
 pub fn drive_queues(
@@ -111,6 +125,19 @@ pub fn drive_queues(
     block: u64,
     count: u64,
 ) -> Result<Measurement, BenchError> {
+    drive_lanes(queues, &[Lane { src, dst, src_base: 0, dst_base: 0 }], plan, block, count)
+}
+
+/// [`drive_queues`] with descriptor `k` going the way of lane `k % lanes.len()` (two lanes, one
+/// each way: half the blocks host to GPU and half GPU to host, interleaved).
+pub fn drive_lanes(
+    queues: &mut [Queue],
+    lanes: &[Lane],
+    plan: &[(u64, u64)],
+    block: u64,
+    count: u64,
+) -> Result<Measurement, BenchError> {
+    assert!(!lanes.is_empty(), "drive_lanes needs a lane");
     let n = queues.len() as u64;
     assert!(n > 0, "drive_queues needs a queue");
     let mut staged = [Descriptor::default(); 64];
@@ -126,7 +153,9 @@ pub fn drive_queues(
             let mut staged_n = 0;
             while k < count && staged_n < staged.len() {
                 let (s, t) = plan[(k % plan.len() as u64) as usize];
-                staged[staged_n] = Descriptor::copy(src, s, dst, t, block).with_tag(k);
+                let lane = lanes[(k % lanes.len() as u64) as usize];
+                staged[staged_n] =
+                    Descriptor::copy(lane.src, lane.src_base + s, lane.dst, lane.dst_base + t, block).with_tag(k);
                 staged_n += 1;
                 k += n;
             }
@@ -237,6 +266,61 @@ pub unsafe fn copy_ceiling(dst: u64, src: u64, len: usize, reps: usize) -> Resul
         runs.push(Measurement { descriptors: 1, bytes: len as u64, seconds: start.elapsed().as_secs_f64() });
     }
     Ok(median_by(runs, Measurement::gb_per_s).gb_per_s())
+}
+
+/// GB/s of one `len`-byte copy each way at once, on two fresh non-blocking streams (the two-way
+/// PCIe ceiling): bytes of both over the time until both finished, median of `reps`.
+///
+/// # Safety
+/// As [`copy_ceiling`], for both `(dst, src)` pairs, which must not overlap each other.
+pub unsafe fn copy_ceiling_both(
+    one: (u64, u64),
+    other: (u64, u64),
+    len: usize,
+    reps: usize,
+) -> Result<f64, BenchError> {
+    let streams = [ferry::internals::cuda::Stream::new()?, ferry::internals::cuda::Stream::new()?];
+    let mut runs = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        for (stream, (dst, src)) in streams.iter().zip([one, other]) {
+            // SAFETY: forwarded from the caller; both copies finish before this loop's end.
+            unsafe { stream.copy(dst, src, len)? };
+        }
+        for stream in &streams {
+            stream.synchronize()?;
+        }
+        runs.push(Measurement { descriptors: 2, bytes: 2 * len as u64, seconds: start.elapsed().as_secs_f64() });
+    }
+    Ok(median_by(runs, Measurement::gb_per_s).gb_per_s())
+}
+
+/// Latency of one `len`-byte `cuMemcpyAsync` plus stream synchronize, as the CUDA runtime's
+/// users see it: `samples` rounds after `warmup`, sorted, in microseconds. What ferry's
+/// push-to-completion latency is compared with.
+///
+/// # Safety
+/// As [`copy_ceiling`].
+pub unsafe fn copy_latency(
+    dst: u64,
+    src: u64,
+    len: usize,
+    warmup: usize,
+    samples: usize,
+) -> Result<Vec<f64>, BenchError> {
+    let stream = ferry::internals::cuda::Stream::new()?;
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..warmup + samples {
+        let start = Instant::now();
+        // SAFETY: forwarded from the caller; synchronized before the next round.
+        unsafe { stream.copy(dst, src, len)? };
+        stream.synchronize()?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
 }
 
 /// Latency of one descriptor from push to its completion as the client sees it: `samples`

@@ -7,11 +7,12 @@ mod doctor;
 #[cfg(feature = "gdr")]
 mod gdr_baseline;
 mod load;
+mod plot;
 mod topo;
 
 use bandwidth::{
-    copy_ceiling, drive, drive_queues, latency, median_by, memcpy_baseline, percentile, ring_throughput, scatter,
-    BenchError, Measurement,
+    copy_ceiling, copy_ceiling_both, copy_latency, drive, drive_lanes, drive_queues, latency, median_by,
+    memcpy_baseline, percentile, ring_throughput, scatter, BenchError, Lane, Measurement,
 };
 use ferry::internals::cuda::{gpus, Context, DeviceBuffer};
 use ferry::{
@@ -50,6 +51,8 @@ bench options:
                           the workers (default 8)
   --load none|compute     cuda: after the idle table, the table again with a saturating FMA kernel
                           on every SM (default none), with the share of its throughput each cell took
+  --plot FILE.svg         cuda: draw GB/s against block size per strategy and direction, idle
+                          (and under the load, dashed), with the ceilings
   --workers N             cuda: worker threads, each with its own queue and stream, fed by
                           the one client thread (default 2 where 3 or more CPUs are online: one
                           worker feeds about 11 M descriptors/s, 0.8 of PCIe at 4 KiB; else 1)
@@ -77,6 +80,7 @@ struct Options {
     nic: Option<String>,
     workers: usize,
     load: bool,
+    plot: Option<PathBuf>,
     total_given: bool,
     transport_given: bool,
     sizes_given: bool,
@@ -107,6 +111,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         nic: None,
         workers: 0,
         load: false,
+        plot: None,
         total_given: false,
         transport_given: false,
         sizes_given: false,
@@ -139,6 +144,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--nic" => o.nic = Some(value()?.clone()),
             "--workers" => o.workers = parse_number(value()?, 1000)? as usize,
+            "--plot" => o.plot = Some(PathBuf::from(value()?)),
             "--load" => {
                 o.load = match value()?.as_str() {
                     "none" => false,
@@ -498,6 +504,40 @@ impl CudaRig {
         self.idle = (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64;
         Ok(median_by(runs, Measurement::gb_per_s))
     }
+
+    /// Both directions at once: half the blocks host to GPU (the first half of each region), half
+    /// GPU to host (the second half), interleaved on the same queues.
+    fn run_both(&mut self, o: &Options, block: u64) -> Result<Measurement, BenchError> {
+        let half = o.span / 2;
+        let plan = scatter(half as usize, block as usize, block);
+        let count = (o.total / block).max(2);
+        let (host, device) = (self.host.id(), self.device_id);
+        let lanes = [
+            Lane { src: host, dst: device, src_base: 0, dst_base: 0 },
+            Lane { src: device, dst: host, src_base: half, dst_base: half },
+        ];
+        let runs = (0..o.reps)
+            .map(|_| drive_lanes(&mut self.queues, &lanes, &plan, block, count))
+            .collect::<Result<_, _>>()?;
+        Ok(median_by(runs, Measurement::gb_per_s))
+    }
+
+    /// The one-way ceilings [H2D, D2H] and the two-way one: one `span`-byte copy each way, then
+    /// one each way at once, on fresh streams, median of at least 5.
+    fn ceilings(&self, o: &Options) -> Result<[f64; 3], BenchError> {
+        let (host, device, span) = (self.host.as_ptr() as u64, self.device.ptr(), o.span as usize);
+        let reps = o.reps.max(5);
+        let half = span / 2;
+        // SAFETY: both buffers are `span` bytes, alive in the rig, and no copy of the engine
+        // touches them while no descriptor is pushed; the two-way copies use disjoint halves.
+        unsafe {
+            Ok([
+                copy_ceiling(device, host, span, reps)?,
+                copy_ceiling(host, device, span, reps)?,
+                copy_ceiling_both((device, host), (host + half as u64, device + half as u64), half, reps)?,
+            ])
+        }
+    }
 }
 
 fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), BenchError> {
@@ -523,25 +563,23 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         o.reps,
         human(o.total)
     );
-    // The ceiling is measured before and after the table; the higher median of the two is used,
-    // so a disturbed reading can only lower ferry's ratios, never raise them.
-    let measure_ceiling = |rig: &CudaRig| -> Result<[f64; 2], BenchError> {
-        let (host, device, span) = (rig.host.as_ptr() as u64, rig.device.ptr(), o.span as usize);
-        // SAFETY: both buffers are `span` bytes, alive in the rig, and no copy of the engine
-        // touches them while no descriptor is pushed.
-        unsafe {
-            Ok([copy_ceiling(device, host, span, o.reps.max(5))?, copy_ceiling(host, device, span, o.reps.max(5))?])
-        }
-    };
-    let before = measure_ceiling(&rig)?;
+    // The ceilings are measured before and after the table; the higher median of the two is
+    // used, so a disturbed reading can only lower ferry's ratios, never raise them.
+    let before = rig.ceilings(o)?;
     let mut latencies = Vec::new();
     for (h2d, name) in [(true, "H2D"), (false, "D2H")] {
         let (src, dst) = if h2d { (rig.host.id(), rig.device_id) } else { (rig.device_id, rig.host.id()) };
         let t = latency(&mut rig.queues[0], src, dst, 4096, 500, 5000)?;
+        let (host, device) = (rig.host.as_ptr() as u64, rig.device.ptr());
+        let (to, from) = if h2d { (device, host) } else { (host, device) };
+        // SAFETY: 4 KiB at the start of both buffers, alive in the rig; no descriptor is in flight.
+        let raw = unsafe { copy_latency(to, from, 4096, 500, 5000)? };
         latencies.push(format!(
-            "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us",
+            "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us; one cuMemcpyAsync + synchronize: p50 {:.2} us, p99 {:.2} us",
             percentile(&t, 0.5),
-            percentile(&t, 0.99)
+            percentile(&t, 0.99),
+            percentile(&raw, 0.5),
+            percentile(&raw, 0.99)
         ));
     }
     drop(rig);
@@ -562,8 +600,17 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         }
         results.push(cells);
     }
-    let after = measure_ceiling(&cuda_rig(o, Strategy::Auto, o.sm_budget, 1)?)?;
-    let ceiling = [before[0].max(after[0]), before[1].max(after[1])];
+    // Both directions at once, per strategy that batches: results_both[strategy][size].
+    let both_strategies = [Strategy::Batch, Strategy::Kernel, Strategy::Auto];
+    let mut results_both = Vec::new();
+    for &strategy in &both_strategies {
+        progress(&format!("both directions: {}", strategy.name()));
+        let mut rig = cuda_rig(o, strategy, o.sm_budget, o.workers)?;
+        results_both
+            .push(o.sizes.iter().map(|&b| Ok(rig.run_both(o, b)?.gb_per_s())).collect::<Result<Vec<_>, BenchError>>()?);
+    }
+    let after = cuda_rig(o, Strategy::Auto, o.sm_budget, 1)?.ceilings(o)?;
+    let ceiling = [before[0].max(after[0]), before[1].max(after[1]), before[2].max(after[2])];
     let mut sweep = Vec::new();
     let all = ctx.info.sm_count as u32;
     for sms in [1, 2, 4, 8, 16, all] {
@@ -578,6 +625,13 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     );
     println!("  H2D {:.2} GB/s (before {:.2}, after {:.2})", ceiling[0], before[0], after[0]);
     println!("  D2H {:.2} GB/s (before {:.2}, after {:.2})", ceiling[1], before[1], after[1]);
+    println!(
+        "  both ways at once (two streams, {} each way) {:.2} GB/s (before {:.2}, after {:.2})",
+        human(o.span / 2),
+        ceiling[2],
+        before[2],
+        after[2]
+    );
     println!();
     let cores: Vec<String> = worker_cores.iter().map(|&c| show(c)).collect();
     println!(
@@ -600,6 +654,16 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
             println!(" {:>8.2} {:>11.2}", ceiling[d], results[3][i][d] / ceiling[d]);
         }
     }
+    for (i, &block) in o.sizes.iter().enumerate() {
+        print!("{:>8} {:>4}", human(block), "both");
+        for strategy in &strategies {
+            match both_strategies.iter().position(|b| b == strategy) {
+                Some(k) => print!(" {:>8.2}", results_both[k][i]),
+                None => print!(" {:>8}", "-"),
+            }
+        }
+        println!(" {:>8.2} {:>11.2}", ceiling[2], results_both[2][i] / ceiling[2]);
+    }
     let idle: Vec<String> = idle.iter().map(|(b, f)| format!("{} {:.0}%", human(*b), f * 100.0)).collect();
     println!("worker loop iterations that found no work (auto, H2D): {}", idle.join(", "));
     println!();
@@ -612,11 +676,70 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     for line in latencies {
         println!("{line}");
     }
-    if o.load {
+    let loaded = if o.load {
         println!();
-        bench_cuda_under_load(o, &ctx, ceiling)?;
+        Some(bench_cuda_under_load(o, &ctx, ceiling)?)
+    } else {
+        None
+    };
+    if let Some(path) = &o.plot {
+        let svg = plot_svg(o, &ctx, &strategies, &results, loaded.as_deref(), ceiling);
+        std::fs::write(path, svg)
+            .map_err(|e| BenchError::Failed(format!("writing the plot to {}: {e}", path.display())))?;
+        println!("plot: {}", path.display());
     }
     Ok(())
+}
+
+/// One cell of the under-load table: [H2D, D2H, both ways] as (GB/s, share of the load lost).
+type LoadedCell = [(f64, Option<f64>); 3];
+/// The under-load table: per column, per block size.
+type LoadedResults = Vec<Vec<LoadedCell>>;
+
+/// The `--plot` picture: a panel per direction, each strategy idle (solid) and under the load
+/// (dashed), with the ceiling.
+fn plot_svg(
+    o: &Options,
+    ctx: &Context,
+    strategies: &[Strategy],
+    idle: &[Vec<[f64; 2]>],
+    loaded: Option<&[Vec<LoadedCell>]>,
+    ceiling: [f64; 3],
+) -> String {
+    let colour = |name: &str| LOADED_COLUMNS.iter().position(|c| c.3 == name).unwrap_or(0);
+    let panels = ["host to GPU", "GPU to host"]
+        .iter()
+        .enumerate()
+        .map(|(d, title)| {
+            let mut series: Vec<plot::Series> = strategies
+                .iter()
+                .zip(idle)
+                .map(|(s, cells)| plot::Series {
+                    name: format!("{} idle", s.name()),
+                    colour: colour(s.name()),
+                    dashed: false,
+                    values: cells.iter().map(|c| c[d]).collect(),
+                })
+                .collect();
+            for (column, cells) in LOADED_COLUMNS.iter().zip(loaded.unwrap_or_default()) {
+                series.push(plot::Series {
+                    name: format!("{} under load", column.3),
+                    colour: colour(column.3),
+                    dashed: true,
+                    values: cells.iter().map(|c| c[d].0).collect(),
+                });
+            }
+            plot::Panel { title: (*title).to_owned(), ceiling: ceiling[d], series }
+        })
+        .collect::<Vec<_>>();
+    let title = format!(
+        "ferry bench on {} ({} worker(s), {} SMs for the kernel): GB/s through the engine{}",
+        ctx.info.name,
+        o.workers,
+        o.sm_budget,
+        if loaded.is_some() { "; dashed: under an FMA kernel on every SM" } else { "" }
+    );
+    plot::render(&title, &o.sizes, &panels)
 }
 
 /// The columns of the under-load table: each strategy; the kernel again on the highest-priority
@@ -632,7 +755,7 @@ const LOADED_COLUMNS: [(Strategy, StreamPriority, Option<SmBudget>, &str); 6] = 
 
 /// The table again with a saturating compute kernel on every SM (`--load compute`): copy GB/s
 /// and the share of the load's throughput lost while each cell copied.
-fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 2]) -> Result<(), BenchError> {
+fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 3]) -> Result<LoadedResults, BenchError> {
     let load = load::ComputeLoad::start(ctx.clone(), Duration::from_millis(300))?;
     let before = load.alone_ms;
     // results[column][size][direction] = (GB/s, loss)
@@ -646,11 +769,12 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 2]) -> 
         }
         let mut cells = Vec::new();
         for &block in &o.sizes {
-            let mut cell = [(0.0, None); 2];
-            for (d, h2d) in [true, false].into_iter().enumerate() {
+            // [H2D, D2H, both ways at once]
+            let mut cell = [(0.0, None); 3];
+            for (d, lane) in cell.iter_mut().enumerate() {
                 let t0 = Instant::now();
-                let gb = rig.run(o, block, h2d)?.gb_per_s();
-                cell[d] = (gb, load.loss(t0, Instant::now()));
+                let m = if d == 2 { rig.run_both(o, block)? } else { rig.run(o, block, d == 0)? };
+                *lane = (m.gb_per_s(), load.loss(t0, Instant::now()));
             }
             cells.push(cell);
         }
@@ -674,7 +798,7 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 2]) -> 
     }
     println!(" {:>11}", "best/ceil");
     for (i, &block) in o.sizes.iter().enumerate() {
-        for (d, dir) in ["H2D", "D2H"].iter().enumerate() {
+        for (d, dir) in ["H2D", "D2H", "both"].iter().enumerate() {
             print!("{:>8} {:>4}", human(block), dir);
             let mut best: f64 = 0.0;
             for cells in &results {
@@ -688,7 +812,8 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 2]) -> 
             println!(" {:>11.2}", best / ceiling[d]);
         }
     }
-    load.finish()
+    load.finish()?;
+    Ok(results)
 }
 
 /// One line of progress on stderr, when it is a terminal.
