@@ -168,6 +168,7 @@ fn code_of(error: &Error) -> ferry_result {
         Error::Cuda(_) | Error::TransportStart { .. } | Error::Benchmark(_) => ferry_result::SystemError,
         Error::Gdr(_) | Error::NoDeviceTransport { .. } => ferry_result::SystemError,
         Error::GpuRange { .. } => ferry_result::BadRange,
+        Error::QueueEndClaimed { .. } => ferry_result::InvalidArgument,
     }
 }
 
