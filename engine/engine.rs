@@ -46,7 +46,9 @@ pub struct Engine {
     placement_notes: Vec<String>,
     /// The transport chosen at start, with the CUDA context and the NIC that registration uses.
     device: Selected,
-    /// Serialises queue creation so that each queue lands on one worker exactly once.
+    /// Serialises queue creation so that each queue lands on one worker exactly once, and orders
+    /// it with stopping: a queue is either posted before the workers stop (and closed by them)
+    /// or refused with [`Error::ShutDown`].
     queue_lock: Mutex<()>,
 }
 

@@ -414,6 +414,11 @@ impl Queue {
         let submit_ring = memory.submit_ring()?;
         let complete_ring = memory.complete_ring()?;
         let holder = memory.claim(QueueEnd::Client)?;
+        // The last holder may have closed the queue between the look above and the claim.
+        if memory.close_requested() {
+            memory.release(QueueEnd::Client, holder);
+            return Err(Error::QueueNotOpen { queue: memory.id().0, state: QueueState::ClosedByClient });
+        }
         // Made after the claim (A7), so they continue from the last holder's indices.
         let submit = Producer::new(submit_ring);
         let complete = Consumer::new(complete_ring);
@@ -442,7 +447,8 @@ impl Queue {
     /// Releases this process's claim on the client end without closing the queue, and returns
     /// a duplicate of its memfd for another process to [`Queue::attach`]. The queue stays open
     /// and served until that client closes it (or the engine shuts down); if nobody ever
-    /// attaches, it stays open until the engine shuts down.
+    /// attaches, it stays open until the engine shuts down. If the memfd cannot be duplicated
+    /// (no file descriptor left), the queue is closed, as if dropped.
     pub fn hand_off(mut self) -> Result<File, Error> {
         let file =
             self.file().try_clone().map_err(|source| Error::SharedMemory { what: "handing off a queue", source })?;
@@ -455,7 +461,8 @@ impl Queue {
         self.memory.id()
     }
 
-    /// The memfd holding the queue, to hand to another process.
+    /// The memfd holding the queue. Another process can attach it only once this end is
+    /// released: use [`Queue::hand_off`] to pass the queue on.
     pub fn file(&self) -> &File {
         self.memory.file()
     }

@@ -43,18 +43,21 @@ fn run_child(helper: &str, env: &[(&str, String)]) {
     assert!(status.success(), "child {helper} failed: {status}");
 }
 
-/// Starts a helper with its stdout piped and waits until it prints `marker` on a line.
+/// Starts a helper with its stdout piped and waits until it prints `marker` on a line; the rest
+/// of its output is passed on by a thread, so that the child never writes into a closed pipe.
 fn spawn_child_until(helper: &str, env: &[(&str, String)], marker: &str) -> Child {
     let mut child = child_command(helper, env).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
         match lines.next() {
             // libtest prints "test <name> ... " before the helper runs, on the same line.
-            Some(line) if line.as_ref().unwrap().ends_with(marker) => return child,
+            Some(line) if line.as_ref().unwrap().ends_with(marker) => break,
             Some(_) => {}
             None => panic!("child {helper} exited before printing {marker}: {:?}", child.wait()),
         }
     }
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|line| println!("child: {line}")));
+    child
 }
 
 /// A descriptor whose every field derives from `i`, so a torn or stale slot is caught.
@@ -290,4 +293,30 @@ fn child_attaches_and_waits() {
     // Until the parent kills this process.
     std::thread::sleep(TIMEOUT);
     panic!("not killed within {TIMEOUT:?}");
+}
+
+#[test]
+fn a_client_in_another_process_sees_the_engine_shut_down() {
+    let engine = host_engine();
+    let (client, src, dst) = two_regions(&engine);
+    let file = engine.open_queue(client, QueueConfig::default()).unwrap().hand_off().unwrap();
+    let mut child = spawn_child_until("child_waits_for_shutdown", &client_env(&file, &src, &dst), "attached");
+    engine.shutdown();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "child_waits_for_shutdown failed: {status}");
+}
+
+#[test]
+#[ignore = "helper: started by a_client_in_another_process_sees_the_engine_shut_down"]
+fn child_waits_for_shutdown() {
+    let mut queue = Queue::attach(open_parent_fd("FERRY_TEST_QUEUE_FD")).unwrap();
+    let id = |var: &str| RegionId(std::env::var(var).unwrap().parse().unwrap());
+    let (src, dst) = (id("FERRY_TEST_SRC_ID"), id("FERRY_TEST_DST_ID"));
+    copy_block(&mut queue, src, dst, 6);
+    println!("attached");
+    wait_until("the engine to shut down", || queue.state() != QueueState::Open);
+    assert_eq!(queue.state(), QueueState::Closed);
+    assert!(matches!(queue.push(Descriptor::copy(src, 0, dst, 0, 64)), Err(ferry::PushError::NotOpen(..))));
+    assert!(matches!(queue.wait_one(TIMEOUT), Err(Error::QueueNotOpen { state: QueueState::Closed, .. })));
+    assert_eq!(queue.watermark(), 1);
 }
