@@ -223,6 +223,9 @@ pub enum QueueState {
     Closed,
     /// A ring index was corrupt; the worker stopped serving the queue.
     Broken,
+    /// Its client closed it ([`crate::Queue::close`] or dropping the [`crate::Queue`]); the
+    /// worker frees it once the copies it started are done. It cannot be attached again.
+    ClosedByClient,
 }
 
 impl std::fmt::Display for QueueState {
@@ -231,6 +234,7 @@ impl std::fmt::Display for QueueState {
             QueueState::Open => "open",
             QueueState::Closed => "closed (the engine shut down)",
             QueueState::Broken => "broken (a ring index was corrupt)",
+            QueueState::ClosedByClient => "closed by its client (open a new queue)",
         })
     }
 }
@@ -241,6 +245,7 @@ impl QueueState {
             QueueState::Open => 0,
             QueueState::Closed => 1,
             QueueState::Broken => 2,
+            QueueState::ClosedByClient => 3,
         }
     }
 
@@ -248,6 +253,7 @@ impl QueueState {
         match code {
             0 => QueueState::Open,
             1 => QueueState::Closed,
+            3 => QueueState::ClosedByClient,
             // Anything else was written by a misbehaving peer: treat as broken.
             _ => QueueState::Broken,
         }

@@ -33,7 +33,6 @@ struct WorkerHandle {
     counters: Arc<WorkerCounters>,
     nic_counters: Option<Arc<NicCounters>>,
     core: Option<usize>,
-    queues: AtomicU32,
 }
 
 /// A running engine. Dropping it shuts it down (see [`Engine::shutdown`]).
@@ -47,7 +46,9 @@ pub struct Engine {
     placement_notes: Vec<String>,
     /// The transport chosen at start, with the CUDA context and the NIC that registration uses.
     device: Selected,
-    /// Serialises queue creation so that each queue lands on one worker exactly once.
+    /// Serialises queue creation so that each queue lands on one worker exactly once, and orders
+    /// it with stopping: a queue is either posted before the workers stop (and closed by them)
+    /// or refused with [`Error::ShutDown`].
     queue_lock: Mutex<()>,
 }
 
@@ -116,14 +117,7 @@ impl Engine {
                     }
                 })
                 .map_err(|source| Error::SpawnWorker { worker: index, source })?;
-            engine.workers.push(WorkerHandle {
-                thread,
-                mailbox,
-                counters,
-                nic_counters,
-                core,
-                queues: AtomicU32::new(0),
-            });
+            engine.workers.push(WorkerHandle { thread, mailbox, counters, nic_counters, core });
         }
         drop(ready_tx);
         for _ in 0..engine.workers.len() {
@@ -292,13 +286,16 @@ impl Engine {
         self.table.deregister(id)
     }
 
-    /// Opens a queue for `client`, served by one worker.
+    /// Opens a queue for `client`, served by one worker (the one with the fewest queues, unless
+    /// [`QueueConfig::worker`] names one). The returned [`Queue`] holds the client end: drop it
+    /// (or [`Queue::close`]) to close the queue, or [`Queue::hand_off`] it to another process.
     pub fn open_queue(&self, client: ClientId, config: QueueConfig) -> Result<Queue, Error> {
-        // A6: Acquire; pairs with R6 in stop.
+        let _guard = self.queue_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A6: Acquire; pairs with R6 in stop. Under queue_lock, which stop also takes: a queue
+        // posted here is posted before the workers are told to stop, and they adopt it.
         if self.stop.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
-        let _guard = self.queue_lock.lock().unwrap_or_else(|e| e.into_inner());
         let worker = match config.worker {
             Some(w) if w < self.workers.len() => w,
             Some(w) => {
@@ -308,10 +305,7 @@ impl Engine {
                     format!("below the engine's {} workers", self.workers.len()),
                 ))
             }
-            // Relaxed: read and written under queue_lock.
-            None => {
-                (0..self.workers.len()).min_by_key(|&w| self.workers[w].queues.load(Ordering::Relaxed)).unwrap_or(0)
-            }
+            None => (0..self.workers.len()).min_by_key(|&w| self.workers[w].mailbox.queues()).unwrap_or(0),
         };
         // Relaxed: a unique-id counter.
         let id = QueueId(self.next_queue.fetch_add(1, Ordering::Relaxed));
@@ -319,28 +313,35 @@ impl Engine {
         let attached = QueueMemory::attach(
             memory.file().try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?,
         )?;
+        let end = WorkerEnd::new(memory, client.0)?;
         let queue = Queue::from_memory(attached)?;
-        self.workers[worker].mailbox.post(WorkerEnd::new(memory, client.0)?);
-        // Relaxed: under queue_lock.
-        self.workers[worker].queues.fetch_add(1, Ordering::Relaxed);
+        self.workers[worker].mailbox.post(end);
         Ok(queue)
     }
 
-    /// Counters of each worker.
+    /// Counters of each worker, and how many queues each serves.
     pub fn stats(&self) -> Vec<EngineStats> {
-        self.workers.iter().map(|w| w.counters.snapshot(w.nic_counters.as_ref().map(|c| c.snapshot()))).collect()
+        self.workers
+            .iter()
+            .map(|w| w.counters.snapshot(w.mailbox.queues(), w.nic_counters.as_ref().map(|c| c.snapshot())))
+            .collect()
     }
 
     /// Stops the workers and waits for them: copies the transport started complete, descriptors
     /// still in submission rings complete as [`crate::Status::Cancelled`] where the completion
-    /// ring has room, and every queue is marked [`crate::QueueState::Closed`].
+    /// ring has room, and every queue is marked [`crate::QueueState::Closed`] (a queue its
+    /// client had closed, [`crate::QueueState::ClosedByClient`]). The workers then free every
+    /// queue's memory; a client keeps its own mapping until it drops its [`Queue`].
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
-        // R6: Release; pairs with S1 in the worker loop and A6 in open_queue.
-        self.stop.store(true, Ordering::Release);
+        {
+            let _guard = self.queue_lock.lock().unwrap_or_else(|e| e.into_inner());
+            // R6: Release; pairs with S1 in the worker loop and A6 in open_queue.
+            self.stop.store(true, Ordering::Release);
+        }
         for worker in self.workers.drain(..) {
             if worker.thread.join().is_err() {
                 eprintln!("ferry: a worker thread panicked");

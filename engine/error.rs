@@ -255,6 +255,19 @@ pub enum Error {
     /// The engine was shut down.
     #[error("the engine is shut down")]
     ShutDown,
+    /// Claiming an end of a queue failed: a live process holds it (each end has one owner).
+    #[error(
+        "claiming the {end} end of queue {queue}: process {pid}{} holds it; each end of a queue has one owner: release it there first (drop or close the Queue, or Queue::hand_off it to this process), or wait until that process exits (an exited holder's end is taken over)",
+        if *pid == std::process::id() { " (this process)" } else { "" }
+    )]
+    QueueEndClaimed {
+        /// Queue id.
+        queue: u32,
+        /// The end.
+        end: crate::queue::QueueEnd,
+        /// The holder's process id.
+        pid: u32,
+    },
 }
 
 /// Why a GPU memory range cannot be registered ([`Error::GpuRange`]).

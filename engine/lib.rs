@@ -71,14 +71,28 @@
 //!
 //! [`Engine`] is `Send + Sync`; registration and queue creation may be called from any thread.
 //! A [`Queue`] is one single-producer single-consumer pair: it is `Send`, not `Sync`; give each
-//! submitting thread its own queue.
+//! submitting thread its own queue. Each end of a queue is claimed in its shared header by one
+//! process: a second [`Queue::attach`] of a held client end, in this process or another, fails
+//! with [`Error::QueueEndClaimed`]; the end of a process that has exited is taken over by the
+//! next attach ([`queue`] has the details).
 //!
 //! # Resource cleanup
+//!
+//! Dropping a [`Queue`] (or [`Queue::close`]) closes it: the worker lets the copies the
+//! transport has started finish (the regions they use stay counted, so
+//! [`Engine::deregister`] refuses them until then), drops the descriptors it has not started
+//! without writing completions, then frees the queue's shared memory, file descriptor and
+//! worker slot and stops visiting it. [`EngineStats::queues`] counts a queue until then; the
+//! engine gives a new queue to the worker with the fewest. A queue handed to another process
+//! with [`Queue::hand_off`] is closed by that process's [`Queue`]. A client that is killed
+//! does not close its queue: it stays served until a new [`Queue::attach`] takes it over or
+//! the engine shuts down.
 //!
 //! Dropping the [`Engine`] (or [`Engine::shutdown`]) stops the workers: work the transport has
 //! started completes, descriptors still waiting in a submission ring complete as
 //! [`Status::Cancelled`] where the completion ring has room, every queue is marked closed, the
-//! threads are joined and the mappings and file descriptors are released.
+//! threads are joined and the engine's mappings and file descriptors are released. A client's
+//! [`Queue`] keeps its own mapping until it is dropped, in this process or another.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks, missing_docs)]
@@ -125,7 +139,7 @@ pub use engine::Engine;
 #[cfg(not(loom))]
 pub use error::Error;
 #[cfg(not(loom))]
-pub use queue::{Queue, QueueId};
+pub use queue::{Queue, QueueEnd, QueueId};
 #[cfg(not(loom))]
 pub use region::{ClientId, HostBuffer, MemoryKind};
 pub use ring::PushError;

@@ -1,14 +1,49 @@
 //! Queues: one submission ring and one completion ring in one sealed memfd, plus a header with
-//! the queue's id, owner, state and in-order watermark.
+//! the queue's id, owner, state, in-order watermark and the claims on its two ends.
 //!
 //! ```text
-//! offset 0    QueueHeader: meta (magic, ABI, ids, ring offsets) | status (watermark, state)
-//! offset 256  submission ring: RingHeader + capacity x Descriptor   (client -> worker)
+//! offset 0    QueueHeader: meta (magic, ABI, ids, ring offsets)          written once by the engine
+//!             | status (watermark, state)                              written by the worker
+//!             | ends (client holder, worker holder, closed)            claims, and the client's close
+//! offset 384  submission ring: RingHeader + capacity x Descriptor   (client -> worker)
 //! then        completion ring: RingHeader + capacity x Completion   (worker -> client)
 //! ```
 //!
 //! [`Queue`] is the client's end. It can live in the engine's process or, through
 //! [`Queue::attach`] on the memfd, in another one.
+//!
+//! # Claimed ends
+//!
+//! Each ring is single-producer single-consumer, so each end of a queue has one owner, recorded
+//! in the header: the client end ([`Queue`]: producer of the submission ring, consumer of the
+//! completion ring) and the worker end (the engine's worker: the other two). The holder is
+//! written as the process id together with the process's start time (`/proc/<pid>/stat` field
+//! 22), so that a reused pid is not taken for the holder. Taking an end that a live process
+//! holds (this one included) fails with [`Error::QueueEndClaimed`], naming the queue, the end
+//! and the holder's pid. An end whose holder has exited (killed, crashed) is taken over by the
+//! next claim: [`Queue::attach`] is the mechanism to reclaim a dead client's end, and it
+//! continues from the ring indices in shared memory (completions the dead client had not read
+//! are still there; descriptors it had not published are lost). Claims assume that the peers
+//! share one pid namespace, as passing the memfd through `/proc/<pid>/fd` does.
+//!
+//! # Lifecycle
+//!
+//! [`Engine::open_queue`](crate::Engine::open_queue) returns the queue with its client end
+//! claimed by this process. To serve a client in another process, hand the memfd over with
+//! [`Queue::hand_off`] (which releases the claim and keeps the queue open) and
+//! [`Queue::attach`] it there.
+//!
+//! Dropping a [`Queue`] (or [`Queue::close`]) closes it: it marks the header closed and releases
+//! its claim. The worker notices on its next visit: copies the transport has already started
+//! run to the end (their regions stay counted until then), descriptors not yet started are
+//! dropped without a completion (nobody is left to read one), and then the worker frees the
+//! queue's memory, file descriptor and slot, and stops visiting it
+//! ([`EngineStats::queues`](crate::EngineStats::queues) counts it until then). A closed queue
+//! cannot be attached again ([`QueueState::ClosedByClient`]).
+//!
+//! Shutting the engine down closes every queue it serves ([`QueueState::Closed`]); a client,
+//! in this process or another, keeps its mapping and reads the completions that were
+//! published.
 
 use crate::config::QueueConfig;
 use crate::desc::{Completion, Descriptor, QueueState};
@@ -24,8 +59,9 @@ use std::time::{Duration, Instant};
 
 /// "FERRYQUE", little endian.
 pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"FERRYQUE");
-/// Bumped whenever the queue header changes shape.
-pub const QUEUE_ABI_VERSION: u32 = 1;
+/// Bumped whenever the queue header changes shape (2: the ends block with the claims and the
+/// client's close).
+pub const QUEUE_ABI_VERSION: u32 = 2;
 
 /// A queue's id, unique within its engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,14 +89,98 @@ struct Status {
     state: AtomicU32,
 }
 
+/// Who holds each end, and the client's close. Written only when an end is claimed or released
+/// and when the client closes the queue, so the worker's look at `closed` on every visit reads
+/// a cache line that stays shared.
+#[repr(C, align(128))]
+struct Ends {
+    /// The client end's holder, a [`Holder`] word; 0 when free.
+    client: AtomicU64,
+    /// The worker end's holder, a [`Holder`] word; 0 when free.
+    worker: AtomicU64,
+    /// Nonzero once the client closed the queue (written by the client end only).
+    closed: AtomicU32,
+}
+
 #[repr(C)]
 struct QueueHeader {
     meta: Meta,
     status: Status,
+    ends: Ends,
 }
 
 const HEADER_SIZE: usize = std::mem::size_of::<QueueHeader>();
-const _: () = assert!(HEADER_SIZE == 2 * INDEX_PADDING);
+const _: () = assert!(HEADER_SIZE == 3 * INDEX_PADDING);
+
+/// An end of a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueEnd {
+    /// The client's end ([`Queue`]): produces descriptors, consumes completions.
+    Client,
+    /// The worker's end: consumes descriptors, produces completions.
+    Worker,
+}
+
+impl std::fmt::Display for QueueEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QueueEnd::Client => "client",
+            QueueEnd::Worker => "worker",
+        })
+    }
+}
+
+/// A process holding a queue end: its pid and its start time in clock ticks after boot
+/// (`/proc/<pid>/stat` field 22; 0 where /proc could not be read), so that a reused pid does
+/// not pass for the holder. In the header as one word, `pid << 42 | start_ticks`: Linux pids
+/// are below 2^22 (`PID_MAX_LIMIT`) and 42 bits of ticks last longer than any uptime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Holder {
+    pid: u32,
+    start_ticks: u64,
+}
+
+const START_BITS: u32 = 42;
+const START_MASK: u64 = (1 << START_BITS) - 1;
+
+impl Holder {
+    /// This process.
+    fn current() -> Holder {
+        static CURRENT: std::sync::OnceLock<Holder> = std::sync::OnceLock::new();
+        let pid = std::process::id();
+        let read =
+            || Holder { pid, start_ticks: crate::sys::process_stat(None).map_or(0, |s| s.start_ticks & START_MASK) };
+        let cached = *CURRENT.get_or_init(read);
+        // A forked child inherits the cache: it is another process.
+        if cached.pid == pid {
+            cached
+        } else {
+            read()
+        }
+    }
+
+    fn word(self) -> u64 {
+        u64::from(self.pid) << START_BITS | self.start_ticks
+    }
+
+    /// The holder in a header word (which another process may have written: any value decodes).
+    fn from_word(word: u64) -> Holder {
+        Holder { pid: (word >> START_BITS) as u32, start_ticks: word & START_MASK }
+    }
+
+    /// Whether the holder is a running process. A zombie, a missing pid or a pid now used by a
+    /// later process (another start time) is not. Where the pid exists but /proc does not show
+    /// it (`hidepid`), the holder is taken to be alive.
+    fn is_alive(self) -> bool {
+        if !crate::sys::process_exists(self.pid) {
+            return false;
+        }
+        match crate::sys::process_stat(Some(self.pid)) {
+            Ok(stat) => !stat.exited() && (self.start_ticks == 0 || stat.start_ticks & START_MASK == self.start_ticks),
+            Err(_) => true,
+        }
+    }
+}
 
 /// A queue's shared memory, as seen by either end.
 pub(crate) struct QueueMemory {
@@ -104,8 +224,9 @@ impl QueueMemory {
             complete_capacity: AtomicU64::new(config.complete_capacity),
         };
         let status = Status { watermark: AtomicU64::new(0), state: AtomicU32::new(QueueState::Open.code()) };
+        let ends = Ends { client: AtomicU64::new(0), worker: AtomicU64::new(0), closed: AtomicU32::new(0) };
         // SAFETY: the mapping is at least HEADER_SIZE bytes, page-aligned, and not shared yet.
-        unsafe { header.as_ptr().write(QueueHeader { meta, status }) };
+        unsafe { header.as_ptr().write(QueueHeader { meta, status, ends }) };
         RingMemory::<Descriptor>::create(memory.clone(), submit_offset, config.submit_capacity)?;
         RingMemory::<Completion>::create(memory.clone(), complete_offset, config.complete_capacity)?;
         Ok(QueueMemory { memory, header, submit_offset, complete_offset })
@@ -195,26 +316,125 @@ impl QueueMemory {
     pub(crate) fn file(&self) -> &File {
         self.memory.file()
     }
+
+    fn end_word(&self, end: QueueEnd) -> &AtomicU64 {
+        let ends = &self.header().ends;
+        match end {
+            QueueEnd::Client => &ends.client,
+            QueueEnd::Worker => &ends.worker,
+        }
+    }
+
+    /// Claims `end` for this process: free, or held by a process that has exited (then taken
+    /// over). Fails when a live process, this one included, holds it.
+    pub(crate) fn claim(&self, end: QueueEnd) -> Result<Holder, Error> {
+        let me = Holder::current();
+        let word = self.end_word(end);
+        // A7: Acquire; pairs with R7 in release: the last holder's ring index stores are visible
+        // to the ring end made after the claim.
+        let mut seen = word.load(Ordering::Acquire);
+        loop {
+            if seen != 0 {
+                let holder = Holder::from_word(seen);
+                if holder.is_alive() {
+                    return Err(Error::QueueEndClaimed { queue: self.id().0, end, pid: holder.pid });
+                }
+            }
+            // C7: Acquire on success and failure; pairs with R7 in release, as A7. A compare and
+            // swap, so that of two processes taking over the same exited holder one wins.
+            match word.compare_exchange(seen, me.word(), Ordering::Acquire, Ordering::Acquire) {
+                Ok(_) => return Ok(me),
+                Err(now) => seen = now,
+            }
+        }
+    }
+
+    /// Releases `end` if `holder` (from [`QueueMemory::claim`]) still holds it. A forked child
+    /// holds nothing: its copy of the end releases nothing.
+    pub(crate) fn release(&self, end: QueueEnd, holder: Holder) {
+        if holder.pid != std::process::id() {
+            return;
+        }
+        // R7: Release; pairs with A7/C7 in claim: this end's ring index stores come first.
+        let _ = self.end_word(end).compare_exchange(holder.word(), 0, Ordering::Release, Ordering::Relaxed);
+    }
+
+    /// The client closes the queue: no descriptor follows, no completion will be read.
+    fn close(&self) {
+        // R8: Release; pairs with A8 in close_requested: the client's ring stores (R1, R2) come
+        // first, so whoever sees the close sees the rings as the client left them.
+        self.header().ends.closed.store(1, Ordering::Release);
+    }
+
+    /// Whether the client closed the queue. Read by the worker on every visit.
+    pub(crate) fn close_requested(&self) -> bool {
+        // A8: Acquire; pairs with R8 in close.
+        self.header().ends.closed.load(Ordering::Acquire) != 0
+    }
 }
 
 /// The client's end of a queue: pushes descriptors, polls completions. `Send`, not `Sync`.
+///
+/// It holds the queue's client end (see the [module docs](self)); dropping it closes the queue.
 pub struct Queue {
     memory: QueueMemory,
     submit: Producer<Descriptor>,
     complete: Consumer<Completion>,
+    /// This process, as recorded in the header's client end.
+    holder: Holder,
+    /// Whether dropping closes the queue (false after [`Queue::hand_off`]).
+    close_on_drop: bool,
 }
 
 impl Queue {
+    /// Claims the client end of `memory` and makes the ring ends.
     pub(crate) fn from_memory(memory: QueueMemory) -> Result<Queue, Error> {
-        let submit = Producer::new(memory.submit_ring()?);
-        let complete = Consumer::new(memory.complete_ring()?);
-        Ok(Queue { memory, submit, complete })
+        if memory.close_requested() {
+            return Err(Error::QueueNotOpen { queue: memory.id().0, state: QueueState::ClosedByClient });
+        }
+        let submit_ring = memory.submit_ring()?;
+        let complete_ring = memory.complete_ring()?;
+        let holder = memory.claim(QueueEnd::Client)?;
+        // The last holder may have closed the queue between the look above and the claim.
+        if memory.close_requested() {
+            memory.release(QueueEnd::Client, holder);
+            return Err(Error::QueueNotOpen { queue: memory.id().0, state: QueueState::ClosedByClient });
+        }
+        // Made after the claim (A7), so they continue from the last holder's indices.
+        let submit = Producer::new(submit_ring);
+        let complete = Consumer::new(complete_ring);
+        Ok(Queue { memory, submit, complete, holder, close_on_drop: true })
     }
 
     /// Attaches to a queue whose memfd came from the engine (for example from another process).
-    /// Checks magic, ABI version and ring layout; a mismatch names the field.
+    /// Checks magic, ABI version and ring layout; a mismatch names the field. Claims the client
+    /// end: fails with [`Error::QueueEndClaimed`] while a live process holds it (for a queue
+    /// opened with [`Engine::open_queue`](crate::Engine::open_queue), until that process calls
+    /// [`Queue::hand_off`]), and takes it over from a holder that has exited, continuing from the
+    /// ring indices in shared memory. A queue its client closed is refused with
+    /// [`Error::QueueNotOpen`] ([`QueueState::ClosedByClient`]).
     pub fn attach(file: File) -> Result<Queue, Error> {
         Queue::from_memory(QueueMemory::attach(file)?)
+    }
+
+    /// Closes the queue; the same as dropping it. Returns at once: the worker lets copies the
+    /// transport has started finish, drops descriptors it has not started (no completion is
+    /// written: nobody reads them), then frees the queue's memory, file descriptor and slot.
+    /// [`EngineStats::queues`](crate::EngineStats::queues) goes down when it has.
+    pub fn close(self) {
+        drop(self);
+    }
+
+    /// Releases this process's claim on the client end without closing the queue, and returns
+    /// a duplicate of its memfd for another process to [`Queue::attach`]. The queue stays open
+    /// and served until that client closes it (or the engine shuts down); if nobody ever
+    /// attaches, it stays open until the engine shuts down. If the memfd cannot be duplicated
+    /// (no file descriptor left), the queue is closed, as if dropped.
+    pub fn hand_off(mut self) -> Result<File, Error> {
+        let file =
+            self.file().try_clone().map_err(|source| Error::SharedMemory { what: "handing off a queue", source })?;
+        self.close_on_drop = false;
+        Ok(file)
     }
 
     /// The queue's id.
@@ -222,7 +442,8 @@ impl Queue {
         self.memory.id()
     }
 
-    /// The memfd holding the queue, to hand to another process.
+    /// The memfd holding the queue. Another process can attach it only once this end is
+    /// released: use [`Queue::hand_off`] to pass the queue on.
     pub fn file(&self) -> &File {
         self.memory.file()
     }
@@ -312,18 +533,91 @@ impl Queue {
     }
 }
 
-/// The worker's end of a queue.
+impl Drop for Queue {
+    fn drop(&mut self) {
+        if self.close_on_drop {
+            self.memory.close();
+        }
+        self.memory.release(QueueEnd::Client, self.holder);
+    }
+}
+
+/// The worker's end of a queue. Holds the worker end's claim until dropped.
 pub(crate) struct WorkerEnd {
     pub(crate) memory: QueueMemory,
     pub(crate) submit: Consumer<Descriptor>,
     pub(crate) complete: Producer<Completion>,
     pub(crate) client: u32,
+    holder: Holder,
 }
 
 impl WorkerEnd {
+    /// Claims the worker end of `memory` (taking it over from an engine process that has
+    /// exited) and makes the ring ends.
     pub(crate) fn new(memory: QueueMemory, client: u32) -> Result<WorkerEnd, Error> {
-        let submit = Consumer::new(memory.submit_ring()?);
-        let complete = Producer::new(memory.complete_ring()?);
-        Ok(WorkerEnd { memory, submit, complete, client })
+        let submit_ring = memory.submit_ring()?;
+        let complete_ring = memory.complete_ring()?;
+        let holder = memory.claim(QueueEnd::Worker)?;
+        let submit = Consumer::new(submit_ring);
+        let complete = Producer::new(complete_ring);
+        Ok(WorkerEnd { memory, submit, complete, client, holder })
+    }
+}
+
+impl Drop for WorkerEnd {
+    fn drop(&mut self) {
+        self.memory.release(QueueEnd::Worker, self.holder);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory() -> QueueMemory {
+        let config = QueueConfig { submit_capacity: 4, complete_capacity: 4, worker: None };
+        QueueMemory::create(QueueId(7), 1, &config).unwrap()
+    }
+
+    #[test]
+    fn the_worker_end_is_claimed_once_and_released_on_drop() {
+        let memory = memory();
+        let twin = || QueueMemory::attach(memory.file().try_clone().unwrap()).unwrap();
+        let end = WorkerEnd::new(twin(), 1).unwrap();
+        match WorkerEnd::new(twin(), 1) {
+            Err(Error::QueueEndClaimed { queue: 7, end: QueueEnd::Worker, pid }) => assert_eq!(pid, std::process::id()),
+            other => panic!("expected QueueEndClaimed, got {:?}", other.err()),
+        }
+        drop(end);
+        WorkerEnd::new(twin(), 1).unwrap();
+    }
+
+    #[test]
+    fn a_holder_word_names_one_process() {
+        let me = Holder::current();
+        assert_eq!(me.pid, std::process::id());
+        assert_ne!(me.start_ticks, 0, "/proc/self/stat is readable here");
+        assert_eq!(Holder::from_word(me.word()), me);
+        assert!(me.is_alive());
+        // The same pid with another start time is a process that reused the pid.
+        assert!(!Holder { start_ticks: (me.start_ticks + 1) & START_MASK, ..me }.is_alive());
+        // No process has pid 0; any word decodes, and garbage is not alive.
+        assert!(!Holder::from_word(0).is_alive());
+        assert!(!Holder::from_word(u64::MAX).is_alive());
+    }
+
+    #[test]
+    fn an_end_held_by_an_exited_process_or_garbage_is_taken_over() {
+        let memory = memory();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        for word in [Holder { pid, start_ticks: 1 }.word(), Holder { pid, start_ticks: 0 }.word(), u64::MAX] {
+            memory.end_word(QueueEnd::Client).store(word, Ordering::Relaxed);
+            let queue = Queue::from_memory(QueueMemory::attach(memory.file().try_clone().unwrap()).unwrap()).unwrap();
+            assert_eq!(memory.end_word(QueueEnd::Client).load(Ordering::Relaxed), Holder::current().word());
+            queue.hand_off().unwrap();
+            assert_eq!(memory.end_word(QueueEnd::Client).load(Ordering::Relaxed), 0);
+        }
     }
 }

@@ -75,3 +75,84 @@ pub fn library_loads(name: &str) -> Result<(), LoadError> {
     unsafe { libc::dlclose(handle) };
     Ok(())
 }
+
+/// What `/proc/<pid>/stat` says about a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessStat {
+    /// The state letter (field 3): `R`, `S`, `D`, `Z` (zombie), `X` (dead), ...
+    pub state: u8,
+    /// When the process started, in clock ticks after boot (field 22). With the pid, it names
+    /// one process: a reused pid has a later start time.
+    pub start_ticks: u64,
+}
+
+impl ProcessStat {
+    /// Whether the process has exited (a zombie waiting to be reaped, or dead).
+    pub fn exited(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+}
+
+/// Reads `/proc/<pid>/stat` (`/proc/self/stat` for `None`).
+pub fn process_stat(pid: Option<u32>) -> io::Result<ProcessStat> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    parse_process_stat(&std::fs::read_to_string(path)?)
+}
+
+/// Parses the text of `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may
+/// itself hold spaces and parentheses, so the fields are counted after the last `)`.
+pub fn parse_process_stat(text: &str) -> io::Result<ProcessStat> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/<pid>/stat: {what}"));
+    let rest = &text[text.rfind(')').ok_or_else(|| bad("no ')' after the command name"))? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next().and_then(|s| s.bytes().next()).ok_or_else(|| bad("no state field"))?;
+    // Field 3 is the state; field 22 is 19 fields further.
+    let start_ticks = fields
+        .nth(18)
+        .ok_or_else(|| bad("fewer than 22 fields"))?
+        .parse()
+        .map_err(|_| bad("field 22 (starttime) is not a number"))?;
+    Ok(ProcessStat { state, start_ticks })
+}
+
+/// Whether a process with this pid exists, by `kill(pid, 0)`: false only when the kernel says
+/// there is none (ESRCH). A pid of 0 or above `i32::MAX` names no single process: false.
+pub fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing; it only checks that a process with this (positive) pid
+    // exists and may be signalled.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_with_a_strange_command_name_parses() {
+        let line = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(parse_process_stat(line).unwrap(), ProcessStat { state: b'S', start_ticks: 987654 });
+        assert!(parse_process_stat("1 (x) Z 1 2").is_err());
+        assert!(parse_process_stat("no parenthesis").is_err());
+    }
+
+    #[test]
+    fn this_process_is_alive_and_has_a_start_time() {
+        let me = process_stat(None).unwrap();
+        assert!(!me.exited());
+        assert_eq!(process_stat(Some(std::process::id())).unwrap(), me);
+        assert!(process_exists(std::process::id()));
+        assert!(!process_exists(0));
+        assert!(!process_exists(u32::MAX));
+    }
+}

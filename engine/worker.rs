@@ -3,12 +3,19 @@
 //! Thread contract: a worker is one thread, pinned to its core, that owns its transport and its
 //! queues' worker ends; nothing else touches them. Each loop iteration it:
 //! 1. announces a new epoch (region deregistration waits on it) and adopts new queues;
-//! 2. visits every queue round-robin: publishes finished completions in order, then, unless
-//!    completions are held back by a full completion ring, takes at most `burst` descriptors,
-//!    validates them and collects the valid ones in one batch;
+//! 2. visits every queue it serves, round-robin: publishes finished completions in order, then,
+//!    unless completions are held back by a full completion ring, takes at most `burst`
+//!    descriptors, validates them and collects the valid ones in one batch;
 //! 3. offers the batch to the transport (what it does not accept waits for the next iteration:
 //!    the partial batch is never held past one iteration);
 //! 4. polls the transport and publishes the completions it unblocked.
+//!
+//! A queue whose client closed it (the header's close flag, looked at on every visit) takes no
+//! more work and publishes nothing: the copies of its batch not yet given to the transport are
+//! dropped (their regions released), the copies the transport started run to the end, and once
+//! none is left the worker frees the queue (its mapping, memfd, window and slot index) and
+//! stops visiting it. Descriptors left in its submission ring are never read. A slot index
+//! (the `queue` of a [`Token`]) is reused only after its queue's copies are all done.
 //!
 //! It never sleeps on this path; with [`IdlePolicy::Yield`] it yields the CPU after a run of
 //! empty iterations.
@@ -20,7 +27,7 @@ use crate::region::RegionTable;
 use crate::ring::PushError;
 use crate::transport::gdr::NicStats;
 use crate::transport::{Done, Op, Token, Transport};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,8 +51,8 @@ impl WorkerCounters {
         bump(&self.completions, reaped as u64);
     }
 
-    /// A snapshot, with the worker's NIC counters when it runs GDR.
-    pub(crate) fn snapshot(&self, nic: Option<NicStats>) -> EngineStats {
+    /// A snapshot, with the worker's queue count and its NIC counters when it runs GDR.
+    pub(crate) fn snapshot(&self, queues: u32, nic: Option<NicStats>) -> EngineStats {
         // Relaxed: statistics only.
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         EngineStats {
@@ -53,6 +60,7 @@ impl WorkerCounters {
             idle_iterations: get(&self.idle_iterations),
             descriptors: get(&self.descriptors),
             transport_completions: get(&self.completions),
+            queues: queues.into(),
             nic,
         }
     }
@@ -70,28 +78,52 @@ pub struct EngineStats {
     pub descriptors: u64,
     /// Copies the transport reported finished.
     pub transport_completions: u64,
+    /// Queues the worker serves: each counts from [`crate::Engine::open_queue`] until, after
+    /// its client closed it, the worker has freed its memory and file descriptor. The engine
+    /// gives a new queue to the worker with the fewest.
+    pub queues: u64,
     /// The NIC's counters, when the worker runs the GDR transport.
     pub nic: Option<NicStats>,
 }
 
-/// Queues handed to a worker by the control plane.
+/// Queues handed to a worker by the control plane, and how many it serves.
 #[derive(Default)]
 pub(crate) struct Mailbox {
-    /// Set (Release) after pushing into `queues`; cleared by the worker (Acquire) before taking.
+    /// Set (Release) after pushing into `posted`; cleared by the worker (Acquire) before taking.
     pending: AtomicBool,
-    queues: Mutex<Vec<WorkerEnd>>,
+    posted: Mutex<Vec<WorkerEnd>>,
+    /// Queues posted and not yet freed: incremented by `post`, decremented by the worker when
+    /// it has freed a closed queue.
+    queues: AtomicU32,
 }
 
 impl Mailbox {
     pub(crate) fn post(&self, end: WorkerEnd) {
-        self.queues.lock().unwrap_or_else(|e| e.into_inner()).push(end);
+        // Relaxed: a count; counted before the worker can see (and free) the queue, so it
+        // never goes below zero.
+        self.queues.fetch_add(1, Ordering::Relaxed);
+        self.posted.lock().unwrap_or_else(|e| e.into_inner()).push(end);
         // M1: Release; pairs with M2 in take. (The mutex orders the Vec itself; the flag only
         // lets the worker skip the lock when nothing is posted.)
         self.pending.store(true, Ordering::Release);
     }
 
+    /// Queues posted to this worker and not yet freed by it.
+    pub(crate) fn queues(&self) -> u32 {
+        // L2: Acquire; pairs with L1 in queue_freed: a queue no longer counted has its memory
+        // and memfd released.
+        self.queues.load(Ordering::Acquire)
+    }
+
+    /// The worker has freed a queue.
+    fn queue_freed(&self) {
+        // L1: Release; pairs with L2 in queues: the queue's mapping and memfd are released
+        // before the count says so.
+        self.queues.fetch_sub(1, Ordering::Release);
+    }
+
     /// Adopts posted queues; each gets a window as deep as its submission ring.
-    fn take(&self, into: &mut Vec<QueueSlot>) {
+    fn take(&self, into: &mut Loop) {
         // Relaxed: a cheap look on every loop iteration; the swap below synchronises.
         if !self.pending.load(Ordering::Relaxed) {
             return;
@@ -100,10 +132,9 @@ impl Mailbox {
         if !self.pending.swap(false, Ordering::Acquire) {
             return;
         }
-        let mut posted = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let mut posted = self.posted.lock().unwrap_or_else(|e| e.into_inner());
         for end in posted.drain(..) {
-            let window = end.submit.capacity() as usize;
-            into.push(QueueSlot::new(end, window));
+            into.adopt(end);
         }
     }
 }
@@ -173,11 +204,27 @@ struct QueueSlot {
     end: WorkerEnd,
     window: Window,
     state: QueueState,
+    /// The client closed the queue: nothing more is taken or published, and the queue is freed
+    /// once `counted` is zero.
+    closing: bool,
+    /// Window entries counted in the region table: copies in the batch or in the transport.
+    counted: u32,
 }
 
 impl QueueSlot {
     fn new(end: WorkerEnd, window: usize) -> QueueSlot {
-        QueueSlot { end, window: Window::new(window), state: QueueState::Open }
+        QueueSlot { end, window: Window::new(window), state: QueueState::Open, closing: false, counted: 0 }
+    }
+
+    /// The copy in window slot `index` is over (finished, failed or cancelled): its regions are
+    /// released in the table of worker `worker`.
+    fn release(&mut self, index: usize, table: &RegionTable, worker: usize) {
+        let slot = &mut self.window.slots[index];
+        if slot.counted {
+            table.worker_done(worker, slot.src.into(), slot.dst.into());
+            slot.counted = false;
+            self.counted -= 1;
+        }
     }
 
     fn break_queue(&mut self) {
@@ -187,7 +234,7 @@ impl QueueSlot {
 
     /// Publishes finished completions in order while the completion ring has room.
     fn flush(&mut self) {
-        if !self.window.head_ready() || self.state == QueueState::Broken {
+        if !self.window.head_ready() || self.state == QueueState::Broken || self.closing {
             return;
         }
         let w = &mut self.window;
@@ -239,11 +286,42 @@ pub(crate) struct Worker {
 
 /// The worker's loop state, kept apart from its configuration for the borrow checker.
 struct Loop {
-    queues: Vec<QueueSlot>,
+    /// Queues by slot index, the `queue` of every [`Token`]; `None` where a queue was freed.
+    queues: Vec<Option<QueueSlot>>,
+    /// Slot indices of the queues served, visited round-robin.
+    live: Vec<u32>,
+    /// Freed slot indices, for reuse (a queue is freed only when none of its copies is left).
+    free: Vec<u32>,
+    /// Closed queues with no copy left, found by this iteration's visits; freed after them.
+    retired: Vec<u32>,
     /// Validated copies not yet accepted by the transport.
     ops: Vec<Op>,
     done: Vec<Done>,
     next_queue: usize,
+}
+
+impl Loop {
+    /// Starts serving a queue, in a freed slot index if there is one.
+    fn adopt(&mut self, end: WorkerEnd) {
+        let window = end.submit.capacity() as usize;
+        let slot = Some(QueueSlot::new(end, window));
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.queues[index as usize] = slot;
+                index
+            }
+            None => {
+                self.queues.push(slot);
+                (self.queues.len() - 1) as u32
+            }
+        };
+        self.live.push(index);
+    }
+
+    /// The queue at a live slot index.
+    fn queue(&mut self, index: u32) -> &mut QueueSlot {
+        self.queues[index as usize].as_mut().expect("a live slot index holds a queue")
+    }
 }
 
 impl Worker {
@@ -252,6 +330,9 @@ impl Worker {
         self.table.worker_online(self.index, true);
         let mut state = Loop {
             queues: Vec::new(),
+            live: Vec::new(),
+            free: Vec::new(),
+            retired: Vec::new(),
             ops: Vec::with_capacity(self.burst * 8),
             done: vec![Done::ok(Token { queue: 0, slot: 0 }); 256],
             next_queue: 0,
@@ -261,7 +342,7 @@ impl Worker {
         loop {
             epoch += 1;
             self.table.worker_epoch(self.index, epoch);
-            self.mailbox.take(&mut state.queues);
+            self.mailbox.take(&mut state);
             // S1: Acquire; pairs with R6 in Engine::stop.
             if self.stop.load(Ordering::Acquire) {
                 break;
@@ -287,19 +368,42 @@ impl Worker {
     }
 
     fn take_all(&mut self, state: &mut Loop) -> usize {
-        let n = state.queues.len();
+        let n = state.live.len();
         let mut took = 0;
         for k in 0..n {
-            let qi = (state.next_queue + k) % n;
+            let qi = state.live[(state.next_queue + k) % n];
             took += self.take(state, qi);
         }
         state.next_queue = state.next_queue.wrapping_add(1);
+        while let Some(qi) = state.retired.pop() {
+            self.retire(state, qi);
+        }
         took
     }
 
-    /// Takes up to `burst` descriptors from queue `qi`.
-    fn take(&mut self, state: &mut Loop, qi: usize) -> usize {
-        let q = &mut state.queues[qi];
+    /// Takes up to `burst` descriptors from queue `qi`; notices that its client closed it.
+    fn take(&mut self, state: &mut Loop, qi: u32) -> usize {
+        let q = state.queues[qi as usize].as_mut().expect("a live slot index holds a queue");
+        if !q.closing && q.end.memory.close_requested() {
+            q.closing = true;
+            // The copies of the batch that the transport has not accepted never started: drop
+            // them. Those it accepted are released as the transport reports them (reap).
+            let (table, worker) = (&*self.table, self.index);
+            state.ops.retain(|op| {
+                if op.token.queue != qi {
+                    return true;
+                }
+                q.window.slots[op.token.slot as usize].status = Status::Cancelled.code();
+                q.release(op.token.slot as usize, table, worker);
+                false
+            });
+        }
+        if q.closing {
+            if q.counted == 0 {
+                state.retired.push(qi);
+            }
+            return 0;
+        }
         if q.state != QueueState::Open {
             return 0;
         }
@@ -333,8 +437,9 @@ impl Worker {
                     (entry.src, entry.dst) = (copy.src.region as u16, copy.dst.region as u16);
                     entry.counted = true;
                     table.worker_took(self.index, entry.src.into(), entry.dst.into());
+                    q.counted += 1;
                     let slot = w.take(entry) as u32;
-                    state.ops.push(Op { token: Token { queue: qi as u32, slot }, copy });
+                    state.ops.push(Op { token: Token { queue: qi, slot }, copy });
                 }
                 Ok(_) => {
                     entry.status = Status::Unsupported.code();
@@ -365,38 +470,46 @@ impl Worker {
     fn reap(&mut self, state: &mut Loop) -> usize {
         let n = self.transport.poll(&mut state.done);
         for done in &state.done[..n] {
-            let Some(q) = state.queues.get_mut(done.token.queue as usize) else { continue };
-            let Some(slot) = q.window.slots.get_mut(done.token.slot as usize) else { continue };
+            let Some(q) = state.queues.get_mut(done.token.queue as usize).and_then(Option::as_mut) else { continue };
+            let index = done.token.slot as usize;
+            let Some(slot) = q.window.slots.get_mut(index) else { continue };
             if slot.status != PENDING {
                 continue; // a transport reported a token twice: ignore the repeat.
             }
             slot.status = done.status.code();
             slot.detail = done.detail;
-            self.release(slot);
+            q.release(index, &self.table, self.index);
         }
         if n > 0 {
-            for q in &mut state.queues {
-                q.flush();
+            for &qi in &state.live {
+                state.queues[qi as usize].as_mut().expect("a live slot index holds a queue").flush();
             }
         }
         n
     }
 
-    fn release(&self, slot: &mut InFlight) {
-        if slot.counted {
-            self.table.worker_done(self.index, slot.src.into(), slot.dst.into());
-            slot.counted = false;
-        }
+    /// Frees closed queue `qi`, none of whose copies is left: its mapping, memfd, window and
+    /// worker-end claim go, and its slot index is free for reuse.
+    fn retire(&self, state: &mut Loop, qi: u32) {
+        let Some(q) = state.queues[qi as usize].take() else { return };
+        debug_assert_eq!(q.counted, 0, "a queue is freed with copies in flight");
+        q.end.memory.set_state(QueueState::ClosedByClient);
+        drop(q);
+        state.live.retain(|&i| i != qi);
+        state.free.push(qi);
+        self.mailbox.queue_freed();
     }
 
     /// Finishes in-flight copies, cancels the rest, closes every queue.
     fn shutdown(&mut self, state: &mut Loop) {
+        // Queues posted after this worker's last look at its mailbox are served (and closed)
+        // like the others.
+        self.mailbox.take(state);
         // Copies validated but never given to the transport: cancelled.
         for op in std::mem::take(&mut state.ops) {
-            let q = &mut state.queues[op.token.queue as usize];
-            let slot = &mut q.window.slots[op.token.slot as usize];
-            slot.status = Status::Cancelled.code();
-            self.release(slot);
+            let q = state.queue(op.token.queue);
+            q.window.slots[op.token.slot as usize].status = Status::Cancelled.code();
+            q.release(op.token.slot as usize, &self.table, self.index);
         }
         // Copies the transport started: let them finish.
         let start = Instant::now();
@@ -413,8 +526,14 @@ impl Worker {
                 self.shutdown_timeout
             );
         }
-        // Descriptors still in the submission rings: cancelled, in order, as far as there is room.
-        for q in &mut state.queues {
+        // Descriptors still in the submission rings: cancelled, in order, as far as there is room
+        // (not for a queue its client closed: nobody reads those).
+        for &qi in &state.live {
+            let q = state.queues[qi as usize].as_mut().expect("a live slot index holds a queue");
+            if q.closing || q.end.memory.close_requested() {
+                q.end.memory.set_state(QueueState::ClosedByClient);
+                continue;
+            }
             q.flush();
             while q.state == QueueState::Open && !q.window.head_ready() {
                 let Ok(mut batch) = q.end.submit.read(q.window.room()) else { break };

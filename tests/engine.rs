@@ -355,3 +355,67 @@ fn shutdown_finishes_started_copies_and_cancels_the_rest() {
     assert!(matches!(queue.push(d(4)), Err(ferry::PushError::NotOpen(_, QueueState::Closed))));
     assert!(matches!(queue.wait_one(TIMEOUT), Err(Error::QueueNotOpen { .. })));
 }
+
+#[test]
+fn closing_a_queue_with_copies_in_flight_keeps_their_regions_counted_until_they_finish() {
+    let gate = Gate::new();
+    gate.close();
+    let g = gate.clone();
+    let engine = fault_engine(move |t| t.with_gate(g.clone()));
+    let client = engine.new_client();
+    let a = engine.allocate_host(client, 1 << 20).unwrap();
+    let b = engine.allocate_host(client, 1 << 20).unwrap();
+    a.fill(0, 1 << 20, 0x5A).unwrap();
+    let d = |i: u64| Descriptor::copy(a.id(), i * 4096, b.id(), i * 4096, 4096).with_tag(i);
+    let mut closed = engine.open_queue(client, QueueConfig::default()).unwrap();
+    // Four copies reach the transport (the gate holds them); the fence keeps the other four in
+    // the submission ring.
+    closed.submit(&[d(0), d(1), d(2), d(3), d(4).fenced(), d(5), d(6), d(7)]).unwrap();
+    wait_until("four copies to be taken", || engine.stats()[0].descriptors == 4);
+    closed.close();
+    let seen = engine.stats()[0].iterations;
+    wait_until("the worker to visit the closed queue", || engine.stats()[0].iterations >= seen + 2);
+    // The started copies still count against their regions, and the queue is not freed.
+    match engine.deregister(a.id()) {
+        Err(Error::RegionBusy { in_flight, .. }) => assert_eq!(in_flight, 4),
+        other => panic!("expected RegionBusy, got {other:?}"),
+    }
+    assert_eq!(engine.stats()[0].queues, 1);
+    // A queue opened meanwhile gets its own slot: none of the closed queue's completions
+    // reach it.
+    let mut open = engine.open_queue(client, QueueConfig::default()).unwrap();
+    open.push(Descriptor::copy(a.id(), 0, b.id(), 64 * 4096, 4096).with_tag(100)).unwrap();
+    gate.open();
+    let done = open.wait_one(TIMEOUT).unwrap();
+    assert_eq!((done.tag, done.seq, done.status()), (100, 0, Ok(Status::Ok)));
+    wait_until("the closed queue to be freed", || engine.stats()[0].queues == 1);
+    let mut out = [ferry::Completion::default(); 8];
+    assert_eq!(open.poll(&mut out).unwrap(), 0, "another queue's completion arrived");
+    // The started copies ran to the end; the four left in the ring never started.
+    let mut block = vec![0u8; 4096];
+    for i in 0..8 {
+        b.read(i * 4096, &mut block).unwrap();
+        let expected = if i < 4 { 0x5A } else { 0 };
+        assert!(block.iter().all(|&x| x == expected), "block {i}");
+    }
+    open.close();
+    wait_until("both queues to be freed", || engine.stats()[0].queues == 0);
+    engine.deregister(a.id()).unwrap();
+    engine.deregister(b.id()).unwrap();
+}
+
+#[test]
+fn queues_are_spread_by_how_many_each_worker_serves_now() {
+    let engine = Engine::start(EngineConfig { workers: 2, ..config(TransportKind::Null) }).unwrap();
+    let client = engine.new_client();
+    let queues = |engine: &Engine| engine.stats().iter().map(|s| s.queues).collect::<Vec<_>>();
+    let first = engine.open_queue(client, QueueConfig::default()).unwrap();
+    let second = engine.open_queue(client, QueueConfig::default()).unwrap();
+    assert_eq!(queues(&engine), vec![1, 1]);
+    drop(first);
+    wait_until("the first queue to be freed", || queues(&engine) == vec![0, 1]);
+    // The next queue goes to the worker that is now free.
+    let _third = engine.open_queue(client, QueueConfig::default()).unwrap();
+    assert_eq!(queues(&engine), vec![1, 1]);
+    drop(second);
+}

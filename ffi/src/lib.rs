@@ -214,6 +214,7 @@ fn code_of(error: &Error) -> ferry_result {
         | Error::DriverTooOld { .. } => ferry_result::SystemError,
         Error::Gdr(_) | Error::NoDeviceTransport { .. } => ferry_result::SystemError,
         Error::GpuRange { .. } => ferry_result::BadRange,
+        Error::QueueEndClaimed { .. } => ferry_result::InvalidArgument,
         // A variant newer than this mapping.
         _ => ferry_result::SystemError,
     }

@@ -54,6 +54,12 @@ fn a_c_program_copies_through_the_engine() {
 }
 
 #[test]
+fn a_c_program_opens_and_frees_queues_without_piling_up_descriptors() {
+    let Some(exe) = compile("churn") else { return };
+    check("churn", Command::new(&exe).output().unwrap(), "c churn: ok");
+}
+
+#[test]
 fn a_c_program_starts_the_gpu_transport_over_gdr() {
     let Some(exe) = compile("gdr") else { return };
     check("gdr", Command::new(&exe).output().unwrap(), "c gdr: ok");

@@ -1,5 +1,5 @@
-/* The check of the C test programs (smoke.c, gdr.c): on failure, print the condition and
- * ferry's last error text, and return 1 from main. */
+/* The check of the C test programs (smoke.c, churn.c, gdr.c): on failure, print the condition
+ * and ferry's last error text, and return 1 from main. */
 #ifndef FERRY_TESTS_CHECK_H
 #define FERRY_TESTS_CHECK_H
 
