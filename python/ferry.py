@@ -143,6 +143,7 @@ class WorkerStats(ctypes.Structure):
         ("nic_errors", c_u64),
         ("recoveries", c_u64),
         ("inline_writes", c_u64),
+        ("queues", c_u64),
     ]
 
 
@@ -189,6 +190,8 @@ _SIGNATURES = [
     ("ferry_queue_poll", [_p, ctypes.POINTER(Completion), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
     ("ferry_queue_watermark", [_p], c_u64),
     ("ferry_queue_free", [_p], None),
+    ("ferry_queue_attach", [ctypes.c_int, ctypes.POINTER(_p)], ctypes.c_int),
+    ("ferry_queue_hand_off", [_p, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
 ]
 
 _lib = None
@@ -262,6 +265,23 @@ class Queue:
     @property
     def watermark(self):
         return _library().ferry_queue_watermark(self._handle)
+
+    @classmethod
+    def attach(cls, fd):
+        """The client end of a queue whose memfd `fd` another process handed off (see
+        `hand_off`); the header is checked and the end claimed."""
+        handle = ctypes.c_void_p()
+        _check(_library().ferry_queue_attach(fd, ctypes.byref(handle)))
+        return cls(handle)
+
+    def hand_off(self):
+        """Passes the queue on: releases this end without closing the queue and returns a new
+        file descriptor of its memfd (the caller owns it) for another process's `Queue.attach`.
+        This object is unusable afterwards."""
+        handle, self._handle = self._handle, None
+        fd = ctypes.c_int(-1)
+        _check(_library().ferry_queue_hand_off(handle, ctypes.byref(fd)))
+        return fd.value
 
     def close(self):
         if self._handle:

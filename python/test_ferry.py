@@ -1,6 +1,7 @@
 """Tests of the Python binding: `python3 -m unittest discover -s python` (needs libferry.so)."""
 
 import os
+import time
 import random
 import unittest
 
@@ -61,6 +62,26 @@ class FerryTest(unittest.TestCase):
         self.assertEqual(stats.nic, 0)
         with self.assertRaises(ferry.FerryError):
             self.engine.stats(5)  # no such worker
+
+    def test_hand_off_attach_and_close(self):
+        """A handed-off queue is attached again (here in the same process, as another process
+        would), copies through, and once closed the worker stops serving it."""
+        baseline = self.engine.stats(0).queues
+        buf = self.engine.alloc_host(self.client, 8192)
+        buf.view()[:4] = b"ferr"
+        fd = self.engine.open_queue(self.client).hand_off()
+        queue = ferry.Queue.attach(fd)
+        os.close(fd)
+        self.assertEqual(self.engine.stats(0).queues, baseline + 1)
+        queue.submit([ferry.Descriptor(tag=9, src_region=buf.region, dst_region=buf.region, dst_offset=4096, len=4)])
+        (done,) = queue.wait(1)
+        self.assertEqual((done.tag, done.status_name), (9, "ok"))
+        self.assertEqual(bytes(buf.view()[4096:4100]), b"ferr")
+        queue.close()
+        deadline = time.monotonic() + 5
+        while self.engine.stats(0).queues != baseline and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.assertEqual(self.engine.stats(0).queues, baseline)
 
     def test_gpu_transport(self):
         """transport="gpu" starts where a GPU or an RDMA NIC is; elsewhere the error names both."""

@@ -184,6 +184,8 @@ typedef struct {
   uint64_t recoveries;
   // GDR: work requests sent inline.
   uint64_t inline_writes;
+  // Queues the worker serves now (closed ones leave once their copies finish).
+  uint64_t queues;
 } ferry_worker_stats;
 
 // One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,
@@ -366,12 +368,25 @@ ferry_result ferry_queue_open(const ferry_engine *engine,
 // `out` must be valid for a write.
 ferry_result ferry_queue_attach(int fd, ferry_queue **out);
 
-// The queue's memfd, to pass to another process; owned by the queue. Returns -1 for NULL and
-// if ferry panicked (the panic's text is then in [`ferry_last_error`]).
+// The queue's memfd, owned by the queue (for `poll` and the like; to pass the queue to another
+// process use [`ferry_queue_hand_off`]: an attach fails while this handle holds the client
+// end). Returns -1 for NULL and if ferry panicked (the panic's text is then in
+// [`ferry_last_error`]).
 //
 // # Safety
 // `queue` must be NULL or a live queue.
 int ferry_queue_fd(const ferry_queue *queue);
+
+// Passes the queue on: releases this process's claim on its client end without closing it and
+// writes a new file descriptor of its memfd to `*fd` (the caller owns it) for another process to
+// [`ferry_queue_attach`]. Unless an argument is NULL, `queue` is freed: if the memfd cannot be duplicated the
+// queue is closed, as by [`ferry_queue_free`], and the call fails. The queue stays served until
+// the attaching client frees it, or the engine shuts down.
+//
+// # Safety
+// `queue` must be a live queue, not used afterwards; `fd` valid for a write.
+ferry_result ferry_queue_hand_off(ferry_queue *queue,
+                                  int *fd);
 
 // Pushes up to `n` descriptors (`ferry_descriptor`) (as many as fit), published together; writes how many to
 // `*pushed`. Fewer than `n` means the submission ring is full: poll, then push the rest.

@@ -175,6 +175,8 @@ pub struct ferry_worker_stats {
     pub recoveries: u64,
     /// GDR: work requests sent inline.
     pub inline_writes: u64,
+    /// Queues the worker serves now (closed ones leave once their copies finish).
+    pub queues: u64,
 }
 
 /// A running engine.
@@ -480,6 +482,7 @@ pub unsafe extern "C" fn ferry_engine_stats(
             nic_errors: nic.errors,
             recoveries: nic.recoveries,
             inline_writes: nic.inline_writes,
+            queues: s.queues,
         };
         // SAFETY: writable `out`, as the caller promised.
         unsafe { *out = value };
@@ -746,8 +749,10 @@ pub unsafe extern "C" fn ferry_queue_attach(fd: c_int, out: *mut *mut ferry_queu
     })
 }
 
-/// The queue's memfd, to pass to another process; owned by the queue. Returns -1 for NULL and
-/// if ferry panicked (the panic's text is then in [`ferry_last_error`]).
+/// The queue's memfd, owned by the queue (for `poll` and the like; to pass the queue to another
+/// process use [`ferry_queue_hand_off`]: an attach fails while this handle holds the client
+/// end). Returns -1 for NULL and if ferry panicked (the panic's text is then in
+/// [`ferry_last_error`]).
 ///
 /// # Safety
 /// `queue` must be NULL or a live queue.
@@ -757,6 +762,29 @@ pub unsafe extern "C" fn ferry_queue_fd(queue: *const ferry_queue) -> c_int {
         use std::os::fd::AsRawFd;
         // SAFETY: NULL or a live queue, as the caller promised.
         unsafe { queue.as_ref() }.map_or(-1, |q| q.0.file().as_raw_fd())
+    })
+}
+
+/// Passes the queue on: releases this process's claim on its client end without closing it and
+/// writes a new file descriptor of its memfd to `*fd` (the caller owns it) for another process to
+/// [`ferry_queue_attach`]. Unless an argument is NULL, `queue` is freed: if the memfd cannot be duplicated the
+/// queue is closed, as by [`ferry_queue_free`], and the call fails. The queue stays served until
+/// the attaching client frees it, or the engine shuts down.
+///
+/// # Safety
+/// `queue` must be a live queue, not used afterwards; `fd` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_hand_off(queue: *mut ferry_queue, fd: *mut c_int) -> ferry_result {
+    guard("ferry_queue_hand_off", || {
+        non_null!(queue, fd);
+        // SAFETY: a live queue from ferry_queue_open or _attach, not used after this call, as the
+        // caller promised.
+        let queue = unsafe { Box::from_raw(queue) };
+        let file = queue.0.hand_off()?;
+        use std::os::fd::IntoRawFd;
+        // SAFETY: `fd` is valid for a write (checked non-null; the caller promised validity).
+        unsafe { *fd = file.into_raw_fd() };
+        Ok(())
     })
 }
 

@@ -4,6 +4,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 int main(void) {
     ferry_config config;
@@ -20,9 +21,18 @@ int main(void) {
     uint8_t *s = ferry_host_buffer_data(src), *d = ferry_host_buffer_data(dst);
     for (int i = 0; i < (1 << 20); i++) s[i] = (uint8_t)(i * 13 + 5);
 
-    ferry_queue *queue = NULL;
-    CHECK(ferry_queue_open(engine, client, 0, 0, &queue) == FERRY_RESULT_OK);
-    CHECK(ferry_queue_fd(queue) >= 0);
+    /* The queue is opened, handed off and attached again, as a client in another process would
+     * attach it; while the first handle held the client end, an attach was refused. */
+    ferry_queue *opened = NULL, *queue = NULL;
+    CHECK(ferry_queue_open(engine, client, 0, 0, &opened) == FERRY_RESULT_OK);
+    CHECK(ferry_queue_fd(opened) >= 0);
+    CHECK(ferry_queue_attach(ferry_queue_fd(opened), &queue) != FERRY_RESULT_OK && queue == NULL);
+    int fd = -1;
+    CHECK(ferry_queue_hand_off(opened, &fd) == FERRY_RESULT_OK && fd >= 0);
+    CHECK(ferry_queue_attach(fd, &queue) == FERRY_RESULT_OK);
+    close(fd);
+    ferry_worker_stats stats;
+    CHECK(ferry_engine_stats(engine, 0, &stats) == FERRY_RESULT_OK && stats.queues == 1);
 
     enum { N = 100 };
     ferry_descriptor descs[N + 1];
