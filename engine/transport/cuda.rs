@@ -24,7 +24,7 @@
 use super::{Done, Op, Token, Transport};
 use crate::config::{CudaConfig, Strategy, StreamPriority};
 use crate::cuda_driver::{
-    stream_priorities, Context, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION,
+    stream_priorities, Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION,
 };
 use crate::desc::Status;
 use crate::error::{Error, TransportError};
@@ -77,9 +77,63 @@ struct Live {
     staging: Option<(PinnedBuffer, DeviceBuffer)>,
     staging_head: usize,
     spare_events: Vec<Event>,
+    /// The copy engine's second stream: a batch moving both ways copies GPU to host here.
+    side: Stream,
+    /// Recorded on `stream` before a two-way batch; `side` waits for it.
+    fork: Event,
+    /// Recorded on `side` after its half; `stream` waits for it.
+    join: Event,
+    /// A copy-engine batch's copies by direction: [to the GPU, to the host].
+    lanes: [Lane; 2],
+}
+
+/// One direction's copies of a copy-engine batch, as the driver takes them.
+struct Lane {
     dsts: Vec<u64>,
     srcs: Vec<u64>,
     sizes: Vec<usize>,
+}
+
+impl Lane {
+    fn with_capacity(n: usize) -> Lane {
+        Lane { dsts: Vec::with_capacity(n), srcs: Vec::with_capacity(n), sizes: Vec::with_capacity(n) }
+    }
+
+    fn clear(&mut self) {
+        self.dsts.clear();
+        self.srcs.clear();
+        self.sizes.clear();
+    }
+
+    fn push(&mut self, dst: u64, src: u64, len: usize) {
+        self.dsts.push(dst);
+        self.srcs.push(src);
+        self.sizes.push(len);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sizes.is_empty()
+    }
+
+    /// Queues the lane's copies on `stream`: one `cuMemcpyBatchAsync` (`batch`), else one
+    /// `cuMemcpyAsync` each. Nothing for an empty lane.
+    ///
+    /// # Safety
+    /// As [`Stream::copy`], for every copy of the lane.
+    unsafe fn issue(&mut self, stream: &Stream, batch: bool) -> Result<(), CudaError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        if batch {
+            // SAFETY: forwarded from the caller.
+            return unsafe { stream.copy_batch(&mut self.dsts, &mut self.srcs, &mut self.sizes) };
+        }
+        for i in 0..self.sizes.len() {
+            // SAFETY: forwarded from the caller.
+            unsafe { stream.copy(self.dsts[i], self.srcs[i], self.sizes[i])? };
+        }
+        Ok(())
+    }
 }
 
 fn context_sms(context: &Context) -> u32 {
@@ -195,31 +249,36 @@ impl CudaTransport {
         let live = self.live.as_mut().expect("started");
         let mut staging = None;
         let result = match strategy {
-            Strategy::Memcpy | Strategy::Auto => {
-                let mut first_error = Ok(());
+            Strategy::Memcpy | Strategy::Auto | Strategy::Batch => {
+                // The copy engine: each direction on its own stream, so that a batch moving both
+                // ways keeps both of the GPU's copy engines busy (one stream would run them one
+                // after the other). The side stream starts after what `stream` holds (fork) and
+                // `stream` goes on only after the side finished (join): the batch's event,
+                // recorded on `stream`, covers both.
+                for lane in &mut live.lanes {
+                    lane.clear();
+                }
                 for op in self.queued.iter().take(n) {
                     let c = &op.copy;
-                    // SAFETY: a validated copy: both ranges lie in registered regions (host ones
-                    // pinned and mapped, device ones of this context) that stay registered while
-                    // the copy is in flight (the region table counts it).
-                    if let Err(e) = unsafe { live.stream.copy(c.dst.addr, c.src.addr, c.len as usize) } {
-                        first_error = Err(e);
-                        break;
-                    }
+                    let to_host = usize::from(c.dst.kind != MemoryKind::Gpu as u32);
+                    live.lanes[to_host].push(c.dst.addr, c.src.addr, c.len as usize);
                 }
-                first_error
-            }
-            Strategy::Batch => {
-                live.dsts.clear();
-                live.srcs.clear();
-                live.sizes.clear();
-                for op in self.queued.iter().take(n) {
-                    live.dsts.push(op.copy.dst.addr);
-                    live.srcs.push(op.copy.src.addr);
-                    live.sizes.push(op.copy.len as usize);
-                }
-                // SAFETY: validated copies, as for memcpy above.
-                unsafe { live.stream.copy_batch(&mut live.dsts, &mut live.srcs, &mut live.sizes) }
+                let both = live.lanes.iter().all(|l| !l.is_empty());
+                let batch = strategy == Strategy::Batch;
+                let Live { stream, side, fork, join, lanes, .. } = live;
+                let forked = if both { fork.record(stream).and_then(|()| side.wait(fork)) } else { Ok(()) };
+                forked
+                    .and_then(|()| {
+                        // D2H on the side stream when the batch moves both ways, else on `stream`.
+                        let on = if both { &*side } else { &*stream };
+                        // SAFETY: validated copies: both ranges of each lie in registered regions
+                        // (host ones pinned and mapped, device ones of this context) that stay
+                        // registered while the copy is in flight (the region table counts it).
+                        unsafe { lanes[1].issue(on, batch) }
+                    })
+                    .and_then(|()| if both { join.record(side).and_then(|()| stream.wait(join)) } else { Ok(()) })
+                    // SAFETY: as above.
+                    .and_then(|()| unsafe { lanes[0].issue(stream, batch) })
             }
             Strategy::Kernel => {
                 let (Some(kernel), Some((buffer, device_tasks))) = (live.kernel.as_ref(), live.staging.as_ref()) else {
@@ -392,6 +451,7 @@ impl Transport for CudaTransport {
         }
         let stage_stream = new_stream()?;
         let staged = Event::new()?;
+        let lanes = [Lane::with_capacity(self.config.max_batch), Lane::with_capacity(self.config.max_batch)];
         self.live = Some(Live {
             stream,
             stage_stream,
@@ -400,9 +460,10 @@ impl Transport for CudaTransport {
             staging,
             staging_head: 0,
             spare_events: Vec::new(),
-            dsts: Vec::with_capacity(self.config.max_batch),
-            srcs: Vec::with_capacity(self.config.max_batch),
-            sizes: Vec::with_capacity(self.config.max_batch),
+            side: new_stream()?,
+            fork: Event::new()?,
+            join: Event::new()?,
+            lanes,
         });
         Ok(())
     }
