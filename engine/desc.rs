@@ -260,6 +260,25 @@ impl QueueState {
     }
 }
 
+/// An end of a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueEnd {
+    /// The client's end ([`crate::Queue`]): produces descriptors, consumes completions.
+    Client,
+    /// The worker's end: consumes descriptors, produces completions.
+    Worker,
+}
+
+impl std::fmt::Display for QueueEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QueueEnd::Client => "client",
+            QueueEnd::Worker => "worker",
+        })
+    }
+}
+
 /// What validation needs to know of a region. Made by the region table, or by
 /// [`RegionView::new`], whose caller vouches for the memory: a [`ValidCopy`] validated against
 /// it carries its addresses to a transport.

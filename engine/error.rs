@@ -4,7 +4,7 @@
 use crate::cuda_driver::CudaError;
 use crate::desc::{QueueState, RegionId};
 use crate::ring::RingError;
-use crate::transport::gdr::GdrError;
+use crate::transport::gdr::error::GdrError;
 use std::io;
 
 /// What a transport's [`crate::Transport::start`] fails with: the transport's own error.
@@ -264,7 +264,7 @@ pub enum Error {
         /// Queue id.
         queue: u32,
         /// The end.
-        end: crate::queue::QueueEnd,
+        end: crate::desc::QueueEnd,
         /// The holder's process id.
         pid: u32,
     },

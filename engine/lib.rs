@@ -133,13 +133,13 @@ pub use config::{
     CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, RouteTable, SmBudget,
     Strategy, StreamPriority, TransportKind, UseGdr,
 };
-pub use desc::{Completion, Descriptor, QueueState, RegionId, Status, FLAG_FENCE};
+pub use desc::{Completion, Descriptor, QueueEnd, QueueState, RegionId, Status, FLAG_FENCE};
 #[cfg(not(loom))]
 pub use engine::Engine;
 #[cfg(not(loom))]
 pub use error::Error;
 #[cfg(not(loom))]
-pub use queue::{Queue, QueueEnd, QueueId};
+pub use queue::{Queue, QueueId};
 #[cfg(not(loom))]
 pub use region::{ClientId, HostBuffer, MemoryKind};
 pub use ring::PushError;

@@ -46,7 +46,7 @@
 //! published.
 
 use crate::config::QueueConfig;
-use crate::desc::{Completion, Descriptor, QueueState};
+use crate::desc::{Completion, Descriptor, QueueEnd, QueueState};
 use crate::error::Error;
 use crate::ring::layout::{check_capacity, ring_bytes, INDEX_PADDING, MAX_CAPACITY};
 use crate::ring::shm::SharedMemory;
@@ -111,24 +111,6 @@ struct QueueHeader {
 
 const HEADER_SIZE: usize = std::mem::size_of::<QueueHeader>();
 const _: () = assert!(HEADER_SIZE == 3 * INDEX_PADDING);
-
-/// An end of a queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QueueEnd {
-    /// The client's end ([`Queue`]): produces descriptors, consumes completions.
-    Client,
-    /// The worker's end: consumes descriptors, produces completions.
-    Worker,
-}
-
-impl std::fmt::Display for QueueEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            QueueEnd::Client => "client",
-            QueueEnd::Worker => "worker",
-        })
-    }
-}
 
 /// A process holding a queue end: its pid and its start time in clock ticks after boot
 /// (`/proc/<pid>/stat` field 22; 0 where /proc could not be read), so that a reused pid does

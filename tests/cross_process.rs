@@ -9,7 +9,7 @@ use common::*;
 use ferry::internals::ring::layout::ring_bytes;
 use ferry::internals::ring::shm::SharedMemory;
 use ferry::internals::ring::{Consumer, Producer, RingMemory};
-use ferry::queue::QueueEnd;
+use ferry::QueueEnd;
 use ferry::{Descriptor, Engine, Error, HostBuffer, Queue, QueueConfig, QueueState, RegionId, Status};
 use std::fs::File;
 use std::io::{BufRead, BufReader};

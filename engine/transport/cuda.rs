@@ -276,9 +276,10 @@ impl CudaTransport {
                         // registered while the copy is in flight (the region table counts it).
                         unsafe { lanes[1].issue(on, batch) }
                     })
-                    .and_then(|()| if both { join.record(side).and_then(|()| stream.wait(join)) } else { Ok(()) })
                     // SAFETY: as above.
                     .and_then(|()| unsafe { lanes[0].issue(stream, batch) })
+                    // Joined after both halves are queued, so that they run at once.
+                    .and_then(|()| if both { join.record(side).and_then(|()| stream.wait(join)) } else { Ok(()) })
             }
             Strategy::Kernel => {
                 let (Some(kernel), Some((buffer, device_tasks))) = (live.kernel.as_ref(), live.staging.as_ref()) else {

@@ -20,7 +20,7 @@
 //!
 //! Compiled with the `gdr` Cargo feature (on by default). libibverbs is loaded at run time.
 
-mod error;
+pub(crate) mod error;
 #[cfg(feature = "gdr")]
 pub(crate) mod nic;
 #[cfg(feature = "gdr")]
