@@ -68,13 +68,24 @@ pub enum Strategy {
     Memcpy,
     /// `cuMemcpyBatchAsync` per batch.
     Batch,
-    /// The SM copy kernel.
+    /// The SM copy kernel, launched per batch.
     Kernel,
+    /// The resident copy kernel (launched once, on the SM budget's share of SMs, fed through a
+    /// ring in host memory: no launch per batch, so a busy GPU does not starve it) for blocks
+    /// below [`RouteTable::copy_engine_from`], the copy engine for the others. Its SMs stay
+    /// reserved while the engine runs; the live SM budget does not move them.
+    ///
+    /// Because the kernel runs until the engine stops, a device-wide synchronize in the same
+    /// CUDA context (`cudaDeviceSynchronize`, `torch.cuda.synchronize()`, and calls that
+    /// synchronize the device implicitly) waits for the engine's shutdown: synchronize streams
+    /// or events instead. `auto` never picks it for that reason.
+    Resident,
 }
 
 impl Strategy {
     /// Every strategy, in the order reports list them.
-    pub const ALL: [Strategy; 4] = [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Auto];
+    pub const ALL: [Strategy; 5] =
+        [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Resident, Strategy::Auto];
 
     /// Name in reports and on the command line.
     pub fn name(self) -> &'static str {
@@ -83,6 +94,7 @@ impl Strategy {
             Strategy::Memcpy => "memcpy",
             Strategy::Batch => "batch",
             Strategy::Kernel => "kernel",
+            Strategy::Resident => "resident",
         }
     }
 }
@@ -167,18 +179,6 @@ impl Default for RouteTable {
     }
 }
 
-/// Scheduling priority of the CUDA transport's streams (its copies and copy-kernel launches)
-/// against the other work on the GPU, such as the inference server's forward pass.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StreamPriority {
-    /// The driver's default priority.
-    #[default]
-    Normal,
-    /// The greatest priority the context offers (`cuCtxGetStreamPriorityRange`).
-    Highest,
-}
-
 /// CUDA transport settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CudaConfig {
@@ -188,8 +188,6 @@ pub struct CudaConfig {
     pub sm_budget: SmBudget,
     /// Most operations in one batch.
     pub max_batch: usize,
-    /// Priority of the transport's streams.
-    pub priority: StreamPriority,
     /// Where `auto` switches from the copy kernel to the copy engine.
     pub route: RouteTable,
 }
@@ -200,7 +198,6 @@ impl Default for CudaConfig {
             strategy: Strategy::Auto,
             sm_budget: SmBudget::DEFAULT,
             max_batch: 4096,
-            priority: StreamPriority::Normal,
             route: RouteTable::HOPPER,
         }
     }

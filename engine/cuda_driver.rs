@@ -30,6 +30,15 @@ pub enum CudaError {
         /// Length.
         len: u64,
     },
+    /// The resident copy kernel ended as soon as it was launched (a launch error).
+    #[error("the resident copy kernel ended at its start (see the driver's error on the next call)")]
+    ResidentEnded,
+    /// The resident copy kernel did not start running in time (its SMs are taken).
+    #[error("the resident copy kernel did not start within {waited_ms} ms: are the GPU's SMs all taken by a kernel that does not end?")]
+    ResidentStalled {
+        /// How long start waited.
+        waited_ms: u64,
+    },
     /// A string handed to the driver holds a NUL byte.
     #[error("the {what} holds a NUL byte")]
     NulByte {
@@ -76,6 +85,10 @@ pub struct Device {
     /// CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM: registered host memory has
     /// the same address on the device (what the copy kernel relies on).
     pub host_pointer_for_registered: bool,
+    /// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, bytes.
+    pub shared_per_sm: i32,
+    /// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: the most a block may ask for.
+    pub shared_per_block_optin: i32,
 }
 
 impl CudaError {
@@ -172,6 +185,8 @@ impl Driver {
             sm_count: attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
             host_pointer_for_registered: attribute(A::CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM)?
                 == 1,
+            shared_per_sm: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,
+            shared_per_block_optin: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
         })
     }
 }
@@ -329,15 +344,6 @@ impl Stream {
         Ok(Stream(stream))
     }
 
-    /// A new non-blocking stream in the current context with scheduling priority `priority`
-    /// (lower numbers are higher priorities; see [`stream_priorities`]).
-    pub fn with_priority(priority: i32) -> Result<Stream, CudaError> {
-        let mut stream: sys::CUstream = std::ptr::null_mut();
-        // SAFETY: valid out pointer; 1 is CU_STREAM_NON_BLOCKING; the driver clamps the priority.
-        check("cuStreamCreateWithPriority", unsafe { sys::cuStreamCreateWithPriority(&mut stream, 1, priority) })?;
-        Ok(Stream(stream))
-    }
-
     /// Waits for everything queued so far (control plane and benchmarks only).
     pub fn synchronize(&self) -> Result<(), CudaError> {
         // SAFETY: a live stream.
@@ -398,15 +404,6 @@ impl Drop for Stream {
         // SAFETY: destroys a stream created in `new`, once.
         unsafe { sys::cuStreamDestroy_v2(self.0) };
     }
-}
-
-/// The current context's stream priorities: (least, greatest). The greatest is the smaller
-/// number; (0, 0) means the device has no priorities.
-pub fn stream_priorities() -> Result<(i32, i32), CudaError> {
-    let (mut least, mut greatest): (c_int, c_int) = (0, 0);
-    // SAFETY: valid out pointers.
-    check("cuCtxGetStreamPriorityRange", unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) })?;
-    Ok((least, greatest))
 }
 
 /// An event, for polling completion (and, made by [`Event::timed`], for timing).
@@ -532,6 +529,52 @@ impl Kernel {
                 1,
                 1,
                 0,
+                stream.0,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
+impl Kernel {
+    /// Lets launches of this kernel ask for up to `bytes` of dynamic shared memory.
+    pub fn allow_dynamic_shared(&self, bytes: u32) -> Result<(), CudaError> {
+        // SAFETY: a live function; the attribute takes a byte count.
+        check("cuFuncSetAttribute", unsafe {
+            sys::cuFuncSetAttribute(
+                self.function,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as c_int,
+            )
+        })
+    }
+
+    /// Launches on `stream` with `grid` blocks of `block_threads` threads and `shared` bytes of
+    /// dynamic shared memory; `params` point at each argument's value.
+    ///
+    /// # Safety
+    /// As [`Kernel::launch`].
+    pub unsafe fn launch_with(
+        &self,
+        stream: &Stream,
+        grid: u32,
+        block_threads: u32,
+        shared: u32,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<(), CudaError> {
+        // SAFETY: live function and stream; `params` is as the caller promised and outlives the
+        // call, which copies the values.
+        check("cuLaunchKernel", unsafe {
+            sys::cuLaunchKernel(
+                self.function,
+                grid,
+                1,
+                1,
+                block_threads,
+                1,
+                1,
+                shared,
                 stream.0,
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),

@@ -212,6 +212,13 @@ pub enum Error {
         #[source]
         source: CudaError,
     },
+    /// The resident copy kernel cannot start.
+    #[error("the resident copy kernel cannot run: {source}; choose another Strategy")]
+    ResidentUnavailable {
+        /// Why.
+        #[source]
+        source: CudaError,
+    },
     /// The GPU or its driver lacks what a chosen strategy needs.
     #[error("{strategy} needs {needs}, which this GPU or driver lacks; choose another Strategy")]
     DeviceLacks {

@@ -131,7 +131,7 @@ pub const FEATURES: &[&str] = &[
 #[cfg(not(loom))]
 pub use config::{
     CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, RouteTable, SmBudget,
-    Strategy, StreamPriority, TransportKind, UseGdr,
+    Strategy, TransportKind, UseGdr,
 };
 pub use desc::{Completion, Descriptor, QueueEnd, QueueState, RegionId, Status, FLAG_FENCE};
 #[cfg(not(loom))]

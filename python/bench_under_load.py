@@ -70,6 +70,7 @@ class Setup:
     name: str
     strategy: str
     live_budget: Optional[int] = None
+    sm_budget: int = 0  # 0: SM_BUDGET
 
 
 GPU_SETUPS = (
@@ -77,6 +78,8 @@ GPU_SETUPS = (
     Setup("kernel", "kernel"),
     Setup("auto", "auto"),
     Setup("auto+none", "auto", ferry.SM_BUDGET_NONE),
+    Setup("resident", "resident"),
+    Setup("resident/4", "resident", sm_budget=4),
 )
 HOST_SETUP = Setup("host", "auto")
 
@@ -230,7 +233,9 @@ class TorchSide:
         import torch
 
         self._tensor.zero_()
-        torch.cuda.synchronize(self._tensor.device)
+        # The stream, not the device: a device-wide synchronize would wait for the resident
+        # strategy's kernel, which runs until the engine stops.
+        torch.cuda.current_stream(self._tensor.device).synchronize()
 
     def read(self, offset: int, length: int) -> bytes:
         piece = self._tensor[offset : offset + length].cpu()
@@ -387,7 +392,8 @@ def measure_cell(driver: Driver, ring: DescriptorRing, count: int, reps: int, lo
 def start_engine(setup: Setup, transport: str) -> ferry.Engine:
     if transport == "host":
         return ferry.Engine(transport="host", workers=1)
-    engine = ferry.Engine(transport="gpu", use_gdr="off", workers=1, strategy=setup.strategy, sm_budget=SM_BUDGET)
+    engine = ferry.Engine(transport="gpu", use_gdr="off", workers=1, strategy=setup.strategy,
+                          sm_budget=setup.sm_budget or SM_BUDGET)
     if setup.live_budget is not None:
         engine.set_sm_budget(setup.live_budget)
     return engine

@@ -54,7 +54,7 @@ RESULT = {
 
 # Engine(transport=...), Engine(strategy=...), Engine(use_gdr=...): ferry_config's codes.
 TRANSPORT = {"host": 0, "null": 1, "gpu": 2}
-CUDA_STRATEGY = {"auto": 0, "memcpy": 1, "batch": 2, "kernel": 3}
+CUDA_STRATEGY = {"auto": 0, "memcpy": 1, "batch": 2, "kernel": 3, "resident": 4}
 USE_GDR = {"auto": 0, "off": 1, "on": 2}
 
 # Completion status codes (ferry_status in ferry.h).
@@ -294,7 +294,9 @@ class Engine:
 
     transport: "host" (CPU copies), "null" (no data moves) or "gpu" (host <-> GPU: over the NIC
     or with the CUDA driver, as `use_gdr` says: "auto", "off" or "on"). GPU settings: `device`
-    (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel"), `sm_budget` (the most SMs
+    (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel", "resident": a kernel that
+    stays on the budget's SMs until the engine closes, so torch.cuda.synchronize() then waits
+    for the close: synchronize streams instead), `sm_budget` (the most SMs
     the copy kernel may use, in total over the engine's workers, each getting an equal share,
     capped at the GPU's SM count; SM_BUDGET_ALL: every SM; SM_BUDGET_NONE: no SM, the copy engine
     alone; 0: the default, 8 SMs; a budget below `workers` fails at start with

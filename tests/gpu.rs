@@ -79,6 +79,7 @@ fn random_copies_every_strategy_both_directions() {
         (Strategy::Memcpy, None),
         (Strategy::Batch, None),
         (Strategy::Kernel, None),
+        (Strategy::Resident, None),
         (Strategy::Auto, None),
         (Strategy::Auto, Some(SmBudget::None)),
         (Strategy::Kernel, Some(SmBudget::None)),

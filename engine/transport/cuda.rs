@@ -1,17 +1,22 @@
-//! The CUDA transport: copies between host and GPU memory with the CUDA driver, by one of three
-//! strategies, completed by polling events (the worker never blocks on the GPU).
+//! The CUDA transport: copies between host and GPU memory with the CUDA driver, by one of four
+//! strategies, completed by polling events or, for the resident kernel, its watermark (the
+//! worker never blocks on the GPU).
 //!
 //! - `memcpy`: one `cuMemcpyAsync` per descriptor (the plain fallback).
-//! - `batch`: one `cuMemcpyBatchAsync` per batch (driver 12.8+, on a non-blocking stream).
+//! - `batch`: one `cuMemcpyBatchAsync` per batch and direction (driver 12.8+, on non-blocking
+//!   streams: a batch moving both ways puts its GPU-to-host half on a second stream, forked from
+//!   and joined back to the first, so both copy engines run at once).
 //! - `kernel`: ferry's SM copy kernel (`gpu/copy_kernel.cu`, loaded from its committed PTX) over
 //!   a task list written into pinned host memory and copied to device memory on a second stream
 //!   (the launch waits for that copy by an event, so no copy sits between two kernels), on a
-//!   bounded grid: at most `sm_budget` SMs' worth of resident blocks.
+//!   bounded grid: at most the worker's share of the SM budget, read live before each launch.
+//! - `resident`: ferry's resident copy kernel (`engine/transport/resident.rs`) for blocks below the route
+//!   table's crossover, `batch` for larger ones.
 //!
-//! `auto` routes each batch: a lone descriptor goes to `memcpy` (one 4 KiB copy: 7.7 us by
-//! `cudaMemcpyAsync` against 12.2 us by kernel launch, on the H100), anything more to `kernel`
-//! (0.93-0.95 of the PCIe ceiling at every block size with 8 SMs), or to `batch`, then `memcpy`,
-//! where the kernel cannot run. See `gpu/NOTES.md` for the measurements.
+//! `auto` routes each batch (`engine/router.rs`): a lone descriptor goes to `memcpy`; a batch whose
+//! mean block reaches [`crate::RouteTable::copy_engine_from`] to `batch`, a smaller one to
+//! `kernel` while the live SM budget allows any SM, else to `batch`. See `engine/router.rs` and
+//! `bench/results/h200.md` for the measurements.
 //!
 //! Batching: an idle stream gets new operations at once (the latency path). While a batch runs,
 //! new operations wait in the transport until they add up to `MIN_BATCH_BYTES` (or `max_batch`
@@ -22,14 +27,13 @@
 //! ceiling; see bench/results/h100.md).
 
 use super::{Done, Op, Token, Transport};
-use crate::config::{CudaConfig, Strategy, StreamPriority};
-use crate::cuda_driver::{
-    stream_priorities, Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION,
-};
+use crate::config::{CudaConfig, Strategy};
+use crate::cuda_driver::{Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION};
 use crate::desc::Status;
 use crate::error::{Error, TransportError};
 use crate::region::MemoryKind;
 use crate::router::{route, Available};
+use crate::transport::resident::Resident;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -85,6 +89,9 @@ struct Live {
     join: Event,
     /// A copy-engine batch's copies by direction: [to the GPU, to the host].
     lanes: [Lane; 2],
+    /// The resident copy kernel, with the `resident` strategy. Declared last: it drops (and
+    /// waits for its kernel to end) after the streams above were synchronized.
+    resident: Option<Resident>,
 }
 
 /// One direction's copies of a copy-engine batch, as the driver takes them.
@@ -201,6 +208,9 @@ impl CudaTransport {
                 let dir = usize::from(to_gpu * 2 < bytes);
                 route(&self.config.route, n, bytes, dir, sms, has)
             }
+            // The large blocks of the resident strategy: the copy engine.
+            Strategy::Resident if n > 1 && has.batch => Strategy::Batch,
+            Strategy::Resident => Strategy::Memcpy,
             // The live budget took every SM away: the copy engine, else memcpy.
             Strategy::Kernel if sms == 0 => {
                 if has.batch {
@@ -249,7 +259,7 @@ impl CudaTransport {
         let live = self.live.as_mut().expect("started");
         let mut staging = None;
         let result = match strategy {
-            Strategy::Memcpy | Strategy::Auto | Strategy::Batch => {
+            Strategy::Memcpy | Strategy::Auto | Strategy::Batch | Strategy::Resident => {
                 // The copy engine: each direction on its own stream, so that a batch moving both
                 // ways keeps both of the GPU's copy engines busy (one stream would run them one
                 // after the other). The side stream starts after what `stream` holds (fork) and
@@ -405,6 +415,24 @@ impl CudaTransport {
     }
 }
 
+/// 0 for a copy to the GPU, 1 for one to the host (the route table's index).
+fn direction(op: &Op) -> usize {
+    usize::from(op.copy.dst.kind != MemoryKind::Gpu as u32)
+}
+
+impl CudaTransport {
+    /// Takes a prefix of `ops` into the queue of the launched strategies, as far as it has
+    /// room, and issues what is ready; returns its length.
+    fn queue(&mut self, ops: &[Op]) -> usize {
+        let room = self.config.max_batch * 4 - self.queued.len().min(self.config.max_batch * 4);
+        let n = ops.len().min(room);
+        self.queued.extend(&ops[..n]);
+        self.queued_bytes += ops[..n].iter().map(|op| op.copy.len).sum::<u64>();
+        self.flush();
+        n
+    }
+}
+
 impl Transport for CudaTransport {
     fn name(&self) -> &'static str {
         "cuda"
@@ -412,10 +440,7 @@ impl Transport for CudaTransport {
 
     fn start(&mut self) -> Result<(), TransportError> {
         self.context.make_current()?;
-        let new_stream = || match self.config.priority {
-            StreamPriority::Normal => Stream::new(),
-            StreamPriority::Highest => Stream::with_priority(stream_priorities()?.1),
-        };
+        let new_stream = Stream::new;
         let stream = new_stream()?;
         let wants_kernel = matches!(self.config.strategy, Strategy::Auto | Strategy::Kernel);
         let (kernel, staging) = if wants_kernel && self.context.info.host_pointer_for_registered {
@@ -450,6 +475,13 @@ impl Transport for CudaTransport {
             }
             .into());
         }
+        let resident = match self.config.strategy {
+            Strategy::Resident => Some(
+                Resident::start(&self.context, self.live_sms().max(1))
+                    .map_err(|source| Error::ResidentUnavailable { source })?,
+            ),
+            _ => None,
+        };
         let stage_stream = new_stream()?;
         let staged = Event::new()?;
         let lanes = [Lane::with_capacity(self.config.max_batch), Lane::with_capacity(self.config.max_batch)];
@@ -465,6 +497,7 @@ impl Transport for CudaTransport {
             fork: Event::new()?,
             join: Event::new()?,
             lanes,
+            resident,
         });
         Ok(())
     }
@@ -476,11 +509,27 @@ impl Transport for CudaTransport {
     }
 
     fn submit(&mut self, ops: &[Op]) -> usize {
-        let room = self.config.max_batch * 4 - self.queued.len().min(self.config.max_batch * 4);
-        let n = ops.len().min(room);
-        self.queued.extend(&ops[..n]);
-        self.queued_bytes += ops[..n].iter().map(|op| op.copy.len).sum::<u64>();
-        self.flush();
+        if self.live.as_ref().is_none_or(|live| live.resident.is_none()) {
+            return self.queue(ops);
+        }
+        // The resident kernel takes the blocks below the copy engine's crossover; the others go
+        // to the copy engine. Runs of each kind in turn, as far as each has room.
+        let route = self.config.route;
+        let small = move |op: &Op| op.copy.len < route.copy_engine_from[direction(op)];
+        let mut n = 0;
+        while n < ops.len() {
+            let rest = &ops[n..];
+            let kind = small(&rest[0]);
+            let run = rest.iter().take_while(|op| small(op) == kind).count();
+            let took = match self.live.as_mut().and_then(|live| live.resident.as_mut()) {
+                Some(resident) if kind => resident.submit(&rest[..run]),
+                _ => self.queue(&rest[..run]),
+            };
+            n += took;
+            if took < run {
+                break;
+            }
+        }
         n
     }
 
@@ -517,6 +566,9 @@ impl Transport for CudaTransport {
                 }
             }
         }
+        if let Some(resident) = self.live.as_mut().and_then(|live| live.resident.as_mut()) {
+            k += resident.poll(&mut done[k..]);
+        }
         if self.live.is_some() {
             self.flush();
         }
@@ -524,7 +576,8 @@ impl Transport for CudaTransport {
     }
 
     fn in_flight(&self) -> usize {
-        self.queued.len() + self.tokens.len() + self.failed.len()
+        let resident = self.live.as_ref().and_then(|live| live.resident.as_ref()).map_or(0, Resident::in_flight);
+        self.queued.len() + self.tokens.len() + self.failed.len() + resident
     }
 }
 
@@ -533,7 +586,7 @@ impl Drop for CudaTransport {
         if let Some(live) = &self.live {
             // Work still on the stream reads or writes registered memory: wait for it before the
             // stream, kernel and staging go away.
-            for stream in [&live.stream, &live.stage_stream] {
+            for stream in [&live.stream, &live.stage_stream, &live.side] {
                 if let Err(e) = stream.synchronize() {
                     eprintln!("ferry: cuda transport: synchronising at shutdown: {e}");
                 }

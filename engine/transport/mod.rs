@@ -10,6 +10,7 @@ pub mod fault;
 pub mod gdr;
 pub mod host;
 pub mod null;
+pub(crate) mod resident;
 pub(crate) mod select;
 
 use crate::desc::Status;

@@ -22,7 +22,8 @@
 // `ferry_config::use_gdr` says.
 #define FERRY_TRANSPORT_GPU 2
 
-// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor, `kernel` for more (the default).
+// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor; for more, `batch` from 256 KiB
+// blocks up and `kernel` below (the default).
 #define FERRY_CUDA_STRATEGY_AUTO 0
 
 // `ferry_config::cuda_strategy`: one `cuMemcpyAsync` per descriptor.
@@ -33,6 +34,12 @@
 
 // `ferry_config::cuda_strategy`: ferry's SM copy kernel, on at most `sm_budget` SMs.
 #define FERRY_CUDA_STRATEGY_KERNEL 3
+
+// `ferry_config::cuda_strategy`: ferry's resident copy kernel (launched once, on the
+// `sm_budget` SMs, which stay reserved) for blocks below 256 KiB, the copy engine for larger ones.
+// Not starved by a busy GPU; but while the engine runs, a device-wide synchronize in its CUDA
+// context (`cudaDeviceSynchronize`) waits for the engine to stop: synchronize streams instead.
+#define FERRY_CUDA_STRATEGY_RESIDENT 4
 
 // `ferry_config::use_gdr`: GDR when a NIC passes its self-test, else the CUDA driver (the default).
 #define FERRY_USE_GDR_AUTO 0

@@ -77,7 +77,8 @@ pub const FERRY_TRANSPORT_NULL: u32 = 1;
 /// `ferry_config::use_gdr` says.
 pub const FERRY_TRANSPORT_GPU: u32 = 2;
 
-/// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor, `kernel` for more (the default).
+/// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor; for more, `batch` from 256 KiB
+/// blocks up and `kernel` below (the default).
 pub const FERRY_CUDA_STRATEGY_AUTO: u32 = 0;
 /// `ferry_config::cuda_strategy`: one `cuMemcpyAsync` per descriptor.
 pub const FERRY_CUDA_STRATEGY_MEMCPY: u32 = 1;
@@ -85,6 +86,11 @@ pub const FERRY_CUDA_STRATEGY_MEMCPY: u32 = 1;
 pub const FERRY_CUDA_STRATEGY_BATCH: u32 = 2;
 /// `ferry_config::cuda_strategy`: ferry's SM copy kernel, on at most `sm_budget` SMs.
 pub const FERRY_CUDA_STRATEGY_KERNEL: u32 = 3;
+/// `ferry_config::cuda_strategy`: ferry's resident copy kernel (launched once, on the
+/// `sm_budget` SMs, which stay reserved) for blocks below 256 KiB, the copy engine for larger ones.
+/// Not starved by a busy GPU; but while the engine runs, a device-wide synchronize in its CUDA
+/// context (`cudaDeviceSynchronize`) waits for the engine to stop: synchronize streams instead.
+pub const FERRY_CUDA_STRATEGY_RESIDENT: u32 = 4;
 
 /// `ferry_config::use_gdr`: GDR when a NIC passes its self-test, else the CUDA driver (the default).
 pub const FERRY_USE_GDR_AUTO: u32 = 0;
@@ -391,7 +397,14 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         FERRY_CUDA_STRATEGY_MEMCPY => Strategy::Memcpy,
         FERRY_CUDA_STRATEGY_BATCH => Strategy::Batch,
         FERRY_CUDA_STRATEGY_KERNEL => Strategy::Kernel,
-        other => return Err(invalid("ferry_config::cuda_strategy", other, "0 auto, 1 memcpy, 2 batch or 3 kernel")),
+        FERRY_CUDA_STRATEGY_RESIDENT => Strategy::Resident,
+        other => {
+            return Err(invalid(
+                "ferry_config::cuda_strategy",
+                other,
+                "0 auto, 1 memcpy, 2 batch, 3 kernel or 4 resident",
+            ))
+        }
     };
     let sm_budget = match c.sm_budget {
         0 => SmBudget::DEFAULT,

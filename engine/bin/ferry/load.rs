@@ -22,6 +22,10 @@ const BLOCK_THREADS: u32 = 256;
 pub const LAUNCH_MS: f64 = 1.0;
 /// Launches queued on the load's stream at once.
 const IN_FLIGHT: usize = 3;
+/// Waves of blocks in one launch: a GEMM of a forward pass runs many (an 8192^3 bf16 GEMM has
+/// about 2048 tiles for 132 SMs), so taking a few SMs from it costs it about their share, where
+/// a one-wave grid would wait a whole extra wave for the blocks they displace.
+const WAVES: u32 = 16;
 
 /// One finished launch: when the load thread saw it finish, and how long it ran on the GPU.
 #[derive(Clone, Copy, Debug)]
@@ -37,7 +41,7 @@ pub struct ComputeLoad {
     thread: Option<JoinHandle<Result<(), BenchError>>>,
     /// Mean duration of one launch with nothing else on the GPU, in ms.
     pub alone_ms: f64,
-    /// Blocks per launch (every SM, at the kernel's full occupancy).
+    /// Blocks per launch ([`WAVES`] waves of every SM at the kernel's full occupancy).
     pub grid: u32,
 }
 
@@ -118,7 +122,7 @@ fn run(
 ) -> Result<(), BenchError> {
     context.make_current()?;
     let kernel = Kernel::load(LOAD_KERNEL_PTX, "ferry_load", BLOCK_THREADS)?;
-    let grid = u32::try_from(context.info.sm_count).unwrap_or(1) * kernel.blocks_per_sm;
+    let grid = u32::try_from(context.info.sm_count).unwrap_or(1) * kernel.blocks_per_sm * WAVES;
     let sink = DeviceBuffer::new(grid as usize * BLOCK_THREADS as usize * 4)?;
     let stream = Stream::new()?;
     let launch = |iters: u32, start: &Event, end: &Event| -> Result<(), BenchError> {

@@ -17,7 +17,7 @@ use bandwidth::{
 use ferry::internals::cuda::{gpus, Context, DeviceBuffer};
 use ferry::{
     CorePlacement, CudaConfig, Engine, EngineConfig, GdrConfig, GpuConfig, QueueConfig, SmBudget, Strategy,
-    StreamPriority, TransportKind, UseGdr,
+    TransportKind, UseGdr,
 };
 use ferry_topology::{Machine, PlanConfig};
 use std::path::{Path, PathBuf};
@@ -601,7 +601,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         results.push(cells);
     }
     // Both directions at once, per strategy that batches: results_both[strategy][size].
-    let both_strategies = [Strategy::Batch, Strategy::Kernel, Strategy::Auto];
+    let both_strategies = [Strategy::Batch, Strategy::Kernel, Strategy::Resident, Strategy::Auto];
     let mut results_both = Vec::new();
     for &strategy in &both_strategies {
         progress(&format!("both directions: {}", strategy.name()));
@@ -640,6 +640,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         o.workers,
         cores.join(", ")
     );
+    let auto = strategies.iter().position(|&s| s == Strategy::Auto).expect("auto is a strategy");
     print!("{:>8} {:>4}", "block", "dir");
     for s in &strategies {
         print!(" {:>8}", s.name());
@@ -651,7 +652,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
             for cells in &results {
                 print!(" {:>8.2}", cells[i][d]);
             }
-            println!(" {:>8.2} {:>11.2}", ceiling[d], results[3][i][d] / ceiling[d]);
+            println!(" {:>8.2} {:>11.2}", ceiling[d], results[auto][i][d] / ceiling[d]);
         }
     }
     for (i, &block) in o.sizes.iter().enumerate() {
@@ -662,7 +663,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
                 None => print!(" {:>8}", "-"),
             }
         }
-        println!(" {:>8.2} {:>11.2}", ceiling[2], results_both[2][i] / ceiling[2]);
+        println!(" {:>8.2} {:>11.2}", ceiling[2], results_both[3][i] / ceiling[2]);
     }
     let idle: Vec<String> = idle.iter().map(|(b, f)| format!("{} {:.0}%", human(*b), f * 100.0)).collect();
     println!("worker loop iterations that found no work (auto, H2D): {}", idle.join(", "));
@@ -706,7 +707,7 @@ fn plot_svg(
     loaded: Option<&[Vec<LoadedCell>]>,
     ceiling: [f64; 3],
 ) -> String {
-    let colour = |name: &str| LOADED_COLUMNS.iter().position(|c| c.3 == name).unwrap_or(0);
+    let colour = |name: &str| LOADED_COLUMNS.iter().position(|c| c.2 == name).unwrap_or(0);
     let panels = ["host to GPU", "GPU to host"]
         .iter()
         .enumerate()
@@ -723,8 +724,8 @@ fn plot_svg(
                 .collect();
             for (column, cells) in LOADED_COLUMNS.iter().zip(loaded.unwrap_or_default()) {
                 series.push(plot::Series {
-                    name: format!("{} under load", column.3),
-                    colour: colour(column.3),
+                    name: format!("{} under load", column.2),
+                    colour: colour(column.2),
                     dashed: true,
                     values: cells.iter().map(|c| c[d].0).collect(),
                 });
@@ -742,15 +743,16 @@ fn plot_svg(
     plot::render(&title, &o.sizes, &panels)
 }
 
-/// The columns of the under-load table: each strategy; the kernel again on the highest-priority
-/// streams; `auto` again with the live SM budget at none (what a server sets during prefill).
-const LOADED_COLUMNS: [(Strategy, StreamPriority, Option<SmBudget>, &str); 6] = [
-    (Strategy::Memcpy, StreamPriority::Normal, None, "memcpy"),
-    (Strategy::Batch, StreamPriority::Normal, None, "batch"),
-    (Strategy::Kernel, StreamPriority::Normal, None, "kernel"),
-    (Strategy::Kernel, StreamPriority::Highest, None, "kernel^"),
-    (Strategy::Auto, StreamPriority::Normal, None, "auto"),
-    (Strategy::Auto, StreamPriority::Normal, Some(SmBudget::None), "auto/none"),
+/// The columns of the under-load table: each strategy; `auto` again with the live SM budget at
+/// none (what a server sets during prefill). (Highest-priority streams were a column once: they
+/// changed nothing, bench/results/h200.md.)
+const LOADED_COLUMNS: [(Strategy, Option<SmBudget>, &str); 6] = [
+    (Strategy::Memcpy, None, "memcpy"),
+    (Strategy::Batch, None, "batch"),
+    (Strategy::Kernel, None, "kernel"),
+    (Strategy::Resident, None, "resident"),
+    (Strategy::Auto, None, "auto"),
+    (Strategy::Auto, Some(SmBudget::None), "auto/none"),
 ];
 
 /// The table again with a saturating compute kernel on every SM (`--load compute`): copy GB/s
@@ -760,9 +762,9 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 3]) -> 
     let before = load.alone_ms;
     // results[column][size][direction] = (GB/s, loss)
     let mut results = Vec::new();
-    for &(strategy, priority, live_budget, name) in &LOADED_COLUMNS {
+    for &(strategy, live_budget, name) in &LOADED_COLUMNS {
         progress(&format!("under load: {name}"));
-        let cuda = CudaConfig { strategy, sm_budget: o.sm_budget, priority, ..CudaConfig::default() };
+        let cuda = CudaConfig { strategy, sm_budget: o.sm_budget, ..CudaConfig::default() };
         let mut rig = cuda_rig_with(o, cuda, o.workers)?;
         if let Some(budget) = live_budget {
             rig.engine.set_sm_budget(budget)?;
@@ -786,14 +788,14 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 3]) -> 
         load.mean_ms(t0, Instant::now()).unwrap_or(f64::NAN)
     };
     println!(
-        "under a compute load: an FMA kernel on every SM ({} blocks of 256 threads), launched back to back on its own stream in ferry's CUDA context, {:.2} ms per launch alone (before the table; {:.2} after)",
+        "under a compute load: an FMA kernel on every SM ({} blocks of 256 threads, 16 waves), launched back to back on its own stream in ferry's CUDA context, {:.2} ms per launch alone (before the table; {:.2} after)",
         load.grid, before, after
     );
     println!(
-        "GB/s through the engine (loss: the share of the load's throughput lost while the cell copied); ^: highest-priority streams; /none: live SM budget none"
+        "GB/s through the engine (loss: the share of the load's throughput lost while the cell copied); /none: live SM budget none"
     );
     print!("{:>8} {:>4}", "block", "dir");
-    for (_, _, _, name) in &LOADED_COLUMNS {
+    for (_, _, name) in &LOADED_COLUMNS {
         print!(" {:>15}", name);
     }
     println!(" {:>11}", "best/ceil");

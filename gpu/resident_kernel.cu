@@ -1,0 +1,172 @@
+// ferry's resident copy kernel (the `resident` strategy): launched once when a worker's CUDA
+// transport starts, it stays on a few reserved SMs and copies tasks the worker publishes in a
+// ring in pinned host memory, so that no copy waits for a launch behind the GPU's other work.
+// Measured as gpu/persist_probe.cu (bench/results/h200.md): on 8 SMs, 4-16 KiB blocks at
+// 0.87-0.93 of PCIe under a saturating compute load, which loses 1-3 %.
+//
+// One block of 1024 threads per SM (the launch asks for most of an SM's shared memory, unused,
+// so that no second block lands there). Warp 0 of block 0 is the poller: it mirrors the host's
+// published tail into device memory, advances the in-order watermark over the per-task done
+// flags (32 at a time) and publishes it to the host, and passes the host's stop request on.
+// Every other warp claims FERRY_CLAIM consecutive task indices with one atomic, copies each task
+// once it is published (the descriptors of the published ones read in one go), fences at system
+// scope and raises the tasks' done flags.
+//
+// The host's side (engine/transport/cuda.rs) keeps at most FERRY_RING - 1 tasks unfinished, so a
+// ring slot and its done flag are reused only after the watermark passed them.
+//
+// The PTX beside this file is what ferry loads (cuModuleLoadData), so building ferry never needs
+// nvcc. Regenerate it on a machine with the CUDA toolkit:
+//   nvcc -ptx -arch=compute_80 -O3 -o gpu/resident_kernel.ptx gpu/resident_kernel.cu
+
+#define FERRY_RING 65536u  // task slots, a power of two (the transport's RESIDENT_RING)
+#define FERRY_CLAIM 8u     // tasks a warp claims at once
+
+struct FerryTask {
+    unsigned long long src;
+    unsigned long long dst;
+    unsigned long long len;
+    unsigned long long pad;
+};
+
+// In pinned host memory, mapped for the device. The layout of `ResidentHost` in cuda.rs.
+struct FerryResidentHost {
+    unsigned long long tail;     // tasks published by the host
+    unsigned long long done;     // in-order watermark: every task below it is copied
+    unsigned int stop;           // the host asks the kernel to end
+    unsigned int started;        // the poller runs
+};
+
+// In device memory, zeroed before the launch. The layout of `RESIDENT_DEV_BYTES` in cuda.rs.
+struct FerryResidentDev {
+    unsigned long long claim;    // next task index to claim
+    unsigned long long tail;     // the poller's mirror of the host's tail
+    unsigned int stop;           // the poller's mirror of the host's stop
+    unsigned int pad;
+    unsigned char flags[FERRY_RING];  // task i is copied: flags[i % FERRY_RING] != 0
+};
+
+__device__ __forceinline__ void ferry_bytes(const char* s, char* d, unsigned long long n, unsigned lane) {
+    for (unsigned long long i = lane; i < n; i += 32) d[i] = s[i];
+}
+
+// Copies one task with the 32 lanes of the calling warp (as ferry_copy_task in copy_kernel.cu).
+__device__ __forceinline__ void ferry_task(unsigned long long src, unsigned long long dst, unsigned long long n,
+                                           unsigned lane) {
+    const char* s = (const char*)src;
+    char* d = (char*)dst;
+    if (((src ^ dst) & 15) != 0) {
+        ferry_bytes(s, d, n, lane);
+        return;
+    }
+    unsigned long long head = (16 - (dst & 15)) & 15;
+    if (head > n) head = n;
+    ferry_bytes(s, d, head, lane);
+    s += head;
+    d += head;
+    n -= head;
+    const uint4* s4 = (const uint4*)s;
+    uint4* d4 = (uint4*)d;
+    const unsigned long long n16 = n >> 4;
+    unsigned long long i = lane;
+    for (; i + 7 * 32 < n16; i += 8 * 32) {
+        uint4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = s4[i + k * 32];
+#pragma unroll
+        for (int k = 0; k < 8; k++) d4[i + k * 32] = v[k];
+    }
+    for (; i < n16; i += 32) d4[i] = s4[i];
+    ferry_bytes(s + (n16 << 4), d + (n16 << 4), n & 15, lane);
+}
+
+__device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsigned lane) {
+    volatile FerryResidentHost* vhost = host;
+    volatile FerryResidentDev* vdev = dev;
+    unsigned long long done = 0;
+    if (lane == 0) vhost->started = 1;
+    while (true) {
+        unsigned long long tail = 0;
+        unsigned int stop = 0;
+        if (lane == 0) {
+            tail = vhost->tail;
+            stop = vhost->stop;
+        }
+        tail = __shfl_sync(0xffffffff, tail, 0);
+        stop = __shfl_sync(0xffffffff, stop, 0);
+        __threadfence_system();  // the tasks below `tail` are read only after it was seen
+        if (lane == 0) vdev->tail = tail;
+        // The watermark over the done flags, 32 at a time.
+        unsigned long long advanced = done;
+        while (advanced < tail) {
+            const unsigned long long i = advanced + lane;
+            const bool set = i < tail && vdev->flags[i & (FERRY_RING - 1)] != 0;
+            const unsigned ones = __ballot_sync(0xffffffff, set);
+            const unsigned run = ones == 0xffffffffu ? 32u : (unsigned)(__ffs(~ones) - 1);
+            if (lane < run) vdev->flags[i & (FERRY_RING - 1)] = 0;
+            advanced += run;
+            if (run < 32) break;
+        }
+        if (advanced != done) {
+            __threadfence_system();  // the copies and the cleared flags before the watermark
+            done = advanced;
+            if (lane == 0) vhost->done = done;
+        }
+        if (stop && done == tail) {
+            if (lane == 0) vdev->stop = 1;
+            return;
+        }
+        __nanosleep(100);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 1)
+    ferry_resident(const FerryTask* __restrict__ tasks, FerryResidentHost* host, FerryResidentDev* dev) {
+    const unsigned lane = threadIdx.x & 31;
+    const unsigned warp = threadIdx.x >> 5;
+    if (blockIdx.x == 0 && warp == 0) {
+        ferry_poll(host, dev, lane);
+        return;
+    }
+    volatile FerryResidentDev* vdev = dev;
+    while (true) {
+        unsigned long long base = 0;
+        if (lane == 0) base = atomicAdd(&dev->claim, (unsigned long long)FERRY_CLAIM);
+        base = __shfl_sync(0xffffffff, base, 0);
+        const unsigned long long end = base + FERRY_CLAIM;
+        unsigned long long j = base;
+        while (j < end) {
+            unsigned long long tail = 0;
+            unsigned int stop = 0;
+            while (true) {
+                if (lane == 0) {
+                    tail = vdev->tail;
+                    stop = vdev->stop;
+                }
+                tail = __shfl_sync(0xffffffff, tail, 0);
+                stop = __shfl_sync(0xffffffff, stop, 0);
+                if (tail > j) break;
+                if (stop) return;  // every published task is done (the poller checked)
+                __nanosleep(100);
+            }
+            __threadfence_system();  // task j is read only after its tail was seen
+            const unsigned avail = (unsigned)(min(end, tail) - j);
+            unsigned long long word = 0;
+            if (lane < 4 * avail) {
+                const volatile unsigned long long* w =
+                    (const volatile unsigned long long*)&tasks[(j + lane / 4) & (FERRY_RING - 1)];
+                word = w[lane % 4];
+            }
+            for (unsigned m = 0; m < avail; m++) {
+                const unsigned long long src = __shfl_sync(0xffffffff, word, 4 * m);
+                const unsigned long long dst = __shfl_sync(0xffffffff, word, 4 * m + 1);
+                const unsigned long long len = __shfl_sync(0xffffffff, word, 4 * m + 2);
+                ferry_task(src, dst, len, lane);
+            }
+            __threadfence_system();  // the copies before their flags
+            __syncwarp();
+            if (lane < avail) vdev->flags[(j + lane) & (FERRY_RING - 1)] = 1;
+            j += avail;
+        }
+    }
+}
