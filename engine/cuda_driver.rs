@@ -517,27 +517,10 @@ impl Kernel {
         grid: u32,
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<(), CudaError> {
-        // SAFETY: live function and stream; `params` is as the caller promised and outlives the
-        // call, which copies the values.
-        check("cuLaunchKernel", unsafe {
-            sys::cuLaunchKernel(
-                self.function,
-                grid,
-                1,
-                1,
-                self.block_threads,
-                1,
-                1,
-                0,
-                stream.0,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        })
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_with(stream, grid, self.block_threads, 0, params) }
     }
-}
 
-impl Kernel {
     /// Lets launches of this kernel ask for up to `bytes` of dynamic shared memory.
     pub fn allow_dynamic_shared(&self, bytes: u32) -> Result<(), CudaError> {
         // SAFETY: a live function; the attribute takes a byte count.

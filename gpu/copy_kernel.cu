@@ -7,7 +7,6 @@
 // The PTX beside this file is what ferry loads (cuModuleLoadData), so building ferry never needs
 // nvcc. Regenerate it on a machine with the CUDA toolkit:
 //   nvcc -ptx -arch=compute_80 -O3 -o gpu/copy_kernel.ptx gpu/copy_kernel.cu
-#include <stdint.h>
 
 struct FerryCopy {
     unsigned long long src;
@@ -15,39 +14,7 @@ struct FerryCopy {
     unsigned long long len;
 };
 
-__device__ __forceinline__ void ferry_copy_bytes(const char* s, char* d, unsigned long long n, unsigned lane) {
-    for (unsigned long long i = lane; i < n; i += 32) d[i] = s[i];
-}
-
-// Copies one task with the 32 lanes of the calling warp.
-__device__ __forceinline__ void ferry_copy_task(unsigned long long src, unsigned long long dst, unsigned long long n,
-                                                unsigned lane) {
-    const char* s = (const char*)src;
-    char* d = (char*)dst;
-    if (((src ^ dst) & 15) != 0) {
-        ferry_copy_bytes(s, d, n, lane);
-        return;
-    }
-    unsigned long long head = (16 - (dst & 15)) & 15;
-    if (head > n) head = n;
-    ferry_copy_bytes(s, d, head, lane);
-    s += head;
-    d += head;
-    n -= head;
-    const uint4* s4 = (const uint4*)s;
-    uint4* d4 = (uint4*)d;
-    const unsigned long long n16 = n >> 4;
-    unsigned long long i = lane;
-    for (; i + 7 * 32 < n16; i += 8 * 32) {
-        uint4 v[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = s4[i + k * 32];
-#pragma unroll
-        for (int k = 0; k < 8; k++) d4[i + k * 32] = v[k];
-    }
-    for (; i < n16; i += 32) d4[i] = s4[i];
-    ferry_copy_bytes(s + (n16 << 4), d + (n16 << 4), n & 15, lane);
-}
+#include "copy_task.cuh"
 
 // Launched per batch: warp w copies tasks w, w + warps, ...
 extern "C" __global__ void ferry_copy(const FerryCopy* __restrict__ tasks, unsigned int count) {

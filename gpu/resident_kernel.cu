@@ -1,8 +1,8 @@
 // ferry's resident copy kernel (the `resident` strategy): launched once when a worker's CUDA
 // transport starts, it stays on a few reserved SMs and copies tasks the worker publishes in a
 // ring in pinned host memory, so that no copy waits for a launch behind the GPU's other work.
-// Measured as gpu/persist_probe.cu (bench/results/h200.md): on 8 SMs, 4-16 KiB blocks at
-// 0.87-0.93 of PCIe under a saturating compute load, which loses 1-3 %.
+// Measured on the H200 (bench/results/h200.md): 4-64 KiB blocks at 0.84-0.95 of PCIe under a
+// saturating compute load, which loses about the share of the SMs it holds (more for D2H).
 //
 // One block of 1024 threads per SM (the launch asks for most of an SM's shared memory, unused,
 // so that no second block lands there). Warp 0 of block 0 is the poller: it mirrors the host's
@@ -46,39 +46,7 @@ struct FerryResidentDev {
     unsigned char flags[FERRY_RING];  // task i is copied: flags[i % FERRY_RING] != 0
 };
 
-__device__ __forceinline__ void ferry_bytes(const char* s, char* d, unsigned long long n, unsigned lane) {
-    for (unsigned long long i = lane; i < n; i += 32) d[i] = s[i];
-}
-
-// Copies one task with the 32 lanes of the calling warp (as ferry_copy_task in copy_kernel.cu).
-__device__ __forceinline__ void ferry_task(unsigned long long src, unsigned long long dst, unsigned long long n,
-                                           unsigned lane) {
-    const char* s = (const char*)src;
-    char* d = (char*)dst;
-    if (((src ^ dst) & 15) != 0) {
-        ferry_bytes(s, d, n, lane);
-        return;
-    }
-    unsigned long long head = (16 - (dst & 15)) & 15;
-    if (head > n) head = n;
-    ferry_bytes(s, d, head, lane);
-    s += head;
-    d += head;
-    n -= head;
-    const uint4* s4 = (const uint4*)s;
-    uint4* d4 = (uint4*)d;
-    const unsigned long long n16 = n >> 4;
-    unsigned long long i = lane;
-    for (; i + 7 * 32 < n16; i += 8 * 32) {
-        uint4 v[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = s4[i + k * 32];
-#pragma unroll
-        for (int k = 0; k < 8; k++) d4[i + k * 32] = v[k];
-    }
-    for (; i < n16; i += 32) d4[i] = s4[i];
-    ferry_bytes(s + (n16 << 4), d + (n16 << 4), n & 15, lane);
-}
+#include "copy_task.cuh"
 
 __device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsigned lane) {
     volatile FerryResidentHost* vhost = host;
@@ -161,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
                 const unsigned long long src = __shfl_sync(0xffffffff, word, 4 * m);
                 const unsigned long long dst = __shfl_sync(0xffffffff, word, 4 * m + 1);
                 const unsigned long long len = __shfl_sync(0xffffffff, word, 4 * m + 2);
-                ferry_task(src, dst, len, lane);
+                ferry_copy_task(src, dst, len, lane);
             }
             __threadfence_system();  // the copies before their flags
             __syncwarp();

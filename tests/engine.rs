@@ -138,13 +138,7 @@ fn injected_errors_fail_exactly_the_affected_descriptors_and_other_queues_carry_
 
 #[test]
 fn a_full_submission_ring_hands_the_descriptor_back() {
-    let gate = Gate::new();
-    gate.close();
-    let g = gate.clone();
-    let engine = fault_engine(move |t| t.with_gate(g.clone()));
-    let client = engine.new_client();
-    let a = engine.allocate_host(client, 1 << 20).unwrap();
-    let b = engine.allocate_host(client, 1 << 20).unwrap();
+    let (gate, engine, client, a, b) = gated_engine();
     let cfg = QueueConfig { submit_capacity: 8, complete_capacity: 64, worker: None };
     let mut queue = engine.open_queue(client, cfg).unwrap();
     // The worker takes 8 (its window is the submission capacity) and the gate holds them; then
@@ -199,13 +193,7 @@ fn a_full_completion_ring_holds_the_queue_without_loss() {
 
 #[test]
 fn a_fence_waits_for_every_earlier_descriptor() {
-    let gate = Gate::new();
-    gate.close();
-    let g = gate.clone();
-    let engine = fault_engine(move |t| t.with_gate(g.clone()));
-    let client = engine.new_client();
-    let a = engine.allocate_host(client, 1 << 20).unwrap();
-    let b = engine.allocate_host(client, 1 << 20).unwrap();
+    let (gate, engine, client, a, b) = gated_engine();
     let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
     let d = |i: u64| Descriptor::copy(a.id(), i * 64, b.id(), i * 64, 64).with_tag(i);
     queue.submit(&[d(0), d(1), d(2).fenced(), d(3)]).unwrap();
@@ -219,13 +207,7 @@ fn a_fence_waits_for_every_earlier_descriptor() {
 
 #[test]
 fn deregistration_is_refused_while_copies_are_in_flight() {
-    let gate = Gate::new();
-    gate.close();
-    let g = gate.clone();
-    let engine = fault_engine(move |t| t.with_gate(g.clone()));
-    let client = engine.new_client();
-    let a = engine.allocate_host(client, 1 << 20).unwrap();
-    let b = engine.allocate_host(client, 1 << 20).unwrap();
+    let (gate, engine, client, a, b) = gated_engine();
     let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
     queue.push(Descriptor::copy(a.id(), 0, b.id(), 0, 4096).with_tag(1)).unwrap();
     wait_until("the copy to be taken", || engine.stats()[0].descriptors == 1);
@@ -330,13 +312,7 @@ fn several_workers_serve_their_own_queues() {
 
 #[test]
 fn shutdown_finishes_started_copies_and_cancels_the_rest() {
-    let gate = Gate::new();
-    gate.close();
-    let g = gate.clone();
-    let engine = fault_engine(move |t| t.with_gate(g.clone()));
-    let client = engine.new_client();
-    let a = engine.allocate_host(client, 1 << 20).unwrap();
-    let b = engine.allocate_host(client, 1 << 20).unwrap();
+    let (gate, engine, client, a, b) = gated_engine();
     let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
     let d = |i: u64| Descriptor::copy(a.id(), i * 64, b.id(), i * 64, 64).with_tag(i);
     queue.submit(&[d(0), d(1).fenced(), d(2), d(3)]).unwrap();
@@ -358,13 +334,7 @@ fn shutdown_finishes_started_copies_and_cancels_the_rest() {
 
 #[test]
 fn closing_a_queue_with_copies_in_flight_keeps_their_regions_counted_until_they_finish() {
-    let gate = Gate::new();
-    gate.close();
-    let g = gate.clone();
-    let engine = fault_engine(move |t| t.with_gate(g.clone()));
-    let client = engine.new_client();
-    let a = engine.allocate_host(client, 1 << 20).unwrap();
-    let b = engine.allocate_host(client, 1 << 20).unwrap();
+    let (gate, engine, client, a, b) = gated_engine();
     a.fill(0, 1 << 20, 0x5A).unwrap();
     let d = |i: u64| Descriptor::copy(a.id(), i * 4096, b.id(), i * 4096, 4096).with_tag(i);
     let mut closed = engine.open_queue(client, QueueConfig::default()).unwrap();
@@ -418,4 +388,17 @@ fn queues_are_spread_by_how_many_each_worker_serves_now() {
     let _third = engine.open_queue(client, QueueConfig::default()).unwrap();
     assert_eq!(queues(&engine), vec![1, 1]);
     drop(second);
+}
+
+/// An engine whose fault transport holds every copy behind a closed gate, a client and two 1 MiB
+/// host regions of it.
+fn gated_engine() -> (Gate, Engine, ferry::ClientId, ferry::HostBuffer, ferry::HostBuffer) {
+    let gate = Gate::new();
+    gate.close();
+    let g = gate.clone();
+    let engine = fault_engine(move |t| t.with_gate(g.clone()));
+    let client = engine.new_client();
+    let a = engine.allocate_host(client, 1 << 20).unwrap();
+    let b = engine.allocate_host(client, 1 << 20).unwrap();
+    (gate, engine, client, a, b)
 }
