@@ -75,10 +75,13 @@ pub enum Strategy {
     /// below [`RouteTable::copy_engine_from`], the copy engine for the others. Its SMs stay
     /// reserved while the engine runs; the live SM budget does not move them.
     ///
-    /// Because the kernel runs until the engine stops, a device-wide synchronize in the same
-    /// CUDA context (`cudaDeviceSynchronize`, `torch.cuda.synchronize()`, and calls that
-    /// synchronize the device implicitly) waits for the engine's shutdown: synchronize streams
-    /// or events instead. `auto` never picks it for that reason.
+    /// Experimental. Because the kernel runs until the engine stops, anything that waits for
+    /// the CUDA context to go idle waits for the engine's shutdown: a device-wide synchronize
+    /// (`cudaDeviceSynchronize`, `torch.cuda.synchronize()`), and loading a kernel where that
+    /// needs a context synchronization (CUDA loads kernels lazily by default). Launch every
+    /// kernel of the process once before the engine starts (or set `CUDA_MODULE_LOADING=EAGER`)
+    /// and synchronize streams or events. One worker only (a second one's kernel loading waited
+    /// for the first one's resident kernel forever on the H200). `auto` never picks it.
     Resident,
 }
 
@@ -416,11 +419,24 @@ impl EngineConfig {
             if gpu.cuda.max_batch == 0 {
                 return Err(Error::setting("CudaConfig::max_batch", 0, "at least 1"));
             }
-            if gpu.cuda.strategy == Strategy::Kernel && gpu.cuda.sm_budget == SmBudget::None {
+            if matches!(gpu.cuda.strategy, Strategy::Kernel | Strategy::Resident)
+                && gpu.cuda.sm_budget == SmBudget::None
+            {
                 return Err(Error::setting(
                     "CudaConfig::sm_budget",
                     SmBudget::None,
-                    "at least one SM with the kernel strategy",
+                    "at least one SM with the kernel and resident strategies",
+                ));
+            }
+            // A second worker's start loads its kernels while the first worker's resident kernel
+            // runs; loading may wait for the context to go idle, which it never does (seen on
+            // the H200: the two-worker bench hung). One resident kernel per engine until the
+            // workers load everything before any of them launches.
+            if gpu.cuda.strategy == Strategy::Resident && self.workers > 1 {
+                return Err(Error::setting(
+                    "EngineConfig::workers",
+                    self.workers,
+                    "1 with the resident strategy (a second worker's kernel loading can wait for the first's resident kernel forever)",
                 ));
             }
             if gpu.gdr.use_gdr != UseGdr::Off {
@@ -480,6 +496,14 @@ mod tests {
             EngineConfig {
                 transport: TransportKind::Gpu(GpuConfig {
                     gdr: GdrConfig { chain: 0, ..GdrConfig::default() },
+                    ..GpuConfig::default()
+                }),
+                ..ok.clone()
+            },
+            EngineConfig {
+                workers: 2,
+                transport: TransportKind::Gpu(GpuConfig {
+                    cuda: CudaConfig { strategy: Strategy::Resident, ..CudaConfig::default() },
                     ..GpuConfig::default()
                 }),
                 ..ok.clone()

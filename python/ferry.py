@@ -294,9 +294,10 @@ class Engine:
 
     transport: "host" (CPU copies), "null" (no data moves) or "gpu" (host <-> GPU: over the NIC
     or with the CUDA driver, as `use_gdr` says: "auto", "off" or "on"). GPU settings: `device`
-    (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel", "resident": a kernel that
-    stays on the budget's SMs until the engine closes, so torch.cuda.synchronize() then waits
-    for the close: synchronize streams instead), `sm_budget` (the most SMs
+    (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel", "resident": experimental,
+    one worker; a kernel that stays on the budget's SMs until the engine closes, so
+    torch.cuda.synchronize() and a kernel's first (lazy) load wait for the close: run every
+    kernel once before the engine starts and synchronize streams instead), `sm_budget` (the most SMs
     the copy kernel may use, in total over the engine's workers, each getting an equal share,
     capped at the GPU's SM count; SM_BUDGET_ALL: every SM; SM_BUDGET_NONE: no SM, the copy engine
     alone; 0: the default, 8 SMs; a budget below `workers` fails at start with

@@ -37,8 +37,10 @@
 
 // `ferry_config::cuda_strategy`: ferry's resident copy kernel (launched once, on the
 // `sm_budget` SMs, which stay reserved) for blocks below 256 KiB, the copy engine for larger ones.
-// Not starved by a busy GPU; but while the engine runs, a device-wide synchronize in its CUDA
-// context (`cudaDeviceSynchronize`) waits for the engine to stop: synchronize streams instead.
+// Experimental, one worker only. Not starved by a busy GPU; but while the engine runs, what
+// waits for its CUDA context to go idle (`cudaDeviceSynchronize`, loading a kernel lazily at its
+// first launch) waits for the engine to stop: launch every kernel once before starting the
+// engine, and synchronize streams instead of the device.
 #define FERRY_CUDA_STRATEGY_RESIDENT 4
 
 // `ferry_config::use_gdr`: GDR when a NIC passes its self-test, else the CUDA driver (the default).

@@ -588,8 +588,12 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut idle = Vec::new();
     let mut worker_cores = Vec::new();
     for &strategy in &strategies {
-        let mut rig = cuda_rig(o, strategy, o.sm_budget, o.workers)?;
-        worker_cores = rig.engine.worker_cores();
+        // The resident strategy runs one worker (CudaConfig::strategy's docs).
+        let workers = if strategy == Strategy::Resident { 1 } else { o.workers };
+        let mut rig = cuda_rig(o, strategy, o.sm_budget, workers)?;
+        if workers == o.workers {
+            worker_cores = rig.engine.worker_cores();
+        }
         let mut cells = Vec::new();
         for &block in &o.sizes {
             let h2d = rig.run(o, block, true)?.gb_per_s();
@@ -605,7 +609,8 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut results_both = Vec::new();
     for &strategy in &both_strategies {
         progress(&format!("both directions: {}", strategy.name()));
-        let mut rig = cuda_rig(o, strategy, o.sm_budget, o.workers)?;
+        let workers = if strategy == Strategy::Resident { 1 } else { o.workers };
+        let mut rig = cuda_rig(o, strategy, o.sm_budget, workers)?;
         results_both
             .push(o.sizes.iter().map(|&b| Ok(rig.run_both(o, b)?.gb_per_s())).collect::<Result<Vec<_>, BenchError>>()?);
     }
@@ -635,7 +640,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     println!();
     let cores: Vec<String> = worker_cores.iter().map(|&c| show(c)).collect();
     println!(
-        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {}",
+        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {} (resident: one worker with the whole budget)",
         o.sm_budget,
         o.workers,
         cores.join(", ")
@@ -765,7 +770,8 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 3]) -> 
     for &(strategy, live_budget, name) in &LOADED_COLUMNS {
         progress(&format!("under load: {name}"));
         let cuda = CudaConfig { strategy, sm_budget: o.sm_budget, ..CudaConfig::default() };
-        let mut rig = cuda_rig_with(o, cuda, o.workers)?;
+        let workers = if strategy == Strategy::Resident { 1 } else { o.workers };
+        let mut rig = cuda_rig_with(o, cuda, workers)?;
         if let Some(budget) = live_budget {
             rig.engine.set_sm_budget(budget)?;
         }
