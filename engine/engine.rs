@@ -1,5 +1,5 @@
-//! The engine: configuration, start-up, the control plane (clients, regions, queues) and
-//! shutdown.
+//! The engine: start-up, the control plane (clients, regions, queues) and shutdown. Its settings
+//! are in [`crate::config`], the choice of its transport in `transport/select.rs`.
 
 use crate::config::{CorePlacement, EngineConfig, QueueConfig, SmBudget};
 use crate::cuda_driver::{Context, HostRegistration, MEMORY_TYPE_DEVICE, MEMORY_TYPE_HOST};
