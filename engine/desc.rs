@@ -9,11 +9,18 @@ use bytemuck::{Pod, Zeroable};
 
 /// Flag: start this descriptor only after every earlier descriptor of its queue has completed.
 pub const FLAG_FENCE: u32 = 1 << 0;
+/// Flag: the descriptor moves `count` chunks of `len` bytes, chunk `i` from `src_offset + i *
+/// src_stride` to `dst_offset + i * dst_stride` (one logical KV block of `layers x 2` chunks at a
+/// fixed stride, say); its completion covers them all.
+pub const FLAG_STRIDED: u32 = 1 << 1;
 /// Every flag this ABI version knows; any other bit set is [`Status::ReservedFlags`].
-pub const KNOWN_FLAGS: u32 = FLAG_FENCE;
+pub const KNOWN_FLAGS: u32 = FLAG_FENCE | FLAG_STRIDED;
+/// The most chunks one strided descriptor may move.
+pub const MAX_CHUNKS: u32 = 1 << 12;
 
 /// One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,
-/// `dst_offset`). The direction follows from the regions' kinds.
+/// `dst_offset`), or with [`FLAG_STRIDED`] `count` such chunks at strides. The direction follows
+/// from the regions' kinds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Descriptor {
@@ -31,10 +38,13 @@ pub struct Descriptor {
     pub len: u64,
     /// `FLAG_*` bits; unknown bits are rejected.
     pub flags: u32,
-    /// Must be zero (room for a later ABI version).
-    pub reserved0: u32,
-    /// Must be zero (room for a later ABI version).
-    pub reserved1: [u64; 2],
+    /// With [`FLAG_STRIDED`]: chunks to move (1 to [`MAX_CHUNKS`]); else 0.
+    pub count: u32,
+    /// With [`FLAG_STRIDED`]: bytes from one source chunk's start to the next's; else 0.
+    pub src_stride: u64,
+    /// With [`FLAG_STRIDED`]: bytes from one destination chunk's start to the next's (at least
+    /// `len`: chunks must not overlap); else 0.
+    pub dst_stride: u64,
 }
 
 /// The result of one descriptor.
@@ -116,11 +126,17 @@ pub enum Status {
     Cancelled = 9,
     /// No transport of this engine can copy between these kinds of memory.
     Unsupported = 10,
+    /// [`FLAG_STRIDED`] with `count` 0.
+    ZeroCount = 11,
+    /// [`FLAG_STRIDED`] with `count` over [`MAX_CHUNKS`].
+    TooManyChunks = 12,
+    /// [`FLAG_STRIDED`] with destination chunks that overlap each other (`dst_stride < len`).
+    ChunksOverlap = 13,
 }
 
 impl Status {
     /// Every status, in code order.
-    pub fn all() -> [Status; 11] {
+    pub fn all() -> [Status; 14] {
         ALL_STATUSES
     }
 
@@ -137,7 +153,7 @@ impl Status {
 
 /// Every status, in code order (a function above rather than an associated constant: the C
 /// header generator would export that constant).
-const ALL_STATUSES: [Status; 11] = [
+const ALL_STATUSES: [Status; 14] = [
     Status::Ok,
     Status::UnknownRegion,
     Status::NotOwner,
@@ -149,6 +165,9 @@ const ALL_STATUSES: [Status; 11] = [
     Status::TransportFailed,
     Status::Cancelled,
     Status::Unsupported,
+    Status::ZeroCount,
+    Status::TooManyChunks,
+    Status::ChunksOverlap,
 ];
 
 impl std::fmt::Display for Status {
@@ -165,6 +184,9 @@ impl std::fmt::Display for Status {
             Status::TransportFailed => "transport failed",
             Status::Cancelled => "cancelled by shutdown",
             Status::Unsupported => "no transport for these memory kinds",
+            Status::ZeroCount => "strided with zero chunks",
+            Status::TooManyChunks => "strided with more chunks than the maximum",
+            Status::ChunksOverlap => "strided destination chunks overlap",
         };
         f.write_str(text)
     }
@@ -186,6 +208,14 @@ impl Descriptor {
     /// Sets the caller's tag.
     pub fn with_tag(mut self, tag: u64) -> Descriptor {
         self.tag = tag;
+        self
+    }
+
+    /// Makes it strided ([`FLAG_STRIDED`]): `count` chunks of its `len` bytes, the source ones
+    /// `src_stride` bytes apart, the destination ones `dst_stride` apart.
+    pub fn strided(mut self, count: u32, src_stride: u64, dst_stride: u64) -> Descriptor {
+        self.flags |= FLAG_STRIDED;
+        (self.count, self.src_stride, self.dst_stride) = (count, src_stride, dst_stride);
         self
     }
 
@@ -396,25 +426,70 @@ impl ValidCopy {
     }
 }
 
+/// A descriptor that passed validation: its first chunk, and how its others follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validated {
+    first: ValidCopy,
+    chunks: u32,
+    src_stride: u64,
+    dst_stride: u64,
+}
+
+impl Validated {
+    /// Chunks: 1, or a strided descriptor's `count`.
+    pub fn chunks(&self) -> u32 {
+        self.chunks
+    }
+
+    /// Chunk `i` (below [`Validated::chunks`]) as a copy of its own. Every chunk lies inside the
+    /// regions: validation checked the last one's end.
+    pub fn chunk(&self, i: u32) -> ValidCopy {
+        debug_assert!(i < self.chunks, "chunk {i} of {}", self.chunks);
+        let i = u64::from(i.min(self.chunks - 1));
+        let mut copy = self.first;
+        copy.src.addr += i * self.src_stride;
+        copy.dst.addr += i * self.dst_stride;
+        copy
+    }
+
+    /// Bytes of all chunks.
+    pub fn bytes(&self) -> u64 {
+        self.first.len * u64::from(self.chunks)
+    }
+}
+
 /// Checks one untrusted descriptor. `lookup` resolves a region id to its current registration.
 ///
 /// Checks run in a fixed order, so a descriptor with several faults always gets the same
-/// status: reserved bits, zero length, maximum length, unknown region (source first), owner,
-/// bounds, overlap.
+/// status: reserved bits (and strided fields without [`FLAG_STRIDED`]), zero length, zero count,
+/// too many chunks, overlapping destination chunks, maximum length (of all chunks), unknown
+/// region (source first), owner, bounds (of the last chunk, with overflow), overlap (of the
+/// spans the chunks cover).
 #[inline]
 pub fn validate(
     d: &Descriptor,
     client: u32,
     max_len: u64,
     mut lookup: impl FnMut(u32) -> Option<RegionView>,
-) -> Result<ValidCopy, Status> {
-    if d.flags & !KNOWN_FLAGS != 0 || d.reserved0 != 0 || d.reserved1 != [0, 0] {
+) -> Result<Validated, Status> {
+    let strided = d.flags & FLAG_STRIDED != 0;
+    if d.flags & !KNOWN_FLAGS != 0 || (!strided && (d.count != 0 || d.src_stride != 0 || d.dst_stride != 0)) {
         return Err(Status::ReservedFlags);
     }
     if d.len == 0 {
         return Err(Status::ZeroLength);
     }
-    if d.len > max_len {
+    let (chunks, src_stride, dst_stride) = if strided { (d.count, d.src_stride, d.dst_stride) } else { (1, 0, 0) };
+    if chunks == 0 {
+        return Err(Status::ZeroCount);
+    }
+    if chunks > MAX_CHUNKS {
+        return Err(Status::TooManyChunks);
+    }
+    if chunks > 1 && dst_stride < d.len {
+        return Err(Status::ChunksOverlap);
+    }
+    if d.len.checked_mul(u64::from(chunks)).is_none_or(|total| total > max_len) {
         return Err(Status::TooLong);
     }
     let src = lookup(d.src_region).ok_or(Status::UnknownRegion)?;
@@ -422,15 +497,19 @@ pub fn validate(
     if src.owner != client || dst.owner != client {
         return Err(Status::NotOwner);
     }
-    let src_end = d.src_offset.checked_add(d.len).ok_or(Status::OutOfBounds)?;
-    let dst_end = d.dst_offset.checked_add(d.len).ok_or(Status::OutOfBounds)?;
+    // The end of each side's last chunk; with one chunk, offset + len.
+    let span_end = |offset: u64, stride: u64| {
+        stride.checked_mul(u64::from(chunks - 1)).and_then(|s| s.checked_add(offset)).and_then(|s| s.checked_add(d.len))
+    };
+    let src_end = span_end(d.src_offset, src_stride).ok_or(Status::OutOfBounds)?;
+    let dst_end = span_end(d.dst_offset, dst_stride).ok_or(Status::OutOfBounds)?;
     if src_end > src.len || dst_end > dst.len {
         return Err(Status::OutOfBounds);
     }
     if d.src_region == d.dst_region && d.src_offset < dst_end && d.dst_offset < src_end {
         return Err(Status::Overlap);
     }
-    Ok(ValidCopy {
+    let first = ValidCopy {
         // Bounds are checked against the region's length, so base + offset cannot overflow
         // for a region that was registered with a valid (non-wrapping) address range.
         src: Endpoint {
@@ -448,7 +527,8 @@ pub fn validate(
             rkey: dst.rkey,
         },
         len: d.len,
-    })
+    };
+    Ok(Validated { first, chunks, src_stride, dst_stride })
 }
 
 #[cfg(test)]
@@ -471,6 +551,13 @@ mod tests {
     }
 
     fn check(d: Descriptor) -> Result<ValidCopy, Status> {
+        validate(&d, CLIENT, MAX, lookup).map(|v| {
+            assert_eq!(v.chunks(), 1, "a plain descriptor is one chunk");
+            v.chunk(0)
+        })
+    }
+
+    fn check_strided(d: Descriptor) -> Result<Validated, Status> {
         validate(&d, CLIENT, MAX, lookup)
     }
 
@@ -525,7 +612,7 @@ mod tests {
     #[test]
     fn length_over_maximum() {
         assert_eq!(check(Descriptor { len: MAX + 1, ..good() }), Err(Status::TooLong));
-        assert_eq!(validate(&Descriptor { len: 4097, ..good() }, CLIENT, 4096, lookup), Err(Status::TooLong));
+        assert_eq!(validate(&Descriptor { len: 4097, ..good() }, CLIENT, 4096, lookup).err(), Some(Status::TooLong));
     }
 
     #[test]
@@ -545,9 +632,80 @@ mod tests {
     fn reserved_flag_bits_and_fields() {
         assert_eq!(check(Descriptor { flags: 1 << 7, ..good() }), Err(Status::ReservedFlags));
         assert_eq!(check(Descriptor { flags: FLAG_FENCE | (1 << 31), ..good() }), Err(Status::ReservedFlags));
-        assert_eq!(check(Descriptor { reserved0: 1, ..good() }), Err(Status::ReservedFlags));
-        assert_eq!(check(Descriptor { reserved1: [0, 5], ..good() }), Err(Status::ReservedFlags));
+        // The strided fields without the strided flag.
+        assert_eq!(check(Descriptor { count: 1, ..good() }), Err(Status::ReservedFlags));
+        assert_eq!(check(Descriptor { src_stride: 5, ..good() }), Err(Status::ReservedFlags));
+        assert_eq!(check(Descriptor { dst_stride: 5, ..good() }), Err(Status::ReservedFlags));
         assert!(check(good().fenced()).is_ok());
+    }
+
+    /// 8 chunks of 1 KiB, 4 KiB apart at the source and 2 KiB at the destination.
+    fn strided() -> Descriptor {
+        Descriptor { len: 1024, src_offset: 0, dst_offset: 0, ..good() }.strided(8, 4096, 2048)
+    }
+
+    #[test]
+    fn strided_chunks_resolve_at_their_strides() {
+        let v = check_strided(strided()).unwrap();
+        assert_eq!((v.chunks(), v.bytes()), (8, 8 * 1024));
+        for i in 0..8u64 {
+            let c = v.chunk(i as u32);
+            assert_eq!((c.src.addr, c.dst.addr, c.len), (0x1000_0000 + i * 4096, 0x2000_0000 + i * 2048, 1024));
+        }
+        // One chunk and zero strides is a plain copy.
+        assert_eq!(check_strided(good().strided(1, 0, 0)).unwrap().chunks(), 1);
+    }
+
+    #[test]
+    fn strided_zero_count() {
+        assert_eq!(check_strided(strided().strided(0, 4096, 2048)), Err(Status::ZeroCount));
+    }
+
+    #[test]
+    fn strided_too_many_chunks() {
+        let d = Descriptor { len: 1, ..strided() }.strided(MAX_CHUNKS + 1, 1, 1);
+        assert_eq!(check_strided(d), Err(Status::TooManyChunks));
+        let d = Descriptor { len: 1, ..strided() }.strided(MAX_CHUNKS, 1, 1);
+        assert!(check_strided(d).is_ok(), "MAX_CHUNKS itself is allowed");
+    }
+
+    #[test]
+    fn strided_destination_chunks_must_not_overlap() {
+        assert_eq!(check_strided(strided().strided(8, 4096, 1023)), Err(Status::ChunksOverlap));
+        assert!(check_strided(strided().strided(8, 4096, 1024)).is_ok(), "touching chunks are fine");
+        // Source chunks may overlap (they are only read).
+        assert!(check_strided(strided().strided(8, 10, 2048)).is_ok());
+    }
+
+    #[test]
+    fn strided_total_length_over_maximum() {
+        let d = Descriptor { len: 1 << 16, ..strided() }.strided(17, 0, 1 << 16);
+        assert_eq!(validate(&d, CLIENT, 16 << 16, lookup).err(), Some(Status::TooLong));
+        // len * count overflowing u64 is too long, not a small product.
+        let d = Descriptor { len: 1 << 62, ..strided() }.strided(4, 0, 1 << 62);
+        assert_eq!(check_strided(d), Err(Status::TooLong));
+    }
+
+    #[test]
+    fn strided_bounds_cover_the_last_chunk_and_overflow() {
+        // 8 chunks 8 KiB apart end at 7 * 8 KiB + 1 KiB = 57 KiB: inside the 64 KiB region.
+        assert!(check_strided(strided().strided(8, 8192, 2048)).is_ok());
+        // 8 KiB apart with the last at 7 * 9 KiB + 1 KiB = 64 KiB + 0: exactly the end, fine; one
+        // byte further is out.
+        assert!(check_strided(strided().strided(8, 9216, 2048)).is_ok());
+        assert_eq!(check_strided(strided().strided(8, 9217, 2048)), Err(Status::OutOfBounds));
+        assert_eq!(check_strided(strided().strided(8, 4096, 9217)), Err(Status::OutOfBounds));
+        // stride * (count - 1) overflowing u64.
+        assert_eq!(check_strided(strided().strided(8, u64::MAX / 4, 2048)), Err(Status::OutOfBounds));
+    }
+
+    #[test]
+    fn strided_spans_in_one_region_must_not_overlap() {
+        let same = Descriptor { dst_region: A, dst_offset: 16384, ..strided() };
+        // Source span [0, 7 * 4096 + 1024) reaches into the destination's [16384, ...).
+        assert_eq!(check_strided(same), Err(Status::Overlap));
+        let apart = Descriptor { dst_offset: 32768, ..same };
+        assert!(check_strided(apart).is_ok());
     }
 
     #[test]

@@ -142,10 +142,15 @@ impl Mailbox {
 /// Status of a window slot whose copy has not finished.
 const PENDING: u32 = u32::MAX;
 
+/// Validated copies waiting for the transport beyond which the worker takes no more
+/// descriptors (a strided descriptor adds one per chunk).
+const OPS_BACKLOG: usize = 1 << 16;
+
 /// One descriptor between being taken and having its completion published.
 #[derive(Clone, Copy, Default)]
 struct InFlight {
     tag: u64,
+    /// Bytes of all its chunks.
     len: u64,
     status: u32,
     detail: u32,
@@ -153,6 +158,11 @@ struct InFlight {
     src: u16,
     dst: u16,
     counted: bool,
+    /// Its chunks (operations) not yet over; its status is settled when the last one is.
+    parts: u32,
+    /// The status and detail of its first chunk that failed (0: none failed).
+    failure: u32,
+    failure_detail: u32,
 }
 
 /// The descriptors of one queue between being taken and having their completions published,
@@ -216,10 +226,22 @@ impl QueueSlot {
         QueueSlot { end, window: Window::new(window), state: QueueState::Open, closing: false, counted: 0 }
     }
 
-    /// The copy in window slot `index` is over (finished, failed or cancelled): its regions are
-    /// released in the table of worker `worker`.
-    fn release(&mut self, index: usize, table: &RegionTable, worker: usize) {
-        let slot = &mut self.window.slots[index];
+    /// One chunk (operation) of the descriptor in window slot `index` is over with `status`:
+    /// when it was the last, the descriptor's status is settled (its first failure, else ok) and
+    /// its regions are released in the table of worker `worker`.
+    fn part_over(&mut self, index: usize, status: Status, detail: u32, table: &RegionTable, worker: usize) {
+        let Some(slot) = self.window.slots.get_mut(index) else { return };
+        if slot.status != PENDING || slot.parts == 0 {
+            return; // a transport reported more operations than it was given: ignore the extra.
+        }
+        if status != Status::Ok && slot.failure == 0 {
+            (slot.failure, slot.failure_detail) = (status.code(), detail);
+        }
+        slot.parts -= 1;
+        if slot.parts > 0 {
+            return;
+        }
+        (slot.status, slot.detail) = (slot.failure, slot.failure_detail);
         if slot.counted {
             table.worker_done(worker, slot.src.into(), slot.dst.into());
             slot.counted = false;
@@ -393,8 +415,7 @@ impl Worker {
                 if op.token.queue != qi {
                     return true;
                 }
-                q.window.slots[op.token.slot as usize].status = Status::Cancelled.code();
-                q.release(op.token.slot as usize, table, worker);
+                q.part_over(op.token.slot as usize, Status::Cancelled, 0, table, worker);
                 false
             });
         }
@@ -413,7 +434,7 @@ impl Worker {
             return 0;
         }
         let want = q.window.room().min(self.burst as u64);
-        if want == 0 {
+        if want == 0 || state.ops.len() >= OPS_BACKLOG {
             return 0;
         }
         let Ok(mut batch) = q.end.submit.read(want) else {
@@ -425,21 +446,24 @@ impl Worker {
         let table = &*self.table;
         let mut took = 0;
         while let Some(d) = batch.peek() {
-            if d.is_fence() && w.head_seq != w.next_seq {
+            if (d.is_fence() && w.head_seq != w.next_seq) || state.ops.len() >= OPS_BACKLOG {
                 break;
             }
             batch.advance();
             took += 1;
             let mut entry = InFlight { tag: d.tag, len: d.len, status: PENDING, ..InFlight::default() };
             match validate(&d, q.end.client, self.max_len, |id| table.lookup(id)) {
-                Ok(copy) if self.transport.supports(copy.src.kind, copy.dst.kind) => {
+                Ok(valid) if self.transport.supports(valid.chunk(0).src.kind, valid.chunk(0).dst.kind) => {
+                    let first = valid.chunk(0);
                     // The region index is the id's low 16 bits.
-                    (entry.src, entry.dst) = (copy.src.region as u16, copy.dst.region as u16);
+                    (entry.src, entry.dst) = (first.src.region as u16, first.dst.region as u16);
                     entry.counted = true;
+                    (entry.len, entry.parts) = (valid.bytes(), valid.chunks());
                     table.worker_took(self.index, entry.src.into(), entry.dst.into());
                     q.counted += 1;
                     let slot = w.take(entry) as u32;
-                    state.ops.push(Op { token: Token { queue: qi, slot }, copy });
+                    let token = Token { queue: qi, slot };
+                    state.ops.extend((0..valid.chunks()).map(|i| Op { token, copy: valid.chunk(i) }));
                 }
                 Ok(_) => {
                     entry.status = Status::Unsupported.code();
@@ -471,14 +495,7 @@ impl Worker {
         let n = self.transport.poll(&mut state.done);
         for done in &state.done[..n] {
             let Some(q) = state.queues.get_mut(done.token.queue as usize).and_then(Option::as_mut) else { continue };
-            let index = done.token.slot as usize;
-            let Some(slot) = q.window.slots.get_mut(index) else { continue };
-            if slot.status != PENDING {
-                continue; // a transport reported a token twice: ignore the repeat.
-            }
-            slot.status = done.status.code();
-            slot.detail = done.detail;
-            q.release(index, &self.table, self.index);
+            q.part_over(done.token.slot as usize, done.status, done.detail, &self.table, self.index);
         }
         if n > 0 {
             for &qi in &state.live {
@@ -508,8 +525,7 @@ impl Worker {
         // Copies validated but never given to the transport: cancelled.
         for op in std::mem::take(&mut state.ops) {
             let q = state.queue(op.token.queue);
-            q.window.slots[op.token.slot as usize].status = Status::Cancelled.code();
-            q.release(op.token.slot as usize, &self.table, self.index);
+            q.part_over(op.token.slot as usize, Status::Cancelled, 0, &self.table, self.index);
         }
         // Copies the transport started: let them finish.
         let start = Instant::now();

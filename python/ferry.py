@@ -28,6 +28,10 @@ c_u32, c_u64, c_size = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
 
 # Descriptor.flags: start only after every earlier descriptor of the queue completed.
 FLAG_FENCE = 1
+# Descriptor.flags: `count` chunks of `len` bytes at `src_stride` / `dst_stride`, one completion.
+FLAG_STRIDED = 2
+# The most chunks of one strided descriptor.
+MAX_CHUNKS = 4096
 
 # Engine(sm_budget=...), Engine.set_sm_budget: every SM of the GPU, in total over the workers.
 SM_BUDGET_ALL = 0xFFFFFFFF
@@ -70,6 +74,9 @@ STATUS = {
     "transport_failed": 8,
     "cancelled": 9,
     "unsupported": 10,
+    "zero_count": 11,
+    "too_many_chunks": 12,
+    "chunks_overlap": 13,
 }
 STATUS_NAME = {v: k for k, v in STATUS.items()}
 
@@ -90,8 +97,9 @@ class Descriptor(ctypes.Structure):
         ("dst_offset", c_u64),
         ("len", c_u64),
         ("flags", c_u32),
-        ("reserved0", c_u32),
-        ("reserved1", c_u64 * 2),
+        ("count", c_u32),
+        ("src_stride", c_u64),
+        ("dst_stride", c_u64),
     ]
 
 

@@ -63,6 +63,25 @@ class FerryTest(unittest.TestCase):
         with self.assertRaises(ferry.FerryError):
             self.engine.stats(5)  # no such worker
 
+    def test_one_strided_descriptor_moves_a_paged_block(self):
+        """FLAG_STRIDED: 8 chunks of 512 bytes, 4 KiB apart at the source and 1 KiB at the
+        destination, in one descriptor with one completion."""
+        src, dst = self.engine.alloc_host(self.client, 1 << 16), self.engine.alloc_host(self.client, 1 << 16)
+        data = os.urandom(1 << 16)
+        src.view()[:] = data
+        queue = self.engine.open_queue(self.client)
+        queue.submit([ferry.Descriptor(tag=5, src_region=src.region, dst_region=dst.region, len=512,
+                                       flags=ferry.FLAG_STRIDED, count=8, src_stride=4096, dst_stride=1024)])
+        (done,) = queue.wait(1)
+        self.assertEqual((done.tag, done.status_name, done.bytes), (5, "ok", 8 * 512))
+        for i in range(8):
+            self.assertEqual(bytes(dst.view()[i * 1024 : i * 1024 + 512]), data[i * 4096 : i * 4096 + 512])
+        # Zero chunks is its own status.
+        queue.submit([ferry.Descriptor(tag=6, src_region=src.region, dst_region=dst.region, len=512,
+                                       flags=ferry.FLAG_STRIDED, count=0, src_stride=4096, dst_stride=1024)])
+        (done,) = queue.wait(1)
+        self.assertEqual(done.status_name, "zero_count")
+
     def test_hand_off_attach_and_close(self):
         """A handed-off queue is attached again (here in the same process, as another process
         would), copies through, and once closed the worker stops serving it."""

@@ -12,6 +12,13 @@
 // `ferry_descriptor::flags`: start only after every earlier descriptor of the queue completed.
 #define FERRY_FLAG_FENCE 1
 
+// Flag: the descriptor moves `count` chunks of `len` bytes, chunk `i` from `src_offset + i *
+// src_stride` to `dst_offset + i * dst_stride`; one completion covers them all.
+#define FERRY_FLAG_STRIDED 2
+
+// The most chunks one strided descriptor may move.
+#define FERRY_MAX_CHUNKS 4096
+
 // `ferry_config::transport`: host memory only, copied by the CPU (the default).
 #define FERRY_TRANSPORT_HOST 0
 
@@ -120,6 +127,12 @@ enum ferry_status
   FERRY_STATUS_CANCELLED = 9,
   // No transport of this engine can copy between these kinds of memory.
   FERRY_STATUS_UNSUPPORTED = 10,
+  // [`FLAG_STRIDED`] with `count` 0.
+  FERRY_STATUS_ZERO_COUNT = 11,
+  // [`FLAG_STRIDED`] with `count` over [`MAX_CHUNKS`].
+  FERRY_STATUS_TOO_MANY_CHUNKS = 12,
+  // [`FLAG_STRIDED`] with destination chunks that overlap each other (`dst_stride < len`).
+  FERRY_STATUS_CHUNKS_OVERLAP = 13,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -198,7 +211,8 @@ typedef struct {
 } ferry_worker_stats;
 
 // One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,
-// `dst_offset`). The direction follows from the regions' kinds.
+// `dst_offset`), or with [`FLAG_STRIDED`] `count` such chunks at strides. The direction follows
+// from the regions' kinds.
 typedef struct {
   // Caller's tag, returned unchanged in the completion.
   uint64_t tag;
@@ -214,10 +228,13 @@ typedef struct {
   uint64_t len;
   // `FLAG_*` bits; unknown bits are rejected.
   uint32_t flags;
-  // Must be zero (room for a later ABI version).
-  uint32_t reserved0;
-  // Must be zero (room for a later ABI version).
-  uint64_t reserved1[2];
+  // With [`FLAG_STRIDED`]: chunks to move (1 to [`MAX_CHUNKS`]); else 0.
+  uint32_t count;
+  // With [`FLAG_STRIDED`]: bytes from one source chunk's start to the next's; else 0.
+  uint64_t src_stride;
+  // With [`FLAG_STRIDED`]: bytes from one destination chunk's start to the next's (at least
+  // `len`: chunks must not overlap); else 0.
+  uint64_t dst_stride;
 } ferry_descriptor;
 
 // The result of one descriptor.

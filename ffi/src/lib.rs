@@ -68,6 +68,13 @@ pub enum ferry_result {
 /// `ferry_descriptor::flags`: start only after every earlier descriptor of the queue completed.
 pub const FERRY_FLAG_FENCE: u32 = 1;
 const _: () = assert!(FERRY_FLAG_FENCE == ferry::FLAG_FENCE);
+/// Flag: the descriptor moves `count` chunks of `len` bytes, chunk `i` from `src_offset + i *
+/// src_stride` to `dst_offset + i * dst_stride`; one completion covers them all.
+pub const FERRY_FLAG_STRIDED: u32 = 2;
+const _: () = assert!(FERRY_FLAG_STRIDED == ferry::FLAG_STRIDED);
+/// The most chunks one strided descriptor may move.
+pub const FERRY_MAX_CHUNKS: u32 = 4096;
+const _: () = assert!(FERRY_MAX_CHUNKS == ferry::MAX_CHUNKS);
 
 /// `ferry_config::transport`: host memory only, copied by the CPU (the default).
 pub const FERRY_TRANSPORT_HOST: u32 = 0;
