@@ -17,6 +17,8 @@ pub const FLAG_STRIDED: u32 = 1 << 1;
 pub const KNOWN_FLAGS: u32 = FLAG_FENCE | FLAG_STRIDED;
 /// The most chunks one strided descriptor may move.
 pub const MAX_CHUNKS: u32 = 1 << 12;
+// The worker counts a descriptor's chunks in 16 bits, and statuses in 8.
+const _: () = assert!(MAX_CHUNKS <= u16::MAX as u32);
 
 /// One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,
 /// `dst_offset`), or with [`FLAG_STRIDED`] `count` such chunks at strides. The direction follows
@@ -436,6 +438,12 @@ pub struct Validated {
 }
 
 impl Validated {
+    /// The first chunk (the whole copy of a plain descriptor).
+    #[inline]
+    pub fn first(&self) -> &ValidCopy {
+        &self.first
+    }
+
     /// Chunks: 1, or a strided descriptor's `count`.
     pub fn chunks(&self) -> u32 {
         self.chunks
@@ -458,6 +466,22 @@ impl Validated {
     }
 }
 
+/// A strided descriptor's own checks (count, chunk overlap) and its bytes of all chunks; more
+/// than `max_len` (or an overflowing product) is [`Status::TooLong`].
+#[inline]
+fn strided_total(d: &Descriptor, max_len: u64) -> Result<u64, Status> {
+    if d.count == 0 {
+        return Err(Status::ZeroCount);
+    }
+    if d.count > MAX_CHUNKS {
+        return Err(Status::TooManyChunks);
+    }
+    if d.count > 1 && d.dst_stride < d.len {
+        return Err(Status::ChunksOverlap);
+    }
+    d.len.checked_mul(u64::from(d.count)).filter(|&total| total <= max_len).ok_or(Status::TooLong)
+}
+
 /// Checks one untrusted descriptor. `lookup` resolves a region id to its current registration.
 ///
 /// Checks run in a fixed order, so a descriptor with several faults always gets the same
@@ -470,26 +494,39 @@ pub fn validate(
     d: &Descriptor,
     client: u32,
     max_len: u64,
-    mut lookup: impl FnMut(u32) -> Option<RegionView>,
+    lookup: impl FnMut(u32) -> Option<RegionView>,
 ) -> Result<Validated, Status> {
-    let strided = d.flags & FLAG_STRIDED != 0;
-    if d.flags & !KNOWN_FLAGS != 0 || (!strided && (d.count != 0 || d.src_stride != 0 || d.dst_stride != 0)) {
+    if d.flags & FLAG_STRIDED == 0 {
+        return validate_plain(d, client, max_len, lookup).map(|first| Validated {
+            first,
+            chunks: 1,
+            src_stride: 0,
+            dst_stride: 0,
+        });
+    }
+    validate_strided(d, client, max_len, lookup)
+}
+
+/// [`validate`] for a descriptor without [`FLAG_STRIDED`] (the worker's hot path: no chunks).
+#[inline]
+pub(crate) fn validate_plain(
+    d: &Descriptor,
+    client: u32,
+    max_len: u64,
+    mut lookup: impl FnMut(u32) -> Option<RegionView>,
+) -> Result<ValidCopy, Status> {
+    if d.flags & !KNOWN_FLAGS != 0
+        || d.flags & FLAG_STRIDED != 0
+        || d.count != 0
+        || d.src_stride != 0
+        || d.dst_stride != 0
+    {
         return Err(Status::ReservedFlags);
     }
     if d.len == 0 {
         return Err(Status::ZeroLength);
     }
-    let (chunks, src_stride, dst_stride) = if strided { (d.count, d.src_stride, d.dst_stride) } else { (1, 0, 0) };
-    if chunks == 0 {
-        return Err(Status::ZeroCount);
-    }
-    if chunks > MAX_CHUNKS {
-        return Err(Status::TooManyChunks);
-    }
-    if chunks > 1 && dst_stride < d.len {
-        return Err(Status::ChunksOverlap);
-    }
-    if d.len.checked_mul(u64::from(chunks)).is_none_or(|total| total > max_len) {
+    if d.len > max_len {
         return Err(Status::TooLong);
     }
     let src = lookup(d.src_region).ok_or(Status::UnknownRegion)?;
@@ -497,21 +534,62 @@ pub fn validate(
     if src.owner != client || dst.owner != client {
         return Err(Status::NotOwner);
     }
-    // The end of each side's last chunk; with one chunk, offset + len.
-    let span_end = |offset: u64, stride: u64| {
-        stride.checked_mul(u64::from(chunks - 1)).and_then(|s| s.checked_add(offset)).and_then(|s| s.checked_add(d.len))
-    };
-    let src_end = span_end(d.src_offset, src_stride).ok_or(Status::OutOfBounds)?;
-    let dst_end = span_end(d.dst_offset, dst_stride).ok_or(Status::OutOfBounds)?;
+    let src_end = d.src_offset.checked_add(d.len).ok_or(Status::OutOfBounds)?;
+    let dst_end = d.dst_offset.checked_add(d.len).ok_or(Status::OutOfBounds)?;
     if src_end > src.len || dst_end > dst.len {
         return Err(Status::OutOfBounds);
     }
     if d.src_region == d.dst_region && d.src_offset < dst_end && d.dst_offset < src_end {
         return Err(Status::Overlap);
     }
-    let first = ValidCopy {
-        // Bounds are checked against the region's length, so base + offset cannot overflow
-        // for a region that was registered with a valid (non-wrapping) address range.
+    Ok(copy_of(d, &src, &dst))
+}
+
+/// [`validate`] for a descriptor with [`FLAG_STRIDED`].
+fn validate_strided(
+    d: &Descriptor,
+    client: u32,
+    max_len: u64,
+    mut lookup: impl FnMut(u32) -> Option<RegionView>,
+) -> Result<Validated, Status> {
+    if d.flags & !KNOWN_FLAGS != 0 {
+        return Err(Status::ReservedFlags);
+    }
+    if d.len == 0 {
+        return Err(Status::ZeroLength);
+    }
+    let total = strided_total(d, max_len)?;
+    if total > max_len {
+        return Err(Status::TooLong);
+    }
+    let src = lookup(d.src_region).ok_or(Status::UnknownRegion)?;
+    let dst = lookup(d.dst_region).ok_or(Status::UnknownRegion)?;
+    if src.owner != client || dst.owner != client {
+        return Err(Status::NotOwner);
+    }
+    // The end of each side's last chunk.
+    let span_end = |offset: u64, stride: u64| {
+        stride
+            .checked_mul(u64::from(d.count - 1))
+            .and_then(|s| s.checked_add(offset))
+            .and_then(|s| s.checked_add(d.len))
+    };
+    let src_end = span_end(d.src_offset, d.src_stride).ok_or(Status::OutOfBounds)?;
+    let dst_end = span_end(d.dst_offset, d.dst_stride).ok_or(Status::OutOfBounds)?;
+    if src_end > src.len || dst_end > dst.len {
+        return Err(Status::OutOfBounds);
+    }
+    if d.src_region == d.dst_region && d.src_offset < dst_end && d.dst_offset < src_end {
+        return Err(Status::Overlap);
+    }
+    Ok(Validated { first: copy_of(d, &src, &dst), chunks: d.count, src_stride: d.src_stride, dst_stride: d.dst_stride })
+}
+
+/// The (first) copy of a checked descriptor. Bounds are checked against the regions' lengths,
+/// so base + offset cannot overflow for a region registered with a valid (non-wrapping) range.
+#[inline]
+fn copy_of(d: &Descriptor, src: &RegionView, dst: &RegionView) -> ValidCopy {
+    ValidCopy {
         src: Endpoint {
             region: d.src_region,
             kind: src.kind,
@@ -527,8 +605,7 @@ pub fn validate(
             rkey: dst.rkey,
         },
         len: d.len,
-    };
-    Ok(Validated { first, chunks, src_stride, dst_stride })
+    }
 }
 
 #[cfg(test)]
