@@ -459,7 +459,9 @@ impl Worker {
             let mut entry = InFlight { tag: d.tag, len: d.len, status: PENDING, parts: 1, ..InFlight::default() };
             let token = Token { queue: qi, slot: (w.next_seq & w.mask) as u32 };
             if d.flags & FLAG_STRIDED == 0 {
-                // The hot path: one chunk.
+                // The hot path: one chunk, without the strided bookkeeping below (its arms alike
+                // on purpose: merged, the null transport lost a few percent more; see
+                // bench/results/dev-2cpu-epyc.md).
                 match validate_plain(&d, q.end.client, self.max_len, |id| table.lookup(id)) {
                     Ok(copy) if self.transport.supports(copy.src.kind, copy.dst.kind) => {
                         // The region index is the id's low 16 bits.
