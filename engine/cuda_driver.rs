@@ -416,18 +416,21 @@ unsafe impl Send for Event {}
 impl Event {
     /// A new event in the current context.
     pub fn new() -> Result<Event, CudaError> {
+        // 2 is CU_EVENT_DISABLE_TIMING.
+        Event::create(2)
+    }
+
+    fn create(flags: u32) -> Result<Event, CudaError> {
         let mut event: sys::CUevent = std::ptr::null_mut();
-        // SAFETY: valid out pointer; 2 is CU_EVENT_DISABLE_TIMING.
-        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut event, 2) })?;
+        // SAFETY: valid out pointer; `flags` is 0 or CU_EVENT_DISABLE_TIMING.
+        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut event, flags) })?;
         Ok(Event(event))
     }
 
     /// A new event in the current context that records time, for [`Event::elapsed_ms`].
     pub fn timed() -> Result<Event, CudaError> {
-        let mut event: sys::CUevent = std::ptr::null_mut();
-        // SAFETY: valid out pointer; flags 0: the default, with timing.
-        check("cuEventCreate", unsafe { sys::cuEventCreate(&mut event, 0) })?;
-        Ok(Event(event))
+        // 0: the default, with timing.
+        Event::create(0)
     }
 
     /// Milliseconds of GPU time from `start` to this event, both made by [`Event::timed`],

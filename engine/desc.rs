@@ -466,10 +466,10 @@ impl Validated {
     }
 }
 
-/// A strided descriptor's own checks (count, chunk overlap) and its bytes of all chunks; more
-/// than `max_len` (or an overflowing product) is [`Status::TooLong`].
+/// A strided descriptor's own checks: count, chunk overlap, and its bytes of all chunks against
+/// `max_len` (an overflowing product is [`Status::TooLong`] too).
 #[inline]
-fn strided_total(d: &Descriptor, max_len: u64) -> Result<u64, Status> {
+fn check_strided_fields(d: &Descriptor, max_len: u64) -> Result<(), Status> {
     if d.count == 0 {
         return Err(Status::ZeroCount);
     }
@@ -479,7 +479,7 @@ fn strided_total(d: &Descriptor, max_len: u64) -> Result<u64, Status> {
     if d.count > 1 && d.dst_stride < d.len {
         return Err(Status::ChunksOverlap);
     }
-    d.len.checked_mul(u64::from(d.count)).filter(|&total| total <= max_len).ok_or(Status::TooLong)
+    d.len.checked_mul(u64::from(d.count)).filter(|&total| total <= max_len).map(drop).ok_or(Status::TooLong)
 }
 
 /// Checks one untrusted descriptor. `lookup` resolves a region id to its current registration.
@@ -513,7 +513,7 @@ pub(crate) fn validate_plain(
     d: &Descriptor,
     client: u32,
     max_len: u64,
-    mut lookup: impl FnMut(u32) -> Option<RegionView>,
+    lookup: impl FnMut(u32) -> Option<RegionView>,
 ) -> Result<ValidCopy, Status> {
     if d.flags & !KNOWN_FLAGS != 0
         || d.flags & FLAG_STRIDED != 0
@@ -529,20 +529,7 @@ pub(crate) fn validate_plain(
     if d.len > max_len {
         return Err(Status::TooLong);
     }
-    let src = lookup(d.src_region).ok_or(Status::UnknownRegion)?;
-    let dst = lookup(d.dst_region).ok_or(Status::UnknownRegion)?;
-    if src.owner != client || dst.owner != client {
-        return Err(Status::NotOwner);
-    }
-    let src_end = d.src_offset.checked_add(d.len).ok_or(Status::OutOfBounds)?;
-    let dst_end = d.dst_offset.checked_add(d.len).ok_or(Status::OutOfBounds)?;
-    if src_end > src.len || dst_end > dst.len {
-        return Err(Status::OutOfBounds);
-    }
-    if d.src_region == d.dst_region && d.src_offset < dst_end && d.dst_offset < src_end {
-        return Err(Status::Overlap);
-    }
-    Ok(copy_of(d, &src, &dst))
+    check_regions(d, client, 0, (0, 0), lookup)
 }
 
 /// [`validate`] for a descriptor with [`FLAG_STRIDED`].
@@ -550,7 +537,7 @@ fn validate_strided(
     d: &Descriptor,
     client: u32,
     max_len: u64,
-    mut lookup: impl FnMut(u32) -> Option<RegionView>,
+    lookup: impl FnMut(u32) -> Option<RegionView>,
 ) -> Result<Validated, Status> {
     if d.flags & !KNOWN_FLAGS != 0 {
         return Err(Status::ReservedFlags);
@@ -558,31 +545,39 @@ fn validate_strided(
     if d.len == 0 {
         return Err(Status::ZeroLength);
     }
-    let total = strided_total(d, max_len)?;
-    if total > max_len {
-        return Err(Status::TooLong);
-    }
+    check_strided_fields(d, max_len)?;
+    let first = check_regions(d, client, d.count - 1, (d.src_stride, d.dst_stride), lookup)?;
+    Ok(Validated { first, chunks: d.count, src_stride: d.src_stride, dst_stride: d.dst_stride })
+}
+
+/// The checks after the descriptor's own fields, for its chunk 0 and the `last` chunk after it
+/// at `strides` (source, destination): unknown region (source first), owner, bounds of the last
+/// chunk's end (with overflow), overlap of the spans in one region. Returns chunk 0's copy.
+#[inline]
+fn check_regions(
+    d: &Descriptor,
+    client: u32,
+    last: u32,
+    strides: (u64, u64),
+    mut lookup: impl FnMut(u32) -> Option<RegionView>,
+) -> Result<ValidCopy, Status> {
     let src = lookup(d.src_region).ok_or(Status::UnknownRegion)?;
     let dst = lookup(d.dst_region).ok_or(Status::UnknownRegion)?;
     if src.owner != client || dst.owner != client {
         return Err(Status::NotOwner);
     }
-    // The end of each side's last chunk.
     let span_end = |offset: u64, stride: u64| {
-        stride
-            .checked_mul(u64::from(d.count - 1))
-            .and_then(|s| s.checked_add(offset))
-            .and_then(|s| s.checked_add(d.len))
+        stride.checked_mul(u64::from(last)).and_then(|s| s.checked_add(offset)).and_then(|s| s.checked_add(d.len))
     };
-    let src_end = span_end(d.src_offset, d.src_stride).ok_or(Status::OutOfBounds)?;
-    let dst_end = span_end(d.dst_offset, d.dst_stride).ok_or(Status::OutOfBounds)?;
+    let src_end = span_end(d.src_offset, strides.0).ok_or(Status::OutOfBounds)?;
+    let dst_end = span_end(d.dst_offset, strides.1).ok_or(Status::OutOfBounds)?;
     if src_end > src.len || dst_end > dst.len {
         return Err(Status::OutOfBounds);
     }
     if d.src_region == d.dst_region && d.src_offset < dst_end && d.dst_offset < src_end {
         return Err(Status::Overlap);
     }
-    Ok(Validated { first: copy_of(d, &src, &dst), chunks: d.count, src_stride: d.src_stride, dst_stride: d.dst_stride })
+    Ok(copy_of(d, &src, &dst))
 }
 
 /// The (first) copy of a checked descriptor. Bounds are checked against the regions' lengths,

@@ -324,8 +324,8 @@ pub enum GpuRangeFault {
 }
 
 impl Error {
-    /// An [`Error::InvalidSetting`].
-    pub(crate) fn setting(setting: &'static str, value: impl std::fmt::Display, rule: impl Into<String>) -> Error {
+    /// An [`Error::InvalidSetting`]: `setting` is `value`; it must be `rule`.
+    pub fn setting(setting: &'static str, value: impl std::fmt::Display, rule: impl Into<String>) -> Error {
         Error::InvalidSetting { setting, value: value.to_string(), rule: rule.into() }
     }
 }

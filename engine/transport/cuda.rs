@@ -26,7 +26,7 @@
 //! (first H100 run: batches capped at the worker's burst of 256 x 4 KiB reached 0.56 of the
 //! ceiling; see bench/results/h100.md).
 
-use super::{Done, Op, Token, Transport};
+use super::{Done, Op, Token, Transport, TASK_CHUNK};
 use crate::config::{CudaConfig, Strategy};
 use crate::cuda_driver::{Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION};
 use crate::desc::Status;
@@ -50,8 +50,6 @@ struct Task {
     len: u64,
 }
 
-/// Tasks above this size are split, so that large blocks spread over warps.
-const CHUNK: u64 = 64 << 10;
 /// Task slots in the staging ring.
 const STAGING_TASKS: usize = 1 << 17;
 /// Threads per block of the copy kernel.
@@ -198,15 +196,13 @@ impl CudaTransport {
         let sms = self.live_sms();
         match self.config.strategy {
             Strategy::Auto => {
-                let (mut bytes, mut to_gpu) = (0, 0);
+                // Bytes per direction; the batch goes by the larger share's crossover.
+                let mut bytes = [0u64; 2];
                 for op in self.queued.iter().take(n) {
-                    bytes += op.copy.len;
-                    if op.copy.dst.kind == MemoryKind::Gpu as u32 {
-                        to_gpu += op.copy.len;
-                    }
+                    bytes[direction(op)] += op.copy.len;
                 }
-                let dir = usize::from(to_gpu * 2 < bytes);
-                route(&self.config.route, n, bytes, dir, sms, has)
+                let dir = usize::from(bytes[0] < bytes[1]);
+                route(&self.config.route, n, bytes[0] + bytes[1], dir, sms, has)
             }
             // The large blocks of the resident strategy: the copy engine.
             Strategy::Resident if n > 1 && has.batch => Strategy::Batch,
@@ -251,7 +247,7 @@ impl CudaTransport {
         let mut strategy = self.pick(n);
         let sms = self.live_sms().max(1);
         let mut n = n;
-        let first_tasks = self.queued.front().map_or(0, |op| op.copy.len.div_ceil(CHUNK) as usize);
+        let first_tasks = self.queued.front().map_or(0, |op| op.copy.len.div_ceil(TASK_CHUNK) as usize);
         if strategy == Strategy::Kernel && first_tasks > STAGING_TASKS {
             // Larger than the whole staging ring (only with a raised max_len): copy it alone.
             (strategy, n) = (Strategy::Memcpy, 1);
@@ -270,8 +266,7 @@ impl CudaTransport {
                 }
                 for op in self.queued.iter().take(n) {
                     let c = &op.copy;
-                    let to_host = usize::from(c.dst.kind != MemoryKind::Gpu as u32);
-                    live.lanes[to_host].push(c.dst.addr, c.src.addr, c.len as usize);
+                    live.lanes[direction(op)].push(c.dst.addr, c.src.addr, c.len as usize);
                 }
                 let both = live.lanes.iter().all(|l| !l.is_empty());
                 let batch = strategy == Strategy::Batch;
@@ -299,7 +294,7 @@ impl CudaTransport {
                 let tail = self.running.iter().find_map(|b| b.staging.map(|(start, _)| start));
                 let (mut take, mut tasks) = (0, 0);
                 for op in self.queued.iter().take(n) {
-                    let t = op.copy.len.div_ceil(CHUNK) as usize;
+                    let t = op.copy.len.div_ceil(TASK_CHUNK) as usize;
                     if tasks + t > STAGING_TASKS {
                         break;
                     }
@@ -331,7 +326,7 @@ impl CudaTransport {
                     let c = &op.copy;
                     let mut off = 0;
                     while off < c.len {
-                        let len = (c.len - off).min(CHUNK);
+                        let len = (c.len - off).min(TASK_CHUNK);
                         slots[k] = Task { src: c.src.addr + off, dst: c.dst.addr + off, len };
                         k += 1;
                         off += len;
@@ -440,8 +435,7 @@ impl Transport for CudaTransport {
 
     fn start(&mut self) -> Result<(), TransportError> {
         self.context.make_current()?;
-        let new_stream = Stream::new;
-        let stream = new_stream()?;
+        let stream = Stream::new()?;
         let wants_kernel = matches!(self.config.strategy, Strategy::Auto | Strategy::Kernel);
         let (kernel, staging) = if wants_kernel && self.context.info.host_pointer_for_registered {
             let kernel = Kernel::load(COPY_KERNEL_PTX, "ferry_copy", BLOCK_THREADS);
@@ -482,7 +476,7 @@ impl Transport for CudaTransport {
             ),
             _ => None,
         };
-        let stage_stream = new_stream()?;
+        let stage_stream = Stream::new()?;
         let staged = Event::new()?;
         let lanes = [Lane::with_capacity(self.config.max_batch), Lane::with_capacity(self.config.max_batch)];
         self.live = Some(Live {
@@ -493,7 +487,7 @@ impl Transport for CudaTransport {
             staging,
             staging_head: 0,
             spare_events: Vec::new(),
-            side: new_stream()?,
+            side: Stream::new()?,
             fork: Event::new()?,
             join: Event::new()?,
             lanes,

@@ -18,6 +18,10 @@ use crate::desc::ValidCopy;
 use crate::error::TransportError;
 use std::collections::VecDeque;
 
+/// Copy-kernel tasks above this size are split, so that large blocks spread over warps (the
+/// launched and the resident kernel alike).
+pub(crate) const TASK_CHUNK: u64 = 64 << 10;
+
 /// Identifies one operation to the worker that submitted it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Token {

@@ -14,7 +14,7 @@
 //! does not end in time keeps its memory (leaked, never freed under it) and is reported.
 
 use crate::cuda_driver::{Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream};
-use crate::transport::{Done, Op, Token};
+use crate::transport::{Done, Op, Token, TASK_CHUNK};
 use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -23,15 +23,13 @@ use std::time::{Duration, Instant};
 /// The kernel's PTX, generated on the H200 machine; see `gpu/resident_kernel.cu`.
 const PTX: &str = include_str!("../../gpu/resident_kernel.ptx");
 /// Task slots: `FERRY_RING` in the kernel.
-pub(crate) const RING: u64 = 1 << 16;
+const RING: u64 = 1 << 16;
 /// Threads per block of the kernel (its `__launch_bounds__`).
 const BLOCK_THREADS: u32 = 1024;
 /// A task's bytes: `FerryTask`.
 const TASK_BYTES: usize = 32;
 /// `FerryResidentDev`: claim, tail, stop, pad, then one done flag per slot.
 const DEV_BYTES: usize = 8 + 8 + 4 + 4 + RING as usize;
-/// Tasks above this size are split, so that large blocks spread over warps.
-const CHUNK: u64 = 64 << 10;
 /// How long start waits for the kernel to run, and drop for it to end.
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -131,20 +129,20 @@ impl Resident {
         self.side().done.load(Ordering::Acquire)
     }
 
-    /// Publishes a prefix of `ops` (each split into tasks of at most CHUNK bytes) as far as the
+    /// Publishes a prefix of `ops` (each split into tasks of at most TASK_CHUNK bytes) as far as the
     /// ring has room; returns its length.
     pub(crate) fn submit(&mut self, ops: &[Op]) -> usize {
         let room = RING - 1 - (self.pushed - self.done());
         let mut used = 0;
         let mut n = 0;
         for op in ops {
-            let tasks = op.copy.len.div_ceil(CHUNK).max(1);
+            let tasks = op.copy.len.div_ceil(TASK_CHUNK).max(1);
             if used + tasks > room {
                 break;
             }
             let mut off = 0;
             while off < op.copy.len {
-                let len = (op.copy.len - off).min(CHUNK);
+                let len = (op.copy.len - off).min(TASK_CHUNK);
                 let slot = ((self.pushed + used) % RING) as usize * TASK_BYTES;
                 let task = [op.copy.src.addr + off, op.copy.dst.addr + off, len, 0u64];
                 // SAFETY: `slot` is one of the ring's RING slots of TASK_BYTES; the kernel reads

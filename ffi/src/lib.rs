@@ -310,11 +310,6 @@ fn guard(function: &str, f: impl FnOnce() -> Result<(), Failure>) -> ferry_resul
     code
 }
 
-/// An argument of a C call out of its range, as the engine's [`Error::InvalidSetting`].
-fn invalid(argument: &'static str, value: impl std::fmt::Display, rule: impl Into<String>) -> Error {
-    Error::InvalidSetting { setting: argument, value: value.to_string(), rule: rule.into() }
-}
-
 /// The boundary of an export that returns a plain value: runs `f`; a panic returns `sentinel`
 /// (the export's doc comment names it) and leaves the panic's text for [`ferry_last_error`].
 fn guard_value<T>(function: &str, sentinel: T, f: impl FnOnce() -> T) -> T {
@@ -381,7 +376,7 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
             FERRY_TRANSPORT_NULL => TransportKind::Null,
             // SAFETY: NULL or a NUL-terminated string, as the caller promised.
             FERRY_TRANSPORT_GPU => TransportKind::Gpu(gpu_config(&c, unsafe { optional_str(c.nic) }?)?),
-            other => return Err(invalid("ferry_config::transport", other, "0 host, 1 null or 2 GPU").into()),
+            other => return Err(Error::setting("ferry_config::transport", other, "0 host, 1 null or 2 GPU").into()),
         };
         let config = EngineConfig {
             workers: if c.workers == 0 { defaults.workers } else { c.workers as usize },
@@ -408,7 +403,7 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         FERRY_CUDA_STRATEGY_KERNEL => Strategy::Kernel,
         FERRY_CUDA_STRATEGY_RESIDENT => Strategy::Resident,
         other => {
-            return Err(invalid(
+            return Err(Error::setting(
                 "ferry_config::cuda_strategy",
                 other,
                 "0 auto, 1 memcpy, 2 batch, 3 kernel or 4 resident",
@@ -423,10 +418,10 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         FERRY_USE_GDR_AUTO => UseGdr::Auto,
         FERRY_USE_GDR_OFF => UseGdr::Off,
         FERRY_USE_GDR_ON => UseGdr::On,
-        other => return Err(invalid("ferry_config::use_gdr", other, "0 auto, 1 off or 2 on")),
+        other => return Err(Error::setting("ferry_config::use_gdr", other, "0 auto, 1 off or 2 on")),
     };
-    let device =
-        u32::try_from(c.cuda_device).map_err(|_| invalid("ferry_config::cuda_device", c.cuda_device, "0 or more"))?;
+    let device = u32::try_from(c.cuda_device)
+        .map_err(|_| Error::setting("ferry_config::cuda_device", c.cuda_device, "0 or more"))?;
     Ok(GpuConfig {
         device,
         cuda: CudaConfig { strategy, sm_budget, ..CudaConfig::default() },
@@ -445,7 +440,9 @@ unsafe fn optional_str(p: *const c_char) -> Result<Option<String>, Error> {
     }
     // SAFETY: NUL-terminated, as the caller promised.
     let text = unsafe { std::ffi::CStr::from_ptr(p) };
-    text.to_str().map(|t| Some(t.to_owned())).map_err(|_| invalid("ferry_config::nic", text.to_string_lossy(), "UTF-8"))
+    text.to_str()
+        .map(|t| Some(t.to_owned()))
+        .map_err(|_| Error::setting("ferry_config::nic", text.to_string_lossy(), "UTF-8"))
 }
 
 /// Writes the engine's transport into `buf` as text ("gdr on mlx5_0", "cuda", "host"), followed
@@ -490,7 +487,7 @@ pub unsafe extern "C" fn ferry_engine_stats(
         let stats = unsafe { &(*engine).0 }.stats();
         let s = stats
             .get(worker as usize)
-            .ok_or_else(|| invalid("worker", worker, format!("below the engine's {} workers", stats.len())))?;
+            .ok_or_else(|| Error::setting("worker", worker, format!("below the engine's {} workers", stats.len())))?;
         let nic = s.nic.unwrap_or_default();
         let value = ferry_worker_stats {
             iterations: s.iterations,
@@ -694,7 +691,9 @@ pub unsafe extern "C" fn ferry_engine_set_sm_budget(engine: *const ferry_engine,
     guard("ferry_engine_set_sm_budget", || {
         non_null!(engine);
         if sm_budget == 0 {
-            return Err(invalid("sm_budget", 0, "a count of SMs, FERRY_SM_BUDGET_ALL or FERRY_SM_BUDGET_NONE").into());
+            return Err(
+                Error::setting("sm_budget", 0, "a count of SMs, FERRY_SM_BUDGET_ALL or FERRY_SM_BUDGET_NONE").into()
+            );
         }
         // SAFETY: live engine, as the caller promised.
         unsafe { &(*engine).0 }.set_sm_budget(sm_budget_of(sm_budget))?;

@@ -443,6 +443,16 @@ struct CudaRig {
     _context: std::sync::Arc<Context>,
 }
 
+/// The workers of a strategy's rig: `--workers`, but one for the resident strategy (it runs one
+/// worker: CudaConfig's docs).
+fn workers_for(o: &Options, strategy: Strategy) -> usize {
+    if strategy == Strategy::Resident {
+        1
+    } else {
+        o.workers
+    }
+}
+
 /// `sm_budget` is the total over `workers` workers (each gets an equal share).
 fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: SmBudget, workers: usize) -> Result<CudaRig, BenchError> {
     cuda_rig_with(o, CudaConfig { strategy, sm_budget, ..CudaConfig::default() }, workers)
@@ -588,8 +598,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut idle = Vec::new();
     let mut worker_cores = Vec::new();
     for &strategy in &strategies {
-        // The resident strategy runs one worker (CudaConfig::strategy's docs).
-        let workers = if strategy == Strategy::Resident { 1 } else { o.workers };
+        let workers = workers_for(o, strategy);
         let mut rig = cuda_rig(o, strategy, o.sm_budget, workers)?;
         if workers == o.workers {
             worker_cores = rig.engine.worker_cores();
@@ -609,7 +618,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut results_both = Vec::new();
     for &strategy in &both_strategies {
         progress(&format!("both directions: {}", strategy.name()));
-        let workers = if strategy == Strategy::Resident { 1 } else { o.workers };
+        let workers = workers_for(o, strategy);
         let mut rig = cuda_rig(o, strategy, o.sm_budget, workers)?;
         results_both
             .push(o.sizes.iter().map(|&b| Ok(rig.run_both(o, b)?.gb_per_s())).collect::<Result<Vec<_>, BenchError>>()?);
@@ -770,7 +779,7 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 3]) -> 
     for &(strategy, live_budget, name) in &LOADED_COLUMNS {
         progress(&format!("under load: {name}"));
         let cuda = CudaConfig { strategy, sm_budget: o.sm_budget, ..CudaConfig::default() };
-        let workers = if strategy == Strategy::Resident { 1 } else { o.workers };
+        let workers = workers_for(o, strategy);
         let mut rig = cuda_rig_with(o, cuda, workers)?;
         if let Some(budget) = live_budget {
             rig.engine.set_sm_budget(budget)?;
