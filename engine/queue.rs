@@ -489,29 +489,42 @@ impl Queue {
     /// Waits (spinning) for the next completion, at most `timeout`. Fails at once when the
     /// queue is no longer open and nothing is left to read.
     pub fn wait_one(&mut self, timeout: Duration) -> Result<Completion, Error> {
-        let start = Instant::now();
         let mut out = [Completion::default()];
+        match self.poll_wait(&mut out, 1, timeout)? {
+            1 => Ok(out[0]),
+            _ => Err(Error::Timeout { what: "a completion", waited: timeout }),
+        }
+    }
+
+    /// Polls (spinning) into `out` until at least `min` completions are there (`min` is capped at
+    /// `out.len()`) or `timeout` has passed, and returns how many it moved: fewer than `min`
+    /// only after the timeout. Completions taken from the ring are always returned, never
+    /// dropped. Fails when the queue is no longer open and nothing was left to read.
+    pub fn poll_wait(&mut self, out: &mut [Completion], min: usize, timeout: Duration) -> Result<usize, Error> {
+        let min = min.min(out.len());
+        let start = Instant::now();
+        let mut n = self.poll(out)?;
         let mut spins = 0u32;
-        loop {
-            if self.poll(&mut out)? == 1 {
-                return Ok(out[0]);
-            }
+        while n < min {
             spins = spins.wrapping_add(1);
             if spins % 1024 == 0 {
                 let state = self.state();
                 if state != QueueState::Open {
                     // A completion may have landed just before the state changed (R5/A5).
-                    if self.poll(&mut out)? == 1 {
-                        return Ok(out[0]);
+                    n += self.poll(&mut out[n..])?;
+                    if n == 0 {
+                        return Err(Error::QueueNotOpen { queue: self.id().0, state });
                     }
-                    return Err(Error::QueueNotOpen { queue: self.id().0, state });
+                    return Ok(n);
                 }
                 if start.elapsed() > timeout {
-                    return Err(Error::Timeout { what: "a completion", waited: timeout });
+                    return Ok(n);
                 }
             }
             std::hint::spin_loop();
+            n += self.poll(&mut out[n..])?;
         }
+        Ok(n)
     }
 }
 

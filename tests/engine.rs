@@ -206,6 +206,23 @@ fn a_fence_waits_for_every_earlier_descriptor() {
 }
 
 #[test]
+fn poll_wait_waits_for_its_minimum_and_returns_what_it_has_at_the_timeout() {
+    let (gate, engine, client, a, b) = gated_engine();
+    let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+    let d = |i: u64| Descriptor::copy(a.id(), i * 64, b.id(), i * 64, 64).with_tag(i);
+    queue.submit(&[d(0), d(1), d(2), d(3)]).unwrap();
+    let mut out = [ferry::Completion::default(); 8];
+    let start = std::time::Instant::now();
+    assert_eq!(queue.poll_wait(&mut out, 2, Duration::from_millis(30)).unwrap(), 0, "nothing can complete yet");
+    assert!(start.elapsed() >= Duration::from_millis(30), "returned before the timeout");
+    gate.open();
+    // min above what out holds is capped at out's length.
+    let got = queue.poll_wait(&mut out[..4], 9, Duration::from_secs(5)).unwrap();
+    assert_eq!(got, 4);
+    assert!(out[..4].iter().enumerate().all(|(i, c)| c.tag == i as u64 && c.is_ok()));
+}
+
+#[test]
 fn deregistration_is_refused_while_copies_are_in_flight() {
     let (gate, engine, client, a, b) = gated_engine();
     let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();

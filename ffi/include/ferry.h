@@ -432,6 +432,23 @@ ferry_result ferry_queue_submit(ferry_queue *queue,
 // valid for a write.
 ferry_result ferry_queue_poll(ferry_queue *queue, ferry_completion *out, size_t cap, size_t *n);
 
+// Like [`ferry_queue_poll`], but waits (spinning in the calling thread) until at least `min`
+// completions are in `out` or `timeout_ns` nanoseconds have passed; writes how many it moved to
+// `*n`, fewer than `min` only after the timeout (still `FERRY_RESULT_OK`: completions taken
+// from the ring are always handed out). `min` above `cap` is `FERRY_RESULT_INVALID_ARGUMENT`;
+// `FERRY_RESULT_QUEUE_NOT_OPEN` when the queue closed with nothing left to read. A binding that
+// releases its interpreter lock around foreign calls (Python's ctypes) lets other threads run
+// while this waits.
+//
+// # Safety
+// As [`ferry_queue_poll`].
+ferry_result ferry_queue_poll_wait(ferry_queue *queue,
+                                   ferry_completion *out,
+                                   size_t cap,
+                                   size_t min,
+                                   uint64_t timeout_ns,
+                                   size_t *n);
+
 // In-order watermark: every descriptor with seq below it has its completion published.
 // Returns 0 for NULL and if ferry panicked (the panic's text is then in [`ferry_last_error`]):
 // 0 claims nothing complete, so a caller never reuses memory too early on it.

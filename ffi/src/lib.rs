@@ -29,6 +29,7 @@ use std::ffi::{c_char, c_int};
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
 
 /// Result of a call.
 #[repr(C)]
@@ -852,6 +853,40 @@ pub unsafe extern "C" fn ferry_queue_poll(
         let out: &mut [Completion] = unsafe { std::slice::from_raw_parts_mut(out, cap) };
         // SAFETY: a live queue used by this thread only, as the caller promised.
         let k = unsafe { &mut (*queue).0 }.poll(out)?;
+        // SAFETY: writable `n`, as the caller promised.
+        unsafe { *n = k };
+        Ok(())
+    })
+}
+
+/// Like [`ferry_queue_poll`], but waits (spinning in the calling thread) until at least `min`
+/// completions are in `out` or `timeout_ns` nanoseconds have passed; writes how many it moved to
+/// `*n`, fewer than `min` only after the timeout (still `FERRY_RESULT_OK`: completions taken
+/// from the ring are always handed out). `min` above `cap` is `FERRY_RESULT_INVALID_ARGUMENT`;
+/// `FERRY_RESULT_QUEUE_NOT_OPEN` when the queue closed with nothing left to read. A binding that
+/// releases its interpreter lock around foreign calls (Python's ctypes) lets other threads run
+/// while this waits.
+///
+/// # Safety
+/// As [`ferry_queue_poll`].
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_poll_wait(
+    queue: *mut ferry_queue,
+    out: *mut Completion,
+    cap: usize,
+    min: usize,
+    timeout_ns: u64,
+    n: *mut usize,
+) -> ferry_result {
+    guard("ferry_queue_poll_wait", || {
+        non_null!(queue, out, n);
+        if min > cap {
+            return Err(Error::setting("ferry_queue_poll_wait min", min, format!("at most cap ({cap})")).into());
+        }
+        // SAFETY: `out` is valid for `cap` writes, as the caller promised.
+        let out: &mut [Completion] = unsafe { std::slice::from_raw_parts_mut(out, cap) };
+        // SAFETY: a live queue used by this thread only, as the caller promised.
+        let k = unsafe { &mut (*queue).0 }.poll_wait(out, min, Duration::from_nanos(timeout_ns))?;
         // SAFETY: writable `n`, as the caller promised.
         unsafe { *n = k };
         Ok(())

@@ -68,6 +68,14 @@ int main(void) {
     CHECK(done[N].status == FERRY_STATUS_ZERO_LENGTH && done[N].bytes == 0);
     CHECK(ferry_queue_watermark(queue) == N + 1);
 
+    /* poll_wait: waits for its minimum; with nothing in flight it returns 0 at the timeout. */
+    CHECK(ferry_queue_submit(queue, descs, N, &pushed) == FERRY_RESULT_OK && pushed == N);
+    size_t n = 0;
+    CHECK(ferry_queue_poll_wait(queue, done, N, N, 5000000000ull, &n) == FERRY_RESULT_OK && n == N);
+    CHECK(done[N - 1].tag == N - 1 && done[N - 1].status == FERRY_STATUS_OK);
+    CHECK(ferry_queue_poll_wait(queue, done, N, 1, 1000000ull, &n) == FERRY_RESULT_OK && n == 0);
+    CHECK(ferry_queue_poll_wait(queue, done, 1, 2, 0, &n) == FERRY_RESULT_INVALID_ARGUMENT);
+
     /* Conventions: NULL arguments are refused with a text, outputs untouched. */
     CHECK(ferry_queue_submit(queue, NULL, 1, &pushed) == FERRY_RESULT_NULL_ARGUMENT);
     char text[128];
