@@ -25,8 +25,11 @@ fail() { echo "$1" >>"$out/failed"; }
     step "GPU tests: CUDA loading (library) and the CUDA transport (tests/gpu.rs)"
     .device/ferry-lib-tests cuda:: --nocapture --test-threads 1 || fail "library cuda tests"
     .device/gpu-tests --nocapture --test-threads 1 || fail "gpu tests"
-    step "Python binding over the C ABI, GPU copies with a torch CUDA tensor"
-    FERRY_LIB=$PWD/.device/libferry.so python3 -m unittest discover -s python -v || fail "python binding"
+    step "Python package (from the source tree, libferry from .device): GPU copies and KV blocks with torch CUDA tensors"
+    (cd python/tests && PYTHONPATH=$OLDPWD/python FERRY_LIB=$OLDPWD/.device/libferry.so python3 -m unittest discover -s . -v) || fail "python package"
+    step "paged KV blocks from Python: package vs C ABI vs torch, idle and under GEMMs (python/bench_paged_kv.py)"
+    FERRY_LIB=$PWD/.device/libferry.so python3 python/bench_paged_kv.py >"$out/bench-paged-kv.txt" || fail "bench_paged_kv"
+    cat "$out/bench-paged-kv.txt"
     step "GDR tests (tests/gdr.rs): the use_gdr switch on a GPU machine without an RDMA NIC"
     .device/gdr-tests --nocapture --test-threads 1 || fail "gdr tests"
     step "GDR switch tests built without the gdr feature (--no-default-features)"
@@ -55,4 +58,5 @@ fail() { echo "$1" >>"$out/failed"; }
 echo
 echo "== summary (tests: $(grep -c '^test result: ok' "$out/log.txt") suites ok, $(grep -c 'FAILED' "$out/log.txt") FAILED lines)"
 for f in bench-cuda.txt bench-cuda-load.txt; do echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; done
+echo "-- bench-paged-kv.txt"; sed -n '/^KV /,$p' "$out/bench-paged-kv.txt"
 if [ -e "$out/failed" ]; then echo "FAILED: $(paste -sd, "$out/failed")"; exit 1; fi

@@ -1,4 +1,5 @@
-"""Tests of the Python binding: `python3 -m unittest discover -s python` (needs libferry.so)."""
+"""Tests of the Python package: `python -m unittest discover -s .` from python/tests, against the
+installed package (`pip install ./python`) or with FERRY_LIB naming libferry.so."""
 
 import os
 import time

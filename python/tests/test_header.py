@@ -1,9 +1,9 @@
-"""ferry.py's mirrors of the C ABI against ffi/include/ferry.h, as a C compiler sees the header.
+"""The ferry package's mirrors of the C ABI against ffi/include/ferry.h, as a C compiler sees the header.
 
 A C program generated from the header prints the size, alignment and every field's offset and
 size of each struct, and the value of each constant (#define and enum); the test compares them
-with the ctypes structures (every field, in order, both ways), with ferry.py's constants (every
-one, both ways), and compares the signatures ferry.py binds with the header's prototypes. Needs
+with the ctypes structures (every field, in order, both ways) and the numpy dtypes, with the package's constants (every
+one, both ways), and compares the signatures the package binds with the header's prototypes. Needs
 `cc`, not libferry.so.
 """
 
@@ -15,9 +15,11 @@ import subprocess
 import tempfile
 import unittest
 
+import numpy as np
+
 import ferry
 
-INCLUDE = pathlib.Path(__file__).resolve().parent.parent / "ffi" / "include"
+INCLUDE = pathlib.Path(__file__).resolve().parents[2] / "ffi" / "include"
 HEADER = (INCLUDE / "ferry.h").read_text()
 # The header's text without comments, which would otherwise match the patterns below.
 CODE = re.sub(r"//[^\n]*|/\*.*?\*/", "", HEADER, flags=re.S)
@@ -65,7 +67,7 @@ def header_prototypes():
 
 
 def python_structs():
-    """{C struct name: ctypes class} of every ctypes.Structure defined in ferry.py."""
+    """{C struct name: ctypes class} of every ctypes.Structure defined in the package."""
     mirrors = {}
     for value in vars(ferry).values():
         if isinstance(value, type) and issubclass(value, ctypes.Structure) and value.__module__ == "ferry":
@@ -76,7 +78,7 @@ def python_structs():
 
 
 def python_constants():
-    """{header name: value}: FERRY_<NAME> for each int NAME of ferry.py, FERRY_<NAME>_<KEY> for
+    """{header name: value}: FERRY_<NAME> for each int NAME of the package, FERRY_<NAME>_<KEY> for
     each key of each str-to-int dict NAME (STATUS, RESULT, ...)."""
     constants = {}
     for name, value in vars(ferry).items():
@@ -113,7 +115,7 @@ class HeaderTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         if shutil.which("cc") is None:
-            print("SKIP: no C compiler (cc on PATH): ferry.py was not checked against ferry.h")
+            print("SKIP: no C compiler (cc on PATH): the package was not checked against ferry.h")
             raise unittest.SkipTest("no C compiler")
         cls.structs = header_structs()
         cls.constants = header_constants()
@@ -159,7 +161,7 @@ class HeaderTest(unittest.TestCase):
 
     def test_every_struct_is_mirrored_field_by_field(self):
         mirrors = python_structs()
-        self.assertEqual(set(mirrors), set(self.structs), "C structs with a body vs ferry.py's ctypes mirrors")
+        self.assertEqual(set(mirrors), set(self.structs), "C structs with a body vs the package's ctypes mirrors")
         for name, fields in self.structs.items():
             mirror = mirrors[name]
             with self.subTest(struct=name):
@@ -184,13 +186,34 @@ class HeaderTest(unittest.TestCase):
     def test_every_constant_has_the_value_of_the_header(self):
         mirrored = python_constants()
         self.assertEqual(
-            sorted(set(self.constants) - set(mirrored)), [], "constants of ferry.h that ferry.py lacks"
+            sorted(set(self.constants) - set(mirrored)), [], "constants of ferry.h that the package lacks"
         )
         self.assertEqual(
-            sorted(set(mirrored) - set(self.constants)), [], "constants of ferry.py that ferry.h lacks"
+            sorted(set(mirrored) - set(self.constants)), [], "constants of the package that ferry.h lacks"
         )
         for name in self.constants:
             self.assertEqual(mirrored[name], self.c[("const", name)], name)
+
+    def test_the_numpy_dtypes_are_the_c_structs(self):
+        for dtype, name in ((ferry.DESCRIPTOR_DTYPE, "ferry_descriptor"), (ferry.COMPLETION_DTYPE, "ferry_completion")):
+            with self.subTest(struct=name):
+                self.assertEqual(list(dtype.names), [field for _, field, _ in self.structs[name]])
+                self.assertEqual(dtype.itemsize, self.c[("struct", name)][0])
+                for c_type, field, _ in self.structs[name]:
+                    format, offset = dtype.fields[field][:2]
+                    self.assertEqual((offset, format.itemsize), self.c[("field", name, field)], f"{name}.{field}")
+                    self.assertEqual(format, np.dtype(SCALARS[c_type]), f"{name}.{field}: {c_type}")
+
+    def test_address_bindings_are_the_typed_ones_with_void_pointers(self):
+        typed = {name: (args, res) for name, args, res in ferry._SIGNATURES}
+        for name, args, res in ferry._ADDRESS_SIGNATURES:
+            with self.subTest(function=name):
+                want_args, want_res = typed[name]
+                self.assertIs(res, want_res)
+                self.assertEqual(len(args), len(want_args))
+                for got, want in zip(args, want_args):
+                    is_struct_pointer = getattr(want, "_type_", None) in (ferry.Descriptor, ferry.Completion)
+                    self.assertEqual(got, ctypes.c_void_p if is_struct_pointer else want, name)
 
     def test_every_bound_function_has_the_header_signature(self):
         prototypes, mirrors = header_prototypes(), python_structs()
@@ -198,7 +221,7 @@ class HeaderTest(unittest.TestCase):
         self.assertEqual(self.c[("sizeof", "ferry_result")], (ctypes.sizeof(ctypes.c_int),))
         for name, args, res in ferry._SIGNATURES:
             with self.subTest(function=name):
-                self.assertIn(name, prototypes, "ferry.py binds a function the header lacks")
+                self.assertIn(name, prototypes, "the package binds a function the header lacks")
                 ret, params = prototypes[name]
                 self.assertIs(res, ctypes_of(ret, mirrors), f"{name}: returns {ret}")
                 self.assertEqual(args, [ctypes_of(p, mirrors) for p in params], f"{name}: takes {params}")
