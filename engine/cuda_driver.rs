@@ -89,6 +89,8 @@ pub struct Device {
     pub shared_per_sm: i32,
     /// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: the most a block may ask for.
     pub shared_per_block_optin: i32,
+    /// CU_DEVICE_ATTRIBUTE_MAX_PITCH: the largest pitch a 2D copy takes, bytes.
+    pub max_pitch: i32,
 }
 
 impl CudaError {
@@ -187,6 +189,7 @@ impl Driver {
                 == 1,
             shared_per_sm: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,
             shared_per_block_optin: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+            max_pitch: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_PITCH)?,
         })
     }
 }
@@ -359,6 +362,44 @@ impl Stream {
     pub unsafe fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), CudaError> {
         // SAFETY: the caller's contract covers both ranges until the copy finishes.
         check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(dst, src, len, self.0) })
+    }
+
+    /// Queues a 2D copy (unified addressing): `rows` rows of `width` bytes, row `i` from
+    /// `src + i * src_pitch` to `dst + i * dst_pitch`. Both pitches must be at least `width` and
+    /// at most the device's `max_pitch` (the driver refuses others).
+    ///
+    /// # Safety
+    /// As [`Stream::copy`], for every row.
+    pub unsafe fn copy_2d(
+        &self,
+        dst: u64,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        width: usize,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED,
+            srcHost: std::ptr::null(),
+            srcDevice: src,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: dst_pitch,
+            WidthInBytes: width,
+            Height: rows,
+        };
+        // SAFETY: a valid descriptor of the copy; the caller's contract covers every row until
+        // the copy finishes on the stream.
+        check("cuMemcpy2DAsync", unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.0) })
     }
 
     /// Makes work queued on this stream from now on wait for `event`'s last recorded point.

@@ -9,14 +9,15 @@ back (H2D). Rows, each checked once against torch indexing (destinations poisone
 timed, median of `--reps` rounds:
 
 - package: `Queue.copy_blocks` (one strided descriptor per block, built from the ids each round);
-- C ABI, prebuilt: the same work as one plain descriptor per chunk in a ctypes array built before
-  timing, pushed and polled with raw `ferry_queue_submit` / `ferry_queue_poll_wait`;
+- C ABI, prebuilt: the same strided descriptors in a ctypes array built before timing, pushed and
+  polled with raw `ferry_queue_submit` / `ferry_queue_poll_wait` (the package's own cost is the
+  difference); and the same work as one plain descriptor per chunk (the copy kernel's route);
 - Descriptor objects: one `ferry.Descriptor` per chunk built each round, `Queue.submit(list)`
   and `Queue.poll()` (the binding before the package's array paths);
 - torch: gather on the GPU, one pinned copy, scatter on the host (and the reverse);
 - ceiling: one contiguous pinned copy of the same bytes (torch `copy_`).
 
-Then the package and C ABI rows again under a compute load (bf16 GEMMs back to back on their
+Then those three rows again under a compute load (bf16 GEMMs back to back on their
 own stream in this process, as in bench_under_load.py), with the share of the GEMMs' throughput
 the copies took. On the GPU machine, from the repository root:
 
@@ -238,27 +239,42 @@ def main(argv: list[str]) -> int:
         top = ceiling(case, direction, args.reps)
         row("ceiling", direction, f"{top:.1f}")
 
-        def prebuilt(gpu_ids: np.ndarray, pool_ids: np.ndarray) -> tuple[ctypes.Array, int]:
-            plain = case.chunk_descriptors(direction, gpu_ids, pool_ids)
-            return (ferry.Descriptor * len(plain)).from_buffer_copy(plain.tobytes()), len(plain)
+        def prebuilt(strided: bool) -> Callable[[np.ndarray, np.ndarray], tuple[ctypes.Array, int]]:
+            def build(gpu_ids: np.ndarray, pool_ids: np.ndarray) -> tuple[ctypes.Array, int]:
+                if strided:
+                    src, dst = case.sides(direction)
+                    pair = (gpu_ids, pool_ids) if direction == "D2H" else (pool_ids, gpu_ids)
+                    descs = ferry.block_descriptors(src, dst, *pair)
+                else:
+                    descs = case.chunk_descriptors(direction, gpu_ids, pool_ids)
+                return (ferry.Descriptor * len(descs)).from_buffer_copy(descs.tobytes()), len(descs)
+            return build
 
-        def measure(load_on: bool) -> tuple[float, float, Optional[float]]:
+        runs = {
+            "package": (lambda g, p: case.package(direction, g, p), None),
+            "c_abi_strided": (lambda prepared: case.c_abi(*prepared), prebuilt(True)),
+            "c_abi": (lambda prepared: case.c_abi(*prepared), prebuilt(False)),
+        }
+
+        def measure(name: str, load_on: bool) -> tuple[float, Optional[float]]:
+            run, prepare = runs[name]
             if load_on:
                 load.start()
                 time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             try:
-                pkg = timed(case, lambda g, p: case.package(direction, g, p), args.reps)
-                c = timed(case, lambda prepared: case.c_abi(*prepared), args.reps, prebuilt)
+                rate = timed(case, run, args.reps, prepare)
             finally:
                 t1 = time.perf_counter()
                 if load_on:
                     load.stop()
-            return pkg, c, load.loss(t0, t1) if load_on else None
+            return rate, load.loss(t0, t1) if load_on else None
 
-        pkg, c, _ = measure(False)
-        row("package", direction, f"{pkg:.1f} ({pkg / top:.2f} of the ceiling, {pkg / c:.2f} of the C ABI)")
-        row("c_abi", direction, f"{c:.1f} ({c / top:.2f})")
+        idle = {name: measure(name, False)[0] for name in runs}
+        pkg, same = idle["package"], idle["c_abi_strided"]
+        row("package", direction, f"{pkg:.1f} ({pkg / top:.2f} of the ceiling, {pkg / same:.2f} of the C ABI, same descriptors)")
+        row("c_abi_strided", direction, f"{same:.1f} ({same / top:.2f})")
+        row("c_abi", direction, f"{idle['c_abi']:.1f} ({idle['c_abi'] / top:.2f})")
         if not args.no_objects:
             objs = timed(case, lambda rows: case.objects(rows), max(1, args.reps // 2),
                          lambda g, p: case.chunk_descriptors(direction, g, p).tolist())
@@ -266,16 +282,19 @@ def main(argv: list[str]) -> int:
         t = timed(case, lambda g, p: case.torch_path(direction, g, p, staging, gathered), max(1, args.reps // 2))
         row("torch", direction, f"{t:.1f} ({t / top:.2f})")
         if load:
-            pkg_l, c_l, loss = measure(True)
-            row("package_load", direction,
-                f"{pkg_l:.1f} ({pkg_l / top:.2f}; {pkg_l / c_l:.2f} of the C ABI under load; GEMM loss {loss:.1%})")
+            for name in runs:
+                rate, loss = measure(name, True)
+                row(f"{name}_load", direction, f"{rate:.1f} ({rate / top:.2f}; GEMM loss {loss:.1%})")
     names = {
         "package": "package: `Queue.copy_blocks`, one strided descriptor per block",
-        "c_abi": "C ABI: prebuilt ctypes array of one descriptor per chunk, raw submit/poll_wait",
+        "c_abi_strided": "C ABI: the same strided descriptors in a prebuilt ctypes array, raw submit/poll_wait",
+        "c_abi": "C ABI: prebuilt ctypes array of one plain descriptor per chunk, raw submit/poll_wait",
         "objects": "`Queue.submit(list of Descriptor)` / `Queue.poll()`, one per chunk",
         "torch": "torch: gather on the GPU, one pinned copy, scatter on the host",
         "ceiling": "ceiling: one contiguous pinned copy of the same bytes (torch)",
         "package_load": "package under the GEMM load (its loss)",
+        "c_abi_strided_load": "C ABI, strided, under the GEMM load",
+        "c_abi_load": "C ABI, one descriptor per chunk, under the GEMM load",
     }
     chunks = 2 * args.layers
     print(f"\nKV [{args.layers}, 2, {args.blocks}, {args.tokens}, {args.heads}, {args.dim}] bf16 on the GPU, "

@@ -183,6 +183,41 @@ fn adjacent_descriptors_merge_and_small_ones_go_inline() {
 }
 
 #[test]
+fn a_strided_descriptor_gathers_into_few_work_requests_and_scatters_one_per_chunk() {
+    let Some(nic) = nic() else { return };
+    let engine = gdr_engine(&nic, |c| c.burst = 256);
+    let client = engine.new_client();
+    let src = engine.allocate_host(client, 1 << 20).unwrap();
+    let dst = engine.allocate_host(client, 1 << 20).unwrap();
+    let pattern: Vec<u8> = (0..1 << 20).map(|i: usize| (i * 13 + 5) as u8).collect();
+    src.write(0, &pattern).unwrap();
+    dst.fill(0, 1 << 20, 0).unwrap();
+    let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+    // A paged block's 16 chunks of 2 KiB at a 32 KiB pitch gathered into one contiguous block
+    // (the offload direction): the chunks become scatter/gather entries of few work requests.
+    let gather = Descriptor::copy(src.id(), 1000, dst.id(), 0, 2048).strided(16, 32 << 10, 2048).with_tag(1);
+    let before = engine.stats()[0].nic.unwrap();
+    all_ok(&run(&mut queue, &[gather]));
+    let after = engine.stats()[0].nic.unwrap();
+    let gathered = after.work_requests - before.work_requests;
+    // The load direction: one contiguous block scattered at the pitch, one remote range each.
+    let scatter = Descriptor::copy(src.id(), 0, dst.id(), 64 << 10, 2048).strided(16, 2048, 32 << 10).with_tag(2);
+    all_ok(&run(&mut queue, &[scatter]));
+    let scattered = engine.stats()[0].nic.unwrap().work_requests - after.work_requests;
+    println!("16 strided chunks: gathered in {gathered} work requests, scattered in {scattered}");
+    assert!(gathered < 16, "a gather's chunks share work requests: {gathered}");
+    assert_eq!(scattered, 16, "one work request per destination chunk");
+    let mut got = vec![0u8; 1 << 20];
+    dst.read(0, &mut got).unwrap();
+    for i in 0..16usize {
+        let s = 1000 + i * (32 << 10);
+        assert_eq!(got[i * 2048..(i + 1) * 2048], pattern[s..s + 2048], "gathered chunk {i}");
+        let d = (64 << 10) + i * (32 << 10);
+        assert_eq!(got[d..d + 2048], pattern[i * 2048..(i + 1) * 2048], "scattered chunk {i}");
+    }
+}
+
+#[test]
 fn one_doorbell_and_one_completion_per_16_work_requests_at_steady_state() {
     let Some(nic) = nic() else { return };
     let engine = gdr_engine(&nic, |c| c.burst = 256);

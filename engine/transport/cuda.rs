@@ -6,6 +6,10 @@
 //! - `batch`: one `cuMemcpyBatchAsync` per batch and direction (driver 12.8+, on non-blocking
 //!   streams: a batch moving both ways puts its GPU-to-host half on a second stream, forked from
 //!   and joined back to the first, so both copy engines run at once).
+//! - Both copy-engine strategies take a strided descriptor's chunks (consecutive operations of
+//!   one descriptor at fixed pitches) as one `cuMemcpy2DAsync` (`run_at`): a paged KV block of
+//!   64 chunks of 32 KiB goes at 0.92 of the ceiling that way, one copy per chunk at 0.19
+//!   (`gpu/probe_2d.cu`, bench/results/h200.md).
 //! - `kernel`: ferry's SM copy kernel (`gpu/copy_kernel.cu`, loaded from its committed PTX) over
 //!   a task list written into pinned host memory and copied to device memory on a second stream
 //!   (the launch waits for that copy by an event, so no copy sits between two kernels), on a
@@ -13,7 +17,8 @@
 //! - `resident`: ferry's resident copy kernel (`engine/transport/resident.rs`) for blocks below the route
 //!   table's crossover, `batch` for larger ones.
 //!
-//! `auto` routes each batch (`engine/router.rs`): a lone descriptor goes to `memcpy`; a batch whose
+//! `auto` routes each batch (`engine/router.rs`), a strided descriptor's chunks of 32 KiB or more
+//! counting as one block of all their bytes: a lone descriptor goes to `memcpy`; a batch whose
 //! mean block reaches [`crate::RouteTable::copy_engine_from`] to `batch`, a smaller one to
 //! `kernel` while the live SM budget allows any SM, else to `batch`. See `engine/router.rs` and
 //! `bench/results/h200.md` for the measurements.
@@ -58,6 +63,11 @@ const BLOCK_THREADS: u32 = 256;
 const MAX_RUNNING: usize = 2;
 /// While a batch runs, the next one waits until it holds this many bytes.
 const MIN_BATCH_BYTES: u64 = 4 << 20;
+/// `auto` routes a strided descriptor as one block of all its chunks (to the copy engine's 2D
+/// copy from the crossover up) when its chunks are at least this wide. Measured on the H200
+/// (bench/results/h200.md, paged KV blocks of 64 chunks): 32 KiB rows by 2D copy at 0.91 of the
+/// ceiling, as the copy kernel; 4 KiB rows at 0.53-0.55, where the kernel reached 0.57-0.71.
+const TWO_D_WIDTH: u64 = 32 << 10;
 
 struct Batch {
     event: Event,
@@ -92,22 +102,41 @@ struct Live {
     resident: Option<Resident>,
 }
 
-/// One direction's copies of a copy-engine batch, as the driver takes them.
+/// One direction's copies of a copy-engine batch, as the driver takes them: single copies, and
+/// the strided descriptors' chunks as 2D copies (one `cuMemcpy2DAsync` each).
 struct Lane {
     dsts: Vec<u64>,
     srcs: Vec<u64>,
     sizes: Vec<usize>,
+    rects: Vec<Rect>,
+}
+
+/// `rows` chunks of `width` bytes at fixed pitches: one strided descriptor's run of operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rect {
+    dst: u64,
+    src: u64,
+    dst_pitch: u64,
+    src_pitch: u64,
+    width: u64,
+    rows: usize,
 }
 
 impl Lane {
     fn with_capacity(n: usize) -> Lane {
-        Lane { dsts: Vec::with_capacity(n), srcs: Vec::with_capacity(n), sizes: Vec::with_capacity(n) }
+        Lane {
+            dsts: Vec::with_capacity(n),
+            srcs: Vec::with_capacity(n),
+            sizes: Vec::with_capacity(n),
+            rects: Vec::with_capacity(n),
+        }
     }
 
     fn clear(&mut self) {
         self.dsts.clear();
         self.srcs.clear();
         self.sizes.clear();
+        self.rects.clear();
     }
 
     fn push(&mut self, dst: u64, src: u64, len: usize) {
@@ -117,28 +146,68 @@ impl Lane {
     }
 
     fn is_empty(&self) -> bool {
-        self.sizes.is_empty()
+        self.sizes.is_empty() && self.rects.is_empty()
     }
 
-    /// Queues the lane's copies on `stream`: one `cuMemcpyBatchAsync` (`batch`), else one
-    /// `cuMemcpyAsync` each. Nothing for an empty lane.
+    /// Queues the lane's copies on `stream`: the single ones in one `cuMemcpyBatchAsync`
+    /// (`batch`), else one `cuMemcpyAsync` each; each rectangle by one `cuMemcpy2DAsync`.
     ///
     /// # Safety
-    /// As [`Stream::copy`], for every copy of the lane.
+    /// As [`Stream::copy`], for every copy of the lane (every row of a rectangle).
     unsafe fn issue(&mut self, stream: &Stream, batch: bool) -> Result<(), CudaError> {
-        if self.is_empty() {
-            return Ok(());
-        }
-        if batch {
+        if batch && !self.sizes.is_empty() {
             // SAFETY: forwarded from the caller.
-            return unsafe { stream.copy_batch(&mut self.dsts, &mut self.srcs, &mut self.sizes) };
+            unsafe { stream.copy_batch(&mut self.dsts, &mut self.srcs, &mut self.sizes)? };
+        } else {
+            for i in 0..self.sizes.len() {
+                // SAFETY: forwarded from the caller.
+                unsafe { stream.copy(self.dsts[i], self.srcs[i], self.sizes[i])? };
+            }
         }
-        for i in 0..self.sizes.len() {
-            // SAFETY: forwarded from the caller.
-            unsafe { stream.copy(self.dsts[i], self.srcs[i], self.sizes[i])? };
+        for r in &self.rects {
+            // SAFETY: forwarded from the caller; pitches within [width, max_pitch] (see `run_at`).
+            unsafe {
+                stream.copy_2d(r.dst, r.dst_pitch as usize, r.src, r.src_pitch as usize, r.width as usize, r.rows)?
+            };
         }
         Ok(())
     }
+}
+
+/// The run of operations starting at `ops[i]` (before `end`) that one 2D copy can take: the
+/// chunks of one strided descriptor (the worker queues them in order), equal lengths at fixed
+/// pitches between `len` and `max_pitch`. A lone operation is a run of one.
+fn run_at(ops: &VecDeque<Op>, i: usize, end: usize, max_pitch: u64) -> Rect {
+    let (first, token) = (&ops[i].copy, ops[i].token);
+    let mut rect =
+        Rect { dst: first.dst.addr, src: first.src.addr, dst_pitch: 0, src_pitch: 0, width: first.len, rows: 1 };
+    // Plain descriptors (the hot path) end here: the next operation is another descriptor's.
+    if i + 1 >= end || ops[i + 1].token != token {
+        return rect;
+    }
+    let next = &ops[i + 1];
+    let pitch = |a: u64, b: u64| b.checked_sub(a).filter(|p| (first.len..=max_pitch).contains(p));
+    let (Some(dst_pitch), Some(src_pitch)) =
+        (pitch(first.dst.addr, next.copy.dst.addr), pitch(first.src.addr, next.copy.src.addr))
+    else {
+        return rect;
+    };
+    (rect.dst_pitch, rect.src_pitch) = (dst_pitch, src_pitch);
+    let mut j = i + 1;
+    while j < end {
+        let (op, rows) = (&ops[j], (j - i) as u64);
+        let c = &op.copy;
+        if op.token != token
+            || c.len != first.len
+            || c.dst.addr != first.dst.addr + rows * dst_pitch
+            || c.src.addr != first.src.addr + rows * src_pitch
+        {
+            break;
+        }
+        j += 1;
+    }
+    rect.rows = j - i;
+    rect
 }
 
 fn context_sms(context: &Context) -> u32 {
@@ -163,6 +232,8 @@ pub struct CudaTransport {
     tokens: VecDeque<Token>,
     /// Operations whose issue failed at once.
     failed: VecDeque<Done>,
+    /// The device's largest 2D copy pitch (CU_DEVICE_ATTRIBUTE_MAX_PITCH).
+    max_pitch: u64,
 }
 
 impl CudaTransport {
@@ -171,6 +242,7 @@ impl CudaTransport {
     /// [`Transport::start`].
     pub(crate) fn new(context: Arc<Context>, config: CudaConfig, sms: Arc<AtomicU32>) -> CudaTransport {
         CudaTransport {
+            max_pitch: u64::try_from(context.info.max_pitch).unwrap_or(0),
             context,
             config,
             sms,
@@ -196,13 +268,19 @@ impl CudaTransport {
         let sms = self.live_sms();
         match self.config.strategy {
             Strategy::Auto => {
-                // Bytes per direction; the batch goes by the larger share's crossover.
+                // Bytes per direction; the batch goes by the larger share's crossover. A run of a
+                // strided descriptor's chunks of at least TWO_D_WIDTH counts as one block (the
+                // copy engine takes it as one 2D copy); narrower chunks count one by one.
                 let mut bytes = [0u64; 2];
-                for op in self.queued.iter().take(n) {
-                    bytes[direction(op)] += op.copy.len;
+                let (mut i, mut blocks) = (0, 0);
+                while i < n {
+                    let rect = run_at(&self.queued, i, n, self.max_pitch);
+                    bytes[direction(&self.queued[i])] += rect.width * rect.rows as u64;
+                    blocks += if rect.width >= TWO_D_WIDTH { 1 } else { rect.rows };
+                    i += rect.rows;
                 }
                 let dir = usize::from(bytes[0] < bytes[1]);
-                route(&self.config.route, n, bytes[0] + bytes[1], dir, sms, has)
+                route(&self.config.route, blocks, bytes[0] + bytes[1], dir, sms, has)
             }
             // The large blocks of the resident strategy: the copy engine.
             Strategy::Resident if n > 1 && has.batch => Strategy::Batch,
@@ -264,9 +342,16 @@ impl CudaTransport {
                 for lane in &mut live.lanes {
                     lane.clear();
                 }
-                for op in self.queued.iter().take(n) {
-                    let c = &op.copy;
-                    live.lanes[direction(op)].push(c.dst.addr, c.src.addr, c.len as usize);
+                let mut i = 0;
+                while i < n {
+                    let rect = run_at(&self.queued, i, n, self.max_pitch);
+                    let lane = &mut live.lanes[direction(&self.queued[i])];
+                    if rect.rows == 1 {
+                        lane.push(rect.dst, rect.src, rect.width as usize);
+                    } else {
+                        lane.rects.push(rect);
+                    }
+                    i += rect.rows;
                 }
                 let both = live.lanes.iter().all(|l| !l.is_empty());
                 let batch = strategy == Strategy::Batch;
@@ -586,5 +671,57 @@ impl Drop for CudaTransport {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desc::{Endpoint, ValidCopy};
+
+    fn op(slot: u32, src: u64, dst: u64, len: u64) -> Op {
+        let end = |addr| Endpoint { region: 0, kind: 0, addr, lkey: 0, rkey: 0 };
+        Op { token: Token { queue: 0, slot }, copy: ValidCopy { src: end(src), dst: end(dst), len } }
+    }
+
+    /// A strided descriptor's 4 chunks of 100 bytes (source pitch 1000, destination 100), then
+    /// another descriptor's chunk.
+    fn ops() -> VecDeque<Op> {
+        let mut ops: VecDeque<Op> = (0..4).map(|i| op(7, 5000 + i * 1000, 90_000 + i * 100, 100)).collect();
+        ops.push_back(op(8, 5000 + 4 * 1000, 90_000 + 4 * 100, 100));
+        ops
+    }
+
+    #[test]
+    fn a_strided_descriptors_chunks_are_one_rectangle() {
+        let ops = ops();
+        let rect = run_at(&ops, 0, ops.len(), 1 << 31);
+        assert_eq!(rect, Rect { dst: 90_000, src: 5000, dst_pitch: 100, src_pitch: 1000, width: 100, rows: 4 });
+        // Another token (descriptor) ends the run even where its addresses would continue it.
+        assert_eq!(run_at(&ops, 4, ops.len(), 1 << 31).rows, 1);
+        // The batch's end cuts the run; a run may start inside a descriptor.
+        assert_eq!(run_at(&ops, 0, 3, 1 << 31).rows, 3);
+        assert_eq!(run_at(&ops, 2, ops.len(), 1 << 31).rows, 2);
+        assert_eq!(run_at(&ops, 3, ops.len(), 1 << 31).rows, 1);
+    }
+
+    #[test]
+    fn pitches_outside_what_a_2d_copy_takes_leave_single_copies() {
+        let ops = ops();
+        // A pitch above the device's maximum.
+        assert_eq!(run_at(&ops, 0, ops.len(), 999).rows, 1);
+        // A source pitch below the width (overlapping source chunks), and a backwards one.
+        let overlapping: VecDeque<Op> = (0..3).map(|i| op(1, 5000 + i * 50, 90_000 + i * 100, 100)).collect();
+        assert_eq!(run_at(&overlapping, 0, 3, 1 << 31).rows, 1);
+        let backwards: VecDeque<Op> = (0..3).map(|i| op(1, 9000 - i * 1000, 90_000 + i * 100, 100)).collect();
+        assert_eq!(run_at(&backwards, 0, 3, 1 << 31).rows, 1);
+        // A pitch that changes ends the run where it changes.
+        let mut changing = ops.clone();
+        changing[2].copy.src.addr += 1;
+        assert_eq!(run_at(&changing, 0, 4, 1 << 31).rows, 2);
+        // A chunk of another length too.
+        let mut shorter = ops;
+        shorter[3].copy.len = 99;
+        assert_eq!(run_at(&shorter, 0, 4, 1 << 31).rows, 3);
     }
 }
