@@ -456,11 +456,19 @@ pub struct QueueConfig {
     pub complete_capacity: u64,
     /// Worker to serve the queue; `None` picks the worker with the fewest queues.
     pub worker: Option<usize>,
+    /// How long a gate descriptor ([`crate::Descriptor::gate`]) holds the queue before it
+    /// completes as [`crate::Status::GateTimeout`] and the queue goes on (default 10 s).
+    pub gate_timeout: std::time::Duration,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { submit_capacity: 4096, complete_capacity: 4096, worker: None }
+        QueueConfig {
+            submit_capacity: 4096,
+            complete_capacity: 4096,
+            worker: None,
+            gate_timeout: std::time::Duration::from_secs(10),
+        }
     }
 }
 

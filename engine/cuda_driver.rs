@@ -91,6 +91,9 @@ pub struct Device {
     pub shared_per_block_optin: i32,
     /// CU_DEVICE_ATTRIBUTE_MAX_PITCH: the largest pitch a 2D copy takes, bytes.
     pub max_pitch: i32,
+    /// CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS: `cuStreamWaitValue64` and
+    /// `cuStreamWriteValue64` work (stream ordering, `Engine::stream_wait`).
+    pub stream_mem_ops_64: bool,
 }
 
 impl CudaError {
@@ -190,6 +193,7 @@ impl Driver {
             shared_per_sm: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,
             shared_per_block_optin: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
             max_pitch: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_PITCH)?,
+            stream_mem_ops_64: attribute(A::CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS)? == 1,
         })
     }
 }
@@ -688,6 +692,51 @@ impl HostRegistration {
         check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, 1 | 2) })?;
         Ok(HostRegistration { ptr, context })
     }
+}
+
+impl HostRegistration {
+    /// The device address of byte `offset` of the registered range (unified addressing makes it
+    /// the host address on current GPUs; the driver says).
+    pub fn device_address(&self, offset: usize) -> Result<u64, CudaError> {
+        self.context.make_current()?;
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: the range at `ptr` is registered with DEVICEMAP; flags 0; valid out pointer.
+        check("cuMemHostGetDevicePointer", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut device, self.ptr.cast(), 0)
+        })?;
+        Ok(device + offset as u64)
+    }
+}
+
+/// Enqueues on `stream` a wait until the 64-bit word at device address `addr` is at least
+/// `value` (`cuStreamWaitValue64`, GEQ); `flush` adds CU_STREAM_WAIT_VALUE_FLUSH (makes a NIC's
+/// earlier writes visible to the stream's later work, for GPUDirect RDMA).
+///
+/// # Safety
+/// `stream` must be a live stream of the current context, and the word must stay mapped for the
+/// device until the wait has passed.
+pub unsafe fn stream_wait_value(
+    stream: *mut std::ffi::c_void,
+    addr: u64,
+    value: u64,
+    flush: bool,
+) -> Result<(), CudaError> {
+    const GEQ: u32 = 0;
+    const FLUSH: u32 = 1 << 30;
+    let flags = GEQ | if flush { FLUSH } else { 0 };
+    // SAFETY: forwarded from the caller.
+    check("cuStreamWaitValue64", unsafe { sys::cuStreamWaitValue64_v2(stream.cast(), addr, value, flags) })
+}
+
+/// Enqueues on `stream` a write of `value` into the 64-bit word at device address `addr`
+/// (`cuStreamWriteValue64`, with its default memory barrier: the stream's earlier writes are
+/// visible before the word is).
+///
+/// # Safety
+/// As [`stream_wait_value`].
+pub unsafe fn stream_write_value(stream: *mut std::ffi::c_void, addr: u64, value: u64) -> Result<(), CudaError> {
+    // SAFETY: forwarded from the caller.
+    check("cuStreamWriteValue64", unsafe { sys::cuStreamWriteValue64_v2(stream.cast(), addr, value, 0) })
 }
 
 impl Drop for HostRegistration {

@@ -13,8 +13,13 @@ pub const FLAG_FENCE: u32 = 1 << 0;
 /// src_stride` to `dst_offset + i * dst_stride` (one logical KV block of `layers x 2` chunks at a
 /// fixed stride, say); its completion covers them all.
 pub const FLAG_STRIDED: u32 = 1 << 1;
+/// Flag: a gate, which moves nothing: the queue's later descriptors start only once the queue's
+/// gate word (written by a CUDA stream or the client's CPU) reaches this descriptor's
+/// `src_offset`; its completion says when (`Ok`) or that the queue's gate timeout passed first
+/// ([`Status::GateTimeout`]). Every field but `tag`, `flags` and `src_offset` must be 0.
+pub const FLAG_GATE: u32 = 1 << 2;
 /// Every flag this ABI version knows; any other bit set is [`Status::ReservedFlags`].
-pub const KNOWN_FLAGS: u32 = FLAG_FENCE | FLAG_STRIDED;
+pub const KNOWN_FLAGS: u32 = FLAG_FENCE | FLAG_STRIDED | FLAG_GATE;
 /// The most chunks one strided descriptor may move.
 pub const MAX_CHUNKS: u32 = 1 << 12;
 // The worker counts a descriptor's chunks in 16 bits, and statuses in 8.
@@ -134,11 +139,14 @@ pub enum Status {
     TooManyChunks = 12,
     /// [`FLAG_STRIDED`] with destination chunks that overlap each other (`dst_stride < len`).
     ChunksOverlap = 13,
+    /// A [`FLAG_GATE`] whose value the gate word did not reach within the queue's gate timeout;
+    /// the queue's later descriptors went on.
+    GateTimeout = 14,
 }
 
 impl Status {
     /// Every status, in code order.
-    pub fn all() -> [Status; 14] {
+    pub fn all() -> [Status; 15] {
         ALL_STATUSES
     }
 
@@ -155,7 +163,7 @@ impl Status {
 
 /// Every status, in code order (a function above rather than an associated constant: the C
 /// header generator would export that constant).
-const ALL_STATUSES: [Status; 14] = [
+const ALL_STATUSES: [Status; 15] = [
     Status::Ok,
     Status::UnknownRegion,
     Status::NotOwner,
@@ -170,6 +178,7 @@ const ALL_STATUSES: [Status; 14] = [
     Status::ZeroCount,
     Status::TooManyChunks,
     Status::ChunksOverlap,
+    Status::GateTimeout,
 ];
 
 impl std::fmt::Display for Status {
@@ -189,6 +198,7 @@ impl std::fmt::Display for Status {
             Status::ZeroCount => "strided with zero chunks",
             Status::TooManyChunks => "strided with more chunks than the maximum",
             Status::ChunksOverlap => "strided destination chunks overlap",
+            Status::GateTimeout => "the gate did not open within the queue's gate timeout",
         };
         f.write_str(text)
     }
@@ -219,6 +229,17 @@ impl Descriptor {
         self.flags |= FLAG_STRIDED;
         (self.count, self.src_stride, self.dst_stride) = (count, src_stride, dst_stride);
         self
+    }
+
+    /// A gate ([`FLAG_GATE`]): the queue's later descriptors start once its gate word reaches
+    /// `value`.
+    pub fn gate(value: u64) -> Descriptor {
+        Descriptor { flags: FLAG_GATE, src_offset: value, ..Descriptor::default() }
+    }
+
+    /// Whether [`FLAG_GATE`] is set.
+    pub fn is_gate(&self) -> bool {
+        self.flags & FLAG_GATE != 0
     }
 
     /// Adds [`FLAG_FENCE`].
@@ -507,6 +528,16 @@ pub fn validate(
     validate_strided(d, client, max_len, lookup)
 }
 
+/// Checks a gate descriptor ([`FLAG_GATE`]): only `tag`, `flags` (the gate, and a fence) and
+/// `src_offset` (the value) may be set; returns the value.
+pub fn validate_gate(d: &Descriptor) -> Result<u64, Status> {
+    let rest = Descriptor { tag: 0, flags: d.flags & !(FLAG_GATE | FLAG_FENCE), src_offset: 0, ..*d };
+    if d.flags & FLAG_GATE == 0 || rest != Descriptor::default() {
+        return Err(Status::ReservedFlags);
+    }
+    Ok(d.src_offset)
+}
+
 /// [`validate`] for a descriptor without [`FLAG_STRIDED`] (the worker's hot path: no chunks).
 #[inline]
 pub(crate) fn validate_plain(
@@ -516,7 +547,7 @@ pub(crate) fn validate_plain(
     lookup: impl FnMut(u32) -> Option<RegionView>,
 ) -> Result<ValidCopy, Status> {
     if d.flags & !KNOWN_FLAGS != 0
-        || d.flags & FLAG_STRIDED != 0
+        || d.flags & (FLAG_STRIDED | FLAG_GATE) != 0
         || d.count != 0
         || d.src_stride != 0
         || d.dst_stride != 0
@@ -539,7 +570,7 @@ fn validate_strided(
     max_len: u64,
     lookup: impl FnMut(u32) -> Option<RegionView>,
 ) -> Result<Validated, Status> {
-    if d.flags & !KNOWN_FLAGS != 0 {
+    if d.flags & !KNOWN_FLAGS != 0 || d.flags & FLAG_GATE != 0 {
         return Err(Status::ReservedFlags);
     }
     if d.len == 0 {

@@ -5,7 +5,7 @@ use crate::config::{CorePlacement, EngineConfig, QueueConfig, SmBudget};
 use crate::cuda_driver::{Context, HostRegistration, MEMORY_TYPE_DEVICE, MEMORY_TYPE_HOST};
 use crate::desc::RegionId;
 use crate::error::{Error, GpuRangeFault};
-use crate::queue::{Queue, QueueId, QueueMemory, WorkerEnd};
+use crate::queue::{DeviceWords, Queue, QueueId, QueueMemory, WorkerEnd};
 use crate::region::{check_range, ClientId, HostBuffer, Keep, MemoryKind, NicKeys, RegionTable};
 use crate::ring::shm::SharedMemory;
 use crate::transport::gdr::NicCounters;
@@ -262,6 +262,81 @@ impl Engine {
         self.device.cuda.as_ref()
     }
 
+    /// Enqueues on the caller's CUDA stream `stream` a wait, on the GPU and without the CPU,
+    /// until `queue`'s watermark reaches `watermark` (every descriptor with `seq < watermark`
+    /// completed; [`Queue::pushed`] after a push is the watermark of everything pushed so far).
+    /// Work enqueued on `stream` after it sees every byte those descriptors copied. The
+    /// watermark is 64 bits, so it never wraps. Inside stream capture the wait is captured with
+    /// its value: a replayed graph waits for that same watermark, which later replays find
+    /// passed (a graph must not be replayed with new copies behind it; see the README).
+    ///
+    /// The first call for a queue registers its header with the CUDA driver (the words a stream
+    /// reads and writes). Fails with [`Error::StreamOrdering`] without a CUDA context or where
+    /// the device lacks 64-bit stream memory operations (naming the attribute).
+    ///
+    /// # Safety
+    /// `stream` must be a live CUDA stream of this engine's device in its primary context (the
+    /// context torch and the runtime API use), or null for the legacy default stream; `queue`
+    /// must stay alive (not dropped) until the stream has passed the wait.
+    pub unsafe fn stream_wait(
+        &self,
+        queue: &mut Queue,
+        stream: *mut std::ffi::c_void,
+        watermark: u64,
+    ) -> Result<(), Error> {
+        let flush = self.device.nic.is_some();
+        let words = self.device_words(queue)?;
+        // SAFETY: the stream is live (the caller's promise); the watermark word stays mapped and
+        // registered while the queue lives, which the caller keeps until the wait passed.
+        unsafe { crate::cuda_driver::stream_wait_value(stream, words.watermark, watermark, flush) }.map_err(Error::Cuda)
+    }
+
+    /// Enqueues on `stream` a write of `value` into `queue`'s gate word: once the stream's
+    /// earlier work is done (and its writes visible), a gate descriptor of the queue waiting for
+    /// `value` or less opens. Values should grow from one signal to the next. Fails as
+    /// [`Engine::stream_wait`].
+    ///
+    /// # Safety
+    /// As [`Engine::stream_wait`].
+    pub unsafe fn stream_signal(
+        &self,
+        queue: &mut Queue,
+        stream: *mut std::ffi::c_void,
+        value: u64,
+    ) -> Result<(), Error> {
+        let words = self.device_words(queue)?;
+        // SAFETY: as in stream_wait, for the gate word.
+        unsafe { crate::cuda_driver::stream_write_value(stream, words.gate, value) }.map_err(Error::Cuda)
+    }
+
+    /// `queue`'s header registered with the CUDA driver, registering it on first use.
+    fn device_words<'q>(&self, queue: &'q mut Queue) -> Result<&'q DeviceWords, Error> {
+        if queue.device_words.is_none() {
+            let context = self.cuda_context().ok_or_else(|| Error::StreamOrdering {
+                reason: "the engine has no CUDA context (start it with the GPU transport and a CUDA driver)".into(),
+            })?;
+            if !context.info.stream_mem_ops_64 {
+                return Err(Error::StreamOrdering {
+                    reason: format!(
+                        "CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS is 0 on GPU {} ({}): no 64-bit stream memory operations",
+                        context.info.ordinal, context.info.name
+                    ),
+                });
+            }
+            let ((ptr, len), (watermark, gate)) = queue.header_span();
+            // SAFETY: the header stays mapped while the queue lives, and the registration is the
+            // queue's first field: it drops (unregisters) before the mapping.
+            let registration = unsafe { HostRegistration::new(context.clone(), ptr, len) }?;
+            let base = registration.device_address(0)?;
+            queue.device_words = Some(DeviceWords {
+                watermark: base + watermark as u64,
+                gate: base + gate as u64,
+                _registration: registration,
+            });
+        }
+        Ok(queue.device_words.as_ref().expect("registered above"))
+    }
+
     /// Fault injection for tests: gives a region's NIC registration a remote key the NIC does
     /// not know, as if that registration were gone while the region stays registered with the
     /// engine. Copies writing into it then fail on the NIC (a remote access error), which is
@@ -313,7 +388,8 @@ impl Engine {
         let attached = QueueMemory::attach(
             memory.file().try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?,
         )?;
-        let end = WorkerEnd::new(memory, client.0)?;
+        let mut end = WorkerEnd::new(memory, client.0)?;
+        end.gate_timeout = config.gate_timeout;
         let queue = Queue::from_memory(attached)?;
         self.workers[worker].mailbox.post(end);
         Ok(queue)

@@ -227,6 +227,13 @@ pub enum Error {
         /// What it needs.
         needs: &'static str,
     },
+    /// Ordering with CUDA streams ([`crate::Engine::stream_wait`], [`crate::Engine::stream_signal`])
+    /// cannot work here.
+    #[error("stream ordering is unavailable: {reason}")]
+    StreamOrdering {
+        /// Why: no CUDA context, or the device attribute that is 0.
+        reason: String,
+    },
     /// The CUDA driver is older than a chosen strategy needs.
     #[error("{strategy} needs CUDA driver API {needed}; this driver is {found}: update the driver or choose another Strategy")]
     DriverTooOld {

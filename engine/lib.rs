@@ -133,7 +133,9 @@ pub use config::{
     CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, RouteTable, SmBudget,
     Strategy, TransportKind, UseGdr,
 };
-pub use desc::{Completion, Descriptor, QueueEnd, QueueState, RegionId, Status, FLAG_FENCE, FLAG_STRIDED, MAX_CHUNKS};
+pub use desc::{
+    Completion, Descriptor, QueueEnd, QueueState, RegionId, Status, FLAG_FENCE, FLAG_GATE, FLAG_STRIDED, MAX_CHUNKS,
+};
 #[cfg(not(loom))]
 pub use engine::Engine;
 #[cfg(not(loom))]

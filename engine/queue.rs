@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"FERRYQUE");
 /// Bumped whenever the queue header changes shape (2: the ends block with the claims and the
 /// client's close).
-pub const QUEUE_ABI_VERSION: u32 = 2;
+pub const QUEUE_ABI_VERSION: u32 = 3;
 
 /// A queue's id, unique within its engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,15 +102,35 @@ struct Ends {
     closed: AtomicU32,
 }
 
+/// The gate word: written by the client's CUDA streams (`cuStreamWriteValue64`, through
+/// `Engine::stream_signal`) or by the client's CPU (`Queue::signal`), read by the worker before a
+/// gate descriptor lets the queue go on. On its own line: a GPU writes it.
+#[repr(C, align(128))]
+struct Signals {
+    gate: AtomicU64,
+}
+
 #[repr(C)]
 struct QueueHeader {
     meta: Meta,
     status: Status,
     ends: Ends,
+    signals: Signals,
 }
 
 const HEADER_SIZE: usize = std::mem::size_of::<QueueHeader>();
-const _: () = assert!(HEADER_SIZE == 3 * INDEX_PADDING);
+const _: () = assert!(HEADER_SIZE == 4 * INDEX_PADDING);
+
+/// A queue's header registered with the CUDA driver in this process: the device addresses of
+/// its watermark and gate word, for stream memory operations.
+#[derive(Debug)]
+pub(crate) struct DeviceWords {
+    pub(crate) _registration: crate::cuda_driver::HostRegistration,
+    /// Device address of the watermark (64-bit; `cuStreamWaitValue64` on it).
+    pub(crate) watermark: u64,
+    /// Device address of the gate word (`cuStreamWriteValue64` on it).
+    pub(crate) gate: u64,
+}
 
 /// A process holding a queue end: its pid and its start time in clock ticks after boot
 /// (`/proc/<pid>/stat` field 22; 0 where /proc could not be read), so that a reused pid does
@@ -207,8 +227,9 @@ impl QueueMemory {
         };
         let status = Status { watermark: AtomicU64::new(0), state: AtomicU32::new(QueueState::Open.code()) };
         let ends = Ends { client: AtomicU64::new(0), worker: AtomicU64::new(0), closed: AtomicU32::new(0) };
+        let signals = Signals { gate: AtomicU64::new(0) };
         // SAFETY: the mapping is at least HEADER_SIZE bytes, page-aligned, and not shared yet.
-        unsafe { header.as_ptr().write(QueueHeader { meta, status, ends }) };
+        unsafe { header.as_ptr().write(QueueHeader { meta, status, ends, signals }) };
         RingMemory::<Descriptor>::create(memory.clone(), submit_offset, config.submit_capacity)?;
         RingMemory::<Completion>::create(memory.clone(), complete_offset, config.complete_capacity)?;
         Ok(QueueMemory { memory, header, submit_offset, complete_offset })
@@ -295,6 +316,30 @@ impl QueueMemory {
         self.header().status.watermark.store(watermark, Ordering::Release);
     }
 
+    /// The gate word (see [`Signals`]).
+    pub(crate) fn gate(&self) -> u64 {
+        // A9: Acquire; pairs with R9 in set_gate (a GPU's write carries its own barrier:
+        // cuStreamWriteValue64 without NO_MEMORY_BARRIER orders the stream's earlier writes).
+        self.header().signals.gate.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_gate(&self, value: u64) {
+        // R9: Release; pairs with A9 in gate: what the client wrote before is visible to the
+        // worker's copies behind the gate.
+        self.header().signals.gate.store(value, Ordering::Release);
+    }
+
+    /// The header's first byte and length, for a CUDA registration of the words a stream waits
+    /// on or writes (the watermark, the gate word).
+    pub(crate) fn header_span(&self) -> (*mut u8, usize) {
+        (self.header.as_ptr().cast::<u8>(), HEADER_SIZE)
+    }
+
+    /// Byte offsets in the header of the watermark and of the gate word.
+    pub(crate) fn word_offsets() -> (usize, usize) {
+        (std::mem::offset_of!(QueueHeader, status.watermark), std::mem::offset_of!(QueueHeader, signals.gate))
+    }
+
     pub(crate) fn file(&self) -> &File {
         self.memory.file()
     }
@@ -359,6 +404,9 @@ impl QueueMemory {
 ///
 /// It holds the queue's client end (see the [module docs](self)); dropping it closes the queue.
 pub struct Queue {
+    /// The header registered with CUDA for stream waits and signals (`Engine::stream_wait`);
+    /// declared first: it is unregistered before the mapping goes.
+    pub(crate) device_words: Option<DeviceWords>,
     memory: QueueMemory,
     submit: Producer<Descriptor>,
     complete: Consumer<Completion>,
@@ -385,7 +433,7 @@ impl Queue {
         // Made after the claim (A7), so they continue from the last holder's indices.
         let submit = Producer::new(submit_ring);
         let complete = Consumer::new(complete_ring);
-        Ok(Queue { memory, submit, complete, holder, close_on_drop: true })
+        Ok(Queue { device_words: None, memory, submit, complete, holder, close_on_drop: true })
     }
 
     /// Attaches to a queue whose memfd came from the engine (for example from another process).
@@ -435,7 +483,8 @@ impl Queue {
         self.memory.state()
     }
 
-    /// Descriptors pushed so far; the next one gets this `seq`.
+    /// Descriptors pushed so far; the next one gets this `seq`, and a wait for all of them
+    /// waits for this watermark (as with [`crate::Engine::stream_wait`]).
     pub fn pushed(&self) -> u64 {
         self.submit.pushed()
     }
@@ -443,6 +492,25 @@ impl Queue {
     /// In-order watermark: every descriptor with `seq <` this has its completion published.
     pub fn watermark(&self) -> u64 {
         self.memory.watermark()
+    }
+
+    /// Sets the queue's gate word from the CPU: a gate descriptor ([`Descriptor::gate`]) lets
+    /// the queue go on once the word reaches its value. The values a client writes should grow;
+    /// a CUDA stream writes the same word with [`crate::Engine::stream_signal`]. Whatever this
+    /// thread wrote before is visible to the copies behind the gate.
+    pub fn signal(&self, value: u64) {
+        self.memory.set_gate(value);
+    }
+
+    /// The queue's gate word as it is now.
+    pub fn gate(&self) -> u64 {
+        self.memory.gate()
+    }
+
+    /// The header span and the offsets of the watermark and gate words in it, for a CUDA
+    /// registration (`Engine::stream_wait`).
+    pub(crate) fn header_span(&self) -> ((*mut u8, usize), (usize, usize)) {
+        (self.memory.header_span(), QueueMemory::word_offsets())
     }
 
     /// Pushes one descriptor and publishes it at once.
@@ -543,6 +611,8 @@ pub(crate) struct WorkerEnd {
     pub(crate) submit: Consumer<Descriptor>,
     pub(crate) complete: Producer<Completion>,
     pub(crate) client: u32,
+    /// [`QueueConfig::gate_timeout`].
+    pub(crate) gate_timeout: std::time::Duration,
     holder: Holder,
 }
 
@@ -555,7 +625,8 @@ impl WorkerEnd {
         let holder = memory.claim(QueueEnd::Worker)?;
         let submit = Consumer::new(submit_ring);
         let complete = Producer::new(complete_ring);
-        Ok(WorkerEnd { memory, submit, complete, client, holder })
+        let gate_timeout = QueueConfig::default().gate_timeout;
+        Ok(WorkerEnd { memory, submit, complete, client, gate_timeout, holder })
     }
 }
 
@@ -570,7 +641,7 @@ mod tests {
     use super::*;
 
     fn memory() -> QueueMemory {
-        let config = QueueConfig { submit_capacity: 4, complete_capacity: 4, worker: None };
+        let config = QueueConfig { submit_capacity: 4, complete_capacity: 4, ..QueueConfig::default() };
         QueueMemory::create(QueueId(7), 1, &config).unwrap()
     }
 

@@ -21,7 +21,7 @@
 //! empty iterations.
 
 use crate::config::IdlePolicy;
-use crate::desc::{validate, validate_plain, Completion, QueueState, Status, FLAG_STRIDED};
+use crate::desc::{validate, validate_gate, validate_plain, Completion, QueueState, Status, FLAG_STRIDED};
 use crate::queue::WorkerEnd;
 use crate::region::RegionTable;
 use crate::ring::PushError;
@@ -223,11 +223,20 @@ struct QueueSlot {
     closing: bool,
     /// Window entries counted in the region table: copies in the batch or in the transport.
     counted: u32,
+    /// Since when a gate descriptor at the ring's head has held the queue.
+    gate_since: Option<Instant>,
 }
 
 impl QueueSlot {
     fn new(end: WorkerEnd, window: usize) -> QueueSlot {
-        QueueSlot { end, window: Window::new(window), state: QueueState::Open, closing: false, counted: 0 }
+        QueueSlot {
+            end,
+            window: Window::new(window),
+            state: QueueState::Open,
+            closing: false,
+            counted: 0,
+            gate_since: None,
+        }
     }
 
     /// One chunk (operation) of the descriptor in window slot `index` is over with `status`:
@@ -453,6 +462,26 @@ impl Worker {
         while let Some(d) = batch.peek() {
             if (d.is_fence() && w.head_seq != w.next_seq) || state.ops.len() >= OPS_BACKLOG {
                 break;
+            }
+            if d.is_gate() {
+                // A gate: closed, it holds the queue (its later descriptors stay in the ring;
+                // other queues go on) until its timeout; open or timed out, it completes here.
+                let status = match validate_gate(&d) {
+                    Ok(value) if q.end.memory.gate() < value => {
+                        let since = *q.gate_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() < q.end.gate_timeout {
+                            break;
+                        }
+                        Status::GateTimeout
+                    }
+                    Ok(_) => Status::Ok,
+                    Err(status) => status,
+                };
+                q.gate_since = None;
+                batch.advance();
+                took += 1;
+                w.take(InFlight { tag: d.tag, status: status.code(), ..InFlight::default() });
+                continue;
             }
             batch.advance();
             took += 1;

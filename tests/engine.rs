@@ -139,7 +139,7 @@ fn injected_errors_fail_exactly_the_affected_descriptors_and_other_queues_carry_
 #[test]
 fn a_full_submission_ring_hands_the_descriptor_back() {
     let (gate, engine, client, a, b) = gated_engine();
-    let cfg = QueueConfig { submit_capacity: 8, complete_capacity: 64, worker: None };
+    let cfg = QueueConfig { submit_capacity: 8, complete_capacity: 64, ..QueueConfig::default() };
     let mut queue = engine.open_queue(client, cfg).unwrap();
     // The worker takes 8 (its window is the submission capacity) and the gate holds them; then
     // 8 more fill the ring.
@@ -172,7 +172,7 @@ fn a_full_completion_ring_holds_the_queue_without_loss() {
     let client = engine.new_client();
     let a = engine.allocate_host(client, 1 << 20).unwrap();
     let b = engine.allocate_host(client, 1 << 20).unwrap();
-    let cfg = QueueConfig { submit_capacity: 64, complete_capacity: 4, worker: None };
+    let cfg = QueueConfig { submit_capacity: 64, complete_capacity: 4, ..QueueConfig::default() };
     let mut queue = engine.open_queue(client, cfg).unwrap();
     let d = |i: u64| Descriptor::copy(a.id(), (i % 128) * 64, b.id(), (i % 128) * 64, 64).with_tag(i);
     let first: Vec<_> = (0..64).map(d).collect();

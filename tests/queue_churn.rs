@@ -27,7 +27,7 @@ fn resident_bytes() -> u64 {
 
 /// Opens a queue with small rings, copies one 64-byte block through it, closes it.
 fn cycle(engine: &Engine, client: ferry::ClientId, src: &HostBuffer, dst: &HostBuffer, i: u64) {
-    let small = QueueConfig { submit_capacity: 4, complete_capacity: 4, worker: None };
+    let small = QueueConfig { submit_capacity: 4, complete_capacity: 4, ..QueueConfig::default() };
     let mut queue = engine.open_queue(client, small).unwrap();
     let block = (i % 64) * 64;
     queue.push(Descriptor::copy(src.id(), block, dst.id(), block, 64).with_tag(i)).unwrap();

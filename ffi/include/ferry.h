@@ -16,6 +16,12 @@
 // src_stride` to `dst_offset + i * dst_stride`; one completion covers them all.
 #define FERRY_FLAG_STRIDED 2
 
+// Flag: a gate, moving nothing: the queue's later descriptors start once the queue's gate word
+// reaches `src_offset` (written by `ferry_queue_stream_signal` or `ferry_queue_signal`); it
+// completes `FERRY_STATUS_OK`, or `FERRY_STATUS_GATE_TIMEOUT` after the queue's gate timeout
+// (10 s). Every field but `tag`, `flags` and `src_offset` must be 0.
+#define FERRY_FLAG_GATE 4
+
 // The most chunks one strided descriptor may move.
 #define FERRY_MAX_CHUNKS 4096
 
@@ -133,6 +139,9 @@ enum ferry_status
   FERRY_STATUS_TOO_MANY_CHUNKS = 12,
   // [`FLAG_STRIDED`] with destination chunks that overlap each other (`dst_stride < len`).
   FERRY_STATUS_CHUNKS_OVERLAP = 13,
+  // A [`FLAG_GATE`] whose value the gate word did not reach within the queue's gate timeout;
+  // the queue's later descriptors went on.
+  FERRY_STATUS_GATE_TIMEOUT = 14,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -448,6 +457,47 @@ ferry_result ferry_queue_poll_wait(ferry_queue *queue,
                                    size_t min,
                                    uint64_t timeout_ns,
                                    size_t *n);
+
+// Descriptors pushed on this queue so far: the watermark of everything pushed, for
+// [`ferry_queue_stream_wait`]. Returns 0 for NULL and if ferry panicked.
+//
+// # Safety
+// `queue` must be NULL or a live queue.
+uint64_t ferry_queue_pushed(const ferry_queue *queue);
+
+// Enqueues on the CUDA stream `stream` (a `CUstream` / `cudaStream_t` of the engine's device in
+// its primary context; NULL: the legacy default stream) a wait, on the GPU, until the queue's
+// watermark reaches `watermark`: work enqueued after it sees every byte the descriptors with
+// `seq < watermark` copied, and the CPU never waits. The first call registers the queue's
+// header with the driver. `FERRY_RESULT_INVALID_ARGUMENT` without the GPU transport's CUDA
+// context, or where the GPU lacks 64-bit stream memory operations (the text names the device
+// attribute).
+//
+// # Safety
+// `engine` and `queue` must be live and the queue this engine's; `stream` a live stream as
+// above; the queue must not be freed before the stream has passed the wait.
+ferry_result ferry_queue_stream_wait(const ferry_engine *engine,
+                                     ferry_queue *queue,
+                                     void *stream,
+                                     uint64_t watermark);
+
+// Enqueues on `stream` a write of `value` into the queue's gate word, after the stream's
+// earlier work (its writes visible first): a `FERRY_FLAG_GATE` descriptor waiting for `value`
+// or less opens. Fails as [`ferry_queue_stream_wait`].
+//
+// # Safety
+// As [`ferry_queue_stream_wait`].
+ferry_result ferry_queue_stream_signal(const ferry_engine *engine,
+                                       ferry_queue *queue,
+                                       void *stream,
+                                       uint64_t value);
+
+// Sets the queue's gate word from the CPU (see `FERRY_FLAG_GATE`); what this thread wrote
+// before is visible to the copies behind the gate.
+//
+// # Safety
+// `queue` must be a live queue.
+ferry_result ferry_queue_signal(const ferry_queue *queue, uint64_t value);
 
 // In-order watermark: every descriptor with seq below it has its completion published.
 // Returns 0 for NULL and if ferry panicked (the panic's text is then in [`ferry_last_error`]):

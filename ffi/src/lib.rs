@@ -73,6 +73,12 @@ const _: () = assert!(FERRY_FLAG_FENCE == ferry::FLAG_FENCE);
 /// src_stride` to `dst_offset + i * dst_stride`; one completion covers them all.
 pub const FERRY_FLAG_STRIDED: u32 = 2;
 const _: () = assert!(FERRY_FLAG_STRIDED == ferry::FLAG_STRIDED);
+/// Flag: a gate, moving nothing: the queue's later descriptors start once the queue's gate word
+/// reaches `src_offset` (written by `ferry_queue_stream_signal` or `ferry_queue_signal`); it
+/// completes `FERRY_STATUS_OK`, or `FERRY_STATUS_GATE_TIMEOUT` after the queue's gate timeout
+/// (10 s). Every field but `tag`, `flags` and `src_offset` must be 0.
+pub const FERRY_FLAG_GATE: u32 = 4;
+const _: () = assert!(FERRY_FLAG_GATE == ferry::FLAG_GATE);
 /// The most chunks one strided descriptor may move.
 pub const FERRY_MAX_CHUNKS: u32 = 4096;
 const _: () = assert!(FERRY_MAX_CHUNKS == ferry::MAX_CHUNKS);
@@ -232,7 +238,7 @@ fn code_of(error: &Error) -> ferry_result {
         | Error::DriverTooOld { .. } => ferry_result::SystemError,
         Error::Gdr(_) | Error::NoDeviceTransport { .. } => ferry_result::SystemError,
         Error::GpuRange { .. } => ferry_result::BadRange,
-        Error::QueueEndClaimed { .. } => ferry_result::InvalidArgument,
+        Error::QueueEndClaimed { .. } | Error::StreamOrdering { .. } => ferry_result::InvalidArgument,
         // A variant newer than this mapping.
         _ => ferry_result::SystemError,
     }
@@ -734,7 +740,7 @@ pub unsafe extern "C" fn ferry_queue_open(
         let config = QueueConfig {
             submit_capacity: if submit_capacity == 0 { defaults.submit_capacity } else { submit_capacity },
             complete_capacity: if complete_capacity == 0 { defaults.complete_capacity } else { complete_capacity },
-            worker: None,
+            ..defaults
         };
         // SAFETY: live engine, as the caller promised.
         let queue = unsafe { &(*engine).0 }.open_queue(ClientId(client), config)?;
@@ -889,6 +895,81 @@ pub unsafe extern "C" fn ferry_queue_poll_wait(
         let k = unsafe { &mut (*queue).0 }.poll_wait(out, min, Duration::from_nanos(timeout_ns))?;
         // SAFETY: writable `n`, as the caller promised.
         unsafe { *n = k };
+        Ok(())
+    })
+}
+
+/// Descriptors pushed on this queue so far: the watermark of everything pushed, for
+/// [`ferry_queue_stream_wait`]. Returns 0 for NULL and if ferry panicked.
+///
+/// # Safety
+/// `queue` must be NULL or a live queue.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_pushed(queue: *const ferry_queue) -> u64 {
+    guard_value("ferry_queue_pushed", 0, || {
+        // SAFETY: NULL or a live queue, as the caller promised.
+        unsafe { queue.as_ref() }.map_or(0, |q| q.0.pushed())
+    })
+}
+
+/// Enqueues on the CUDA stream `stream` (a `CUstream` / `cudaStream_t` of the engine's device in
+/// its primary context; NULL: the legacy default stream) a wait, on the GPU, until the queue's
+/// watermark reaches `watermark`: work enqueued after it sees every byte the descriptors with
+/// `seq < watermark` copied, and the CPU never waits. The first call registers the queue's
+/// header with the driver. `FERRY_RESULT_INVALID_ARGUMENT` without the GPU transport's CUDA
+/// context, or where the GPU lacks 64-bit stream memory operations (the text names the device
+/// attribute).
+///
+/// # Safety
+/// `engine` and `queue` must be live and the queue this engine's; `stream` a live stream as
+/// above; the queue must not be freed before the stream has passed the wait.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_stream_wait(
+    engine: *const ferry_engine,
+    queue: *mut ferry_queue,
+    stream: *mut std::ffi::c_void,
+    watermark: u64,
+) -> ferry_result {
+    guard("ferry_queue_stream_wait", || {
+        non_null!(engine, queue);
+        // SAFETY: live engine and queue, a live stream, the queue kept: the caller's promises.
+        unsafe { (*engine).0.stream_wait(&mut (*queue).0, stream, watermark) }?;
+        Ok(())
+    })
+}
+
+/// Enqueues on `stream` a write of `value` into the queue's gate word, after the stream's
+/// earlier work (its writes visible first): a `FERRY_FLAG_GATE` descriptor waiting for `value`
+/// or less opens. Fails as [`ferry_queue_stream_wait`].
+///
+/// # Safety
+/// As [`ferry_queue_stream_wait`].
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_stream_signal(
+    engine: *const ferry_engine,
+    queue: *mut ferry_queue,
+    stream: *mut std::ffi::c_void,
+    value: u64,
+) -> ferry_result {
+    guard("ferry_queue_stream_signal", || {
+        non_null!(engine, queue);
+        // SAFETY: as in ferry_queue_stream_wait.
+        unsafe { (*engine).0.stream_signal(&mut (*queue).0, stream, value) }?;
+        Ok(())
+    })
+}
+
+/// Sets the queue's gate word from the CPU (see `FERRY_FLAG_GATE`); what this thread wrote
+/// before is visible to the copies behind the gate.
+///
+/// # Safety
+/// `queue` must be a live queue.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_signal(queue: *const ferry_queue, value: u64) -> ferry_result {
+    guard("ferry_queue_signal", || {
+        non_null!(queue);
+        // SAFETY: a live queue, as the caller promised.
+        unsafe { &(*queue).0 }.signal(value);
         Ok(())
     })
 }

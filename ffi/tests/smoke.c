@@ -76,6 +76,23 @@ int main(void) {
     CHECK(ferry_queue_poll_wait(queue, done, N, 1, 1000000ull, &n) == FERRY_RESULT_OK && n == 0);
     CHECK(ferry_queue_poll_wait(queue, done, 1, 2, 0, &n) == FERRY_RESULT_INVALID_ARGUMENT);
 
+    /* A gate holds the copy behind it until the gate word reaches its value. */
+    ferry_descriptor gated[2] = {{.tag = 100, .flags = FERRY_FLAG_GATE, .src_offset = 9}, descs[0]};
+    gated[1].tag = 101;
+    uint64_t before = ferry_queue_pushed(queue);
+    CHECK(ferry_queue_submit(queue, gated, 2, &pushed) == FERRY_RESULT_OK && pushed == 2);
+    CHECK(ferry_queue_pushed(queue) == before + 2);
+    CHECK(ferry_queue_poll_wait(queue, done, 2, 1, 20000000ull, &n) == FERRY_RESULT_OK && n == 0);
+    CHECK(ferry_queue_signal(queue, 9) == FERRY_RESULT_OK);
+    CHECK(ferry_queue_poll_wait(queue, done, 2, 2, 5000000000ull, &n) == FERRY_RESULT_OK && n == 2);
+    CHECK(done[0].tag == 100 && done[0].status == FERRY_STATUS_OK && done[1].tag == 101 && done[1].status == FERRY_STATUS_OK);
+    CHECK(ferry_queue_watermark(queue) == ferry_queue_pushed(queue));
+    /* Stream ordering needs the GPU transport's CUDA context: a clear error here. */
+    CHECK(ferry_queue_stream_wait(engine, queue, NULL, 1) == FERRY_RESULT_INVALID_ARGUMENT);
+    char why[256];
+    CHECK(ferry_last_error(why, sizeof why) > 0 && strstr(why, "no CUDA context") != NULL);
+    CHECK(ferry_queue_stream_signal(engine, queue, NULL, 1) == FERRY_RESULT_INVALID_ARGUMENT);
+
     /* Conventions: NULL arguments are refused with a text, outputs untouched. */
     CHECK(ferry_queue_submit(queue, NULL, 1, &pushed) == FERRY_RESULT_NULL_ARGUMENT);
     char text[128];

@@ -42,6 +42,8 @@ c_u32, c_u64, c_size = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
 FLAG_FENCE = 1
 # Descriptor.flags: `count` chunks of `len` bytes at `src_stride` / `dst_stride`, one completion.
 FLAG_STRIDED = 2
+# Descriptor.flags: a gate: later descriptors start once the queue's gate word reaches src_offset.
+FLAG_GATE = 4
 # The most chunks of one strided descriptor.
 MAX_CHUNKS = 4096
 
@@ -89,6 +91,7 @@ STATUS = {
     "zero_count": 11,
     "too_many_chunks": 12,
     "chunks_overlap": 13,
+    "gate_timeout": 14,
 }
 STATUS_NAME = {v: k for k, v in STATUS.items()}
 
@@ -258,6 +261,10 @@ _SIGNATURES = [
     ("ferry_queue_poll", [_p, ctypes.POINTER(Completion), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
     ("ferry_queue_poll_wait", [_p, ctypes.POINTER(Completion), c_size, c_size, c_u64, ctypes.POINTER(c_size)], ctypes.c_int),
     ("ferry_queue_watermark", [_p], c_u64),
+    ("ferry_queue_pushed", [_p], c_u64),
+    ("ferry_queue_signal", [_p, c_u64], ctypes.c_int),
+    ("ferry_queue_stream_wait", [_p, _p, _p, c_u64], ctypes.c_int),
+    ("ferry_queue_stream_signal", [_p, _p, _p, c_u64], ctypes.c_int),
     ("ferry_queue_free", [_p], None),
     ("ferry_queue_attach", [ctypes.c_int, ctypes.POINTER(_p)], ctypes.c_int),
     ("ferry_queue_hand_off", [_p, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
@@ -553,11 +560,34 @@ def block_descriptors(src: Blocks, dst: Blocks, src_block_ids: Any, dst_block_id
     return out
 
 
+def gate(value: int, tag: int = 0) -> Descriptor:
+    """A gate descriptor (FLAG_GATE): the queue's later descriptors start once its gate word
+    (`Queue.stream_signal`, `Queue.signal`) reaches `value`; it completes "ok", or
+    "gate_timeout" after the queue's gate timeout (10 s), and then the queue goes on."""
+    return Descriptor(tag=tag, flags=FLAG_GATE, src_offset=value)
+
+
+def _stream_handle(stream: Any) -> int:
+    """The CUstream of a torch.cuda.Stream (or anything with `cuda_stream` or `ptr`), an int
+    handle, or None: torch's current stream."""
+    if stream is None:
+        import torch
+
+        return torch.cuda.current_stream().cuda_stream
+    for attribute in ("cuda_stream", "ptr"):
+        if hasattr(stream, attribute):
+            return int(getattr(stream, attribute))
+    if isinstance(stream, int):
+        return stream
+    raise TypeError(f"expected a CUDA stream (torch.cuda.Stream, a handle), got {type(stream).__name__}")
+
+
 class Queue:
     """The client end of a queue: submit descriptors, poll completions."""
 
-    def __init__(self, handle: ctypes.c_void_p) -> None:
+    def __init__(self, handle: ctypes.c_void_p, engine: Optional[Engine] = None) -> None:
         self._handle = handle
+        self._engine = engine
         self._n = c_size()
         self._scratch = completions(0)
 
@@ -657,6 +687,77 @@ class Queue:
     def watermark(self) -> int:
         """How many of the queue's descriptors have their completion published."""
         return _library().ferry_queue_watermark(self._handle)
+
+    @property
+    def pushed(self) -> int:
+        """How many descriptors this end has pushed: the watermark of everything pushed so far."""
+        return _library().ferry_queue_pushed(self._handle)
+
+    def signal(self, value: int) -> None:
+        """Sets the queue's gate word from the CPU: a gate (`ferry.gate(v)`, v <= value) opens."""
+        _check(_library().ferry_queue_signal(self._handle, value))
+
+    def stream_wait(self, stream: Any = None, watermark: Optional[int] = None) -> None:
+        """Enqueues on a CUDA stream (a torch.cuda.Stream, a raw handle, or None for torch's
+        current stream) a wait, on the GPU, until the queue's watermark reaches `watermark`
+        (default: everything pushed so far): kernels enqueued after it see every byte those
+        descriptors copied, and the CPU does not wait. Keep polling completions now and then
+        (they report errors, and a full completion ring holds the queue). Captured in a CUDA
+        graph, the wait keeps its value: a replay waits for the same watermark again. Needs
+        transport="gpu" with a CUDA driver and a GPU with 64-bit stream memory operations
+        (FerryError invalid_argument naming what is missing)."""
+        target = self.pushed if watermark is None else watermark
+        engine = self._engine_handle("stream_wait")
+        _check(_library().ferry_queue_stream_wait(engine, self._handle, _stream_handle(stream), target))
+
+    def stream_signal(self, stream: Any, value: int) -> None:
+        """Enqueues on a CUDA stream (as in `stream_wait`) a write of `value` into the queue's
+        gate word, after the stream's earlier work: a gate `ferry.gate(v)` with v <= value then
+        opens, and the copies behind it see what that work wrote (a D2H of a block the forward
+        pass has just written, say). Values should grow from one signal to the next."""
+        engine = self._engine_handle("stream_signal")
+        _check(_library().ferry_queue_stream_signal(engine, self._handle, _stream_handle(stream), value))
+
+    def push_blocks(self, src: Blocks, dst: Blocks, src_block_ids: Any, dst_block_ids: Any,
+                    gate: Optional[int] = None) -> int:
+        """Pushes one strided descriptor per block (`block_descriptors`), behind a gate waiting
+        for `gate` when given, and returns the watermark they complete at, for `stream_wait`;
+        it does not wait. First takes the completions already back, raising CopyError for a
+        failed one. All must fit in the submission ring at once (ValueError otherwise)."""
+        self.drain()
+        descs = block_descriptors(src, dst, src_block_ids, dst_block_ids)
+        if gate is not None:
+            gated = descriptors(len(descs) + 1)
+            gated[0]["flags"], gated[0]["src_offset"] = FLAG_GATE, gate
+            gated[1:] = descs
+            descs = gated
+        pushed = self.submit_array(descs)
+        if pushed != len(descs):
+            raise ValueError(f"only {pushed} of {len(descs)} descriptors fit in the submission ring (the rest were "
+                             "pushed: poll and push the rest with submit_array, or open the queue with a larger ring)")
+        return self.pushed
+
+    def drain(self) -> int:
+        """Takes every completion already back without waiting; raises CopyError for the first
+        that failed (a gate's timeout included). Returns how many it took."""
+        total = 0
+        while True:
+            if self._scratch.size < 1024:
+                self._scratch = completions(1024)
+            got = self.poll_into(self._scratch)
+            bad = np.flatnonzero(self._scratch["status"][:got] != STATUS["ok"])
+            if bad.size:
+                first = self._scratch[int(bad[0])]
+                status = STATUS_NAME.get(int(first["status"]), "unknown")
+                raise CopyError(bad.size, int(bad[0]), status, int(first["detail"]), f"seq {int(first['seq'])}")
+            total += got
+            if got < self._scratch.size:
+                return total
+
+    def _engine_handle(self, what: str) -> ctypes.c_void_p:
+        if self._engine is None or not self._engine._handle:
+            raise FerryError(RESULT["invalid_argument"], f"{what} needs the queue's engine in this process (an attached queue has none)")
+        return self._engine._handle
 
     @classmethod
     def attach(cls, fd: int) -> Queue:
@@ -776,7 +877,7 @@ class Engine:
     def open_queue(self, client: int, submit_capacity: int = 0, complete_capacity: int = 0) -> Queue:
         out = ctypes.c_void_p()
         _check(_library().ferry_queue_open(self._handle, client, submit_capacity, complete_capacity, ctypes.byref(out)))
-        return Queue(out)
+        return Queue(out, self)
 
     def close(self) -> None:
         if self._handle:

@@ -13,18 +13,7 @@ import unittest
 import numpy as np
 
 import ferry
-
-
-def torch_or_skip(cuda=False):
-    try:
-        import torch
-    except ImportError:
-        print("SKIP: torch is not installed")
-        raise unittest.SkipTest("no torch")
-    if cuda and not torch.cuda.is_available():
-        print("SKIP: torch sees no CUDA device")
-        raise unittest.SkipTest("no CUDA device")
-    return torch
+from support import HostQueueCase, torch_or_skip
 
 
 class Installed(unittest.TestCase):
@@ -40,16 +29,7 @@ class Installed(unittest.TestCase):
         self.assertTrue((package / "py.typed").exists(), "the package ships its type hints marker")
 
 
-class ArrayPaths(unittest.TestCase):
-    def setUp(self):
-        self.engine = ferry.Engine(pinned=False)
-        self.client = self.engine.new_client()
-        self.queue = self.engine.open_queue(self.client)
-
-    def tearDown(self):
-        self.queue.close()
-        self.engine.close()
-
+class ArrayPaths(HostQueueCase):
     def test_submit_array_and_poll_into_move_scattered_blocks(self):
         block, n = 4096, 300
         src, dst = self.engine.alloc_host(self.client, n * block), self.engine.alloc_host(self.client, n * block)

@@ -491,7 +491,15 @@ fn cuda_rig_with(o: &Options, cuda: CudaConfig, workers: usize) -> Result<CudaRi
     // at 4 KiB the two batches on the stream and the one filling need more than 4096 descriptors.
     let queues = (0..workers)
         .map(|w| {
-            engine.open_queue(client, QueueConfig { submit_capacity: 16384, complete_capacity: 16384, worker: Some(w) })
+            engine.open_queue(
+                client,
+                QueueConfig {
+                    submit_capacity: 16384,
+                    complete_capacity: 16384,
+                    worker: Some(w),
+                    ..QueueConfig::default()
+                },
+            )
         })
         .collect::<Result<_, _>>()?;
     let _context = engine.cuda_context().expect("a cuda engine has a context").clone();
