@@ -459,7 +459,15 @@ pub struct QueueConfig {
     /// How long a gate descriptor ([`crate::Descriptor::gate`]) holds the queue before it
     /// completes as [`crate::Status::GateTimeout`] and the queue goes on (default 10 s).
     pub gate_timeout: std::time::Duration,
+    /// Close the queue when the process holding its client end has died (killed, crashed),
+    /// as if it had closed it: the worker looks every [`CLIENT_CHECK_INTERVAL`] and frees the
+    /// queue once its started copies are over. Off by default: a queue whose holder died can
+    /// then be attached again (taken over) by another process.
+    pub close_if_client_dies: bool,
 }
+
+/// How often a worker looks whether the holders of its `close_if_client_dies` queues are alive.
+pub const CLIENT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Default for QueueConfig {
     fn default() -> Self {
@@ -468,6 +476,7 @@ impl Default for QueueConfig {
             complete_capacity: 4096,
             worker: None,
             gate_timeout: std::time::Duration::from_secs(10),
+            close_if_client_dies: false,
         }
     }
 }

@@ -389,7 +389,7 @@ impl Engine {
             memory.file().try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?,
         )?;
         let mut end = WorkerEnd::new(memory, client.0)?;
-        end.gate_timeout = config.gate_timeout;
+        (end.gate_timeout, end.close_if_client_dies) = (config.gate_timeout, config.close_if_client_dies);
         let queue = Queue::from_memory(attached)?;
         self.workers[worker].mailbox.post(end);
         Ok(queue)

@@ -131,7 +131,7 @@ pub const FEATURES: &[&str] = &[
 #[cfg(not(loom))]
 pub use config::{
     CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, RouteTable, SmBudget,
-    Strategy, TransportKind, UseGdr,
+    Strategy, TransportKind, UseGdr, CLIENT_CHECK_INTERVAL,
 };
 pub use desc::{
     Completion, Descriptor, QueueEnd, QueueState, RegionId, Status, FLAG_FENCE, FLAG_GATE, FLAG_STRIDED, MAX_CHUNKS,

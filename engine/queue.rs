@@ -387,10 +387,22 @@ impl QueueMemory {
     }
 
     /// The client closes the queue: no descriptor follows, no completion will be read.
-    fn close(&self) {
+    /// Sets the close flag: by the client end, or by the worker for a client that died.
+    pub(crate) fn close(&self) {
         // R8: Release; pairs with A8 in close_requested: the client's ring stores (R1, R2) come
         // first, so whoever sees the close sees the rings as the client left them.
         self.header().ends.closed.store(1, Ordering::Release);
+    }
+
+    /// Whether a process holds the client end and is no longer alive (killed, crashed, or its
+    /// pid now another process's). Reads /proc: the worker calls it at most every
+    /// `CLIENT_CHECK_INTERVAL` per queue.
+    pub(crate) fn client_died(&self) -> bool {
+        // Relaxed: advisory; a claim or release racing with this look is seen at the next one.
+        match self.header().ends.client.load(Ordering::Relaxed) {
+            0 => false,
+            word => !Holder::from_word(word).is_alive(),
+        }
     }
 
     /// Whether the client closed the queue. Read by the worker on every visit.
@@ -613,6 +625,8 @@ pub(crate) struct WorkerEnd {
     pub(crate) client: u32,
     /// [`QueueConfig::gate_timeout`].
     pub(crate) gate_timeout: std::time::Duration,
+    /// [`QueueConfig::close_if_client_dies`].
+    pub(crate) close_if_client_dies: bool,
     holder: Holder,
 }
 
@@ -625,8 +639,8 @@ impl WorkerEnd {
         let holder = memory.claim(QueueEnd::Worker)?;
         let submit = Consumer::new(submit_ring);
         let complete = Producer::new(complete_ring);
-        let gate_timeout = QueueConfig::default().gate_timeout;
-        Ok(WorkerEnd { memory, submit, complete, client, gate_timeout, holder })
+        let QueueConfig { gate_timeout, close_if_client_dies, .. } = QueueConfig::default();
+        Ok(WorkerEnd { memory, submit, complete, client, gate_timeout, close_if_client_dies, holder })
     }
 }
 

@@ -20,7 +20,7 @@
 //! It never sleeps on this path; with [`IdlePolicy::Yield`] it yields the CPU after a run of
 //! empty iterations.
 
-use crate::config::IdlePolicy;
+use crate::config::{IdlePolicy, CLIENT_CHECK_INTERVAL};
 use crate::desc::{validate, validate_gate, validate_plain, Completion, QueueState, Status, FLAG_STRIDED};
 use crate::queue::WorkerEnd;
 use crate::region::RegionTable;
@@ -334,9 +334,25 @@ struct Loop {
     ops: Vec<Op>,
     done: Vec<Done>,
     next_queue: usize,
+    /// When `check_clients` looks next.
+    next_client_check: Instant,
 }
 
 impl Loop {
+    /// Closes, on their client's behalf, the `close_if_client_dies` queues whose client end's
+    /// holder died: the next visit sees the close flag as after a client's close (and a later
+    /// attach is refused).
+    fn check_clients(&mut self) {
+        for &qi in &self.live {
+            if let Some(q) = self.queues[qi as usize].as_ref() {
+                if q.end.close_if_client_dies && !q.closing && q.end.memory.client_died() {
+                    q.end.memory.close();
+                }
+            }
+        }
+        self.next_client_check = Instant::now() + CLIENT_CHECK_INTERVAL;
+    }
+
     /// Starts serving a queue, in a freed slot index if there is one.
     fn adopt(&mut self, end: WorkerEnd) {
         let window = end.submit.capacity() as usize;
@@ -372,6 +388,7 @@ impl Worker {
             ops: Vec::with_capacity(self.burst * 8),
             done: vec![Done::ok(Token { queue: 0, slot: 0 }); 256],
             next_queue: 0,
+            next_client_check: Instant::now(),
         };
         let mut epoch = 0u64;
         let mut idle_iterations = 0u32;
@@ -382,6 +399,10 @@ impl Worker {
             // S1: Acquire; pairs with R6 in Engine::stop.
             if self.stop.load(Ordering::Acquire) {
                 break;
+            }
+            // A look at the clock every 1024 iterations, at the holders every CLIENT_CHECK_INTERVAL.
+            if epoch % 1024 == 0 && Instant::now() >= state.next_client_check {
+                state.check_clients();
             }
             let took = self.take_all(&mut state);
             let submitted = self.submit(&mut state);

@@ -284,7 +284,30 @@ fn a_killed_clients_end_is_taken_over_and_copies_still_complete() {
 }
 
 #[test]
-#[ignore = "helper: started by a_killed_clients_end_is_taken_over_and_copies_still_complete"]
+fn a_killed_clients_queue_is_freed_when_it_asks_to_close_if_the_client_dies() {
+    let engine = host_engine();
+    let (client, src, dst) = two_regions(&engine);
+    let config = QueueConfig { close_if_client_dies: true, ..QueueConfig::default() };
+    let file = engine.open_queue(client, config).unwrap().hand_off().unwrap();
+    // Released by hand_off and not attached yet: nobody holds the end, and the queue stays.
+    std::thread::sleep(ferry::CLIENT_CHECK_INTERVAL * 3);
+    assert_eq!(engine.stats()[0].queues, 1, "a queue waiting to be attached was closed");
+    let mut child = spawn_child_until("child_attaches_and_waits", &client_env(&file, &src, &dst), "attached");
+    std::thread::sleep(ferry::CLIENT_CHECK_INTERVAL * 3);
+    assert_eq!(engine.stats()[0].queues, 1, "a live client's queue was closed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    wait_until("the worker to free the dead client's queue", || engine.stats()[0].queues == 0);
+    let freed = killed.elapsed();
+    println!("a SIGKILLed client's queue freed {freed:?} after its death");
+    assert!(freed < std::time::Duration::from_millis(500), "freed only after {freed:?}");
+    // Closed: it cannot be attached again.
+    assert!(Queue::attach(file).is_err());
+}
+
+#[test]
+#[ignore = "helper: started by a_killed_clients_end_is_taken_over_and_copies_still_complete and a_killed_clients_queue_is_freed_..."]
 fn child_attaches_and_waits() {
     let mut queue = Queue::attach(open_parent_fd("FERRY_TEST_QUEUE_FD")).unwrap();
     let id = |var: &str| RegionId(std::env::var(var).unwrap().parse().unwrap());
