@@ -219,6 +219,22 @@ typedef struct {
   uint64_t queues;
 } ferry_worker_stats;
 
+// Queue settings for [`ferry_queue_open_with`]. Zero in a field means "the default".
+typedef struct {
+  // Submission ring slots, a power of two (0: 4096).
+  uint64_t submit_capacity;
+  // Completion ring slots, a power of two (0: 4096).
+  uint64_t complete_capacity;
+  // How long a `FERRY_FLAG_GATE` descriptor holds the queue before it completes
+  // `FERRY_STATUS_GATE_TIMEOUT`, in nanoseconds (0: 10 s).
+  uint64_t gate_timeout_ns;
+  // 1 + the worker to serve the queue (0: the worker with the fewest queues).
+  uint32_t worker;
+  // Nonzero: close the queue when the process holding its client end dies (see
+  // `QueueConfig::close_if_client_dies`).
+  uint32_t close_if_client_dies;
+} ferry_queue_config;
+
 // One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,
 // `dst_offset`), or with [`FLAG_STRIDED`] `count` such chunks at strides. The direction follows
 // from the regions' kinds.
@@ -386,7 +402,8 @@ ferry_result ferry_engine_set_sm_budget(const ferry_engine *engine, uint32_t sm_
 // `engine` must be a live engine.
 ferry_result ferry_deregister(const ferry_engine *engine, uint32_t region);
 
-// Opens a queue for `client` with rings of the given capacities (powers of two; 0 means 4096).
+// Opens a queue for `client` with rings of the given capacities (powers of two; 0 means 4096)
+// and the other settings at their defaults.
 //
 // # Safety
 // `engine` must be a live engine; `out` valid for a write.
@@ -395,6 +412,15 @@ ferry_result ferry_queue_open(const ferry_engine *engine,
                               uint64_t submit_capacity,
                               uint64_t complete_capacity,
                               ferry_queue **out);
+
+// Opens a queue for `client` with the settings in `*config` (zero fields: the defaults).
+//
+// # Safety
+// `engine` must be a live engine; `config` valid for a read; `out` valid for a write.
+ferry_result ferry_queue_open_with(const ferry_engine *engine,
+                                   uint32_t client,
+                                   const ferry_queue_config *config,
+                                   ferry_queue **out);
 
 // Attaches to a queue from its memfd (for example received from the engine's process). The
 // descriptor is duplicated; the caller keeps its own.

@@ -722,7 +722,39 @@ pub unsafe extern "C" fn ferry_deregister(engine: *const ferry_engine, region: u
     })
 }
 
-/// Opens a queue for `client` with rings of the given capacities (powers of two; 0 means 4096).
+/// Queue settings for [`ferry_queue_open_with`]. Zero in a field means "the default".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ferry_queue_config {
+    /// Submission ring slots, a power of two (0: 4096).
+    pub submit_capacity: u64,
+    /// Completion ring slots, a power of two (0: 4096).
+    pub complete_capacity: u64,
+    /// How long a `FERRY_FLAG_GATE` descriptor holds the queue before it completes
+    /// `FERRY_STATUS_GATE_TIMEOUT`, in nanoseconds (0: 10 s).
+    pub gate_timeout_ns: u64,
+    /// 1 + the worker to serve the queue (0: the worker with the fewest queues).
+    pub worker: u32,
+    /// Nonzero: close the queue when the process holding its client end dies (see
+    /// `QueueConfig::close_if_client_dies`).
+    pub close_if_client_dies: u32,
+}
+
+/// The queue settings `c` stands for (zero fields: the defaults).
+fn queue_config_of(c: &ferry_queue_config) -> QueueConfig {
+    let d = QueueConfig::default();
+    let or = |v: u64, default: u64| if v == 0 { default } else { v };
+    QueueConfig {
+        submit_capacity: or(c.submit_capacity, d.submit_capacity),
+        complete_capacity: or(c.complete_capacity, d.complete_capacity),
+        worker: c.worker.checked_sub(1).map(|w| w as usize),
+        gate_timeout: if c.gate_timeout_ns == 0 { d.gate_timeout } else { Duration::from_nanos(c.gate_timeout_ns) },
+        close_if_client_dies: c.close_if_client_dies != 0,
+    }
+}
+
+/// Opens a queue for `client` with rings of the given capacities (powers of two; 0 means 4096)
+/// and the other settings at their defaults.
 ///
 /// # Safety
 /// `engine` must be a live engine; `out` valid for a write.
@@ -735,19 +767,46 @@ pub unsafe extern "C" fn ferry_queue_open(
     out: *mut *mut ferry_queue,
 ) -> ferry_result {
     guard("ferry_queue_open", || {
-        non_null!(engine, out);
-        let defaults = QueueConfig::default();
-        let config = QueueConfig {
-            submit_capacity: if submit_capacity == 0 { defaults.submit_capacity } else { submit_capacity },
-            complete_capacity: if complete_capacity == 0 { defaults.complete_capacity } else { complete_capacity },
-            ..defaults
-        };
-        // SAFETY: live engine, as the caller promised.
-        let queue = unsafe { &(*engine).0 }.open_queue(ClientId(client), config)?;
-        // SAFETY: writable `out`, as the caller promised.
-        unsafe { *out = Box::into_raw(Box::new(ferry_queue(queue))) };
-        Ok(())
+        let config = ferry_queue_config { submit_capacity, complete_capacity, ..Default::default() };
+        // SAFETY: engine and out as the caller promised; `config` is a local.
+        unsafe { open_queue(engine, client, &config, out) }
     })
+}
+
+/// Opens a queue for `client` with the settings in `*config` (zero fields: the defaults).
+///
+/// # Safety
+/// `engine` must be a live engine; `config` valid for a read; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_open_with(
+    engine: *const ferry_engine,
+    client: u32,
+    config: *const ferry_queue_config,
+    out: *mut *mut ferry_queue,
+) -> ferry_result {
+    guard("ferry_queue_open_with", || {
+        non_null!(config);
+        // SAFETY: as the caller promised.
+        unsafe { open_queue(engine, client, &*config, out) }
+    })
+}
+
+/// Opens the queue of both `ferry_queue_open` forms; called inside an export's boundary.
+///
+/// # Safety
+/// `engine` must be NULL or a live engine, `out` NULL or valid for a write.
+unsafe fn open_queue(
+    engine: *const ferry_engine,
+    client: u32,
+    config: &ferry_queue_config,
+    out: *mut *mut ferry_queue,
+) -> Result<(), Failure> {
+    non_null!(engine, out);
+    // SAFETY: live engine, as the caller promised.
+    let queue = unsafe { &(*engine).0 }.open_queue(ClientId(client), queue_config_of(config))?;
+    // SAFETY: writable `out`, as the caller promised.
+    unsafe { *out = Box::into_raw(Box::new(ferry_queue(queue))) };
+    Ok(())
 }
 
 /// Attaches to a queue from its memfd (for example received from the engine's process). The

@@ -87,6 +87,15 @@ int main(void) {
     CHECK(ferry_queue_poll_wait(queue, done, 2, 2, 5000000000ull, &n) == FERRY_RESULT_OK && n == 2);
     CHECK(done[0].tag == 100 && done[0].status == FERRY_STATUS_OK && done[1].tag == 101 && done[1].status == FERRY_STATUS_OK);
     CHECK(ferry_queue_watermark(queue) == ferry_queue_pushed(queue));
+    /* A queue whose gates time out after 30 ms: the gate completes GATE_TIMEOUT, the copy goes on. */
+    ferry_queue_config qc = {.gate_timeout_ns = 30000000ull};
+    ferry_queue *timed;
+    CHECK(ferry_queue_open_with(engine, client, &qc, &timed) == FERRY_RESULT_OK);
+    CHECK(ferry_queue_submit(timed, gated, 2, &pushed) == FERRY_RESULT_OK && pushed == 2);
+    CHECK(ferry_queue_poll_wait(timed, done, 2, 2, 5000000000ull, &n) == FERRY_RESULT_OK && n == 2);
+    CHECK(done[0].status == FERRY_STATUS_GATE_TIMEOUT && done[1].status == FERRY_STATUS_OK);
+    CHECK(ferry_queue_open_with(engine, client, NULL, &timed) == FERRY_RESULT_NULL_ARGUMENT);
+    ferry_queue_free(timed);
     /* Stream ordering needs the GPU transport's CUDA context: a clear error here. */
     CHECK(ferry_queue_stream_wait(engine, queue, NULL, 1) == FERRY_RESULT_INVALID_ARGUMENT);
     char why[256];

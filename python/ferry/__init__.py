@@ -149,6 +149,19 @@ class _Config(ctypes.Structure):
     ]
 
 
+class _QueueConfig(ctypes.Structure):
+    """ferry_queue_config; a zero field means the default."""
+
+    _c_name = "ferry_queue_config"
+    _fields_ = [
+        ("submit_capacity", c_u64),
+        ("complete_capacity", c_u64),
+        ("gate_timeout_ns", c_u64),
+        ("worker", c_u32),
+        ("close_if_client_dies", c_u32),
+    ]
+
+
 class WorkerStats(ctypes.Structure):
     """One worker's counters (ferry_worker_stats); the GDR fields count when `nic` is 1."""
 
@@ -257,6 +270,7 @@ _SIGNATURES = [
     ("ferry_engine_transport", [_p, ctypes.c_char_p, c_size], c_size),
     ("ferry_engine_stats", [_p, c_u32, ctypes.POINTER(WorkerStats)], ctypes.c_int),
     ("ferry_queue_open", [_p, c_u32, c_u64, c_u64, ctypes.POINTER(_p)], ctypes.c_int),
+    ("ferry_queue_open_with", [_p, c_u32, ctypes.POINTER(_QueueConfig), ctypes.POINTER(_p)], ctypes.c_int),
     ("ferry_queue_submit", [_p, ctypes.POINTER(Descriptor), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
     ("ferry_queue_poll", [_p, ctypes.POINTER(Completion), c_size, ctypes.POINTER(c_size)], ctypes.c_int),
     ("ferry_queue_poll_wait", [_p, ctypes.POINTER(Completion), c_size, c_size, c_u64, ctypes.POINTER(c_size)], ctypes.c_int),
@@ -874,9 +888,21 @@ class Engine:
         _check(_library().ferry_engine_stats(self._handle, worker, ctypes.byref(out)))
         return out
 
-    def open_queue(self, client: int, submit_capacity: int = 0, complete_capacity: int = 0) -> Queue:
+    def open_queue(self, client: int, submit_capacity: int = 0, complete_capacity: int = 0,
+                   worker: Optional[int] = None, gate_timeout: Optional[float] = None,
+                   close_if_client_dies: bool = False) -> Queue:
+        """A queue for `client`: ring capacities (powers of two; 0: 4096), the worker serving it
+        (None: the least loaded), how long a gate holds it before timing out (seconds; None:
+        10 s), and whether the worker closes it when the process holding its client end dies."""
+        config = _QueueConfig(
+            submit_capacity=submit_capacity,
+            complete_capacity=complete_capacity,
+            gate_timeout_ns=0 if gate_timeout is None else max(1, int(gate_timeout * 1e9)),
+            worker=0 if worker is None else worker + 1,
+            close_if_client_dies=1 if close_if_client_dies else 0,
+        )
         out = ctypes.c_void_p()
-        _check(_library().ferry_queue_open(self._handle, client, submit_capacity, complete_capacity, ctypes.byref(out)))
+        _check(_library().ferry_queue_open_with(self._handle, client, ctypes.byref(config), ctypes.byref(out)))
         return Queue(out, self)
 
     def close(self) -> None:

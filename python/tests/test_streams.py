@@ -47,6 +47,19 @@ class HostGates(HostQueueCase):
             self.assertEqual(self.queue.drain(), 3)
             self.assertTrue(np.array_equal(host[0], kv[:, :, 5]) and np.array_equal(host[1], kv[:, :, 6]))
 
+    def test_a_gate_times_out_per_the_queues_setting(self):
+        queue = self.engine.open_queue(self.client, gate_timeout=0.03)
+        queue.submit([ferry.gate(1, tag=1)])
+        t0 = time.monotonic()
+        (done,) = queue.wait(1)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.02)
+        self.assertEqual((done.tag, done.status_name), (1, "gate_timeout"))
+        with self.assertRaises(ferry.CopyError):
+            queue.submit([ferry.gate(1, tag=2)])
+            time.sleep(0.1)
+            queue.drain()
+        queue.close()
+
     def test_a_gate_with_a_length_is_refused(self):
         bad = ferry.gate(1, tag=4)
         bad.len = 16
