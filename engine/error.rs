@@ -234,6 +234,21 @@ pub enum Error {
         /// Why: no CUDA context, or the device attribute that is 0.
         reason: String,
     },
+    /// The control connection to a `ferry serve` daemon failed (connecting, sending, reading,
+    /// or an answer that does not fit the protocol).
+    #[error("control connection: {what}: {reason}")]
+    Control {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The daemon refused a request; its text says why.
+    #[error("the daemon refused: {message}")]
+    Daemon {
+        /// The daemon's text.
+        message: String,
+    },
     /// The CUDA driver is older than a chosen strategy needs.
     #[error("{strategy} needs CUDA driver API {needed}; this driver is {found}: update the driver or choose another Strategy")]
     DriverTooOld {

@@ -102,6 +102,8 @@ mod sync;
 #[cfg(not(loom))]
 pub mod config;
 #[cfg(not(loom))]
+pub mod control;
+#[cfg(not(loom))]
 mod cuda_driver;
 pub mod desc;
 #[cfg(not(loom))]
@@ -133,6 +135,8 @@ pub use config::{
     CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, RouteTable, SmBudget,
     Strategy, TransportKind, UseGdr, CLIENT_CHECK_INTERVAL,
 };
+#[cfg(not(loom))]
+pub use control::Client;
 pub use desc::{
     Completion, Descriptor, QueueEnd, QueueState, RegionId, Status, FLAG_FENCE, FLAG_GATE, FLAG_STRIDED, MAX_CHUNKS,
 };

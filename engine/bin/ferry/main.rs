@@ -8,6 +8,7 @@ mod doctor;
 mod gdr_baseline;
 mod load;
 mod plot;
+mod serve;
 mod topo;
 
 use bandwidth::{
@@ -32,6 +33,10 @@ usage: ferry bench [options]     bandwidth table of the engine on scattered bloc
                                  GPU x NIC matrix (nvidia-smi topo -m classes) and the plan
        ferry doctor [--sysfs DIR]
                                  what the GPU transports need: OK / WARN / FAIL with the fix
+       ferry serve --socket PATH [--transport host|null] [--workers N] [--unpinned]
+                   [--allow-uid UID]... [--quiet]
+                                 one engine for client processes (ferry::Client) over a
+                                 Unix socket (mode 0600, peer uid checked); SIGTERM stops it
 
 bench runs the engine on scattered blocks and prints block size x GB/s and descriptors/s.
 
@@ -913,6 +918,19 @@ fn main() -> ExitCode {
             },
             Err(e) => {
                 eprintln!("ferry bench: {e}\n\n{USAGE}");
+                ExitCode::from(2)
+            }
+        },
+        Some("serve") => match serve::parse(&args[1..]) {
+            Ok(o) => match serve::serve(&o) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ferry serve: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("ferry serve: {e}\n\n{}", serve::USAGE);
                 ExitCode::from(2)
             }
         },

@@ -1,0 +1,284 @@
+//! `ferry serve`: one engine shared by client processes over a Unix control socket (first step:
+//! settings by flags; see the README's "Many processes" section for what is not there yet).
+//!
+//! The socket is created with mode 0600 and each connection's peer credentials are checked:
+//! the daemon's own user, or a uid named with `--allow-uid`. A connection gets its own client
+//! id; its queues (opened with `close_if_client_dies`) and its host memory come back as memfds
+//! (`ferry::control`). When the connection ends, its regions are deregistered and freed (after
+//! the copies using them are over), and its queues are closed as soon as no live process holds
+//! them. SIGTERM or SIGINT stops the daemon: no new connection is taken, the engine shuts down
+//! (started copies complete, queued ones are cancelled) and the socket file is removed.
+
+use ferry::control::{receive, send, Frame};
+use ferry::{ClientId, Engine, EngineConfig, HostBuffer, QueueConfig, RegionId, TransportKind};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const USAGE: &str = "usage: ferry serve --socket PATH [--transport host|null] [--workers N] [--unpinned]
+                   [--allow-uid UID]... [--quiet]";
+
+/// Set by the SIGTERM/SIGINT handler.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // R1: Release; pairs with A1 in the accept loop. A store is async-signal-safe.
+    STOP.store(true, Ordering::Release);
+}
+
+#[derive(Debug)]
+pub struct Options {
+    socket: PathBuf,
+    transport: TransportKind,
+    workers: usize,
+    unpinned: bool,
+    allow: Vec<u32>,
+    quiet: bool,
+}
+
+pub fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        socket: PathBuf::new(),
+        transport: TransportKind::Host,
+        workers: 1,
+        unpinned: false,
+        allow: Vec::new(),
+        quiet: false,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--socket" => o.socket = PathBuf::from(value()?),
+            "--transport" => {
+                o.transport = match value()?.as_str() {
+                    "host" => TransportKind::Host,
+                    "null" => TransportKind::Null,
+                    other => {
+                        return Err(format!("--transport {other:?}: host or null (the GPU transports come later)"))
+                    }
+                }
+            }
+            "--workers" => o.workers = value()?.parse().map_err(|_| "--workers: a number".to_owned())?,
+            "--allow-uid" => o.allow.push(value()?.parse().map_err(|_| "--allow-uid: a uid".to_owned())?),
+            "--unpinned" => o.unpinned = true,
+            "--quiet" => o.quiet = true,
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    if o.socket.as_os_str().is_empty() {
+        return Err("--socket PATH is needed".into());
+    }
+    Ok(o)
+}
+
+/// The uid of the process at the other end of `stream` (SO_PEERCRED).
+fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    // SAFETY: an all-zero ucred is valid; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a valid socket, a writable ucred of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+pub fn serve(o: &Options) -> Result<(), String> {
+    let config = EngineConfig {
+        transport: o.transport.clone(),
+        workers: o.workers,
+        cores: if o.unpinned { ferry::CorePlacement::Unpinned } else { ferry::CorePlacement::Auto },
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(Engine::start(config).map_err(|e| format!("starting the engine: {e}"))?);
+    if o.socket.exists() {
+        // A socket file left by a daemon that died: only a socket is removed, never a file.
+        let kind = std::fs::symlink_metadata(&o.socket).map_err(|e| e.to_string())?.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        if !kind.is_socket() || UnixStream::connect(&o.socket).is_ok() {
+            return Err(format!("{} exists and is not a stale socket", o.socket.display()));
+        }
+        std::fs::remove_file(&o.socket).map_err(|e| format!("removing the stale {}: {e}", o.socket.display()))?;
+    }
+    let listener = UnixListener::bind(&o.socket).map_err(|e| format!("binding {}: {e}", o.socket.display()))?;
+    std::fs::set_permissions(&o.socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs an async-signal-safe handler (one atomic store).
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    let log = |text: String| {
+        if !o.quiet {
+            eprintln!("ferry serve: {text}");
+        }
+    };
+    log(format!(
+        "listening on {} (transport {}, {} worker(s))",
+        o.socket.display(),
+        engine.transport_name(),
+        o.workers
+    ));
+    let mut sessions = Vec::new();
+    // A1: Acquire; pairs with R1 in on_signal.
+    while !STOP.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let uid = match peer_uid(&stream) {
+                    Ok(uid) => uid,
+                    Err(e) => {
+                        log(format!("refused a connection: no peer credentials ({e})"));
+                        continue;
+                    }
+                };
+                if uid != me && !o.allow.contains(&uid) {
+                    log(format!("refused a connection from uid {uid} (allowed: {me} and {:?})", o.allow));
+                    let _ = send(&stream, &Frame::Failed { text: format!("uid {uid} is not allowed") }, None);
+                    continue;
+                }
+                let Ok(ours) = stream.try_clone() else {
+                    log("refused a connection: cannot duplicate its socket".into());
+                    continue;
+                };
+                let engine = engine.clone();
+                let quiet = o.quiet;
+                sessions.push((std::thread::spawn(move || session(&engine, stream, quiet)), ours));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => log(format!("accept: {e}")),
+        }
+        sessions.retain(|(s, _)| !s.is_finished());
+    }
+    log(format!("stopping: ending {} connection(s)", sessions.len()));
+    let _ = std::fs::remove_file(&o.socket);
+    // Each session sees its socket end, frees what its client had and returns.
+    for (thread, stream) in sessions {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let _ = thread.join();
+    }
+    // The sessions held the only other references: the engine's shutdown completes started
+    // copies and cancels the rest.
+    match Arc::try_unwrap(engine) {
+        Ok(engine) => engine.shutdown(),
+        Err(_) => return Err("a session still holds the engine".into()),
+    }
+    log("stopped".into());
+    Ok(())
+}
+
+/// One client connection, until it hangs up: answers its requests, then frees what it had.
+fn session(engine: &Engine, stream: UnixStream, quiet: bool) {
+    let log = |text: String| {
+        if !quiet {
+            eprintln!("ferry serve: {text}");
+        }
+    };
+    let client = engine.new_client();
+    let mut regions: HashMap<RegionId, HostBuffer> = HashMap::new();
+    let mut queues: Vec<File> = Vec::new();
+    let mut hello = false;
+    loop {
+        let (frame, _fd) = match receive(&stream) {
+            Ok(Some(got)) => got,
+            Ok(None) => break,
+            Err(e) => {
+                // A malformed frame or a broken connection: this client is done.
+                log(format!("client {}: {e}; disconnecting it", client.0));
+                let _ = send(&stream, &Frame::Failed { text: e.to_string() }, None);
+                break;
+            }
+        };
+        let answer = match frame {
+            Frame::Hello { abi } if abi == ferry::queue::QUEUE_ABI_VERSION => {
+                hello = true;
+                Ok((Frame::Welcome { client: client.0 }, None))
+            }
+            Frame::Hello { abi } => {
+                Err(format!("queue ABI {abi} is not this daemon's {}", ferry::queue::QUEUE_ABI_VERSION))
+            }
+            _ if !hello => Err("say hello first".to_owned()),
+            Frame::OpenQueue { submit_capacity, complete_capacity } => {
+                open_queue(engine, client, submit_capacity, complete_capacity).map(|(id, file)| {
+                    let fd = file.as_raw_fd();
+                    queues.push(file);
+                    (Frame::QueueOpened { queue: id }, Some(fd))
+                })
+            }
+            Frame::AllocHost { len } => match engine.allocate_host(client, len as usize) {
+                Ok(buffer) => {
+                    let (region, fd) = (buffer.id(), buffer.file().as_raw_fd());
+                    regions.insert(region, buffer);
+                    Ok((Frame::HostAllocated { region: region.0, len }, Some(fd)))
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Frame::Free { region } => match regions.get(&RegionId(region)) {
+                None => Err(format!("region {region:#x} is not this client's")),
+                Some(_) => match engine.deregister(RegionId(region)) {
+                    Ok(()) => {
+                        regions.remove(&RegionId(region));
+                        Ok((Frame::Done, None))
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            },
+            other => Err(format!("{other:?} is not a request")),
+        };
+        let sent = match &answer {
+            Ok((frame, fd)) => send(&stream, frame, *fd),
+            Err(text) => send(&stream, &Frame::Failed { text: text.clone() }, None),
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    // Queues: closed by their worker once no live process holds them (close_if_client_dies);
+    // one released and never attached is taken here and closed.
+    for file in queues {
+        if let Ok(queue) = ferry::Queue::attach(file) {
+            queue.close();
+        }
+    }
+    // Regions: deregistered once the copies using them are over.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (id, _buffer) in regions.drain() {
+        while let Err(ferry::Error::RegionBusy { .. }) = engine.deregister(id) {
+            if Instant::now() > deadline {
+                log(format!("client {}: region {id} still busy after 10 s; left registered", client.0));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    log(format!("client {} gone; its queues and regions are freed", client.0));
+}
+
+fn open_queue(engine: &Engine, client: ClientId, submit: u64, complete: u64) -> Result<(u32, File), String> {
+    let defaults = QueueConfig::default();
+    let config = QueueConfig {
+        submit_capacity: if submit == 0 { defaults.submit_capacity } else { submit },
+        complete_capacity: if complete == 0 { defaults.complete_capacity } else { complete },
+        close_if_client_dies: true,
+        ..defaults
+    };
+    let queue = engine.open_queue(client, config).map_err(|e| e.to_string())?;
+    let id = queue.id().0;
+    queue.hand_off().map(|file| (id, file)).map_err(|e| e.to_string())
+}
