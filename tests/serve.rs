@@ -178,3 +178,35 @@ fn serve_without_a_socket_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--socket PATH is needed"));
 }
+
+#[test]
+fn the_configuration_file_with_flags_over_it_and_unknown_keys_refused() {
+    let dir = std::env::temp_dir().join(format!("ferry-serve-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("serve.toml");
+    std::fs::write(&file, "socket = \"/tmp/x.sock\"\nallow_uids = [1001]\n[engine]\nworkers = 2\n").unwrap();
+    let ferry = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().unwrap();
+    let out = ferry(&["serve", "--config", file.to_str().unwrap(), "--transport", "null", "--print-config"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    for expected in [
+        "socket = \"/tmp/x.sock\"",
+        "allow_uids = [1001]",
+        "log = \"info\"",
+        "[engine]",
+        "transport = \"null\"",
+        "workers = 2",
+        "pinned = true",
+    ] {
+        assert!(printed.contains(expected), "{expected:?} missing from the effective configuration:\n{printed}");
+    }
+    // The printed configuration reads back as the same configuration.
+    std::fs::write(&file, &printed).unwrap();
+    let again = ferry(&["serve", "--config", file.to_str().unwrap(), "--print-config"]);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), printed);
+    std::fs::write(&file, "socket = \"/tmp/x.sock\"\n[engine]\nworkerz = 2\n").unwrap();
+    let out = ferry(&["serve", "--config", file.to_str().unwrap(), "--print-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workerz"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

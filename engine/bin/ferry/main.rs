@@ -33,8 +33,8 @@ usage: ferry bench [options]     bandwidth table of the engine on scattered bloc
                                  GPU x NIC matrix (nvidia-smi topo -m classes) and the plan
        ferry doctor [--sysfs DIR]
                                  what the GPU transports need: OK / WARN / FAIL with the fix
-       ferry serve --socket PATH [--transport host|null] [--workers N] [--unpinned]
-                   [--allow-uid UID]... [--quiet]
+       ferry serve [--config FILE] [--socket PATH] [--transport host|null] [--workers N]
+                   [--unpinned] [--allow-uid UID]... [--quiet] [--print-config]
                                  one engine for client processes (ferry::Client) over a
                                  Unix socket (mode 0600, peer uid checked); SIGTERM stops it
 

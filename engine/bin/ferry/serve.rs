@@ -1,5 +1,6 @@
-//! `ferry serve`: one engine shared by client processes over a Unix control socket (first step:
-//! settings by flags; see the README's "Many processes" section for what is not there yet).
+//! `ferry serve`: one engine shared by client processes over a Unix control socket, configured
+//! by a TOML file and flags (see the README's "Many processes" section, also for what is not
+//! there yet).
 //!
 //! The socket is created with mode 0600 and each connection's peer credentials are checked:
 //! the daemon's own user, or a uid named with `--allow-uid`. A connection gets its own client
@@ -11,6 +12,7 @@
 
 use ferry::control::{receive, send, Frame};
 use ferry::{ClientId, Engine, EngineConfig, HostBuffer, QueueConfig, RegionId, TransportKind};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -21,8 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const USAGE: &str = "usage: ferry serve --socket PATH [--transport host|null] [--workers N] [--unpinned]
-                   [--allow-uid UID]... [--quiet]";
+pub const USAGE: &str =
+    "usage: ferry serve [--config FILE] [--socket PATH] [--transport host|null] [--workers N] [--unpinned]
+                   [--allow-uid UID]... [--quiet] [--print-config]";
 
 /// Set by the SIGTERM/SIGINT handler.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -32,50 +35,115 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Release);
 }
 
+/// The daemon's configuration: a TOML file (`--config`), every key optional but `socket`,
+/// unknown keys an error; flags override it. `--print-config` prints the effective one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The control socket's path. Created with mode 0600; a stale socket there is replaced,
+    /// anything else is an error.
+    #[serde(default)]
+    pub socket: PathBuf,
+    /// Uids allowed to connect besides the daemon's own.
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// "info": connections refused or ended, start and stop; "error": failures only.
+    #[serde(default)]
+    pub log: LogLevel,
+    /// The engine the clients share.
+    #[serde(default)]
+    pub engine: EngineSection,
+}
+
+/// `[engine]` of [`ServeConfig`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// "host" (CPU copies) or "null" (no data moves); the GPU transports come later.
+    pub transport: Transport,
+    /// Worker threads.
+    pub workers: usize,
+    /// Pin each worker to a core of the topology plan (false: unpinned).
+    pub pinned: bool,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        EngineSection { transport: Transport::Host, workers: 1, pinned: true }
+    }
+}
+
+/// `engine.transport`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// CPU copies.
+    Host,
+    /// No data moves.
+    Null,
+}
+
+/// `log`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Failures only.
+    Error,
+    /// Also connections refused or ended, start and stop.
+    #[default]
+    Info,
+}
+
+/// What `ferry serve` was asked: the configuration, and whether only to print it.
 #[derive(Debug)]
 pub struct Options {
-    socket: PathBuf,
-    transport: TransportKind,
-    workers: usize,
-    unpinned: bool,
-    allow: Vec<u32>,
-    quiet: bool,
+    config: ServeConfig,
+    print_config: bool,
 }
 
 pub fn parse(args: &[String]) -> Result<Options, String> {
-    let mut o = Options {
+    let mut config = ServeConfig {
         socket: PathBuf::new(),
-        transport: TransportKind::Host,
-        workers: 1,
-        unpinned: false,
-        allow: Vec::new(),
-        quiet: false,
+        allow_uids: Vec::new(),
+        log: LogLevel::Info,
+        engine: EngineSection::default(),
     };
+    let mut print_config = false;
+    // The file first, wherever it is among the flags, so that the flags override it.
+    if let Some(i) = args.iter().position(|a| a == "--config") {
+        let path = args.get(i + 1).ok_or("--config needs a value")?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+        config = toml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+    }
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--socket" => o.socket = PathBuf::from(value()?),
+            "--config" => {
+                value()?;
+            }
+            "--socket" => config.socket = PathBuf::from(value()?),
             "--transport" => {
-                o.transport = match value()?.as_str() {
-                    "host" => TransportKind::Host,
-                    "null" => TransportKind::Null,
+                config.engine.transport = match value()?.as_str() {
+                    "host" => Transport::Host,
+                    "null" => Transport::Null,
                     other => {
                         return Err(format!("--transport {other:?}: host or null (the GPU transports come later)"))
                     }
                 }
             }
-            "--workers" => o.workers = value()?.parse().map_err(|_| "--workers: a number".to_owned())?,
-            "--allow-uid" => o.allow.push(value()?.parse().map_err(|_| "--allow-uid: a uid".to_owned())?),
-            "--unpinned" => o.unpinned = true,
-            "--quiet" => o.quiet = true,
+            "--workers" => config.engine.workers = value()?.parse().map_err(|_| "--workers: a number".to_owned())?,
+            "--allow-uid" => config.allow_uids.push(value()?.parse().map_err(|_| "--allow-uid: a uid".to_owned())?),
+            "--unpinned" => config.engine.pinned = false,
+            "--quiet" => config.log = LogLevel::Error,
+            "--print-config" => print_config = true,
             other => return Err(format!("unknown option {other:?}")),
         }
     }
-    if o.socket.as_os_str().is_empty() {
-        return Err("--socket PATH is needed".into());
+    if config.socket.as_os_str().is_empty() {
+        return Err("--socket PATH is needed (or `socket` in the --config file)".into());
     }
-    Ok(o)
+    Ok(Options { config, print_config })
 }
 
 /// The uid of the process at the other end of `stream` (SO_PEERCRED).
@@ -99,11 +167,20 @@ fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
     Ok(cred.uid)
 }
 
-pub fn serve(o: &Options) -> Result<(), String> {
+pub fn serve(options: &Options) -> Result<(), String> {
+    let o = &options.config;
+    if options.print_config {
+        print!("{}", toml::to_string(o).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    let transport = match o.engine.transport {
+        Transport::Host => TransportKind::Host,
+        Transport::Null => TransportKind::Null,
+    };
     let config = EngineConfig {
-        transport: o.transport.clone(),
-        workers: o.workers,
-        cores: if o.unpinned { ferry::CorePlacement::Unpinned } else { ferry::CorePlacement::Auto },
+        transport,
+        workers: o.engine.workers,
+        cores: if o.engine.pinned { ferry::CorePlacement::Auto } else { ferry::CorePlacement::Unpinned },
         ..EngineConfig::default()
     };
     let engine = Arc::new(Engine::start(config).map_err(|e| format!("starting the engine: {e}"))?);
@@ -126,7 +203,7 @@ pub fn serve(o: &Options) -> Result<(), String> {
     // SAFETY: getuid cannot fail.
     let me = unsafe { libc::getuid() };
     let log = |text: String| {
-        if !o.quiet {
+        if o.log == LogLevel::Info {
             eprintln!("ferry serve: {text}");
         }
     };
@@ -134,7 +211,7 @@ pub fn serve(o: &Options) -> Result<(), String> {
         "listening on {} (transport {}, {} worker(s))",
         o.socket.display(),
         engine.transport_name(),
-        o.workers
+        o.engine.workers
     ));
     let mut sessions = Vec::new();
     // A1: Acquire; pairs with R1 in on_signal.
@@ -148,8 +225,8 @@ pub fn serve(o: &Options) -> Result<(), String> {
                         continue;
                     }
                 };
-                if uid != me && !o.allow.contains(&uid) {
-                    log(format!("refused a connection from uid {uid} (allowed: {me} and {:?})", o.allow));
+                if uid != me && !o.allow_uids.contains(&uid) {
+                    log(format!("refused a connection from uid {uid} (allowed: {me} and {:?})", o.allow_uids));
                     let _ = send(&stream, &Frame::Failed { text: format!("uid {uid} is not allowed") }, None);
                     continue;
                 }
@@ -158,7 +235,7 @@ pub fn serve(o: &Options) -> Result<(), String> {
                     continue;
                 };
                 let engine = engine.clone();
-                let quiet = o.quiet;
+                let quiet = o.log == LogLevel::Error;
                 sessions.push((std::thread::spawn(move || session(&engine, stream, quiet)), ours));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
