@@ -107,6 +107,12 @@ fn clients_copy_through_the_daemon_and_regions_are_their_own() {
         other => panic!("expected the daemon's refusal, got {other:?}"),
     }
     a.free(dst.id()).unwrap();
+    // Over the host bytes a client may hold (16 GiB by default): a clear refusal, nothing lost.
+    match b.alloc_host(17 << 30) {
+        Err(Error::Daemon { message }) => assert!(message.contains("limits.host_bytes_per_client"), "{message}"),
+        other => panic!("expected the limit's refusal, got {other:?}"),
+    }
+    assert!(b.alloc_host(4096).is_ok(), "the client goes on after a refusal");
     drop((queue, theirs, a, b));
     daemon.expect_line("gone");
     daemon.stop();
@@ -197,6 +203,8 @@ fn the_configuration_file_with_flags_over_it_and_unknown_keys_refused() {
         "transport = \"null\"",
         "workers = 2",
         "pinned = true",
+        "[limits]",
+        "regions_per_client = 1024",
     ] {
         assert!(printed.contains(expected), "{expected:?} missing from the effective configuration:\n{printed}");
     }

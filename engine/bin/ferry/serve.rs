@@ -53,6 +53,25 @@ pub struct ServeConfig {
     /// The engine the clients share.
     #[serde(default)]
     pub engine: EngineSection,
+    /// What one client (connection) may hold at once.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]` of [`ServeConfig`]: a request over a limit is refused with a text naming it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Host memory regions one client holds at once.
+    pub regions_per_client: usize,
+    /// Bytes of host memory (pinned for a GPU transport) one client holds at once.
+    pub host_bytes_per_client: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { regions_per_client: 1024, host_bytes_per_client: 16 << 30 }
+    }
 }
 
 /// `[engine]` of [`ServeConfig`].
@@ -107,6 +126,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         allow_uids: Vec::new(),
         log: LogLevel::Info,
         engine: EngineSection::default(),
+        limits: Limits::default(),
     };
     let mut print_config = false;
     // The file first, wherever it is among the flags, so that the flags override it.
@@ -235,8 +255,8 @@ pub fn serve(options: &Options) -> Result<(), String> {
                     continue;
                 };
                 let engine = engine.clone();
-                let quiet = o.log == LogLevel::Error;
-                sessions.push((std::thread::spawn(move || session(&engine, stream, quiet)), ours));
+                let (quiet, limits) = (o.log == LogLevel::Error, o.limits);
+                sessions.push((std::thread::spawn(move || session(&engine, stream, quiet, limits)), ours));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => log(format!("accept: {e}")),
@@ -261,7 +281,7 @@ pub fn serve(options: &Options) -> Result<(), String> {
 }
 
 /// One client connection, until it hangs up: answers its requests, then frees what it had.
-fn session(engine: &Engine, stream: UnixStream, quiet: bool) {
+fn session(engine: &Engine, stream: UnixStream, quiet: bool, limits: Limits) {
     let log = |text: String| {
         if !quiet {
             eprintln!("ferry serve: {text}");
@@ -297,6 +317,18 @@ fn session(engine: &Engine, stream: UnixStream, quiet: bool) {
                     queues.push(file);
                     (Frame::QueueOpened { queue: id }, Some(fd))
                 })
+            }
+            Frame::AllocHost { .. } if regions.len() >= limits.regions_per_client => {
+                Err(format!("over limits.regions_per_client ({}): free a region first", limits.regions_per_client))
+            }
+            Frame::AllocHost { len }
+                if regions.values().map(|b| b.len() as u64).sum::<u64>().saturating_add(len)
+                    > limits.host_bytes_per_client =>
+            {
+                Err(format!(
+                    "{len} more bytes would be over limits.host_bytes_per_client ({})",
+                    limits.host_bytes_per_client
+                ))
             }
             Frame::AllocHost { len } => match engine.allocate_host(client, len as usize) {
                 Ok(buffer) => {
