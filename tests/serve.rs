@@ -218,3 +218,17 @@ fn the_configuration_file_with_flags_over_it_and_unknown_keys_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("workerz"), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_daemon_benchmark_runs_and_prints_its_table() {
+    // A functional check of `ferry bench-serve` (2 clients, a few descriptors): it runs end to
+    // end and prints both rows; the figures are not judged here.
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["bench-serve", "--clients", "2", "--descriptors", "20K", "--rounds", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("one client thread, engine in this process"), "{stdout}");
+    assert!(stdout.contains("2 client processes through `ferry serve`"), "{stdout}");
+}

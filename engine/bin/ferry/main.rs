@@ -9,6 +9,7 @@ mod gdr_baseline;
 mod load;
 mod plot;
 mod serve;
+mod serve_bench;
 mod topo;
 
 use bandwidth::{
@@ -37,6 +38,9 @@ usage: ferry bench [options]     bandwidth table of the engine on scattered bloc
                    [--unpinned] [--allow-uid UID]... [--quiet] [--print-config]
                                  one engine for client processes (ferry::Client) over a
                                  Unix socket (mode 0600, peer uid checked); SIGTERM stops it
+       ferry bench-serve [--clients N] [--descriptors N] [--rounds N]
+                                 client processes through `ferry serve` (null transport)
+                                 against one in-process client, alternating rounds
 
 bench runs the engine on scattered blocks and prints block size x GB/s and descriptors/s.
 
@@ -932,6 +936,21 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("ferry serve: {e}\n\n{}", serve::USAGE);
                 ExitCode::from(2)
+            }
+        },
+        Some("bench-serve") => match serve_bench::run(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry bench-serve: {e}\n\n{}", serve_bench::USAGE);
+                ExitCode::FAILURE
+            }
+        },
+        // A client process of bench-serve (not for people).
+        Some("bench-serve-client") => match serve_bench::client(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry bench-serve-client: {e}");
+                ExitCode::FAILURE
             }
         },
         Some("--version" | "-V" | "version") => {
