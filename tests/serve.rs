@@ -204,6 +204,7 @@ fn the_configuration_file_with_flags_over_it_and_unknown_keys_refused() {
         "workers = 2",
         "pinned = true",
         "[limits]",
+        "connections = 256",
         "regions_per_client = 1024",
     ] {
         assert!(printed.contains(expected), "{expected:?} missing from the effective configuration:\n{printed}");
@@ -231,4 +232,43 @@ fn the_daemon_benchmark_runs_and_prints_its_table() {
     assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("one client thread, engine in this process"), "{stdout}");
     assert!(stdout.contains("2 client processes through `ferry serve`"), "{stdout}");
+}
+
+#[test]
+fn connections_over_the_limit_are_refused_and_the_served_ones_go_on() {
+    let dir = std::env::temp_dir().join(format!("ferry-serve-limit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("s.sock");
+    let config = dir.join("serve.toml");
+    std::fs::write(&config, format!("socket = {:?}\n[engine]\npinned = false\n[limits]\nconnections = 2\n", socket))
+        .unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--config", config.to_str().unwrap(), "--quiet"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    let mut first = loop {
+        match Client::connect(&socket) {
+            Ok(client) => break client,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the daemon never listened: {e}"),
+        }
+    };
+    let mut second = Client::connect(&socket).unwrap();
+    match Client::connect(&socket) {
+        Err(Error::Daemon { message }) => assert!(message.contains("limits.connections"), "{message}"),
+        other => panic!("expected the connection limit's refusal, got {other:?}"),
+    }
+    assert!(first.alloc_host(4096).is_ok() && second.alloc_host(4096).is_ok(), "the served connections go on");
+    drop(first);
+    // A connection ended makes room (once its session has finished).
+    let deadline = Instant::now() + TIMEOUT;
+    while Client::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "no room after a connection ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -62,6 +62,8 @@ pub struct ServeConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// Connections served at once (each has a thread): one more is refused with a text.
+    pub connections: usize,
     /// Host memory regions one client holds at once.
     pub regions_per_client: usize,
     /// Bytes of host memory (pinned for a GPU transport) one client holds at once.
@@ -70,7 +72,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { regions_per_client: 1024, host_bytes_per_client: 16 << 30 }
+        Limits { connections: 256, regions_per_client: 1024, host_bytes_per_client: 16 << 30 }
     }
 }
 
@@ -233,9 +235,11 @@ pub fn serve(options: &Options) -> Result<(), String> {
         engine.transport_name(),
         o.engine.workers
     ));
-    let mut sessions = Vec::new();
+    let mut sessions: Vec<(std::thread::JoinHandle<()>, UnixStream)> = Vec::new();
     // A1: Acquire; pairs with R1 in on_signal.
     while !STOP.load(Ordering::Acquire) {
+        // Sessions whose client hung up are over: their room is free.
+        sessions.retain(|(s, _)| !s.is_finished());
         match listener.accept() {
             Ok((stream, _)) => {
                 let uid = match peer_uid(&stream) {
@@ -250,6 +254,12 @@ pub fn serve(options: &Options) -> Result<(), String> {
                     let _ = send(&stream, &Frame::Failed { text: format!("uid {uid} is not allowed") }, None);
                     continue;
                 }
+                if sessions.len() >= o.limits.connections {
+                    log(format!("refused a connection: {} served already (limits.connections)", sessions.len()));
+                    let text = format!("over limits.connections ({}): try again later", o.limits.connections);
+                    let _ = send(&stream, &Frame::Failed { text }, None);
+                    continue;
+                }
                 let Ok(ours) = stream.try_clone() else {
                     log("refused a connection: cannot duplicate its socket".into());
                     continue;
@@ -261,7 +271,6 @@ pub fn serve(options: &Options) -> Result<(), String> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => log(format!("accept: {e}")),
         }
-        sessions.retain(|(s, _)| !s.is_finished());
     }
     log(format!("stopping: ending {} connection(s)", sessions.len()));
     let _ = std::fs::remove_file(&o.socket);
