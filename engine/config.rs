@@ -466,6 +466,19 @@ pub struct QueueConfig {
     pub close_if_client_dies: bool,
 }
 
+impl QueueConfig {
+    /// These ring capacities, each 0 keeping the one already set (C, Python and the daemon's
+    /// protocol spell "the default" as 0).
+    pub fn with_capacities(self, submit_capacity: u64, complete_capacity: u64) -> QueueConfig {
+        let or = |v: u64, current: u64| if v == 0 { current } else { v };
+        QueueConfig {
+            submit_capacity: or(submit_capacity, self.submit_capacity),
+            complete_capacity: or(complete_capacity, self.complete_capacity),
+            ..self
+        }
+    }
+}
+
 /// How often a worker looks whether the holders of its `close_if_client_dies` queues are alive.
 pub const CLIENT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 

@@ -234,6 +234,10 @@ pub struct CudaTransport {
     failed: VecDeque<Done>,
     /// The device's largest 2D copy pitch (CU_DEVICE_ATTRIBUTE_MAX_PITCH).
     max_pitch: u64,
+    /// The runs (`run_at`) of the first `runs_cover` queued operations, with their direction:
+    /// found once per batch, for `auto`'s choice and the copy engine's lanes.
+    runs: Vec<(usize, Rect)>,
+    runs_cover: usize,
 }
 
 impl CudaTransport {
@@ -243,6 +247,8 @@ impl CudaTransport {
     pub(crate) fn new(context: Arc<Context>, config: CudaConfig, sms: Arc<AtomicU32>) -> CudaTransport {
         CudaTransport {
             max_pitch: u64::try_from(context.info.max_pitch).unwrap_or(0),
+            runs: Vec::with_capacity(config.max_batch),
+            runs_cover: 0,
             context,
             config,
             sms,
@@ -262,22 +268,23 @@ impl CudaTransport {
     }
 
     /// The strategy for a batch of the first `n` queued operations.
-    fn pick(&self, n: usize) -> Strategy {
-        let live = self.live.as_ref().expect("started");
-        let has = Available { kernel: live.kernel.is_some(), batch: self.context.driver_version >= BATCH_COPY_VERSION };
+    fn pick(&mut self, n: usize) -> Strategy {
+        let has = Available {
+            kernel: self.live.as_ref().expect("started").kernel.is_some(),
+            batch: self.context.driver_version >= BATCH_COPY_VERSION,
+        };
         let sms = self.live_sms();
         match self.config.strategy {
             Strategy::Auto => {
                 // Bytes per direction; the batch goes by the larger share's crossover. A run of a
                 // strided descriptor's chunks of at least TWO_D_WIDTH counts as one block (the
                 // copy engine takes it as one 2D copy); narrower chunks count one by one.
+                self.find_runs(n);
                 let mut bytes = [0u64; 2];
-                let (mut i, mut blocks) = (0, 0);
-                while i < n {
-                    let rect = run_at(&self.queued, i, n, self.max_pitch);
-                    bytes[direction(&self.queued[i])] += rect.width * rect.rows as u64;
+                let mut blocks = 0;
+                for &(dir, rect) in &self.runs {
+                    bytes[dir] += rect.width * rect.rows as u64;
                     blocks += if rect.width >= TWO_D_WIDTH { 1 } else { rect.rows };
-                    i += rect.rows;
                 }
                 let dir = usize::from(bytes[0] < bytes[1]);
                 route(&self.config.route, blocks, bytes[0] + bytes[1], dir, sms, has)
@@ -295,6 +302,21 @@ impl CudaTransport {
             }
             s => s,
         }
+    }
+
+    /// Finds the runs of the first `n` queued operations into `runs`, unless they are there.
+    fn find_runs(&mut self, n: usize) {
+        if self.runs_cover == n {
+            return;
+        }
+        self.runs.clear();
+        let mut i = 0;
+        while i < n {
+            let rect = run_at(&self.queued, i, n, self.max_pitch);
+            self.runs.push((direction(&self.queued[i]), rect));
+            i += rect.rows;
+        }
+        self.runs_cover = n;
     }
 
     /// Issues queued operations: at once on an idle stream, else as a second batch once enough
@@ -322,6 +344,7 @@ impl CudaTransport {
 
     /// Issues up to `n` queued operations as one batch; returns how many left the queue.
     fn issue(&mut self, n: usize) -> usize {
+        self.runs_cover = 0; // the queue changed since the last batch
         let mut strategy = self.pick(n);
         let sms = self.live_sms().max(1);
         let mut n = n;
@@ -329,6 +352,9 @@ impl CudaTransport {
         if strategy == Strategy::Kernel && first_tasks > STAGING_TASKS {
             // Larger than the whole staging ring (only with a raised max_len): copy it alone.
             (strategy, n) = (Strategy::Memcpy, 1);
+        }
+        if strategy != Strategy::Kernel {
+            self.find_runs(n);
         }
         let live = self.live.as_mut().expect("started");
         let mut staging = None;
@@ -342,16 +368,13 @@ impl CudaTransport {
                 for lane in &mut live.lanes {
                     lane.clear();
                 }
-                let mut i = 0;
-                while i < n {
-                    let rect = run_at(&self.queued, i, n, self.max_pitch);
-                    let lane = &mut live.lanes[direction(&self.queued[i])];
+                for &(dir, rect) in &self.runs {
+                    let lane = &mut live.lanes[dir];
                     if rect.rows == 1 {
                         lane.push(rect.dst, rect.src, rect.width as usize);
                     } else {
                         lane.rects.push(rect);
                     }
-                    i += rect.rows;
                 }
                 let both = live.lanes.iter().all(|l| !l.is_empty());
                 let batch = strategy == Strategy::Batch;

@@ -742,14 +742,12 @@ pub struct ferry_queue_config {
 
 /// The queue settings `c` stands for (zero fields: the defaults).
 fn queue_config_of(c: &ferry_queue_config) -> QueueConfig {
-    let d = QueueConfig::default();
-    let or = |v: u64, default: u64| if v == 0 { default } else { v };
+    let d = QueueConfig::default().with_capacities(c.submit_capacity, c.complete_capacity);
     QueueConfig {
-        submit_capacity: or(c.submit_capacity, d.submit_capacity),
-        complete_capacity: or(c.complete_capacity, d.complete_capacity),
         worker: c.worker.checked_sub(1).map(|w| w as usize),
         gate_timeout: if c.gate_timeout_ns == 0 { d.gate_timeout } else { Duration::from_nanos(c.gate_timeout_ns) },
         close_if_client_dies: c.close_if_client_dies != 0,
+        ..d
     }
 }
 

@@ -29,7 +29,7 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -516,6 +516,15 @@ class Blocks:
         return blocks
 
 
+def _raise_failures(done: np.ndarray, what: Callable[[int], str]) -> None:
+    """Raises CopyError when a completion of `done` is not ok, naming the first (`what(i)`)."""
+    bad = np.flatnonzero(done["status"] != STATUS["ok"])
+    if bad.size:
+        first = int(bad[0])
+        status = STATUS_NAME.get(int(done["status"][first]), "unknown")
+        raise CopyError(bad.size, first, status, int(done["detail"][first]), what(first))
+
+
 def _block_ids(ids: Any, blocks: Blocks, what: str) -> np.ndarray:
     if _is_torch(ids):
         ids = ids.detach().cpu().numpy()
@@ -689,12 +698,7 @@ class Queue:
         descriptors."""
         descs = block_descriptors(src, dst, src_block_ids, dst_block_ids)
         done = self.run(descs, timeout)
-        bad = np.flatnonzero(done["status"] != STATUS["ok"])
-        if bad.size:
-            first = int(bad[0])
-            what = f"block {src_block_ids[first]} -> {dst_block_ids[first]} (index {first})"
-            status = STATUS_NAME.get(int(done["status"][first]), "unknown")
-            raise CopyError(bad.size, first, status, int(done["detail"][first]), what)
+        _raise_failures(done, lambda i: f"block {src_block_ids[i]} -> {dst_block_ids[i]} (index {i})")
         return len(descs)
 
     @property
@@ -759,11 +763,8 @@ class Queue:
             if self._scratch.size < 1024:
                 self._scratch = completions(1024)
             got = self.poll_into(self._scratch)
-            bad = np.flatnonzero(self._scratch["status"][:got] != STATUS["ok"])
-            if bad.size:
-                first = self._scratch[int(bad[0])]
-                status = STATUS_NAME.get(int(first["status"]), "unknown")
-                raise CopyError(bad.size, int(bad[0]), status, int(first["detail"]), f"seq {int(first['seq'])}")
+            done = self._scratch[:got]
+            _raise_failures(done, lambda i: f"seq {int(done['seq'][i])}")
             total += got
             if got < self._scratch.size:
                 return total

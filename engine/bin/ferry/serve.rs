@@ -389,13 +389,7 @@ fn session(engine: &Engine, stream: UnixStream, quiet: bool, limits: Limits) {
 }
 
 fn open_queue(engine: &Engine, client: ClientId, submit: u64, complete: u64) -> Result<(u32, File), String> {
-    let defaults = QueueConfig::default();
-    let config = QueueConfig {
-        submit_capacity: if submit == 0 { defaults.submit_capacity } else { submit },
-        complete_capacity: if complete == 0 { defaults.complete_capacity } else { complete },
-        close_if_client_dies: true,
-        ..defaults
-    };
+    let config = QueueConfig { close_if_client_dies: true, ..QueueConfig::default().with_capacities(submit, complete) };
     let queue = engine.open_queue(client, config).map_err(|e| e.to_string())?;
     let id = queue.id().0;
     queue.hand_off().map(|file| (id, file)).map_err(|e| e.to_string())
