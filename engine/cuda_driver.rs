@@ -61,6 +61,9 @@ pub enum CudaError {
 /// Driver API version that added cuMemcpyBatchAsync.
 pub const BATCH_COPY_VERSION: i32 = 12080;
 
+/// The first driver with `cuFuncLoad` (12.4).
+const FUNC_LOAD_VERSION: i32 = 12040;
+
 /// The loaded, initialised driver.
 #[derive(Debug)]
 pub struct Driver {
@@ -526,6 +529,22 @@ pub struct Kernel {
 // where it is current.
 unsafe impl Send for Kernel {}
 
+/// Loads `function`'s code onto the GPU now (`cuFuncLoad`, drivers 12.4 and newer), not at its
+/// first launch. CUDA loads kernels lazily by default, and a lazy load may wait for the context
+/// to go idle: a first launch by a worker while a caller's stream is blocked in
+/// [`crate::Engine::stream_wait`] for that very copy would never return. Older drivers load
+/// eagerly unless `CUDA_MODULE_LOADING=LAZY` is set.
+fn load_now(function: sys::CUfunction) -> Result<(), CudaError> {
+    let mut version: c_int = 0;
+    // SAFETY: valid out pointer; cuDriverGetVersion exists in every driver.
+    check("cuDriverGetVersion", unsafe { sys::cuDriverGetVersion(&mut version) })?;
+    if version < FUNC_LOAD_VERSION {
+        return Ok(());
+    }
+    // SAFETY: a function of a live module; the driver has the symbol (version checked above).
+    check("cuFuncLoad", unsafe { sys::cuFuncLoad(function) })
+}
+
 impl Kernel {
     /// Loads `ptx` (NUL-free text) and finds `name` in it.
     pub fn load(ptx: &str, name: &str, block_threads: u32) -> Result<Kernel, CudaError> {
@@ -538,8 +557,9 @@ impl Kernel {
         // SAFETY: live module, NUL-terminated name, valid out pointer.
         let found =
             check("cuModuleGetFunction", unsafe { sys::cuModuleGetFunction(&mut function, module, cname.as_ptr()) });
+        let loaded = found.and_then(|()| load_now(function));
         let mut blocks: c_int = 0;
-        let occupancy = found.and_then(|()| {
+        let occupancy = loaded.and_then(|()| {
             // SAFETY: live function; valid out pointer.
             check("cuOccupancyMaxActiveBlocksPerMultiprocessor", unsafe {
                 sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut blocks, function, block_threads as c_int, 0)
@@ -722,8 +742,36 @@ pub unsafe fn stream_wait_value(
     flush: bool,
 ) -> Result<(), CudaError> {
     const GEQ: u32 = 0;
+    // SAFETY: forwarded from the caller.
+    unsafe { wait_value(stream, addr, value, GEQ, flush) }
+}
+
+/// As [`stream_wait_value`], until the word equals `value` (`CU_STREAM_WAIT_VALUE_EQ`).
+///
+/// # Safety
+/// As [`stream_wait_value`].
+pub unsafe fn stream_wait_value_eq(
+    stream: *mut std::ffi::c_void,
+    addr: u64,
+    value: u64,
+    flush: bool,
+) -> Result<(), CudaError> {
+    const EQ: u32 = 1;
+    // SAFETY: forwarded from the caller.
+    unsafe { wait_value(stream, addr, value, EQ, flush) }
+}
+
+/// # Safety
+/// As [`stream_wait_value`].
+unsafe fn wait_value(
+    stream: *mut std::ffi::c_void,
+    addr: u64,
+    value: u64,
+    compare: u32,
+    flush: bool,
+) -> Result<(), CudaError> {
     const FLUSH: u32 = 1 << 30;
-    let flags = GEQ | if flush { FLUSH } else { 0 };
+    let flags = compare | if flush { FLUSH } else { 0 };
     // SAFETY: forwarded from the caller.
     check("cuStreamWaitValue64", unsafe { sys::cuStreamWaitValue64_v2(stream.cast(), addr, value, flags) })
 }

@@ -18,8 +18,19 @@ pub const FLAG_STRIDED: u32 = 1 << 1;
 /// `src_offset`; its completion says when (`Ok`) or that the queue's gate timeout passed first
 /// ([`Status::GateTimeout`]). Every field but `tag`, `flags` and `src_offset` must be 0.
 pub const FLAG_GATE: u32 = 1 << 2;
+/// Flag: a notification, which moves nothing: once every earlier descriptor of the queue has
+/// its completion published and the queue's notification slot `dst_offset` (below
+/// [`NOTIFY_SLOTS`]) reads 0, the worker writes `src_offset` (not 0) into that slot and completes
+/// it `Ok` (or [`Status::GateTimeout`] when the slot stayed set for the queue's gate timeout; the
+/// queue then goes on). A CUDA stream waits for it and clears the slot
+/// (`Engine::stream_wait_slot`): the same two stream operations every time, so a captured CUDA
+/// graph replays them unchanged. Every field but `tag`, `flags` (a fence too), `src_offset` and
+/// `dst_offset` must be 0.
+pub const FLAG_NOTIFY: u32 = 1 << 3;
 /// Every flag this ABI version knows; any other bit set is [`Status::ReservedFlags`].
-pub const KNOWN_FLAGS: u32 = FLAG_FENCE | FLAG_STRIDED | FLAG_GATE;
+pub const KNOWN_FLAGS: u32 = FLAG_FENCE | FLAG_STRIDED | FLAG_GATE | FLAG_NOTIFY;
+/// How many notification slots a queue has ([`FLAG_NOTIFY`]).
+pub const NOTIFY_SLOTS: u32 = 64;
 /// The most chunks one strided descriptor may move.
 pub const MAX_CHUNKS: u32 = 1 << 12;
 // The worker counts a descriptor's chunks in 16 bits, and statuses in 8.
@@ -139,8 +150,8 @@ pub enum Status {
     TooManyChunks = 12,
     /// [`FLAG_STRIDED`] with destination chunks that overlap each other (`dst_stride < len`).
     ChunksOverlap = 13,
-    /// A [`FLAG_GATE`] whose value the gate word did not reach within the queue's gate timeout;
-    /// the queue's later descriptors went on.
+    /// A [`FLAG_GATE`] whose value the gate word did not reach, or a [`FLAG_NOTIFY`] whose slot
+    /// was not cleared, within the queue's gate timeout; the queue's later descriptors went on.
     GateTimeout = 14,
 }
 
@@ -198,7 +209,9 @@ impl std::fmt::Display for Status {
             Status::ZeroCount => "strided with zero chunks",
             Status::TooManyChunks => "strided with more chunks than the maximum",
             Status::ChunksOverlap => "strided destination chunks overlap",
-            Status::GateTimeout => "the gate did not open within the queue's gate timeout",
+            Status::GateTimeout => {
+                "the gate did not open (or the notification slot was not cleared) within the queue's gate timeout"
+            }
         };
         f.write_str(text)
     }
@@ -235,6 +248,17 @@ impl Descriptor {
     /// `value`.
     pub fn gate(value: u64) -> Descriptor {
         Descriptor { flags: FLAG_GATE, src_offset: value, ..Descriptor::default() }
+    }
+
+    /// A notification ([`FLAG_NOTIFY`]): once every earlier descriptor of the queue has
+    /// completed and notification slot `slot` is clear, `value` is written into it.
+    pub fn notify(slot: u32, value: u64) -> Descriptor {
+        Descriptor { flags: FLAG_NOTIFY, src_offset: value, dst_offset: slot.into(), ..Descriptor::default() }
+    }
+
+    /// Whether [`FLAG_NOTIFY`] is set.
+    pub fn is_notify(&self) -> bool {
+        self.flags & FLAG_NOTIFY != 0
     }
 
     /// Whether [`FLAG_GATE`] is set.
@@ -538,6 +562,23 @@ pub fn validate_gate(d: &Descriptor) -> Result<u64, Status> {
     Ok(d.src_offset)
 }
 
+/// Checks a notification ([`FLAG_NOTIFY`]): only `tag`, `flags` (the notification, and a
+/// fence), `src_offset` (the value, not 0) and `dst_offset` (the slot, below [`NOTIFY_SLOTS`])
+/// may be set; returns the slot and the value.
+pub fn validate_notify(d: &Descriptor) -> Result<(usize, u64), Status> {
+    let rest = Descriptor { tag: 0, flags: d.flags & !(FLAG_NOTIFY | FLAG_FENCE), src_offset: 0, dst_offset: 0, ..*d };
+    if d.flags & FLAG_NOTIFY == 0 || rest != Descriptor::default() {
+        return Err(Status::ReservedFlags);
+    }
+    if d.src_offset == 0 {
+        return Err(Status::ZeroLength);
+    }
+    if d.dst_offset >= u64::from(NOTIFY_SLOTS) {
+        return Err(Status::OutOfBounds);
+    }
+    Ok((d.dst_offset as usize, d.src_offset))
+}
+
 /// [`validate`] for a descriptor without [`FLAG_STRIDED`] (the worker's hot path: no chunks).
 #[inline]
 pub(crate) fn validate_plain(
@@ -547,7 +588,7 @@ pub(crate) fn validate_plain(
     lookup: impl FnMut(u32) -> Option<RegionView>,
 ) -> Result<ValidCopy, Status> {
     if d.flags & !KNOWN_FLAGS != 0
-        || d.flags & (FLAG_STRIDED | FLAG_GATE) != 0
+        || d.flags & (FLAG_STRIDED | FLAG_GATE | FLAG_NOTIFY) != 0
         || d.count != 0
         || d.src_stride != 0
         || d.dst_stride != 0
@@ -570,7 +611,7 @@ fn validate_strided(
     max_len: u64,
     lookup: impl FnMut(u32) -> Option<RegionView>,
 ) -> Result<Validated, Status> {
-    if d.flags & !KNOWN_FLAGS != 0 || d.flags & FLAG_GATE != 0 {
+    if d.flags & !KNOWN_FLAGS != 0 || d.flags & (FLAG_GATE | FLAG_NOTIFY) != 0 {
         return Err(Status::ReservedFlags);
     }
     if d.len == 0 {

@@ -1,7 +1,7 @@
 //! The engine: start-up, the control plane (clients, regions, queues) and shutdown. Its settings
 //! are in [`crate::config`], the choice of its transport in `transport/select.rs`.
 
-use crate::config::{CorePlacement, EngineConfig, QueueConfig, SmBudget};
+use crate::config::{CorePlacement, EngineConfig, QueueConfig, SmBudget, Strategy, TransportKind};
 use crate::cuda_driver::{Context, HostRegistration, MEMORY_TYPE_DEVICE, MEMORY_TYPE_HOST};
 use crate::desc::RegionId;
 use crate::error::{Error, GpuRangeFault};
@@ -46,6 +46,8 @@ pub struct Engine {
     placement_notes: Vec<String>,
     /// The transport chosen at start, with the CUDA context and the NIC that registration uses.
     device: Selected,
+    /// The CUDA transport runs the resident kernel (no stream ordering: see `device_words`).
+    resident: bool,
     /// Serialises queue creation so that each queue lands on one worker exactly once, and orders
     /// it with stopping: a queue is either posted before the workers stop (and closed by them)
     /// or refused with [`Error::ShutDown`].
@@ -70,6 +72,7 @@ impl Engine {
             transport_name: "",
             placement_notes,
             device,
+            resident: matches!(&config.transport, TransportKind::Gpu(g) if g.cuda.strategy == Strategy::Resident),
             queue_lock: Mutex::new(()),
         };
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -268,11 +271,18 @@ impl Engine {
     /// Work enqueued on `stream` after it sees every byte those descriptors copied. The
     /// watermark is 64 bits, so it never wraps. Inside stream capture the wait is captured with
     /// its value: a replayed graph waits for that same watermark, which later replays find
-    /// passed (a graph must not be replayed with new copies behind it; see the README).
+    /// passed; a graph replayed step after step waits with [`Engine::stream_wait_slot`] instead.
     ///
-    /// The first call for a queue registers its header with the CUDA driver (the words a stream
-    /// reads and writes). Fails with [`Error::StreamOrdering`] without a CUDA context or where
+    /// The queue's header (the words a stream reads and writes) is registered with the CUDA
+    /// driver when the queue opens on an engine with a CUDA context, else by the first call
+    /// (which then must not be inside a stream capture). Fails with [`Error::StreamOrdering`] without a CUDA context or where
     /// the device lacks 64-bit stream memory operations (naming the attribute).
+    ///
+    /// Launch every kernel that will run behind the wait once before (a warm-up pass, as CUDA
+    /// graph capture needs anyway), or set `CUDA_MODULE_LOADING=EAGER`: CUDA loads kernels
+    /// lazily by default, and loading one may wait for the context to go idle, which a stream
+    /// blocked in this wait keeps it from doing until the copies complete; on the H200 a first
+    /// launch behind an unpassed wait never returned. ferry loads its own kernels at start.
     ///
     /// # Safety
     /// `stream` must be a live CUDA stream of this engine's device in its primary context (the
@@ -289,6 +299,35 @@ impl Engine {
         // SAFETY: the stream is live (the caller's promise); the watermark word stays mapped and
         // registered while the queue lives, which the caller keeps until the wait passed.
         unsafe { crate::cuda_driver::stream_wait_value(stream, words.watermark, watermark, flush) }.map_err(Error::Cuda)
+    }
+
+    /// Enqueues on `stream` a wait until `queue`'s notification slot `slot` holds `value` (a
+    /// [`Descriptor::notify`] wrote it: every descriptor pushed before the notification has
+    /// completed), then a write clearing the slot, so that the queue's next notification for it
+    /// can land. The same two operations whatever the step, so a captured CUDA graph replays
+    /// them unchanged: push the step's copies and a notification for each slot the graph waits
+    /// on, then replay. Fails and must be called as [`Engine::stream_wait`] (the slot: below
+    /// [`crate::NOTIFY_SLOTS`], [`Error::InvalidSetting`]).
+    ///
+    /// # Safety
+    /// As [`Engine::stream_wait`].
+    pub unsafe fn stream_wait_slot(
+        &self,
+        queue: &mut Queue,
+        stream: *mut std::ffi::c_void,
+        slot: u32,
+        value: u64,
+    ) -> Result<(), Error> {
+        let index = crate::queue::check_slot(slot)?;
+        let flush = self.device.nic.is_some();
+        let words = self.device_words(queue)?;
+        let word = words.slots + 8 * index as u64;
+        // SAFETY: as in stream_wait, for the slot's word.
+        unsafe {
+            crate::cuda_driver::stream_wait_value_eq(stream, word, value, flush)?;
+            crate::cuda_driver::stream_write_value(stream, word, 0)
+        }
+        .map_err(Error::Cuda)
     }
 
     /// Enqueues on `stream` a write of `value` into `queue`'s gate word: once the stream's
@@ -315,6 +354,13 @@ impl Engine {
             let context = self.cuda_context().ok_or_else(|| Error::StreamOrdering {
                 reason: "the engine has no CUDA context (start it with the GPU transport and a CUDA driver)".into(),
             })?;
+            if self.resident {
+                // Unregistering the header when the queue drops waits for the context to go
+                // idle, which the resident kernel keeps it from doing until the engine stops.
+                return Err(Error::StreamOrdering {
+                    reason: "not with the resident strategy (its kernel keeps the CUDA context busy)".into(),
+                });
+            }
             if !context.info.stream_mem_ops_64 {
                 return Err(Error::StreamOrdering {
                     reason: format!(
@@ -323,14 +369,15 @@ impl Engine {
                     ),
                 });
             }
-            let ((ptr, len), (watermark, gate)) = queue.header_span();
+            let ((ptr, len), offsets) = queue.header_span();
             // SAFETY: the header stays mapped while the queue lives, and the registration is the
             // queue's first field: it drops (unregisters) before the mapping.
             let registration = unsafe { HostRegistration::new(context.clone(), ptr, len) }?;
             let base = registration.device_address(0)?;
             queue.device_words = Some(DeviceWords {
-                watermark: base + watermark as u64,
-                gate: base + gate as u64,
+                watermark: base + offsets.watermark as u64,
+                gate: base + offsets.gate as u64,
+                slots: base + offsets.slots as u64,
                 _registration: registration,
             });
         }
@@ -390,7 +437,12 @@ impl Engine {
         )?;
         let mut end = WorkerEnd::new(memory, client.0)?;
         (end.gate_timeout, end.close_if_client_dies) = (config.gate_timeout, config.close_if_client_dies);
-        let queue = Queue::from_memory(attached)?;
+        let mut queue = Queue::from_memory(attached)?;
+        if !self.resident && self.cuda_context().is_some_and(|c| c.info.stream_mem_ops_64) {
+            // Registered now, not at the first stream_wait: registering inside a CUDA graph
+            // capture would fail. A failure here is reported by that stream_wait instead.
+            let _ = self.device_words(&mut queue);
+        }
         self.workers[worker].mailbox.post(end);
         Ok(queue)
     }

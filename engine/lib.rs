@@ -138,7 +138,8 @@ pub use config::{
 #[cfg(not(loom))]
 pub use control::Client;
 pub use desc::{
-    Completion, Descriptor, QueueEnd, QueueState, RegionId, Status, FLAG_FENCE, FLAG_GATE, FLAG_STRIDED, MAX_CHUNKS,
+    Completion, Descriptor, QueueEnd, QueueState, RegionId, Status, FLAG_FENCE, FLAG_GATE, FLAG_NOTIFY, FLAG_STRIDED,
+    MAX_CHUNKS, NOTIFY_SLOTS,
 };
 #[cfg(not(loom))]
 pub use engine::Engine;

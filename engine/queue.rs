@@ -46,7 +46,7 @@
 //! published.
 
 use crate::config::QueueConfig;
-use crate::desc::{Completion, Descriptor, QueueEnd, QueueState};
+use crate::desc::{Completion, Descriptor, QueueEnd, QueueState, NOTIFY_SLOTS};
 use crate::error::Error;
 use crate::ring::layout::{check_capacity, ring_bytes, INDEX_PADDING, MAX_CAPACITY};
 use crate::ring::shm::SharedMemory;
@@ -60,8 +60,8 @@ use std::time::{Duration, Instant};
 /// "FERRYQUE", little endian.
 pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"FERRYQUE");
 /// Bumped whenever the queue header changes shape (2: the ends block with the claims and the
-/// client's close).
-pub const QUEUE_ABI_VERSION: u32 = 3;
+/// client's close; 3: the gate word; 4: the notification slots).
+pub const QUEUE_ABI_VERSION: u32 = 4;
 
 /// A queue's id, unique within its engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,16 +110,25 @@ struct Signals {
     gate: AtomicU64,
 }
 
+/// The notification slots ([`crate::FLAG_NOTIFY`]): written by the worker (a notification's value,
+/// once the slot reads 0), cleared by the client's CUDA streams (`Engine::stream_wait_slot`) or
+/// CPU (`Queue::clear_slot`).
+#[repr(C, align(128))]
+struct Slots {
+    words: [AtomicU64; NOTIFY_SLOTS as usize],
+}
+
 #[repr(C)]
 struct QueueHeader {
     meta: Meta,
     status: Status,
     ends: Ends,
     signals: Signals,
+    slots: Slots,
 }
 
 const HEADER_SIZE: usize = std::mem::size_of::<QueueHeader>();
-const _: () = assert!(HEADER_SIZE == 4 * INDEX_PADDING);
+const _: () = assert!(HEADER_SIZE == 8 * INDEX_PADDING);
 
 /// A queue's header registered with the CUDA driver in this process: the device addresses of
 /// its watermark and gate word, for stream memory operations.
@@ -130,6 +139,16 @@ pub(crate) struct DeviceWords {
     pub(crate) watermark: u64,
     /// Device address of the gate word (`cuStreamWriteValue64` on it).
     pub(crate) gate: u64,
+    /// Device address of notification slot 0 (the others follow, 8 bytes apart).
+    pub(crate) slots: u64,
+}
+
+/// Where the words that CUDA streams wait on or write lie in a queue's header.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WordOffsets {
+    pub(crate) watermark: usize,
+    pub(crate) gate: usize,
+    pub(crate) slots: usize,
 }
 
 /// A process holding a queue end: its pid and its start time in clock ticks after boot
@@ -228,8 +247,9 @@ impl QueueMemory {
         let status = Status { watermark: AtomicU64::new(0), state: AtomicU32::new(QueueState::Open.code()) };
         let ends = Ends { client: AtomicU64::new(0), worker: AtomicU64::new(0), closed: AtomicU32::new(0) };
         let signals = Signals { gate: AtomicU64::new(0) };
+        let slots = Slots { words: std::array::from_fn(|_| AtomicU64::new(0)) };
         // SAFETY: the mapping is at least HEADER_SIZE bytes, page-aligned, and not shared yet.
-        unsafe { header.as_ptr().write(QueueHeader { meta, status, ends, signals }) };
+        unsafe { header.as_ptr().write(QueueHeader { meta, status, ends, signals, slots }) };
         RingMemory::<Descriptor>::create(memory.clone(), submit_offset, config.submit_capacity)?;
         RingMemory::<Completion>::create(memory.clone(), complete_offset, config.complete_capacity)?;
         Ok(QueueMemory { memory, header, submit_offset, complete_offset })
@@ -329,15 +349,33 @@ impl QueueMemory {
         self.header().signals.gate.store(value, Ordering::Release);
     }
 
+    /// Notification slot `slot` (below NOTIFY_SLOTS: the worker validated it; the client's
+    /// calls check it).
+    pub(crate) fn slot(&self, slot: usize) -> u64 {
+        // A10: Acquire; pairs with R10 in set_slot (a stream's clear needs no ordering: the
+        // worker only checks that it happened).
+        self.header().slots.words[slot].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_slot(&self, slot: usize, value: u64) {
+        // R10: Release; pairs with A10 in slot: a CPU that sees the value sees the completions
+        // published before it.
+        self.header().slots.words[slot].store(value, Ordering::Release);
+    }
+
     /// The header's first byte and length, for a CUDA registration of the words a stream waits
-    /// on or writes (the watermark, the gate word).
+    /// on or writes (the watermark, the gate word, the notification slots).
     pub(crate) fn header_span(&self) -> (*mut u8, usize) {
         (self.header.as_ptr().cast::<u8>(), HEADER_SIZE)
     }
 
-    /// Byte offsets in the header of the watermark and of the gate word.
-    pub(crate) fn word_offsets() -> (usize, usize) {
-        (std::mem::offset_of!(QueueHeader, status.watermark), std::mem::offset_of!(QueueHeader, signals.gate))
+    /// Byte offsets in the header of the words streams use.
+    pub(crate) fn word_offsets() -> WordOffsets {
+        WordOffsets {
+            watermark: std::mem::offset_of!(QueueHeader, status.watermark),
+            gate: std::mem::offset_of!(QueueHeader, signals.gate),
+            slots: std::mem::offset_of!(QueueHeader, slots.words),
+        }
     }
 
     pub(crate) fn file(&self) -> &File {
@@ -519,9 +557,21 @@ impl Queue {
         self.memory.gate()
     }
 
-    /// The header span and the offsets of the watermark and gate words in it, for a CUDA
-    /// registration (`Engine::stream_wait`).
-    pub(crate) fn header_span(&self) -> ((*mut u8, usize), (usize, usize)) {
+    /// Notification slot `slot` as it is now ([`crate::FLAG_NOTIFY`]; 0: clear).
+    pub fn slot(&self, slot: u32) -> Result<u64, Error> {
+        Ok(self.memory.slot(check_slot(slot)?))
+    }
+
+    /// Clears notification slot `slot` from the CPU, so that the queue's next notification for
+    /// it can land (a CUDA stream clears it with `Engine::stream_wait_slot`).
+    pub fn clear_slot(&self, slot: u32) -> Result<(), Error> {
+        self.memory.set_slot(check_slot(slot)?, 0);
+        Ok(())
+    }
+
+    /// The header span and the offsets of the words streams use, for a CUDA registration
+    /// (`Engine::stream_wait`).
+    pub(crate) fn header_span(&self) -> ((*mut u8, usize), WordOffsets) {
         (self.memory.header_span(), QueueMemory::word_offsets())
     }
 
@@ -647,6 +697,15 @@ impl WorkerEnd {
 impl Drop for WorkerEnd {
     fn drop(&mut self) {
         self.memory.release(QueueEnd::Worker, self.holder);
+    }
+}
+
+/// `slot` as an index, if it names one of the queue's notification slots.
+pub(crate) fn check_slot(slot: u32) -> Result<usize, Error> {
+    if slot < NOTIFY_SLOTS {
+        Ok(slot as usize)
+    } else {
+        Err(Error::setting("notification slot", slot, format!("below {NOTIFY_SLOTS}")))
     }
 }
 

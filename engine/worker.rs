@@ -21,7 +21,9 @@
 //! empty iterations.
 
 use crate::config::{IdlePolicy, CLIENT_CHECK_INTERVAL};
-use crate::desc::{validate, validate_gate, validate_plain, Completion, QueueState, Status, FLAG_STRIDED};
+use crate::desc::{
+    validate, validate_gate, validate_notify, validate_plain, Completion, QueueState, Status, FLAG_STRIDED,
+};
 use crate::queue::WorkerEnd;
 use crate::region::RegionTable;
 use crate::ring::PushError;
@@ -141,6 +143,9 @@ impl Mailbox {
 
 /// Status of a window slot whose copy has not finished.
 const PENDING: u32 = u32::MAX;
+/// Status of a window slot holding a notification not yet written: `len` is its value,
+/// `detail` its slot. Ready as far as the copies go; the flush settles it.
+const NOTIFY: u32 = u32::MAX - 1;
 
 /// Validated copies waiting for the transport beyond which the worker takes no more
 /// descriptors (a strided descriptor adds one per chunk).
@@ -204,6 +209,11 @@ impl Window {
         self.head_seq != self.next_seq && self.slots[(self.head_seq & self.mask) as usize].status != PENDING
     }
 
+    /// Whether the oldest unpublished entry is a notification waiting for its slot.
+    fn head_is_notify(&self) -> bool {
+        self.head_seq != self.next_seq && self.slots[(self.head_seq & self.mask) as usize].status == NOTIFY
+    }
+
     /// Records a new descriptor at `next_seq`; returns its slot index.
     fn take(&mut self, entry: InFlight) -> usize {
         let index = (self.next_seq & self.mask) as usize;
@@ -225,6 +235,9 @@ struct QueueSlot {
     counted: u32,
     /// Since when a gate descriptor at the ring's head has held the queue.
     gate_since: Option<Instant>,
+    /// Since when a notification at the window's head has waited for its slot to be cleared
+    /// (meanwhile the queue's later completions wait; its new work does not).
+    notify_since: Option<Instant>,
 }
 
 impl QueueSlot {
@@ -236,6 +249,7 @@ impl QueueSlot {
             closing: false,
             counted: 0,
             gate_since: None,
+            notify_since: None,
         }
     }
 
@@ -278,7 +292,25 @@ impl QueueSlot {
         let mut batch = self.end.complete.write();
         let mut corrupted = false;
         while w.head_ready() {
-            let slot = w.slots[(w.head_seq & w.mask) as usize];
+            let index = (w.head_seq & w.mask) as usize;
+            if w.slots[index].status == NOTIFY {
+                // Its slot is written only once the completions before it are published.
+                if w.head_seq != start {
+                    break;
+                }
+                let (slot, value) = (w.slots[index].detail as usize, w.slots[index].len);
+                let status = if self.end.memory.slot(slot) == 0 {
+                    self.end.memory.set_slot(slot, value);
+                    Status::Ok
+                } else if self.notify_since.get_or_insert_with(Instant::now).elapsed() < self.end.gate_timeout {
+                    break;
+                } else {
+                    Status::GateTimeout
+                };
+                self.notify_since = None;
+                w.slots[index] = InFlight { tag: w.slots[index].tag, status: status.code(), ..InFlight::default() };
+            }
+            let slot = w.slots[index];
             let ok = slot.status == Status::Ok.code();
             let completion = Completion {
                 tag: slot.tag,
@@ -464,7 +496,7 @@ impl Worker {
             return 0;
         }
         q.flush();
-        if q.window.head_ready() {
+        if q.window.head_ready() && !q.window.head_is_notify() {
             // The completion ring is full: hold this queue's new work until the client polls.
             return 0;
         }
@@ -502,6 +534,21 @@ impl Worker {
                 batch.advance();
                 took += 1;
                 w.take(InFlight { tag: d.tag, status: status.code(), ..InFlight::default() });
+                continue;
+            }
+            if d.is_notify() {
+                // A notification rides in the window: the flush writes its slot once every
+                // earlier completion is published (later copies go on meanwhile).
+                batch.advance();
+                took += 1;
+                let entry = match validate_notify(&d) {
+                    // At most NOTIFY_SLOTS (64): validated.
+                    Ok((slot, value)) => {
+                        InFlight { tag: d.tag, len: value, status: NOTIFY, detail: slot as u32, ..InFlight::default() }
+                    }
+                    Err(status) => InFlight { tag: d.tag, status: status.code(), ..InFlight::default() },
+                };
+                w.take(entry);
                 continue;
             }
             batch.advance();

@@ -122,4 +122,10 @@ fn stream_ordering_without_a_cuda_context_is_a_clear_error() {
     // SAFETY: as above.
     let signalled = unsafe { engine.stream_signal(&mut queue, std::ptr::null_mut(), 1) };
     assert!(matches!(signalled, Err(Error::StreamOrdering { .. })));
+    // SAFETY: as above.
+    let slot_waited = unsafe { engine.stream_wait_slot(&mut queue, std::ptr::null_mut(), 0, 1) };
+    assert!(matches!(slot_waited, Err(Error::StreamOrdering { .. })));
+    // SAFETY: as above (the slot is checked first).
+    let bad_slot = unsafe { engine.stream_wait_slot(&mut queue, std::ptr::null_mut(), ferry::NOTIFY_SLOTS, 1) };
+    assert!(matches!(bad_slot, Err(Error::InvalidSetting { .. })), "{bad_slot:?}");
 }

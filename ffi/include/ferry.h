@@ -22,6 +22,18 @@
 // (10 s). Every field but `tag`, `flags` and `src_offset` must be 0.
 #define FERRY_FLAG_GATE 4
 
+// Flag: a notification, moving nothing: once every earlier descriptor of the queue has its
+// completion published and the queue's notification slot `dst_offset` (below
+// `FERRY_NOTIFY_SLOTS`) reads 0, the worker writes `src_offset` (not 0) into it; it completes
+// `FERRY_STATUS_OK`, or `FERRY_STATUS_GATE_TIMEOUT` if the slot stayed set for the queue's gate
+// timeout. Later descriptors are not held. A CUDA stream waits for it and clears the slot with
+// `ferry_queue_stream_wait_slot` (the same operations every step: a CUDA graph replays them).
+// Every field but `tag`, `flags`, `src_offset` and `dst_offset` must be 0.
+#define FERRY_FLAG_NOTIFY 8
+
+// How many notification slots a queue has.
+#define FERRY_NOTIFY_SLOTS 64
+
 // The most chunks one strided descriptor may move.
 #define FERRY_MAX_CHUNKS 4096
 
@@ -139,8 +151,8 @@ enum ferry_status
   FERRY_STATUS_TOO_MANY_CHUNKS = 12,
   // [`FLAG_STRIDED`] with destination chunks that overlap each other (`dst_stride < len`).
   FERRY_STATUS_CHUNKS_OVERLAP = 13,
-  // A [`FLAG_GATE`] whose value the gate word did not reach within the queue's gate timeout;
-  // the queue's later descriptors went on.
+  // A [`FLAG_GATE`] whose value the gate word did not reach, or a [`FLAG_NOTIFY`] whose slot
+  // was not cleared, within the queue's gate timeout; the queue's later descriptors went on.
   FERRY_STATUS_GATE_TIMEOUT = 14,
 };
 #ifndef __cplusplus
@@ -494,8 +506,9 @@ uint64_t ferry_queue_pushed(const ferry_queue *queue);
 // Enqueues on the CUDA stream `stream` (a `CUstream` / `cudaStream_t` of the engine's device in
 // its primary context; NULL: the legacy default stream) a wait, on the GPU, until the queue's
 // watermark reaches `watermark`: work enqueued after it sees every byte the descriptors with
-// `seq < watermark` copied, and the CPU never waits. The first call registers the queue's
-// header with the driver. `FERRY_RESULT_INVALID_ARGUMENT` without the GPU transport's CUDA
+// `seq < watermark` copied, and the CPU never waits. Launch every kernel that runs behind the
+// wait once before (or set `CUDA_MODULE_LOADING=EAGER`): a kernel's lazy first load may wait
+// for the context to go idle, which the blocked stream prevents. `FERRY_RESULT_INVALID_ARGUMENT` without the GPU transport's CUDA
 // context, or where the GPU lacks 64-bit stream memory operations (the text names the device
 // attribute).
 //
@@ -517,6 +530,33 @@ ferry_result ferry_queue_stream_signal(const ferry_engine *engine,
                                        ferry_queue *queue,
                                        void *stream,
                                        uint64_t value);
+
+// Enqueues on `stream` a wait until the queue's notification slot `slot` holds `value` (a
+// `FERRY_FLAG_NOTIFY` descriptor wrote it: everything pushed before it has completed), then a
+// write clearing the slot for the next notification. Captured in a CUDA graph, a replay waits
+// for the next notification of that slot. Fails as [`ferry_queue_stream_wait`], and
+// `FERRY_RESULT_INVALID_ARGUMENT` for a slot not below `FERRY_NOTIFY_SLOTS`.
+//
+// # Safety
+// As [`ferry_queue_stream_wait`].
+ferry_result ferry_queue_stream_wait_slot(const ferry_engine *engine,
+                                          ferry_queue *queue,
+                                          void *stream,
+                                          uint32_t slot,
+                                          uint64_t value);
+
+// Reads notification slot `slot` into `*value` (0: clear).
+//
+// # Safety
+// `queue` must be a live queue and `value` writable.
+ferry_result ferry_queue_slot(const ferry_queue *queue, uint32_t slot, uint64_t *value);
+
+// Clears notification slot `slot` from the CPU, so that the queue's next notification for it
+// can land.
+//
+// # Safety
+// `queue` must be a live queue.
+ferry_result ferry_queue_clear_slot(const ferry_queue *queue, uint32_t slot);
 
 // Sets the queue's gate word from the CPU (see `FERRY_FLAG_GATE`); what this thread wrote
 // before is visible to the copies behind the gate.

@@ -79,6 +79,18 @@ const _: () = assert!(FERRY_FLAG_STRIDED == ferry::FLAG_STRIDED);
 /// (10 s). Every field but `tag`, `flags` and `src_offset` must be 0.
 pub const FERRY_FLAG_GATE: u32 = 4;
 const _: () = assert!(FERRY_FLAG_GATE == ferry::FLAG_GATE);
+/// Flag: a notification, moving nothing: once every earlier descriptor of the queue has its
+/// completion published and the queue's notification slot `dst_offset` (below
+/// `FERRY_NOTIFY_SLOTS`) reads 0, the worker writes `src_offset` (not 0) into it; it completes
+/// `FERRY_STATUS_OK`, or `FERRY_STATUS_GATE_TIMEOUT` if the slot stayed set for the queue's gate
+/// timeout. Later descriptors are not held. A CUDA stream waits for it and clears the slot with
+/// `ferry_queue_stream_wait_slot` (the same operations every step: a CUDA graph replays them).
+/// Every field but `tag`, `flags`, `src_offset` and `dst_offset` must be 0.
+pub const FERRY_FLAG_NOTIFY: u32 = 8;
+const _: () = assert!(FERRY_FLAG_NOTIFY == ferry::FLAG_NOTIFY);
+/// How many notification slots a queue has.
+pub const FERRY_NOTIFY_SLOTS: u32 = 64;
+const _: () = assert!(FERRY_NOTIFY_SLOTS == ferry::NOTIFY_SLOTS);
 /// The most chunks one strided descriptor may move.
 pub const FERRY_MAX_CHUNKS: u32 = 4096;
 const _: () = assert!(FERRY_MAX_CHUNKS == ferry::MAX_CHUNKS);
@@ -972,8 +984,9 @@ pub unsafe extern "C" fn ferry_queue_pushed(queue: *const ferry_queue) -> u64 {
 /// Enqueues on the CUDA stream `stream` (a `CUstream` / `cudaStream_t` of the engine's device in
 /// its primary context; NULL: the legacy default stream) a wait, on the GPU, until the queue's
 /// watermark reaches `watermark`: work enqueued after it sees every byte the descriptors with
-/// `seq < watermark` copied, and the CPU never waits. The first call registers the queue's
-/// header with the driver. `FERRY_RESULT_INVALID_ARGUMENT` without the GPU transport's CUDA
+/// `seq < watermark` copied, and the CPU never waits. Launch every kernel that runs behind the
+/// wait once before (or set `CUDA_MODULE_LOADING=EAGER`): a kernel's lazy first load may wait
+/// for the context to go idle, which the blocked stream prevents. `FERRY_RESULT_INVALID_ARGUMENT` without the GPU transport's CUDA
 /// context, or where the GPU lacks 64-bit stream memory operations (the text names the device
 /// attribute).
 ///
@@ -1012,6 +1025,59 @@ pub unsafe extern "C" fn ferry_queue_stream_signal(
         non_null!(engine, queue);
         // SAFETY: as in ferry_queue_stream_wait.
         unsafe { (*engine).0.stream_signal(&mut (*queue).0, stream, value) }?;
+        Ok(())
+    })
+}
+
+/// Enqueues on `stream` a wait until the queue's notification slot `slot` holds `value` (a
+/// `FERRY_FLAG_NOTIFY` descriptor wrote it: everything pushed before it has completed), then a
+/// write clearing the slot for the next notification. Captured in a CUDA graph, a replay waits
+/// for the next notification of that slot. Fails as [`ferry_queue_stream_wait`], and
+/// `FERRY_RESULT_INVALID_ARGUMENT` for a slot not below `FERRY_NOTIFY_SLOTS`.
+///
+/// # Safety
+/// As [`ferry_queue_stream_wait`].
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_stream_wait_slot(
+    engine: *const ferry_engine,
+    queue: *mut ferry_queue,
+    stream: *mut std::ffi::c_void,
+    slot: u32,
+    value: u64,
+) -> ferry_result {
+    guard("ferry_queue_stream_wait_slot", || {
+        non_null!(engine, queue);
+        // SAFETY: as in ferry_queue_stream_wait.
+        unsafe { (*engine).0.stream_wait_slot(&mut (*queue).0, stream, slot, value) }?;
+        Ok(())
+    })
+}
+
+/// Reads notification slot `slot` into `*value` (0: clear).
+///
+/// # Safety
+/// `queue` must be a live queue and `value` writable.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_slot(queue: *const ferry_queue, slot: u32, value: *mut u64) -> ferry_result {
+    guard("ferry_queue_slot", || {
+        non_null!(queue, value);
+        // SAFETY: a live queue and a writable out pointer, as the caller promised.
+        unsafe { *value = (*queue).0.slot(slot)? };
+        Ok(())
+    })
+}
+
+/// Clears notification slot `slot` from the CPU, so that the queue's next notification for it
+/// can land.
+///
+/// # Safety
+/// `queue` must be a live queue.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_queue_clear_slot(queue: *const ferry_queue, slot: u32) -> ferry_result {
+    guard("ferry_queue_clear_slot", || {
+        non_null!(queue);
+        // SAFETY: a live queue, as the caller promised.
+        unsafe { &(*queue).0 }.clear_slot(slot)?;
         Ok(())
     })
 }

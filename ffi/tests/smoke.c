@@ -96,11 +96,23 @@ int main(void) {
     CHECK(done[0].status == FERRY_STATUS_GATE_TIMEOUT && done[1].status == FERRY_STATUS_OK);
     CHECK(ferry_queue_open_with(engine, client, NULL, &timed) == FERRY_RESULT_NULL_ARGUMENT);
     ferry_queue_free(timed);
+    /* A notification writes its slot once the copy before it is done; the slot is cleared for the next. */
+    ferry_descriptor noted[2] = {descs[0], {.tag = 102, .flags = FERRY_FLAG_NOTIFY, .src_offset = 5, .dst_offset = 3}};
+    uint64_t slot = 1;
+    CHECK(ferry_queue_slot(queue, 3, &slot) == FERRY_RESULT_OK && slot == 0);
+    CHECK(ferry_queue_submit(queue, noted, 2, &pushed) == FERRY_RESULT_OK && pushed == 2);
+    CHECK(ferry_queue_poll_wait(queue, done, 2, 2, 5000000000ull, &n) == FERRY_RESULT_OK && n == 2);
+    CHECK(done[1].tag == 102 && done[1].status == FERRY_STATUS_OK);
+    CHECK(ferry_queue_slot(queue, 3, &slot) == FERRY_RESULT_OK && slot == 5);
+    CHECK(ferry_queue_clear_slot(queue, 3) == FERRY_RESULT_OK);
+    CHECK(ferry_queue_slot(queue, 3, &slot) == FERRY_RESULT_OK && slot == 0);
+    CHECK(ferry_queue_slot(queue, FERRY_NOTIFY_SLOTS, &slot) == FERRY_RESULT_INVALID_ARGUMENT);
     /* Stream ordering needs the GPU transport's CUDA context: a clear error here. */
     CHECK(ferry_queue_stream_wait(engine, queue, NULL, 1) == FERRY_RESULT_INVALID_ARGUMENT);
     char why[256];
     CHECK(ferry_last_error(why, sizeof why) > 0 && strstr(why, "no CUDA context") != NULL);
     CHECK(ferry_queue_stream_signal(engine, queue, NULL, 1) == FERRY_RESULT_INVALID_ARGUMENT);
+    CHECK(ferry_queue_stream_wait_slot(engine, queue, NULL, 0, 1) == FERRY_RESULT_INVALID_ARGUMENT);
 
     /* Conventions: NULL arguments are refused with a text, outputs untouched. */
     CHECK(ferry_queue_submit(queue, NULL, 1, &pushed) == FERRY_RESULT_NULL_ARGUMENT);

@@ -44,6 +44,11 @@ FLAG_FENCE = 1
 FLAG_STRIDED = 2
 # Descriptor.flags: a gate: later descriptors start once the queue's gate word reaches src_offset.
 FLAG_GATE = 4
+# Descriptor.flags: a notification: once every earlier descriptor completed and slot dst_offset is
+# clear, the worker writes src_offset into it (Queue.stream_wait_slot waits for it and clears it).
+FLAG_NOTIFY = 8
+# How many notification slots a queue has.
+NOTIFY_SLOTS = 64
 # The most chunks of one strided descriptor.
 MAX_CHUNKS = 4096
 
@@ -279,6 +284,9 @@ _SIGNATURES = [
     ("ferry_queue_signal", [_p, c_u64], ctypes.c_int),
     ("ferry_queue_stream_wait", [_p, _p, _p, c_u64], ctypes.c_int),
     ("ferry_queue_stream_signal", [_p, _p, _p, c_u64], ctypes.c_int),
+    ("ferry_queue_stream_wait_slot", [_p, _p, _p, c_u32, c_u64], ctypes.c_int),
+    ("ferry_queue_slot", [_p, c_u32, ctypes.POINTER(c_u64)], ctypes.c_int),
+    ("ferry_queue_clear_slot", [_p, c_u32], ctypes.c_int),
     ("ferry_queue_free", [_p], None),
     ("ferry_queue_attach", [ctypes.c_int, ctypes.POINTER(_p)], ctypes.c_int),
     ("ferry_queue_hand_off", [_p, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
@@ -590,6 +598,15 @@ def gate(value: int, tag: int = 0) -> Descriptor:
     return Descriptor(tag=tag, flags=FLAG_GATE, src_offset=value)
 
 
+def notify(slot: int, value: int = 1, tag: int = 0) -> Descriptor:
+    """A notification descriptor (FLAG_NOTIFY): once every descriptor pushed before it on the
+    queue has completed and notification slot `slot` (below NOTIFY_SLOTS) is clear, the worker
+    writes `value` (not 0) into the slot; `Queue.stream_wait_slot` waits for it on a CUDA stream
+    and clears it. The copies behind it are not held. It completes "ok", or "gate_timeout" when
+    the slot stayed set for the queue's gate timeout."""
+    return Descriptor(tag=tag, flags=FLAG_NOTIFY, src_offset=value, dst_offset=slot)
+
+
 def _stream_handle(stream: Any) -> int:
     """The CUstream of a torch.cuda.Stream (or anything with `cuda_stream` or `ptr`), an int
     handle, or None: torch's current stream."""
@@ -723,7 +740,10 @@ class Queue:
         (they report errors, and a full completion ring holds the queue). Captured in a CUDA
         graph, the wait keeps its value: a replay waits for the same watermark again. Needs
         transport="gpu" with a CUDA driver and a GPU with 64-bit stream memory operations
-        (FerryError invalid_argument naming what is missing)."""
+        (FerryError invalid_argument naming what is missing). Run every kernel that follows the
+        wait once before (a warm-up), or set CUDA_MODULE_LOADING=EAGER: a kernel's lazy first
+        load behind an unpassed wait can hang; and keep torch's CPU threads off the engine's
+        worker core (torch.set_num_threads), which delays completions when shared."""
         target = self.pushed if watermark is None else watermark
         engine = self._engine_handle("stream_wait")
         _check(_library().ferry_queue_stream_wait(engine, self._handle, _stream_handle(stream), target))
@@ -736,19 +756,43 @@ class Queue:
         engine = self._engine_handle("stream_signal")
         _check(_library().ferry_queue_stream_signal(engine, self._handle, _stream_handle(stream), value))
 
+    def stream_wait_slot(self, stream: Any, slot: int, value: int = 1) -> None:
+        """Enqueues on a CUDA stream (as in `stream_wait`) a wait until notification slot `slot`
+        holds `value` (`ferry.notify(slot, value)` wrote it: everything pushed before that
+        notification has completed), then a write clearing the slot for the next one. The same
+        two operations every time, so a captured CUDA graph replays them: push a step's copies
+        and its notifications, then replay the graph (`push_blocks(..., notify=slot)`)."""
+        engine = self._engine_handle("stream_wait_slot")
+        _check(_library().ferry_queue_stream_wait_slot(engine, self._handle, _stream_handle(stream), slot, value))
+
+    def slot(self, slot: int) -> int:
+        """Notification slot `slot` as it is now (0: clear)."""
+        value = c_u64()
+        _check(_library().ferry_queue_slot(self._handle, slot, ctypes.byref(value)))
+        return value.value
+
+    def clear_slot(self, slot: int) -> None:
+        """Clears notification slot `slot` from the CPU (a stream clears it in `stream_wait_slot`)."""
+        _check(_library().ferry_queue_clear_slot(self._handle, slot))
+
     def push_blocks(self, src: Blocks, dst: Blocks, src_block_ids: Any, dst_block_ids: Any,
-                    gate: Optional[int] = None) -> int:
+                    gate: Optional[int] = None, notify: Optional[int] = None) -> int:
         """Pushes one strided descriptor per block (`block_descriptors`), behind a gate waiting
-        for `gate` when given, and returns the watermark they complete at, for `stream_wait`;
+        for `gate` when given, followed by a notification for slot `notify` (value 1) when given,
+        and returns the watermark they complete at, for `stream_wait`;
         it does not wait. First takes the completions already back, raising CopyError for a
         failed one. All must fit in the submission ring at once (ValueError otherwise)."""
         self.drain()
         descs = block_descriptors(src, dst, src_block_ids, dst_block_ids)
-        if gate is not None:
-            gated = descriptors(len(descs) + 1)
-            gated[0]["flags"], gated[0]["src_offset"] = FLAG_GATE, gate
-            gated[1:] = descs
-            descs = gated
+        if gate is not None or notify is not None:
+            first = 0 if gate is None else 1
+            framed = descriptors(len(descs) + first + (notify is not None))
+            if gate is not None:
+                framed[0]["flags"], framed[0]["src_offset"] = FLAG_GATE, gate
+            framed[first:first + len(descs)] = descs
+            if notify is not None:
+                framed[-1]["flags"], framed[-1]["src_offset"], framed[-1]["dst_offset"] = FLAG_NOTIFY, 1, notify
+            descs = framed
         pushed = self.submit_array(descs)
         if pushed != len(descs):
             raise ValueError(f"only {pushed} of {len(descs)} descriptors fit in the submission ring (the rest were "

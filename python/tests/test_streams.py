@@ -67,6 +67,40 @@ class HostGates(HostQueueCase):
         (done,) = self.queue.wait(1)
         self.assertEqual((done.tag, done.status_name), (4, "reserved_flags"))
 
+    def test_a_notification_writes_its_slot_after_the_copies_before_it(self):
+        buf = self.engine.alloc_host(self.client, 1 << 16)
+        descs = ferry.descriptors(2)
+        descs[0]["tag"], descs[0]["src_region"], descs[0]["dst_region"] = 1, buf.region, buf.region
+        descs[0]["dst_offset"], descs[0]["len"] = 4096, 64
+        descs[1] = np.frombuffer(bytes(ferry.notify(5, 9, tag=2)), dtype=ferry.DESCRIPTOR_DTYPE)[0]
+        done = self.queue.run(descs)
+        self.assertEqual(done["tag"].tolist(), [1, 2])
+        self.assertEqual(done["status"].tolist(), [0, 0])
+        self.assertEqual(self.queue.slot(5), 9)
+        # Still set: the next notification for the slot waits until it is cleared.
+        self.queue.submit([ferry.notify(5, 10, tag=3)])
+        out = ferry.completions(1)
+        self.assertEqual(self.queue.wait_into(out, 1, timeout=0.05), 0)
+        self.queue.clear_slot(5)
+        self.assertEqual(self.queue.wait_into(out, 1, timeout=5), 1)
+        self.assertEqual(self.queue.slot(5), 10)
+        with self.assertRaises(ferry.FerryError):
+            self.queue.slot(ferry.NOTIFY_SLOTS)
+
+    def test_push_blocks_with_a_notification(self):
+        kv = np.arange(2 * 2 * 8 * 64, dtype=np.uint8).reshape(2, 2, 8, 64)
+        with self.engine.register(self.client, kv) as reg:
+            pool = self.engine.alloc_host(self.client, 8 * 256)
+            host = pool.numpy(np.uint8, (8, 2, 2, 64))
+            watermark = self.queue.push_blocks(reg.blocks(2), pool.blocks(host, 0), [5], [0], notify=7)
+            self.assertEqual(watermark, 2)  # the block and the notification
+            deadline = time.monotonic() + 5
+            while self.queue.slot(7) != 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self.assertEqual(self.queue.slot(7), 1)
+            self.assertTrue(np.array_equal(host[0], kv[:, :, 5]))
+            self.assertEqual(self.queue.drain(), 2)
+
     def test_stream_ordering_needs_a_cuda_context(self):
         with self.assertRaises(ferry.FerryError) as caught:
             self.queue.stream_wait(0, 1)
@@ -74,6 +108,8 @@ class HostGates(HostQueueCase):
         self.assertIn("no CUDA context", str(caught.exception))
         with self.assertRaises(ferry.FerryError):
             self.queue.stream_signal(0, 1)
+        with self.assertRaises(ferry.FerryError):
+            self.queue.stream_wait_slot(0, 0)
 
 
 class StreamOrdered(unittest.TestCase):
@@ -95,6 +131,16 @@ class StreamOrdered(unittest.TestCase):
             stream = torch.cuda.Stream()
             wrong = torch.zeros((), dtype=torch.int64, device="cuda")
             rng = np.random.default_rng(1)
+            dst_t = torch.zeros(4, dtype=torch.int64, device="cuda")
+            want = torch.empty_like(kv.index_select(2, dst_t))
+            with torch.cuda.stream(stream):
+                # Warm-up: every kernel that runs behind a wait is loaded first (CUDA loads kernels
+                # lazily, and a first load behind a wait that ferry releases may never return).
+                kv.index_fill_(2, dst_t, 0.0)
+                wrong += (kv.index_select(2, dst_t) != want).sum()
+                kv[:, :, 0] = 1.0
+                wrong.zero_()
+            stream.synchronize()
             with torch.cuda.stream(stream):
                 for i in range(1, self.ITERATIONS + 1):
                     src = rng.choice(pool_blocks, 4, replace=False)
@@ -110,6 +156,25 @@ class StreamOrdered(unittest.TestCase):
             stream.synchronize()
             queue.drain()
             self.assertEqual(int(wrong), 0, f"{strategy}: stale or wrong bytes after stream_wait")
+            # The same loads, the wait and the check captured once as a CUDA graph and replayed:
+            # each replay waits for the step's notification (slot 0) and clears it.
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                queue.stream_wait_slot(stream, 0)
+                wrong += (kv.index_select(2, dst_t) != want).sum()
+            with torch.cuda.stream(stream):
+                for i in range(self.ITERATIONS + 1, 2 * self.ITERATIONS + 1):
+                    src = rng.choice(pool_blocks, 4, replace=False)
+                    dst = rng.choice(blocks, 4, replace=False)
+                    dst_t.copy_(torch.from_numpy(dst), non_blocking=True)
+                    want.copy_(expected.index_select(2, torch.from_numpy(src).cuda()))
+                    kv.index_fill_(2, dst_t, float("nan"))
+                    queue.stream_signal(stream, i)
+                    queue.push_blocks(host_side, gpu_side, src, dst, gate=i, notify=0)
+                    graph.replay()
+            stream.synchronize()
+            queue.drain()
+            self.assertEqual(int(wrong), 0, f"{strategy}: stale or wrong bytes after a replayed graph's wait")
             # Offloads gated on the stream: the stream writes a block, then signals; the copy
             # behind the gate must see what the stream wrote.
             stale = 0
@@ -126,7 +191,8 @@ class StreamOrdered(unittest.TestCase):
                     queue.drain()
                     stale += int((host[i % pool_blocks] != float(i)).sum())
             self.assertEqual(stale, 0, f"{strategy}: a gated offload read bytes from before the signal")
-            print(f"{strategy}: {self.ITERATIONS} stream-ordered loads and 50 gated offloads, no stale byte")
+            print(f"{strategy}: {self.ITERATIONS} stream-ordered loads, as many through a replayed CUDA graph, and 50 "
+                  "gated offloads: no stale byte")
             queue.close()
             reg.close()
 
