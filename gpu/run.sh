@@ -2,10 +2,14 @@
 # The one command to run on the GPU machine (the lent H200), from the repository root, after
 # gpu/prepare.sh here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
 # prints a short table last (two workers; then one worker, idle and under a compute load). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
+# ONLY=tests,python,paged,streams,pipeline,gdr,bench runs those parts alone (a full run is close to the device
+# tool's 10 minutes a call): tests = the Rust GPU tests, python = the package's tests, paged = bench_paged_kv,
+# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench.
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
 step() { echo; echo "== $*"; }
+want() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 rm -f "$out/failed"
 fail() { echo "$1" >>"$out/failed"; }
 {
@@ -22,37 +26,54 @@ fail() { echo "$1" >>"$out/failed"; }
     .device/ferry topo | tee "$out/topo.txt"
     step "ferry doctor"
     .device/ferry doctor | tee "$out/doctor.txt"
-    step "GPU tests: CUDA loading (library) and the CUDA transport (tests/gpu.rs)"
-    .device/ferry-lib-tests cuda:: --nocapture --test-threads 1 || fail "library cuda tests"
-    .device/gpu-tests --nocapture --test-threads 1 || fail "gpu tests"
-    step "Python package (from the source tree, libferry from .device): GPU copies and KV blocks with torch CUDA tensors"
-    (cd python/tests && PYTHONPATH=$OLDPWD/python FERRY_LIB=$OLDPWD/.device/libferry.so python3 -m unittest discover -s . -v) || fail "python package"
-    step "paged KV blocks from Python: package vs C ABI vs torch, idle and under GEMMs (python/bench_paged_kv.py)"
-    FERRY_LIB=$PWD/.device/libferry.so python3 python/bench_paged_kv.py >"$out/bench-paged-kv.txt" || fail "bench_paged_kv"
-    cat "$out/bench-paged-kv.txt"
-    step "copies ordered with CUDA streams: correctness over 1000 rounds per strategy (python/bench_streams.py; about 80 s)"
-    FERRY_LIB=$PWD/.device/libferry.so timeout 300 python3 python/bench_streams.py --iterations 1000 >"$out/bench-streams.txt" || fail "bench_streams"
-    cat "$out/bench-streams.txt"
-    step "GDR tests (tests/gdr.rs): the use_gdr switch on a GPU machine without an RDMA NIC"
-    .device/gdr-tests --nocapture --test-threads 1 || fail "gdr tests"
-    step "GDR switch tests built without the gdr feature (--no-default-features)"
-    .device/gdr-tests-without-feature --nocapture --test-threads 1 use_gdr || fail "gdr tests without the feature"
+    if want tests; then
+        step "GPU tests: CUDA loading (library) and the CUDA transport (tests/gpu.rs)"
+        .device/ferry-lib-tests cuda:: --nocapture --test-threads 1 || fail "library cuda tests"
+        .device/gpu-tests --nocapture --test-threads 1 || fail "gpu tests"
+    fi
+    if want python; then
+        step "Python package (from the source tree, libferry from .device): GPU copies and KV blocks with torch CUDA tensors"
+        (cd python/tests && PYTHONPATH=$OLDPWD/python FERRY_LIB=$OLDPWD/.device/libferry.so python3 -m unittest discover -s . -v) || fail "python package"
+    fi
+    if want paged; then
+        step "paged KV blocks from Python: package vs C ABI vs torch, idle and under GEMMs (python/bench_paged_kv.py)"
+        FERRY_LIB=$PWD/.device/libferry.so python3 python/bench_paged_kv.py >"$out/bench-paged-kv.txt" || fail "bench_paged_kv"
+        cat "$out/bench-paged-kv.txt"
+    fi
+    if want streams; then
+        step "copies ordered with CUDA streams: ${STREAM_ROUNDS:=10000} rounds per strategy and mode, latencies (python/bench_streams.py)"
+        PYTHONPATH=$PWD/python FERRY_LIB=$PWD/.device/libferry.so timeout 400 python3 python/bench_streams.py --iterations "$STREAM_ROUNDS" >"$out/bench-streams.txt" || fail "bench_streams"
+        cat "$out/bench-streams.txt"
+    fi
+    if want pipeline; then
+        step "layer by layer loads ordered by streams alone, plain and as a CUDA graph (examples/layer_pipeline.py)"
+        PYTHONPATH=$PWD/python FERRY_LIB=$PWD/.device/libferry.so timeout 300 python3 examples/layer_pipeline.py >"$out/layer-pipeline.txt" || fail "layer_pipeline"
+        cat "$out/layer-pipeline.txt"
+    fi
+    if want gdr; then
+        step "GDR tests (tests/gdr.rs): the use_gdr switch on a GPU machine without an RDMA NIC"
+        .device/gdr-tests --nocapture --test-threads 1 || fail "gdr tests"
+        step "GDR switch tests built without the gdr feature (--no-default-features)"
+        .device/gdr-tests-without-feature --nocapture --test-threads 1 use_gdr || fail "gdr tests without the feature"
+    fi
     if [ "${PROBE:-0}" = 1 ]; then
         step "PTX and kernel probe"
         nvcc -ptx -arch=compute_80 -O3 -o "$out/copy_kernel.ptx" gpu/copy_kernel.cu
         nvcc -O3 -arch=sm_90 -o /tmp/probe gpu/probe.cu -lcuda && /tmp/probe | tee "$out/probe.txt"
         nvcc -O3 -arch=sm_90 -o /tmp/lane gpu/lane.cu && /tmp/lane | tee "$out/lane.txt"
     fi
-    step "ferry bench (the main job: picks the cuda transport where a GPU is; two workers here)"
-    .device/ferry bench >"$out/bench-cuda.txt" 2>&1 || fail "ferry bench"
-    cat "$out/bench-cuda.txt"
-    step "ferry bench --workers 1 --load compute (idle, then under a saturating FMA kernel on every SM)"
-    .device/ferry bench --workers 1 --load compute --plot "$out/bench-h200.svg" >"$out/bench-cuda-load.txt" 2>&1 || fail "ferry bench --load compute"
-    cat "$out/bench-cuda-load.txt"
-    step "ferry bench --transport null (the engine's own cost per descriptor on this machine)"
-    .device/ferry bench --transport null --descriptors 10M >"$out/bench-null.txt" 2>&1 || fail "ferry bench null"
-    cat "$out/bench-null.txt"
-    if [ "${REPEAT:-0}" = 1 ]; then
+    if want bench; then
+        step "ferry bench (the main job: picks the cuda transport where a GPU is; two workers here)"
+        .device/ferry bench >"$out/bench-cuda.txt" 2>&1 || fail "ferry bench"
+        cat "$out/bench-cuda.txt"
+        step "ferry bench --workers 1 --load compute (idle, then under a saturating FMA kernel on every SM)"
+        .device/ferry bench --workers 1 --load compute --plot "$out/bench-h200.svg" >"$out/bench-cuda-load.txt" 2>&1 || fail "ferry bench --load compute"
+        cat "$out/bench-cuda-load.txt"
+        step "ferry bench --transport null (the engine's own cost per descriptor on this machine)"
+        .device/ferry bench --transport null --descriptors 10M >"$out/bench-null.txt" 2>&1 || fail "ferry bench null"
+        cat "$out/bench-null.txt"
+    fi
+    if [ "${REPEAT:-0}" = 1 ] && want bench; then
         step "ferry bench again, same call (run-to-run spread)"
         .device/ferry bench >"$out/bench-cuda-2.txt" 2>&1 || fail "ferry bench (repeat)"
         cat "$out/bench-cuda-2.txt"
@@ -60,6 +81,8 @@ fail() { echo "$1" >>"$out/failed"; }
 } 2>&1 | tee "$out/log.txt"
 echo
 echo "== summary (tests: $(grep -c '^test result: ok' "$out/log.txt") suites ok, $(grep -c 'FAILED' "$out/log.txt") FAILED lines)"
-for f in bench-cuda.txt bench-cuda-load.txt; do echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; done
-echo "-- bench-paged-kv.txt"; sed -n '/^KV /,$p' "$out/bench-paged-kv.txt"
+for f in bench-cuda.txt bench-cuda-load.txt; do [ -e "$out/$f" ] && { echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; }; done
+[ -e "$out/bench-paged-kv.txt" ] && { echo "-- bench-paged-kv.txt"; sed -n '/^KV /,$p' "$out/bench-paged-kv.txt"; }
+[ -e "$out/bench-streams.txt" ] && { echo "-- bench-streams.txt"; sed -n '/stream-ordered loads/,$p' "$out/bench-streams.txt"; }
+[ -e "$out/layer-pipeline.txt" ] && { echo "-- layer-pipeline.txt"; cat "$out/layer-pipeline.txt"; }
 if [ -e "$out/failed" ]; then echo "FAILED: $(paste -sd, "$out/failed")"; exit 1; fi

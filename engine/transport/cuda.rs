@@ -68,6 +68,11 @@ const MIN_BATCH_BYTES: u64 = 4 << 20;
 /// (bench/results/h200.md, paged KV blocks of 64 chunks): 32 KiB rows by 2D copy at 0.91 of the
 /// ceiling, as the copy kernel; 4 KiB rows at 0.53-0.55, where the kernel reached 0.57-0.71.
 const TWO_D_WIDTH: u64 = 32 << 10;
+/// With `batch`, a strided descriptor's chunks go as one 2D copy only from this many bytes up;
+/// smaller ones join the batch chunk by chunk. Each `cuMemcpy2DAsync` costs the worker 3.5-4.5
+/// us, so small rectangles capped the copy engine's rate: on the H200 (examples/layer_pipeline.py,
+/// blocks of 2 chunks) 9.2 GB/s with 2 x 16 KiB rectangles and 14.8 with 2 x 32 KiB.
+const TWO_D_MIN_BYTES: u64 = 256 << 10;
 
 struct Batch {
     event: Event,
@@ -368,16 +373,22 @@ impl CudaTransport {
                 for lane in &mut live.lanes {
                     lane.clear();
                 }
+                let batch = strategy == Strategy::Batch;
                 for &(dir, rect) in &self.runs {
                     let lane = &mut live.lanes[dir];
-                    if rect.rows == 1 {
-                        lane.push(rect.dst, rect.src, rect.width as usize);
-                    } else {
+                    if rect.rows > 1 && !(batch && rect.width * (rect.rows as u64) < TWO_D_MIN_BYTES) {
                         lane.rects.push(rect);
+                        continue;
+                    }
+                    for row in 0..rect.rows as u64 {
+                        lane.push(
+                            rect.dst + row * rect.dst_pitch,
+                            rect.src + row * rect.src_pitch,
+                            rect.width as usize,
+                        );
                     }
                 }
                 let both = live.lanes.iter().all(|l| !l.is_empty());
-                let batch = strategy == Strategy::Batch;
                 let Live { stream, side, fork, join, lanes, .. } = live;
                 let forked = if both { fork.record(stream).and_then(|()| side.wait(fork)) } else { Ok(()) };
                 forked
