@@ -24,6 +24,10 @@ use std::sync::Arc;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 /// The largest payload a frame may carry.
 pub const MAX_PAYLOAD: u32 = 4096;
+/// A frame begun must be complete within this long: a peer that sends part of one and stalls
+/// gets a timeout error (the daemon then ends that connection, so that it cannot hold a
+/// connection's thread forever). Between frames a connection may stay idle for any time.
+pub const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 const HEADER: usize = 12;
 
 /// One message of the control protocol.
@@ -247,12 +251,29 @@ pub fn receive(stream: &UnixStream) -> std::io::Result<Option<(Frame, Option<Own
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    (&*stream).read_exact(&mut header[got as usize..])?;
+    // The rest of the frame within FRAME_TIMEOUT; the socket waits without a limit again after.
+    stream.set_read_timeout(Some(FRAME_TIMEOUT))?;
+    let rest = read_rest(stream, &mut header, got as usize);
+    stream.set_read_timeout(None)?;
+    let payload = rest?;
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-    let len = Frame::payload_len(&header).map_err(invalid)?;
-    let mut payload = vec![0u8; len];
-    (&*stream).read_exact(&mut payload)?;
     Frame::decode(&header, &payload).map(|frame| Some((frame, fd))).map_err(invalid)
+}
+
+/// The rest of a frame whose first `got` header bytes are in `header`: its payload.
+fn read_rest(stream: &UnixStream, header: &mut [u8; HEADER], got: usize) -> std::io::Result<Vec<u8>> {
+    let stalled = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("a frame begun was not complete within {FRAME_TIMEOUT:?}"),
+        ),
+        _ => e,
+    };
+    (&*stream).read_exact(&mut header[got..]).map_err(stalled)?;
+    let len = Frame::payload_len(header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut payload = vec![0u8; len];
+    (&*stream).read_exact(&mut payload).map_err(stalled)?;
+    Ok(payload)
 }
 
 /// A connection to a `ferry serve` daemon: queues and host memory come from it, as memfds this
@@ -389,5 +410,79 @@ mod tests {
         assert_eq!((frame, fd.is_none()), (Frame::Done, true));
         drop(a);
         assert!(receive(&b).unwrap().is_none(), "a hang-up before a frame is None");
+    }
+
+    mod fuzz {
+        //! The daemon reads frames from any process that may connect: whatever the bytes, decoding
+        //! never panics and refuses what is not a frame; every frame survives the wire.
+        use super::*;
+        use proptest::prelude::*;
+
+        fn frame() -> impl Strategy<Value = Frame> {
+            prop_oneof![
+                any::<u32>().prop_map(|abi| Frame::Hello { abi }),
+                any::<u32>().prop_map(|client| Frame::Welcome { client }),
+                (any::<u64>(), any::<u64>()).prop_map(|(submit_capacity, complete_capacity)| Frame::OpenQueue {
+                    submit_capacity,
+                    complete_capacity
+                }),
+                any::<u32>().prop_map(|queue| Frame::QueueOpened { queue }),
+                any::<u64>().prop_map(|len| Frame::AllocHost { len }),
+                (any::<u32>(), any::<u64>()).prop_map(|(region, len)| Frame::HostAllocated { region, len }),
+                any::<u32>().prop_map(|region| Frame::Free { region }),
+                Just(Frame::Done),
+                "[ -~]{0,200}".prop_map(|text| Frame::Failed { text }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+            #[test]
+            fn any_bytes_decode_to_a_frame_or_a_named_fault(bytes in proptest::collection::vec(any::<u8>(), HEADER..HEADER + 64),
+                                                             magic in any::<bool>()) {
+                let mut bytes = bytes;
+                if magic {
+                    bytes[..4].copy_from_slice(&MAGIC.to_le_bytes());
+                    bytes[4] %= 8; // known kinds are frequent
+                }
+                let head = header(&bytes);
+                match Frame::decode(&head, &bytes[HEADER..]) {
+                    // A failure's text is read lossily (any bytes); every other frame is exact.
+                    Ok(frame @ Frame::Failed { .. }) => {
+                        let again = frame.encode();
+                        prop_assert_eq!(Frame::decode(&header(&again), &again[HEADER..]).unwrap(), frame);
+                    }
+                    Ok(frame) => prop_assert_eq!(frame.encode(), bytes),
+                    Err(why) => prop_assert!(!why.is_empty()),
+                }
+            }
+
+            #[test]
+            fn every_frame_survives_the_socket(frames in proptest::collection::vec(frame(), 1..8)) {
+                let (a, b) = UnixStream::pair().unwrap();
+                for f in &frames {
+                    send(&a, f, None).unwrap();
+                }
+                for f in &frames {
+                    let (got, fd) = receive(&b).unwrap().unwrap();
+                    prop_assert_eq!(&got, f);
+                    prop_assert!(fd.is_none());
+                }
+            }
+
+            #[test]
+            fn a_stream_of_garbage_is_refused_never_a_panic(bytes in proptest::collection::vec(any::<u8>(), 1..600)) {
+                let (a, b) = UnixStream::pair().unwrap();
+                (&a).write_all(&bytes).unwrap();
+                drop(a);
+                // Frames until the garbage shows or the bytes end: each is an error or a frame.
+                for _ in 0..64 {
+                    match receive(&b) {
+                        Ok(Some(_)) => continue,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
     }
 }

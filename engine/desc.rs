@@ -862,4 +862,102 @@ mod tests {
         let c = Completion { status: 4242, ..Default::default() };
         assert_eq!(c.status(), Err(4242));
     }
+
+    mod fuzz {
+        //! Untrusted descriptors (another process writes them): whatever the 64 bytes, validation
+        //! never panics, and what it accepts lies inside regions the client owns.
+        use super::*;
+        use proptest::prelude::*;
+
+        fn region(id: u32) -> RegionView {
+            lookup(id).expect("a known region")
+        }
+
+        /// Field values near the edges that matter, and anything.
+        fn word() -> impl Strategy<Value = u64> {
+            prop_oneof![0..70_000u64, Just(u64::MAX), (0..64u32).prop_map(|b| 1u64 << b), any::<u64>()]
+        }
+
+        fn descriptor() -> impl Strategy<Value = Descriptor> {
+            let id = prop_oneof![Just(A), Just(B), Just(FOREIGN), any::<u32>()];
+            let flags = prop_oneof![0..16u32, any::<u32>()];
+            let count = prop_oneof![0..5000u32, any::<u32>()];
+            (any::<u64>(), id.clone(), id, word(), word(), word(), flags, count, word(), word()).prop_map(
+                |(tag, src_region, dst_region, src_offset, dst_offset, len, flags, count, src_stride, dst_stride)| {
+                    Descriptor {
+                        tag,
+                        src_region,
+                        dst_region,
+                        src_offset,
+                        dst_offset,
+                        len,
+                        flags,
+                        count,
+                        src_stride,
+                        dst_stride,
+                    }
+                },
+            )
+        }
+
+        /// Descriptors close to valid ones (small offsets, lengths and strides, real flags), so
+        /// that the accepted side is exercised as much as the refused one.
+        fn near() -> impl Strategy<Value = Descriptor> {
+            let small = || prop_oneof![0..70_000u64, Just(1u64 << 16), Just((1u64 << 16) - 1)];
+            let flags = prop_oneof![Just(0), Just(FLAG_STRIDED), Just(FLAG_FENCE), Just(FLAG_STRIDED | FLAG_FENCE)];
+            (
+                prop_oneof![Just(A), Just(B)],
+                prop_oneof![Just(A), Just(B)],
+                small(),
+                small(),
+                0..20_000u64,
+                flags,
+                0..20u32,
+                small(),
+                small(),
+            )
+                .prop_map(
+                    |(src_region, dst_region, src_offset, dst_offset, len, flags, count, src_stride, dst_stride)| {
+                        let strided = flags & FLAG_STRIDED != 0;
+                        Descriptor {
+                            src_region,
+                            dst_region,
+                            src_offset,
+                            dst_offset,
+                            len,
+                            flags,
+                            count: if strided { count } else { 0 },
+                            src_stride: if strided { src_stride % 8192 } else { 0 },
+                            dst_stride: if strided { dst_stride % 8192 } else { 0 },
+                            ..Descriptor::default()
+                        }
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4096))]
+            #[test]
+            fn accepted_descriptors_stay_inside_the_clients_regions(d in prop_oneof![descriptor(), near()]) {
+                if let Ok(v) = validate(&d, CLIENT, MAX, lookup) {
+                    prop_assert!(d.flags & !KNOWN_FLAGS == 0);
+                    prop_assert!(v.bytes() <= MAX * u64::from(MAX_CHUNKS));
+                    for i in 0..v.chunks() {
+                        let c = v.chunk(i);
+                        prop_assert!(c.len > 0 && c.len <= MAX);
+                        for (end, id) in [(c.src, d.src_region), (c.dst, d.dst_region)] {
+                            let r = region(id);
+                            prop_assert_eq!(r.owner, CLIENT);
+                            prop_assert!(end.addr >= r.base && end.addr + c.len <= r.base + r.len,
+                                "chunk {} at {:#x}+{} outside region {:#x}+{}", i, end.addr, c.len, r.base, r.len);
+                        }
+                    }
+                }
+                // The other decoders take any bytes too.
+                let _ = validate_gate(&d);
+                let _ = validate_notify(&d);
+                let _ = validate_plain(&d, CLIENT, MAX, lookup);
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@ use crate::desc::RegionId;
 use crate::error::{Error, GpuRangeFault};
 use crate::queue::{DeviceWords, Queue, QueueId, QueueMemory, WorkerEnd};
 use crate::region::{check_range, ClientId, HostBuffer, Keep, MemoryKind, NicKeys, RegionTable};
+use crate::remote::Remote;
 use crate::ring::shm::SharedMemory;
 use crate::transport::gdr::NicCounters;
 use crate::transport::select::{select, Selected};
@@ -48,6 +49,8 @@ pub struct Engine {
     device: Selected,
     /// The CUDA transport runs the resident kernel (no stream ordering: see `device_words`).
     resident: bool,
+    /// Set for an engine in a daemon ([`Engine::connect`]): the calls go to it.
+    remote: Option<Remote>,
     /// Serialises queue creation so that each queue lands on one worker exactly once, and orders
     /// it with stopping: a queue is either posted before the workers stop (and closed by them)
     /// or refused with [`Error::ShutDown`].
@@ -73,6 +76,7 @@ impl Engine {
             placement_notes,
             device,
             resident: matches!(&config.transport, TransportKind::Gpu(g) if g.cuda.strategy == Strategy::Resident),
+            remote: None,
             queue_lock: Mutex::new(()),
         };
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -133,7 +137,32 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Name of the transport the workers run ("host", "null", ...).
+    /// The engine of the `ferry serve` daemon listening at `socket`: the same calls as an engine
+    /// started here, answered by the daemon. [`Engine::new_client`] is a connection (the first
+    /// one is made here, so that a missing or incompatible daemon fails at once); host memory
+    /// comes from the daemon ([`Engine::allocate_host`], a memfd mapped here), queues too; the
+    /// data path is shared memory, as in-process. Not available connected (yet):
+    /// [`Engine::register_host`], [`Engine::register_gpu`], the SM budget and stream ordering
+    /// ([`Error::NotConnected`], [`Error::StreamOrdering`]); [`Engine::stats`] is empty. A daemon
+    /// that dies makes the queues' polls fail with [`Error::EngineGone`].
+    pub fn connect(socket: impl AsRef<Path>) -> Result<Engine, Error> {
+        let remote = Remote::connect(socket.as_ref().to_path_buf())?;
+        Ok(Engine {
+            table: Arc::new(RegionTable::new(1, 0)),
+            workers: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            next_client: AtomicU32::new(1),
+            next_queue: AtomicU32::new(1),
+            transport_name: "daemon",
+            placement_notes: Vec::new(),
+            device: select(&EngineConfig::default())?,
+            resident: false,
+            remote: Some(remote),
+            queue_lock: Mutex::new(()),
+        })
+    }
+
+    /// Name of the transport the workers run ("host", "null", ...; "daemon" when connected).
     pub fn transport_name(&self) -> &'static str {
         self.transport_name
     }
@@ -159,16 +188,29 @@ impl Engine {
         self.device.nic_name()
     }
 
-    /// A new client id. Regions and queues belong to a client.
+    /// A new client id. Regions and queues belong to a client. Connected to a daemon, a new
+    /// connection: where it fails, client 0, which every later call refuses
+    /// ([`Engine::try_new_client`] says why).
     pub fn new_client(&self) -> ClientId {
+        self.try_new_client().unwrap_or(ClientId(0))
+    }
+
+    /// [`Engine::new_client`], with the error of a connection that failed.
+    pub fn try_new_client(&self) -> Result<ClientId, Error> {
+        if let Some(remote) = &self.remote {
+            return remote.new_client();
+        }
         // Relaxed: a unique-id counter, orders nothing.
-        ClientId(self.next_client.fetch_add(1, Ordering::Relaxed))
+        Ok(ClientId(self.next_client.fetch_add(1, Ordering::Relaxed)))
     }
 
     /// Allocates `len` bytes of host memory (a sealed memfd, shareable with another process)
     /// and registers it for `client`. With the CUDA transport it is also pinned and mapped for
     /// the device.
     pub fn allocate_host(&self, client: ClientId, len: usize) -> Result<HostBuffer, Error> {
+        if let Some(remote) = &self.remote {
+            return remote.allocate_host(client, len);
+        }
         let memory = SharedMemory::create("ferry-region", len)
             .map_err(|source| Error::SharedMemory { what: "a host region", source })?;
         let memory = Arc::new(memory);
@@ -189,6 +231,9 @@ impl Engine {
     /// `Ok` for this region (or the engine is dropped), and must not be accessed while a copy
     /// that uses it is in flight.
     pub unsafe fn register_host(&self, client: ClientId, ptr: *mut u8, len: usize) -> Result<RegionId, Error> {
+        if self.remote.is_some() {
+            return Err(Error::NotConnected { what: "registering this process's host memory (use allocate_host)" });
+        }
         check_range(ptr as u64, len as u64)?;
         // SAFETY: the caller keeps the memory valid until deregistration, when `pin` drops.
         let pin = unsafe { self.pin_host(ptr, len)? };
@@ -224,6 +269,9 @@ impl Engine {
     /// # Safety
     /// The allocation must stay valid until [`Engine::deregister`] returns `Ok` for the region.
     pub unsafe fn register_gpu(&self, client: ClientId, ptr: u64, len: usize) -> Result<RegionId, Error> {
+        if self.remote.is_some() {
+            return Err(Error::NotConnected { what: "registering GPU memory (CUDA IPC comes later)" });
+        }
         let bad = |fault: GpuRangeFault| Error::GpuRange { addr: ptr, len: len as u64, fault };
         let ctx = self.device.cuda.as_ref().ok_or_else(|| {
             bad(if self.device.nic.is_some() { GpuRangeFault::NoCudaDriver } else { GpuRangeFault::NoGpuTransport })
@@ -257,6 +305,9 @@ impl Engine {
     /// raises it when the GPU has room. Fails on an engine without a CUDA context, or with a
     /// budget below the number of workers.
     pub fn set_sm_budget(&self, budget: SmBudget) -> Result<(), Error> {
+        if self.remote.is_some() {
+            return Err(Error::NotConnected { what: "the SM budget" });
+        }
         self.device.set_sm_budget(budget, self.workers.len())
     }
 
@@ -351,6 +402,9 @@ impl Engine {
     /// `queue`'s header registered with the CUDA driver, registering it on first use.
     fn device_words<'q>(&self, queue: &'q mut Queue) -> Result<&'q DeviceWords, Error> {
         if queue.device_words.is_none() {
+            if self.remote.is_some() {
+                return Err(Error::StreamOrdering { reason: "not yet on an engine connected to a daemon".into() });
+            }
             let context = self.cuda_context().ok_or_else(|| Error::StreamOrdering {
                 reason: "the engine has no CUDA context (start it with the GPU transport and a CUDA driver)".into(),
             })?;
@@ -405,6 +459,9 @@ impl Engine {
     /// Deregisters a region. Refused with [`Error::RegionBusy`] while copies that use it are
     /// in flight; it never waits for them.
     pub fn deregister(&self, id: RegionId) -> Result<(), Error> {
+        if let Some(remote) = &self.remote {
+            return remote.deregister(id);
+        }
         self.table.deregister(id)
     }
 
@@ -412,6 +469,9 @@ impl Engine {
     /// [`QueueConfig::worker`] names one). The returned [`Queue`] holds the client end: drop it
     /// (or [`Queue::close`]) to close the queue, or [`Queue::hand_off`] it to another process.
     pub fn open_queue(&self, client: ClientId, config: QueueConfig) -> Result<Queue, Error> {
+        if let Some(remote) = &self.remote {
+            return remote.open_queue(client, config);
+        }
         let _guard = self.queue_lock.lock().unwrap_or_else(|e| e.into_inner());
         // A6: Acquire; pairs with R6 in stop. Under queue_lock, which stop also takes: a queue
         // posted here is posted before the workers are told to stop, and they adopt it.

@@ -284,6 +284,26 @@ pub enum Error {
     /// The engine was shut down.
     #[error("the engine is shut down")]
     ShutDown,
+    /// An engine connected to a daemon ([`crate::Engine::connect`]) cannot do this (yet).
+    #[error("{what}: not available on an engine connected to a ferry serve daemon")]
+    NotConnected {
+        /// What was asked.
+        what: &'static str,
+    },
+    /// The engine serving a queue is gone: the process holding the queue's worker end (a
+    /// `ferry serve` daemon, or another process's engine) exited, or the worker let the end go.
+    /// The queue's copies will not complete; connect again (a restarted daemon serves new
+    /// queues) and open new queues.
+    #[error(
+        "the engine serving queue {queue} is gone (process {pid} held its worker end{}): its copies will not complete; connect to the engine again and open a new queue",
+        if *pid == 0 { ", and let it go" } else { " and exited" }
+    )]
+    EngineGone {
+        /// Queue id.
+        queue: u32,
+        /// The process that held the worker end (0: none held it).
+        pid: u32,
+    },
     /// Claiming an end of a queue failed: a live process holds it (each end has one owner).
     #[error(
         "claiming the {end} end of queue {queue}: process {pid}{} holds it; each end of a queue has one owner: release it there first (drop or close the Queue, or Queue::hand_off it to this process), or wait until that process exits (an exited holder's end is taken over)",

@@ -114,6 +114,8 @@ pub mod error;
 pub mod queue;
 #[cfg(not(loom))]
 pub mod region;
+#[cfg(not(loom))]
+mod remote;
 mod ring;
 #[cfg(not(loom))]
 mod router;
@@ -146,7 +148,7 @@ pub use engine::Engine;
 #[cfg(not(loom))]
 pub use error::Error;
 #[cfg(not(loom))]
-pub use queue::{Queue, QueueId};
+pub use queue::{Queue, QueueId, ENGINE_CHECK_INTERVAL};
 #[cfg(not(loom))]
 pub use region::{ClientId, HostBuffer, MemoryKind};
 pub use ring::PushError;

@@ -443,6 +443,24 @@ impl QueueMemory {
         }
     }
 
+    /// `Err` with the worker end's last holder when no live process holds it (a daemon killed,
+    /// an engine's process gone). Reads /proc unless this process is the holder: the client end
+    /// calls it at most every [`ENGINE_CHECK_INTERVAL`].
+    pub(crate) fn worker_alive(&self) -> Result<(), u32> {
+        // Relaxed: advisory, as in client_died.
+        match self.header().ends.worker.load(Ordering::Relaxed) {
+            0 => Err(0),
+            word => {
+                let holder = Holder::from_word(word);
+                if holder.pid == std::process::id() || holder.is_alive() {
+                    Ok(())
+                } else {
+                    Err(holder.pid)
+                }
+            }
+        }
+    }
+
     /// Whether the client closed the queue. Read by the worker on every visit.
     pub(crate) fn close_requested(&self) -> bool {
         // A8: Acquire; pairs with R8 in close.
@@ -464,6 +482,22 @@ pub struct Queue {
     holder: Holder,
     /// Whether dropping closes the queue (false after [`Queue::hand_off`]).
     close_on_drop: bool,
+    /// When the client end next looks whether the engine is still there, and what it found.
+    engine: EngineWatch,
+}
+
+/// How often, at most, a client end that finds nothing to poll or no room to push looks whether
+/// the process serving its queue is alive (it reads /proc).
+pub const ENGINE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Empty polls or full pushes between two looks at the clock.
+const ENGINE_CHECK_CALLS: u32 = 256;
+
+struct EngineWatch {
+    calls: u32,
+    next: Instant,
+    /// The worker end's last holder, once it is found gone.
+    gone: Option<u32>,
 }
 
 impl Queue {
@@ -483,7 +517,15 @@ impl Queue {
         // Made after the claim (A7), so they continue from the last holder's indices.
         let submit = Producer::new(submit_ring);
         let complete = Consumer::new(complete_ring);
-        Ok(Queue { device_words: None, memory, submit, complete, holder, close_on_drop: true })
+        let engine = EngineWatch { calls: 0, next: Instant::now() + ENGINE_CHECK_INTERVAL, gone: None };
+        Ok(Queue { device_words: None, memory, submit, complete, holder, close_on_drop: true, engine })
+    }
+
+    /// Whether the client of the queue whose memfd is `file` has closed it (a daemon counting a
+    /// connection's open queues). Maps the memfd for the look; claims nothing.
+    pub fn closed_by_client(file: &File) -> Result<bool, Error> {
+        let file = file.try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?;
+        Ok(QueueMemory::attach(file)?.close_requested())
     }
 
     /// Attaches to a queue whose memfd came from the engine (for example from another process).
@@ -578,10 +620,49 @@ impl Queue {
     /// Pushes one descriptor and publishes it at once.
     pub fn push(&mut self, d: Descriptor) -> Result<(), PushError<Descriptor>> {
         match self.state() {
-            QueueState::Open => {}
+            QueueState::Open if self.engine.gone.is_none() => {}
+            QueueState::Open => return Err(PushError::NotOpen(d, QueueState::Broken)),
             state => return Err(PushError::NotOpen(d, state)),
         }
-        self.submit.push(d)
+        let pushed = self.submit.push(d);
+        if matches!(pushed, Err(PushError::Full(_))) && self.engine_gone().is_some() {
+            return Err(PushError::NotOpen(d, QueueState::Broken));
+        }
+        pushed
+    }
+
+    /// `Err(Error::EngineGone)` once the process serving the queue is found gone. Looks at
+    /// most every [`ENGINE_CHECK_INTERVAL`], from the calls that found nothing to do; the
+    /// ring operations themselves never wait for it.
+    pub fn check_engine(&mut self) -> Result<(), Error> {
+        match self.engine_gone() {
+            Some(pid) => Err(Error::EngineGone { queue: self.id().0, pid }),
+            None => Ok(()),
+        }
+    }
+
+    /// The gone engine's holder pid, looked up at most every ENGINE_CHECK_CALLS calls and
+    /// ENGINE_CHECK_INTERVAL.
+    fn engine_gone(&mut self) -> Option<u32> {
+        let watch = &mut self.engine;
+        if watch.gone.is_some() {
+            return watch.gone;
+        }
+        watch.calls += 1;
+        if watch.calls < ENGINE_CHECK_CALLS {
+            return None;
+        }
+        watch.calls = 0;
+        let now = Instant::now();
+        if now < watch.next {
+            return None;
+        }
+        watch.next = now + ENGINE_CHECK_INTERVAL;
+        // A queue closed by its engine (shutdown, broken) says so with its state instead.
+        if self.memory.state() == QueueState::Open {
+            watch.gone = self.memory.worker_alive().err();
+        }
+        watch.gone
     }
 
     /// Pushes as many of `ds` as fit, published together; returns how many.
@@ -590,11 +671,20 @@ impl Queue {
         if state != QueueState::Open {
             return Err(Error::QueueNotOpen { queue: self.id().0, state });
         }
+        if let Some(pid) = self.engine.gone {
+            return Err(Error::EngineGone { queue: self.id().0, pid });
+        }
         let mut batch = self.submit.write();
         for (n, d) in ds.iter().enumerate() {
             match batch.push(*d) {
                 Ok(()) => {}
-                Err(PushError::Full(_)) => return Ok(n),
+                Err(PushError::Full(_)) => {
+                    drop(batch);
+                    if n == 0 {
+                        self.check_engine()?;
+                    }
+                    return Ok(n);
+                }
                 Err(PushError::Corrupted(_, e)) => return Err(e.into()),
                 Err(PushError::NotOpen(..)) => unreachable!("a ring never reports NotOpen"),
             }
@@ -602,7 +692,10 @@ impl Queue {
         Ok(ds.len())
     }
 
-    /// Moves ready completions into `out`; returns how many.
+    /// Moves ready completions into `out`; returns how many. Fails with
+    /// [`Error::EngineGone`] once nothing is left to read and the process serving the queue is
+    /// found gone (looked at now and then while polls come back empty; see
+    /// [`ENGINE_CHECK_INTERVAL`]).
     pub fn poll(&mut self, out: &mut [Completion]) -> Result<usize, Error> {
         let mut batch = self.complete.read(out.len() as u64)?;
         let mut n = 0;
@@ -612,6 +705,10 @@ impl Queue {
                 None => break,
             }
             n += 1;
+        }
+        drop(batch);
+        if n == 0 && !out.is_empty() {
+            self.check_engine()?;
         }
         Ok(n)
     }
@@ -652,7 +749,12 @@ impl Queue {
                 }
             }
             std::hint::spin_loop();
-            n += self.poll(&mut out[n..])?;
+            match self.poll(&mut out[n..]) {
+                Ok(got) => n += got,
+                // What this call took already is handed out; the next call reports the error.
+                Err(_) if n > 0 => return Ok(n),
+                Err(e) => return Err(e),
+            }
         }
         Ok(n)
     }

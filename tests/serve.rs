@@ -1,6 +1,6 @@
 //! `ferry serve` with clients in this and in other processes (host transport): copies through
 //! daemon-allocated memory and daemon-opened queues, regions that belong to their client, a
-//! garbage frame that costs only its own connection, a SIGKILLed client's queues and memory
+//! garbage frame or half a frame that costs only its own connection, a SIGKILLed client's queues and memory
 //! freed, SIGTERM stopping the daemon and removing its socket.
 
 mod common;
@@ -25,6 +25,11 @@ impl Daemon {
     fn start(name: &str) -> Daemon {
         let socket = std::env::temp_dir().join(format!("ferry-serve-{name}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&socket);
+        Daemon::start_at(socket)
+    }
+
+    /// A daemon on `socket` (a stale socket file there is the daemon's to replace).
+    fn start_at(socket: PathBuf) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["serve", "--socket", socket.to_str().unwrap(), "--transport", "host", "--unpinned"])
             .stderr(Stdio::piped())
@@ -134,6 +139,19 @@ fn a_garbage_frame_costs_only_its_own_connection() {
     let mut got = [0u8; 10];
     buf.read(4096, &mut got).unwrap();
     assert_eq!(&got, b"still here");
+    // Half a frame, then silence: the daemon ends that connection after FRAME_TIMEOUT.
+    let mut stalled = UnixStream::connect(&daemon.socket).unwrap();
+    stalled.write_all(&ferry::control::Frame::Hello { abi: 1 }.encode()[..5]).unwrap();
+    let sent = Instant::now();
+    daemon.expect_line("not complete within");
+    let waited = sent.elapsed();
+    assert!(waited >= ferry::control::FRAME_TIMEOUT, "ended after {waited:?}, before the frame timeout");
+    stalled.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stalled, &mut rest);
+    assert!(String::from_utf8_lossy(&rest).contains("not complete within"), "the daemon said {rest:?}");
+    queue.push(Descriptor::copy(buf.id(), 0, buf.id(), 4096, 10)).unwrap();
+    assert!(queue.wait_one(TIMEOUT).unwrap().is_ok(), "the other client went on meanwhile");
     drop((queue, client));
     daemon.stop();
 }
@@ -162,6 +180,281 @@ fn a_killed_clients_queues_and_memory_are_freed() {
     let mut client = Client::connect(&daemon.socket).unwrap();
     assert!(client.alloc_host(4096).is_ok());
     drop(client);
+    daemon.stop();
+}
+
+#[test]
+fn a_killed_daemon_is_engine_gone_for_its_clients_and_a_restarted_one_serves_them_again() {
+    let mut daemon = Daemon::start("restart");
+    let mut client = Client::connect(&daemon.socket).unwrap();
+    let buf = client.alloc_host(1 << 20).unwrap();
+    let mut queue = client.open_queue(0, 0).unwrap();
+    let mut small = client.open_queue(64, 64).unwrap();
+    let d = Descriptor::copy(buf.id(), 0, buf.id(), 8192, 4096);
+    assert!(queue.push(d).is_ok() && queue.wait_one(TIMEOUT).unwrap().is_ok());
+    // Under load: copies in flight when the daemon is killed.
+    assert_eq!(queue.submit(&[d; 200]).unwrap(), 200);
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let killed = Instant::now();
+    // Polling: what had completed comes out, then "engine gone", within a bounded time.
+    let mut out = [ferry::Completion::default(); 64];
+    let gone = loop {
+        match queue.poll(&mut out) {
+            Ok(_) => assert!(killed.elapsed() < Duration::from_secs(2), "no engine-gone within 2 s of the kill"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(gone, Error::EngineGone { pid, .. } if pid == daemon.child.id()), "{gone:?}");
+    println!("poll said engine gone {:?} after the kill: {gone}", killed.elapsed());
+    assert!(matches!(queue.submit(&[d]), Err(Error::EngineGone { .. })));
+    assert!(matches!(queue.poll_wait(&mut out, 1, TIMEOUT), Err(Error::EngineGone { .. })));
+    // Pushing into a ring that stays full says so too.
+    let start = Instant::now();
+    let pushed = loop {
+        match small.submit(&[d]) {
+            Ok(_) => assert!(start.elapsed() < Duration::from_secs(2), "a full ring never said engine gone"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(pushed, Error::EngineGone { .. }), "{pushed:?}");
+    // The control connection says the daemon hung up, not a hang.
+    assert!(client.alloc_host(4096).is_err());
+    drop((queue, small, buf, client));
+    // A daemon restarted on the same socket serves the client again.
+    let daemon = Daemon::start_at(daemon.socket.clone());
+    let mut client = Client::connect(&daemon.socket).unwrap();
+    let buf = client.alloc_host(1 << 16).unwrap();
+    let mut queue = client.open_queue(0, 0).unwrap();
+    assert!(queue.push(Descriptor::copy(buf.id(), 0, buf.id(), 8192, 4096).with_tag(7)).is_ok());
+    let done = queue.wait_one(TIMEOUT).unwrap();
+    assert!(done.is_ok() && done.tag == 7, "{done:?}");
+    drop((queue, buf, client));
+    daemon.stop();
+}
+
+#[test]
+fn an_engine_connected_to_the_daemon_takes_the_same_calls() {
+    let daemon = Daemon::start("connect");
+    let engine = ferry::Engine::connect(&daemon.socket).unwrap();
+    assert_eq!(engine.transport_name(), "daemon");
+    let client = engine.new_client();
+    let src = engine.allocate_host(client, 1 << 16).unwrap();
+    let dst = engine.allocate_host(client, 1 << 16).unwrap();
+    src.write(0, b"through the daemon").unwrap();
+    let mut queue = engine.open_queue(client, ferry::QueueConfig::default()).unwrap();
+    queue.push(Descriptor::copy(src.id(), 0, dst.id(), 100, 18).with_tag(3)).unwrap();
+    let done = queue.wait_one(TIMEOUT).unwrap();
+    assert!(done.is_ok() && done.tag == 3, "{done:?}");
+    let mut got = [0u8; 18];
+    dst.read(100, &mut got).unwrap();
+    assert_eq!(&got, b"through the daemon");
+    // Another client is another connection: the first one's regions are not its own.
+    let other = engine.new_client();
+    assert_ne!(other, client);
+    let mut theirs = engine.open_queue(other, ferry::QueueConfig::default()).unwrap();
+    theirs.push(Descriptor::copy(src.id(), 0, dst.id(), 0, 8)).unwrap();
+    assert_eq!(theirs.wait_one(TIMEOUT).unwrap().status(), Ok(Status::NotOwner));
+    // What a connected engine cannot do says so.
+    let mut local = [0u8; 64];
+    // SAFETY: refused before the memory is touched.
+    let registered = unsafe { engine.register_host(client, local.as_mut_ptr(), local.len()) };
+    assert!(matches!(registered, Err(Error::NotConnected { .. })), "{registered:?}");
+    assert!(matches!(engine.set_sm_budget(ferry::SmBudget::None), Err(Error::NotConnected { .. })));
+    let pinned = ferry::QueueConfig { worker: Some(0), ..ferry::QueueConfig::default() };
+    assert!(matches!(engine.open_queue(client, pinned), Err(Error::NotConnected { .. })));
+    // SAFETY: refused before the stream is touched.
+    let waited = unsafe { engine.stream_wait(&mut queue, std::ptr::null_mut(), 1) };
+    assert!(matches!(waited, Err(Error::StreamOrdering { .. })), "{waited:?}");
+    assert!(engine.open_queue(ferry::ClientId(999), ferry::QueueConfig::default()).is_err(), "an unknown client");
+    assert!(engine.stats().is_empty());
+    // Deregistering frees the region in the daemon: a copy naming it fails afterwards.
+    let dst_id = dst.id();
+    drop(dst);
+    engine.deregister(dst_id).unwrap();
+    queue.push(Descriptor::copy(src.id(), 0, dst_id, 0, 8)).unwrap();
+    assert_eq!(queue.wait_one(TIMEOUT).unwrap().status(), Ok(Status::UnknownRegion));
+    drop((queue, theirs, src, engine));
+    daemon.expect_line("gone");
+    daemon.stop();
+    // No daemon: connecting fails at once, naming the socket's trouble.
+    match ferry::Engine::connect(daemon_socket_gone()) {
+        Err(e @ Error::Control { .. }) => assert!(e.to_string().contains("connecting"), "{e}"),
+        Err(other) => panic!("expected a control error, got {other:?}"),
+        Ok(_) => panic!("connected to no daemon"),
+    }
+}
+
+fn daemon_socket_gone() -> PathBuf {
+    std::env::temp_dir().join(format!("ferry-serve-none-{}.sock", std::process::id()))
+}
+
+/// A descriptor of random fields, its regions drawn from `regions` or anything.
+fn random_descriptor(rng: &mut common::Rng, regions: &[ferry::RegionId]) -> Descriptor {
+    let region = |rng: &mut common::Rng| match rng.below(4) {
+        0 => rng.next() as u32,
+        _ => regions[rng.below(regions.len() as u64) as usize].0,
+    };
+    let word = |rng: &mut common::Rng| match rng.below(3) {
+        0 => rng.next(),
+        _ => rng.below(1 << 17),
+    };
+    if rng.below(4) == 0 {
+        // Plausible: a plain copy inside 64 KiB regions (valid when both are the pusher's).
+        let pick = |rng: &mut common::Rng| regions[rng.below(regions.len() as u64) as usize];
+        let (src, dst) = (pick(rng), pick(rng));
+        let (a, b) = (rng.below(30_000), 32_768 + rng.below(28_000));
+        return Descriptor::copy(src, a, dst, b, 1 + rng.below(4096)).with_tag(rng.next());
+    }
+    Descriptor {
+        tag: rng.next(),
+        src_region: region(rng),
+        dst_region: region(rng),
+        src_offset: word(rng),
+        dst_offset: word(rng),
+        len: word(rng),
+        flags: if rng.below(2) == 0 { rng.next() as u32 } else { rng.below(16) as u32 },
+        count: rng.below(8) as u32,
+        src_stride: word(rng),
+        dst_stride: word(rng),
+    }
+}
+
+#[test]
+fn hostile_clients_get_errors_or_are_disconnected_and_cost_the_others_nothing() {
+    let daemon = Daemon::start("hostile");
+    let mut good = Client::connect(&daemon.socket).unwrap();
+    let mine = good.alloc_host(1 << 16).unwrap();
+    let mut good_queue = good.open_queue(0, 0).unwrap();
+    let mut round = 0u64;
+    let mut still_served = |q: &mut Queue| {
+        round += 1;
+        mine.write(0, &round.to_le_bytes()).unwrap();
+        q.push(Descriptor::copy(mine.id(), 0, mine.id(), 8192, 8).with_tag(round)).unwrap();
+        let done = q.wait_one(TIMEOUT).unwrap();
+        assert!(done.is_ok() && done.tag == round, "the well-behaved client's copy: {done:?}");
+        let mut got = [0u8; 8];
+        mine.read(8192, &mut got).unwrap();
+        assert_eq!(u64::from_le_bytes(got), round);
+    };
+    // Garbage descriptors, naming its own regions, the other client's and any number: every one
+    // completes (an error, or ok where it happens to be a valid copy within its own regions),
+    // and none naming the other client's region succeeds.
+    let mut hostile = Client::connect(&daemon.socket).unwrap();
+    let own = hostile.alloc_host(1 << 16).unwrap();
+    let mut queue = hostile.open_queue(0, 0).unwrap();
+    let mut rng = common::Rng(0x5eed_f00d);
+    let (mut refused, mut accepted) = (0, 0);
+    for _ in 0..32 {
+        let ds: Vec<Descriptor> = (0..64).map(|_| random_descriptor(&mut rng, &[own.id(), mine.id()])).collect();
+        assert_eq!(queue.submit(&ds).unwrap(), ds.len());
+        for d in &ds {
+            let c = queue.wait_one(TIMEOUT).expect("every garbage descriptor completes");
+            assert_eq!(c.tag, d.tag);
+            if c.is_ok() {
+                accepted += 1;
+                assert!(d.src_region != mine.id().0 && d.dst_region != mine.id().0, "another client's region: {d:?}");
+            } else {
+                refused += 1;
+            }
+        }
+        still_served(&mut good_queue);
+    }
+    println!("garbage descriptors: {refused} refused, {accepted} valid by chance");
+    assert!(refused > 0 && accepted > 0, "{refused} refused, {accepted} accepted: both sides exercised");
+    // A tampered ring: the client overwrites its submission ring's header and indices. The
+    // worker finds the queue broken; the daemon and the other client go on.
+    let file = queue.file();
+    // SAFETY: maps the queue's memfd (its length) shared, for writing garbage into it; the
+    // mapping is unmapped below and nothing else in this process reads those bytes meanwhile.
+    unsafe {
+        let len = file.metadata().unwrap().len() as usize;
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        std::ptr::write_bytes(map.cast::<u8>().add(1024), 0xAB, 512);
+        libc::munmap(map, len);
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while queue.state() != ferry::QueueState::Broken {
+        assert!(Instant::now() < deadline, "a tampered ring was not found broken: {:?}", queue.state());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    still_served(&mut good_queue);
+    drop((queue, own, hostile));
+    // Garbage on the control socket, 64 connections of it: each is refused or hung up on.
+    for k in 0..64u64 {
+        let mut raw = UnixStream::connect(&daemon.socket).unwrap();
+        let bytes: Vec<u8> = (0..1 + rng.below(300)).map(|_| rng.next() as u8).collect();
+        let mut frame = bytes.clone();
+        if k % 2 == 0 {
+            frame[..4.min(bytes.len())].copy_from_slice(&b"FRY1"[..4.min(bytes.len())]);
+        }
+        let _ = raw.write_all(&frame);
+        drop(raw);
+    }
+    still_served(&mut good_queue);
+    drop((good_queue, mine, good));
+    daemon.stop();
+}
+
+#[test]
+fn another_uid_is_refused() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        println!("SKIP: connecting as another uid needs root here (setuid in a child)");
+        return;
+    }
+    let daemon = Daemon::start("uid");
+    // The socket is 0600: another uid cannot even connect; opened up, the peer check refuses it.
+    std::fs::set_permissions(&daemon.socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let path = std::ffi::CString::new(daemon.socket.to_str().unwrap()).unwrap();
+    // SAFETY: a zeroed sockaddr_un is valid; the path (shorter than sun_path) is copied in.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    let mut answer = [0u8; 256];
+    // SAFETY: the child calls only async-signal-safe functions (setuid, socket, connect, read,
+    // _exit) on memory prepared before the fork; the parent waits for it.
+    let got = unsafe {
+        let mut pipe = [0i32; 2];
+        assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+        let pid = libc::fork();
+        if pid == 0 {
+            let mut n: isize = -1;
+            if libc::setuid(65534) == 0 {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let size = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), size) == 0 {
+                    n = libc::read(fd, answer.as_mut_ptr().cast(), answer.len());
+                }
+            }
+            if n > 0 {
+                libc::write(pipe[1], answer.as_ptr().cast(), n as usize);
+            }
+            libc::_exit(0);
+        }
+        libc::close(pipe[1]);
+        let n = libc::read(pipe[0], answer.as_mut_ptr().cast(), answer.len());
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        libc::close(pipe[0]);
+        n
+    };
+    assert!(got > 0, "the child got no answer from the daemon");
+    let text = String::from_utf8_lossy(&answer[..got as usize]);
+    assert!(text.contains("uid 65534 is not allowed"), "the daemon said {text:?}");
+    daemon.expect_line("refused a connection from uid 65534");
+    // Its own user is served.
+    assert!(Client::connect(&daemon.socket).is_ok());
     daemon.stop();
 }
 
@@ -205,6 +498,7 @@ fn the_configuration_file_with_flags_over_it_and_unknown_keys_refused() {
         "pinned = true",
         "[limits]",
         "connections = 256",
+        "queues_per_client = 64",
         "regions_per_client = 1024",
     ] {
         assert!(printed.contains(expected), "{expected:?} missing from the effective configuration:\n{printed}");
@@ -235,13 +529,16 @@ fn the_daemon_benchmark_runs_and_prints_its_table() {
 }
 
 #[test]
-fn connections_over_the_limit_are_refused_and_the_served_ones_go_on() {
+fn connections_and_queues_over_their_limits_are_refused_and_the_served_ones_go_on() {
     let dir = std::env::temp_dir().join(format!("ferry-serve-limit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("s.sock");
     let config = dir.join("serve.toml");
-    std::fs::write(&config, format!("socket = {:?}\n[engine]\npinned = false\n[limits]\nconnections = 2\n", socket))
-        .unwrap();
+    std::fs::write(
+        &config,
+        format!("socket = {:?}\n[engine]\npinned = false\n[limits]\nconnections = 2\nqueues_per_client = 2\n", socket),
+    )
+    .unwrap();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["serve", "--config", config.to_str().unwrap(), "--quiet"])
         .spawn()
@@ -260,6 +557,16 @@ fn connections_over_the_limit_are_refused_and_the_served_ones_go_on() {
         other => panic!("expected the connection limit's refusal, got {other:?}"),
     }
     assert!(first.alloc_host(4096).is_ok() && second.alloc_host(4096).is_ok(), "the served connections go on");
+    // Two open queues a client; a closed one makes room.
+    let (q1, _q2) = (first.open_queue(0, 0).unwrap(), first.open_queue(0, 0).unwrap());
+    match first.open_queue(0, 0) {
+        Err(Error::Daemon { message }) => assert!(message.contains("limits.queues_per_client"), "{message}"),
+        Err(other) => panic!("expected the queue limit's refusal, got {other:?}"),
+        Ok(_) => panic!("a third queue was opened over limits.queues_per_client = 2"),
+    }
+    assert!(second.open_queue(0, 0).is_ok(), "the limit is per client");
+    q1.close();
+    assert!(first.open_queue(0, 0).is_ok(), "a closed queue does not count");
     drop(first);
     // A connection ended makes room (once its session has finished).
     let deadline = Instant::now() + TIMEOUT;

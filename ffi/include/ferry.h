@@ -115,6 +115,9 @@ typedef enum {
   FERRY_RESULT_LAYOUT_MISMATCH = 12,
   // The engine was shut down.
   FERRY_RESULT_SHUT_DOWN = 13,
+  // The engine serving the queue is gone (the daemon or the process holding its worker end
+  // exited): its copies will not complete; connect again and open a new queue.
+  FERRY_RESULT_ENGINE_GONE = 14,
 } ferry_result;
 
 // Outcome of a descriptor. `Ok` is 0; every failure has its own code.
@@ -307,6 +310,21 @@ size_t ferry_last_error(char *buf, size_t len);
 // `config` must be NULL or point to a `ferry_config`; `out` must be valid for a write.
 ferry_result ferry_engine_start(const ferry_config *config, ferry_engine **out);
 
+// Connects to the `ferry serve` daemon listening at the Unix socket `socket` (a NUL-terminated
+// path) and writes an engine handle to `*out`: the same calls as on an engine from
+// [`ferry_engine_start`], answered by the daemon. `ferry_engine_new_client` opens a connection
+// (the first one is made here: a missing daemon fails now, `FERRY_RESULT_SYSTEM_ERROR` with the
+// reason in [`ferry_last_error`]); host memory (`ferry_host_alloc`) and queues come from the
+// daemon as memfds mapped here; descriptors and completions go through shared memory as
+// in-process. Refused while connected (`FERRY_RESULT_INVALID_ARGUMENT`): registering this
+// process's memory, the SM budget, stream ordering, queue settings but the capacities. A
+// daemon that dies makes the queues' polls return `FERRY_RESULT_ENGINE_GONE`. Free it with
+// [`ferry_engine_free`] (which closes the connections).
+//
+// # Safety
+// `socket` must be a NUL-terminated string; `out` must be valid for a write.
+ferry_result ferry_engine_connect(const char *socket, ferry_engine **out);
+
 // Writes the engine's transport into `buf` as text ("gdr on mlx5_0", "cuda", "host"), followed
 // by why it is what it is where that was a choice ("use_gdr = auto: ..."), NUL-terminated and
 // cut to fit; returns the full length without the NUL. `buf` may be NULL with `len` 0. Returns
@@ -333,7 +351,8 @@ ferry_result ferry_engine_stats(const ferry_engine *engine,
 // `engine` must be NULL or come from [`ferry_engine_start`], and not be used afterwards.
 void ferry_engine_free(ferry_engine *engine);
 
-// Writes a new client id to `*out`.
+// Writes a new client id to `*out` (on an engine from [`ferry_engine_connect`], a new
+// connection to the daemon: `FERRY_RESULT_SYSTEM_ERROR` where it fails).
 //
 // # Safety
 // `engine` must be a live engine; `out` valid for a write.
@@ -473,6 +492,9 @@ ferry_result ferry_queue_submit(ferry_queue *queue,
                                 size_t *pushed);
 
 // Moves up to `cap` ready completions into `out`; writes how many to `*n`. Never blocks.
+// `FERRY_RESULT_ENGINE_GONE` once nothing is left to read and the process serving the queue
+// (a `ferry serve` daemon) has exited: looked at now and then while polls come back empty
+// (at most every 20 ms); `ferry_queue_submit` says the same when the ring stays full.
 //
 // # Safety
 // `queue` must be a live queue used by this thread only; `out` valid for `cap` writes; `n`

@@ -64,6 +64,9 @@ pub enum ferry_result {
     LayoutMismatch = 12,
     /// The engine was shut down.
     ShutDown = 13,
+    /// The engine serving the queue is gone (the daemon or the process holding its worker end
+    /// exited): its copies will not complete; connect again and open a new queue.
+    EngineGone = 14,
 }
 
 /// `ferry_descriptor::flags`: start only after every earlier descriptor of the queue completed.
@@ -243,6 +246,7 @@ fn code_of(error: &Error) -> ferry_result {
         Error::QueueNotOpen { .. } => ferry_result::QueueNotOpen,
         Error::Timeout { .. } => ferry_result::Timeout,
         Error::ShutDown => ferry_result::ShutDown,
+        Error::EngineGone { .. } => ferry_result::EngineGone,
         Error::Cuda(_)
         | Error::TransportStart { .. }
         | Error::KernelUnavailable { .. }
@@ -250,7 +254,12 @@ fn code_of(error: &Error) -> ferry_result {
         | Error::DriverTooOld { .. } => ferry_result::SystemError,
         Error::Gdr(_) | Error::NoDeviceTransport { .. } => ferry_result::SystemError,
         Error::GpuRange { .. } => ferry_result::BadRange,
-        Error::QueueEndClaimed { .. } | Error::StreamOrdering { .. } => ferry_result::InvalidArgument,
+        // A request the daemon refused (a limit, another client's region) names its reason.
+        Error::QueueEndClaimed { .. }
+        | Error::StreamOrdering { .. }
+        | Error::NotConnected { .. }
+        | Error::Daemon { .. } => ferry_result::InvalidArgument,
+        Error::Control { .. } => ferry_result::SystemError,
         // A variant newer than this mapping.
         _ => ferry_result::SystemError,
     }
@@ -413,6 +422,33 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
     })
 }
 
+/// Connects to the `ferry serve` daemon listening at the Unix socket `socket` (a NUL-terminated
+/// path) and writes an engine handle to `*out`: the same calls as on an engine from
+/// [`ferry_engine_start`], answered by the daemon. `ferry_engine_new_client` opens a connection
+/// (the first one is made here: a missing daemon fails now, `FERRY_RESULT_SYSTEM_ERROR` with the
+/// reason in [`ferry_last_error`]); host memory (`ferry_host_alloc`) and queues come from the
+/// daemon as memfds mapped here; descriptors and completions go through shared memory as
+/// in-process. Refused while connected (`FERRY_RESULT_INVALID_ARGUMENT`): registering this
+/// process's memory, the SM budget, stream ordering, queue settings but the capacities. A
+/// daemon that dies makes the queues' polls return `FERRY_RESULT_ENGINE_GONE`. Free it with
+/// [`ferry_engine_free`] (which closes the connections).
+///
+/// # Safety
+/// `socket` must be a NUL-terminated string; `out` must be valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_engine_connect(socket: *const c_char, out: *mut *mut ferry_engine) -> ferry_result {
+    guard("ferry_engine_connect", || {
+        non_null!(socket, out);
+        // SAFETY: NUL-terminated, as the caller promised.
+        let path = unsafe { std::ffi::CStr::from_ptr(socket) };
+        let path = path.to_str().map_err(|_| Error::setting("socket", path.to_string_lossy(), "UTF-8"))?;
+        let engine = Engine::connect(path)?;
+        // SAFETY: `out` is valid for a write (checked non-null; the caller promised validity).
+        unsafe { *out = Box::into_raw(Box::new(ferry_engine(engine))) };
+        Ok(())
+    })
+}
+
 /// The GPU transport's settings from the C struct: a zero field takes the Rust default.
 fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error> {
     let strategy = match c.cuda_strategy {
@@ -544,7 +580,8 @@ pub unsafe extern "C" fn ferry_engine_free(engine: *mut ferry_engine) {
     })
 }
 
-/// Writes a new client id to `*out`.
+/// Writes a new client id to `*out` (on an engine from [`ferry_engine_connect`], a new
+/// connection to the daemon: `FERRY_RESULT_SYSTEM_ERROR` where it fails).
 ///
 /// # Safety
 /// `engine` must be a live engine; `out` valid for a write.
@@ -553,7 +590,7 @@ pub unsafe extern "C" fn ferry_engine_new_client(engine: *const ferry_engine, ou
     guard("ferry_engine_new_client", || {
         non_null!(engine, out);
         // SAFETY: live engine and writable `out`, as the caller promised.
-        unsafe { *out = (*engine).0.new_client().0 };
+        unsafe { *out = (*engine).0.try_new_client()?.0 };
         Ok(())
     })
 }
@@ -911,6 +948,9 @@ pub unsafe extern "C" fn ferry_queue_submit(
 }
 
 /// Moves up to `cap` ready completions into `out`; writes how many to `*n`. Never blocks.
+/// `FERRY_RESULT_ENGINE_GONE` once nothing is left to read and the process serving the queue
+/// (a `ferry serve` daemon) has exited: looked at now and then while polls come back empty
+/// (at most every 20 ms); `ferry_queue_submit` says the same when the ring stays full.
 ///
 /// # Safety
 /// `queue` must be a live queue used by this thread only; `out` valid for `cap` writes; `n`

@@ -114,6 +114,13 @@ int main(void) {
     CHECK(ferry_queue_stream_signal(engine, queue, NULL, 1) == FERRY_RESULT_INVALID_ARGUMENT);
     CHECK(ferry_queue_stream_wait_slot(engine, queue, NULL, 0, 1) == FERRY_RESULT_INVALID_ARGUMENT);
 
+    /* An engine in a daemon: none listens here, a clear error (tests/serve.rs and the Python
+       tests connect to a real one). */
+    ferry_engine *remote = NULL;
+    CHECK(ferry_engine_connect("/nonexistent/ferry.sock", &remote) == FERRY_RESULT_SYSTEM_ERROR && remote == NULL);
+    CHECK(ferry_last_error(why, sizeof why) > 0 && strstr(why, "connecting to the daemon") != NULL);
+    CHECK(ferry_engine_connect(NULL, &remote) == FERRY_RESULT_NULL_ARGUMENT);
+
     /* Conventions: NULL arguments are refused with a text, outputs untouched. */
     CHECK(ferry_queue_submit(queue, NULL, 1, &pushed) == FERRY_RESULT_NULL_ARGUMENT);
     char text[128];

@@ -73,6 +73,7 @@ RESULT = {
     "system_error": 11,
     "layout_mismatch": 12,
     "shut_down": 13,
+    "engine_gone": 14,
 }
 
 # Engine(transport=...), Engine(strategy=...), Engine(use_gdr=...): ferry_config's codes.
@@ -262,6 +263,7 @@ _p = ctypes.c_void_p
 _SIGNATURES = [
     ("ferry_last_error", [ctypes.c_char_p, c_size], c_size),
     ("ferry_engine_start", [ctypes.POINTER(_Config), ctypes.POINTER(_p)], ctypes.c_int),
+    ("ferry_engine_connect", [ctypes.c_char_p, ctypes.POINTER(_p)], ctypes.c_int),
     ("ferry_engine_free", [_p], None),
     ("ferry_engine_new_client", [_p, ctypes.POINTER(c_u32)], ctypes.c_int),
     ("ferry_host_alloc", [_p, c_u32, c_size, ctypes.POINTER(_p)], ctypes.c_int),
@@ -607,6 +609,16 @@ def notify(slot: int, value: int = 1, tag: int = 0) -> Descriptor:
     return Descriptor(tag=tag, flags=FLAG_NOTIFY, src_offset=value, dst_offset=slot)
 
 
+def connect(socket: str) -> Engine:
+    """The engine of the `ferry serve` daemon listening at the Unix socket `socket`: an `Engine`
+    with the same calls (`new_client` is a connection; `alloc_host` and `open_queue` come from the
+    daemon as memfds mapped here; descriptors and completions go through shared memory, as
+    in-process). Not available connected: `register` (this process's memory), `set_sm_budget`,
+    stream ordering (FerryError invalid_argument naming it). A daemon that dies makes the queues'
+    polls raise FerryError engine_gone. FerryError system_error where no daemon answers."""
+    return Engine._connected(socket)
+
+
 def _stream_handle(stream: Any) -> int:
     """The CUstream of a torch.cuda.Stream (or anything with `cuda_stream` or `ptr`), an int
     handle, or None: torch's current stream."""
@@ -840,6 +852,7 @@ class Queue:
             _library().ferry_queue_free(self._handle)
             self._handle = None
 
+
 class Engine:
     """A running engine; `close()` (or leaving a `with` block) shuts it down.
 
@@ -874,7 +887,16 @@ class Engine:
         _check(_library().ferry_engine_start(ctypes.byref(config), ctypes.byref(handle)))
         self._handle = handle
 
+    @classmethod
+    def _connected(cls, socket: str) -> Engine:
+        engine = cls.__new__(cls)
+        handle = ctypes.c_void_p()
+        _check(_library().ferry_engine_connect(os.fsencode(socket), ctypes.byref(handle)))
+        engine._handle = handle
+        return engine
+
     def new_client(self) -> int:
+        """A new client id (connected to a daemon: a new connection, its client)."""
         out = c_u32()
         _check(_library().ferry_engine_new_client(self._handle, ctypes.byref(out)))
         return out.value

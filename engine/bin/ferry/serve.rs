@@ -64,6 +64,8 @@ pub struct ServeConfig {
 pub struct Limits {
     /// Connections served at once (each has a thread): one more is refused with a text.
     pub connections: usize,
+    /// Queues one client holds open at once (closed ones do not count).
+    pub queues_per_client: usize,
     /// Host memory regions one client holds at once.
     pub regions_per_client: usize,
     /// Bytes of host memory (pinned for a GPU transport) one client holds at once.
@@ -72,7 +74,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { connections: 256, regions_per_client: 1024, host_bytes_per_client: 16 << 30 }
+        Limits { connections: 256, queues_per_client: 64, regions_per_client: 1024, host_bytes_per_client: 16 << 30 }
     }
 }
 
@@ -320,6 +322,14 @@ fn session(engine: &Engine, stream: UnixStream, quiet: bool, limits: Limits) {
                 Err(format!("queue ABI {abi} is not this daemon's {}", ferry::queue::QUEUE_ABI_VERSION))
             }
             _ if !hello => Err("say hello first".to_owned()),
+            Frame::OpenQueue { .. }
+                if {
+                    queues.retain(|file| !ferry::Queue::closed_by_client(file).unwrap_or(true));
+                    queues.len() >= limits.queues_per_client
+                } =>
+            {
+                Err(format!("over limits.queues_per_client ({}): close a queue first", limits.queues_per_client))
+            }
             Frame::OpenQueue { submit_capacity, complete_capacity } => {
                 open_queue(engine, client, submit_capacity, complete_capacity).map(|(id, file)| {
                     let fd = file.as_raw_fd();

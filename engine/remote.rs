@@ -1,0 +1,91 @@
+//! An [`Engine`](crate::Engine) reached through a `ferry serve` daemon ([`Engine::connect`]):
+//! each client is one connection to the daemon's control socket, and the calls an engine in
+//! this process answers itself (a client, host memory, a queue, deregistering) become requests
+//! to the daemon. The data path is the same shared memory either way.
+//!
+//! [`Engine::connect`]: crate::Engine::connect
+
+use crate::config::QueueConfig;
+use crate::control::Client;
+use crate::desc::RegionId;
+use crate::error::Error;
+use crate::queue::Queue;
+use crate::region::{ClientId, HostBuffer};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// The daemon side of a connected engine.
+pub(crate) struct Remote {
+    socket: PathBuf,
+    /// One connection per client, by the client id the daemon gave it.
+    clients: Mutex<HashMap<u32, Client>>,
+    /// The client whose connection allocated each region (to free it there).
+    regions: Mutex<HashMap<RegionId, u32>>,
+    /// The first connection, made by `connect`, not yet handed out by `new_client`.
+    first: Mutex<Option<ClientId>>,
+}
+
+impl Remote {
+    /// Connects once (the daemon is there and speaks this protocol, or the error says why).
+    pub(crate) fn connect(socket: PathBuf) -> Result<Remote, Error> {
+        let client = Client::connect(&socket)?;
+        let id = client.id();
+        Ok(Remote {
+            socket,
+            clients: Mutex::new(HashMap::from([(id.0, client)])),
+            regions: Mutex::new(HashMap::new()),
+            first: Mutex::new(Some(id)),
+        })
+    }
+
+    /// A client: the first connection the first time, a new connection after.
+    pub(crate) fn new_client(&self) -> Result<ClientId, Error> {
+        if let Some(id) = lock(&self.first).take() {
+            return Ok(id);
+        }
+        let client = Client::connect(&self.socket)?;
+        let id = client.id();
+        lock(&self.clients).insert(id.0, client);
+        Ok(id)
+    }
+
+    fn with<T>(&self, client: ClientId, f: impl FnOnce(&mut Client) -> Result<T, Error>) -> Result<T, Error> {
+        let mut clients = lock(&self.clients);
+        let connection = clients.get_mut(&client.0).ok_or_else(|| {
+            Error::setting("client", client.0, "a client of this engine (Engine::new_client over this connection)")
+        })?;
+        f(connection)
+    }
+
+    pub(crate) fn allocate_host(&self, client: ClientId, len: usize) -> Result<HostBuffer, Error> {
+        let buffer = self.with(client, |c| c.alloc_host(len))?;
+        lock(&self.regions).insert(buffer.id(), client.0);
+        Ok(buffer)
+    }
+
+    pub(crate) fn open_queue(&self, client: ClientId, config: QueueConfig) -> Result<Queue, Error> {
+        let plain = QueueConfig {
+            submit_capacity: config.submit_capacity,
+            complete_capacity: config.complete_capacity,
+            ..QueueConfig::default()
+        };
+        if config.worker != plain.worker || config.gate_timeout != plain.gate_timeout {
+            return Err(Error::NotConnected {
+                what: "QueueConfig::worker and gate_timeout (the daemon's queues take the defaults)",
+            });
+        }
+        self.with(client, |c| c.open_queue(config.submit_capacity, config.complete_capacity))
+    }
+
+    pub(crate) fn deregister(&self, id: RegionId) -> Result<(), Error> {
+        let owner = lock(&self.regions).get(&id).copied().ok_or(Error::UnknownRegion { id })?;
+        self.with(ClientId(owner), |c| c.free(id))?;
+        lock(&self.regions).remove(&id);
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,102 @@
+"""An engine in a `ferry serve` daemon, from Python: `ferry.connect(socket)` takes the same calls
+as an engine started here (host transport), refuses what it cannot do with a clear error, and a
+daemon that dies makes the queue's polls raise engine_gone, never hang. Needs the `ferry`
+binary: FERRY_BIN, or `ferry` on PATH (SKIP otherwise)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+import numpy as np
+
+import ferry
+
+
+def ferry_binary():
+    path = os.environ.get("FERRY_BIN") or shutil.which("ferry")
+    if not path or not os.access(path, os.X_OK):
+        print("SKIP: no ferry binary (set FERRY_BIN or put ferry on PATH): the daemon tests did not run")
+        raise unittest.SkipTest("no ferry binary")
+    return path
+
+
+class Connected(unittest.TestCase):
+    def setUp(self):
+        binary = ferry_binary()
+        self.dir = tempfile.mkdtemp(prefix="ferry-py-serve-")
+        self.socket = os.path.join(self.dir, "s.sock")
+        self.daemon = subprocess.Popen([binary, "serve", "--socket", self.socket, "--transport", "host",
+                                        "--unpinned", "--quiet"])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.engine = ferry.connect(self.socket)
+                break
+            except ferry.FerryError:
+                if time.monotonic() > deadline or self.daemon.poll() is not None:
+                    raise
+                time.sleep(0.01)
+
+    def tearDown(self):
+        if self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            self.assertEqual(self.daemon.wait(timeout=10), 0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def test_the_same_calls_as_an_engine_started_here(self):
+        engine = self.engine
+        self.assertEqual(engine.transport, "daemon")
+        client = engine.new_client()
+        src, dst = engine.alloc_host(client, 1 << 16), engine.alloc_host(client, 1 << 16)
+        src.numpy()[:4096] = np.arange(4096, dtype=np.uint32).astype(np.uint8)
+        queue = engine.open_queue(client)
+        descs = ferry.descriptors(4)
+        for i in range(4):
+            descs[i]["tag"], descs[i]["src_region"], descs[i]["dst_region"] = i, src.region, dst.region
+            descs[i]["src_offset"], descs[i]["dst_offset"], descs[i]["len"] = i * 1024, 8192 + i * 1024, 1024
+        done = queue.run(descs)
+        self.assertEqual(done["status"].tolist(), [0, 0, 0, 0])
+        self.assertTrue(np.array_equal(dst.numpy()[8192:12288], src.numpy()[:4096]))
+        # Blocks too: a paged layout in daemon memory.
+        kv = src.numpy(np.uint8, (4, 2, 8, 1024))
+        pool = dst.numpy(np.uint8, (8, 4, 2, 1024))
+        moved = queue.copy_blocks(src.blocks(kv, 2), dst.blocks(pool, 0), [1, 5], [0, 3])
+        self.assertEqual(moved, 2)
+        self.assertTrue(np.array_equal(pool[3], kv[:, :, 5]))
+        # What it cannot do: a clear error.
+        with self.assertRaises(ferry.FerryError) as caught:
+            engine.register(client, np.zeros(4096, dtype=np.uint8))
+        self.assertEqual(caught.exception.code, ferry.RESULT["invalid_argument"])
+        self.assertIn("not available on an engine connected", str(caught.exception))
+        with self.assertRaises(ferry.FerryError):
+            engine.set_sm_budget(ferry.SM_BUDGET_NONE)
+        queue.close()
+        engine.close()
+
+    def test_a_daemon_that_dies_is_engine_gone_not_a_hang(self):
+        client = self.engine.new_client()
+        buf = self.engine.alloc_host(client, 1 << 16)
+        queue = self.engine.open_queue(client)
+        self.daemon.kill()
+        self.daemon.wait()
+        out = ferry.completions(4)
+        killed = time.monotonic()
+        with self.assertRaises(ferry.FerryError) as caught:
+            queue.wait_into(out, 1, timeout=5)
+        self.assertEqual(caught.exception.code, ferry.RESULT["engine_gone"])
+        self.assertLess(time.monotonic() - killed, 2)
+        del buf
+
+    def test_no_daemon_is_a_clear_error(self):
+        with self.assertRaises(ferry.FerryError) as caught:
+            ferry.connect(os.path.join(self.dir, "none.sock"))
+        self.assertEqual(caught.exception.code, ferry.RESULT["system_error"])
+        self.assertIn("connecting to the daemon", str(caught.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()
