@@ -30,6 +30,32 @@ pub const MAX_PAYLOAD: u32 = 4096;
 pub const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 const HEADER: usize = 12;
 
+/// One row of [`Frame::Stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatRow {
+    /// [`StatRow::CLIENT`] or [`StatRow::WORKER`].
+    pub kind: u32,
+    /// The client id, or the worker's index.
+    pub id: u32,
+    /// Open queues (of the client, or served by the worker).
+    pub queues: u32,
+    /// A client: descriptors completed, bytes completed ok, descriptors failed, descriptors in
+    /// flight (pushed, not completed), over its open queues. A worker: descriptors taken,
+    /// copies the transport finished, loop iterations, idle iterations.
+    pub values: [u64; 4],
+}
+
+impl StatRow {
+    /// A row of a client's counters.
+    pub const CLIENT: u32 = 0;
+    /// A row of a worker's counters.
+    pub const WORKER: u32 = 1;
+    const BYTES: usize = 48;
+}
+
+/// The most rows one [`Frame::Stats`] carries.
+pub const MAX_STAT_ROWS: usize = MAX_PAYLOAD as usize / StatRow::BYTES;
+
 /// One message of the control protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -72,6 +98,14 @@ pub enum Frame {
         /// The region id.
         region: u32,
     },
+    /// Client to daemon: the counters of every client and worker (`ferry stat`).
+    Stat,
+    /// Daemon to client: the counters, one row per client, then one per worker (at most
+    /// [`MAX_STAT_ROWS`]).
+    Stats {
+        /// The rows.
+        rows: Vec<StatRow>,
+    },
     /// Daemon to client: done.
     Done,
     /// Daemon to client: the request failed.
@@ -88,6 +122,8 @@ impl Frame {
             Frame::OpenQueue { .. } => 2,
             Frame::AllocHost { .. } => 3,
             Frame::Free { .. } => 4,
+            Frame::Stat => 5,
+            Frame::Stats { .. } => 105,
             Frame::Welcome { .. } => 101,
             Frame::QueueOpened { .. } => 102,
             Frame::HostAllocated { .. } => 103,
@@ -113,7 +149,17 @@ impl Frame {
                 payload.extend_from_slice(&len.to_le_bytes());
             }
             Frame::Free { region } => payload.extend_from_slice(&region.to_le_bytes()),
-            Frame::Done => {}
+            Frame::Done | Frame::Stat => {}
+            Frame::Stats { rows } => {
+                for row in rows.iter().take(MAX_STAT_ROWS) {
+                    for word in [row.kind, row.id, row.queues, 0] {
+                        payload.extend_from_slice(&word.to_le_bytes());
+                    }
+                    for value in row.values {
+                        payload.extend_from_slice(&value.to_le_bytes());
+                    }
+                }
+            }
             Frame::Failed { text } => {
                 let bytes = text.as_bytes();
                 payload.extend_from_slice(&bytes[..bytes.len().min(MAX_PAYLOAD as usize)]);
@@ -157,6 +203,21 @@ impl Frame {
             2 => want(16).map(|()| Frame::OpenQueue { submit_capacity: u64_at(0), complete_capacity: u64_at(8) })?,
             3 => want(8).map(|()| Frame::AllocHost { len: u64_at(0) })?,
             4 => want(4).map(|()| Frame::Free { region: u32_at(0) })?,
+            5 => want(0).map(|()| Frame::Stat)?,
+            105 if len % StatRow::BYTES == 0 => Frame::Stats {
+                rows: (0..len / StatRow::BYTES)
+                    .map(|r| {
+                        let at = r * StatRow::BYTES;
+                        StatRow {
+                            kind: u32_at(at),
+                            id: u32_at(at + 4),
+                            queues: u32_at(at + 8),
+                            values: std::array::from_fn(|v| u64_at(at + 16 + 8 * v)),
+                        }
+                    })
+                    .collect(),
+            },
+            105 => return Err(format!("kind 105 needs a multiple of {} payload bytes, got {len}", StatRow::BYTES)),
             101 => want(4).map(|()| Frame::Welcome { client: u32_at(0) })?,
             102 => want(4).map(|()| Frame::QueueOpened { queue: u32_at(0) })?,
             103 => want(12).map(|()| Frame::HostAllocated { region: u32_at(0), len: u64_at(4) })?,
@@ -329,6 +390,14 @@ impl Client {
         }
     }
 
+    /// The counters of the daemon's clients and workers (what `ferry stat` shows).
+    pub fn stats(&mut self) -> Result<Vec<StatRow>, Error> {
+        match self.call(&Frame::Stat)? {
+            (Frame::Stats { rows }, _) => Ok(rows),
+            (other, _) => Err(unexpected("read the daemon's counters", &other)),
+        }
+    }
+
     /// Deregisters and frees one of this client's regions (refused while copies use it).
     pub fn free(&mut self, region: RegionId) -> Result<(), Error> {
         match self.call(&Frame::Free { region: region.0 })? {
@@ -370,6 +439,14 @@ mod tests {
             Frame::HostAllocated { region: 0x1_0002, len: 4096 },
             Frame::Free { region: 5 },
             Frame::Done,
+            Frame::Stat,
+            Frame::Stats { rows: vec![] },
+            Frame::Stats {
+                rows: vec![
+                    StatRow { kind: StatRow::CLIENT, id: 3, queues: 2, values: [1, 2, 3, u64::MAX] },
+                    StatRow { kind: StatRow::WORKER, id: 0, queues: 5, values: [9, 8, 7, 6] },
+                ],
+            },
             Frame::Failed { text: "no".into() },
         ] {
             let bytes = frame.encode();
@@ -431,6 +508,14 @@ mod tests {
                 (any::<u32>(), any::<u64>()).prop_map(|(region, len)| Frame::HostAllocated { region, len }),
                 any::<u32>().prop_map(|region| Frame::Free { region }),
                 Just(Frame::Done),
+                Just(Frame::Stat),
+                proptest::collection::vec((0..2u32, any::<u32>(), any::<u32>(), any::<[u64; 4]>()), 0..MAX_STAT_ROWS)
+                    .prop_map(|rows| Frame::Stats {
+                        rows: rows
+                            .into_iter()
+                            .map(|(kind, id, queues, values)| StatRow { kind, id, queues, values })
+                            .collect(),
+                    }),
                 "[ -~]{0,200}".prop_map(|text| Frame::Failed { text }),
             ]
         }

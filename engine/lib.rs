@@ -148,7 +148,7 @@ pub use engine::Engine;
 #[cfg(not(loom))]
 pub use error::Error;
 #[cfg(not(loom))]
-pub use queue::{Queue, QueueId, ENGINE_CHECK_INTERVAL};
+pub use queue::{Queue, QueueId, QueueStats, ENGINE_CHECK_INTERVAL};
 #[cfg(not(loom))]
 pub use region::{ClientId, HostBuffer, MemoryKind};
 pub use ring::PushError;

@@ -87,6 +87,10 @@ struct Status {
     watermark: AtomicU64,
     /// A [`QueueState`] code.
     state: AtomicU32,
+    /// Bytes of the descriptors completed `Ok` (written by the worker, for `ferry stat`).
+    bytes: AtomicU64,
+    /// Descriptors completed with another status (written by the worker, for `ferry stat`).
+    failed: AtomicU64,
 }
 
 /// Who holds each end, and the client's close. Written only when an end is claimed or released
@@ -141,6 +145,21 @@ pub(crate) struct DeviceWords {
     pub(crate) gate: u64,
     /// Device address of notification slot 0 (the others follow, 8 bytes apart).
     pub(crate) slots: u64,
+}
+
+/// A queue's counters as its header holds them ([`Queue::stats_of`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Descriptors whose completion is published (the watermark).
+    pub completed: u64,
+    /// Descriptors pushed and not yet completed.
+    pub depth: u64,
+    /// Bytes of the descriptors completed ok.
+    pub bytes: u64,
+    /// Descriptors completed with an error status.
+    pub failed: u64,
+    /// Whether the queue is open (not closed by either end, not broken).
+    pub open: bool,
 }
 
 /// Where the words that CUDA streams wait on or write lie in a queue's header.
@@ -244,7 +263,12 @@ impl QueueMemory {
             complete_offset: AtomicU64::new(complete_offset as u64),
             complete_capacity: AtomicU64::new(config.complete_capacity),
         };
-        let status = Status { watermark: AtomicU64::new(0), state: AtomicU32::new(QueueState::Open.code()) };
+        let status = Status {
+            watermark: AtomicU64::new(0),
+            state: AtomicU32::new(QueueState::Open.code()),
+            bytes: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        };
         let ends = Ends { client: AtomicU64::new(0), worker: AtomicU64::new(0), closed: AtomicU32::new(0) };
         let signals = Signals { gate: AtomicU64::new(0) };
         let slots = Slots { words: std::array::from_fn(|_| AtomicU64::new(0)) };
@@ -334,6 +358,28 @@ impl QueueMemory {
     pub(crate) fn set_watermark(&self, watermark: u64) {
         // R4: Release; pairs with A4 in watermark.
         self.header().status.watermark.store(watermark, Ordering::Release);
+    }
+
+    /// The worker's totals of bytes completed ok and of failed descriptors (one writer).
+    pub(crate) fn set_totals(&self, bytes: u64, failed: u64) {
+        // Relaxed: statistics, read by `ferry stat` only; no other memory depends on them.
+        self.header().status.bytes.store(bytes, Ordering::Relaxed);
+        self.header().status.failed.store(failed, Ordering::Relaxed);
+    }
+
+    /// What `ferry stat` shows of a queue.
+    pub(crate) fn stats(&self) -> Result<QueueStats, Error> {
+        let status = &self.header().status;
+        // Relaxed throughout: a snapshot for display; each value is read once.
+        let pushed = self.submit_ring()?.header().tail.0.load(Ordering::Relaxed);
+        let watermark = status.watermark.load(Ordering::Relaxed);
+        Ok(QueueStats {
+            completed: watermark,
+            depth: pushed.saturating_sub(watermark),
+            bytes: status.bytes.load(Ordering::Relaxed),
+            failed: status.failed.load(Ordering::Relaxed),
+            open: !self.close_requested() && self.state() == QueueState::Open,
+        })
     }
 
     /// The gate word (see [`Signals`]).
@@ -519,6 +565,14 @@ impl Queue {
         let complete = Consumer::new(complete_ring);
         let engine = EngineWatch { calls: 0, next: Instant::now() + ENGINE_CHECK_INTERVAL, gone: None };
         Ok(Queue { device_words: None, memory, submit, complete, holder, close_on_drop: true, engine })
+    }
+
+    /// A snapshot of the counters of the queue whose memfd is `file` (a daemon's `ferry stat`).
+    /// Maps the memfd for the look; claims nothing. Values written by the other process are
+    /// shown as they are.
+    pub fn stats_of(file: &File) -> Result<QueueStats, Error> {
+        let file = file.try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?;
+        QueueMemory::attach(file)?.stats()
     }
 
     /// Whether the client of the queue whose memfd is `file` has closed it (a daemon counting a

@@ -238,6 +238,9 @@ struct QueueSlot {
     /// Since when a notification at the window's head has waited for its slot to be cleared
     /// (meanwhile the queue's later completions wait; its new work does not).
     notify_since: Option<Instant>,
+    /// Bytes completed ok and descriptors failed, published into the header with the watermark.
+    bytes: u64,
+    failed: u64,
 }
 
 impl QueueSlot {
@@ -250,6 +253,8 @@ impl QueueSlot {
             counted: 0,
             gate_since: None,
             notify_since: None,
+            bytes: 0,
+            failed: 0,
         }
     }
 
@@ -320,7 +325,14 @@ impl QueueSlot {
                 detail: slot.detail,
             };
             match batch.push(completion) {
-                Ok(()) => w.head_seq += 1,
+                Ok(()) => {
+                    w.head_seq += 1;
+                    if ok {
+                        self.bytes += slot.len;
+                    } else {
+                        self.failed += 1;
+                    }
+                }
                 // A bare ring never reports NotOpen.
                 Err(PushError::Full(_) | PushError::NotOpen(..)) => break,
                 Err(PushError::Corrupted(..)) => {
@@ -333,6 +345,7 @@ impl QueueSlot {
         if corrupted {
             self.break_queue();
         } else if self.window.head_seq != start {
+            self.end.memory.set_totals(self.bytes, self.failed);
             self.end.memory.set_watermark(self.window.head_seq);
         }
     }

@@ -289,6 +289,49 @@ fn daemon_socket_gone() -> PathBuf {
     std::env::temp_dir().join(format!("ferry-serve-none-{}.sock", std::process::id()))
 }
 
+#[test]
+fn ferry_stat_shows_each_clients_and_workers_counters() {
+    let daemon = Daemon::start("stat");
+    let mut client = Client::connect(&daemon.socket).unwrap();
+    let buf = client.alloc_host(1 << 20).unwrap();
+    let (mut a, mut b) = (client.open_queue(0, 0).unwrap(), client.open_queue(0, 0).unwrap());
+    // 100 good 4 KiB copies on one queue, 10 failing ones (an unknown region) on the other.
+    let done = copy(&mut a, buf.id(), buf.id(), 0);
+    assert!(done.is_empty());
+    for i in 0..100u64 {
+        a.push(Descriptor::copy(buf.id(), 0, buf.id(), 65536 + (i % 64) * 4096, 4096)).unwrap();
+    }
+    for _ in 0..10 {
+        b.push(Descriptor::copy(buf.id(), 0, ferry::RegionId(0xdead), 0, 64)).unwrap();
+    }
+    for _ in 0..100 {
+        assert!(a.wait_one(TIMEOUT).unwrap().is_ok());
+    }
+    for _ in 0..10 {
+        assert!(!b.wait_one(TIMEOUT).unwrap().is_ok());
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["stat", "--socket", daemon.socket.to_str().unwrap(), "--count", "2", "--interval", "0.1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    println!("{text}");
+    assert_eq!(text.matches("| client | queues |").count(), 2, "two tables");
+    let row = format!("| {} | 2 | 110 | ", client.id().0);
+    let line = text.lines().rev().find(|l| l.starts_with(&row)).unwrap_or_else(|| panic!("no row {row:?} in\n{text}"));
+    // The second table has rates (0.00 here: nothing moved between the two looks).
+    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+    assert_eq!(cells[4], "0.00", "{line}");
+    assert_eq!((cells[6], cells[7]), ("10", "0"), "failed and in flight: {line}");
+    assert!(text.lines().any(|l| l.starts_with("| 0 | ") && l.ends_with(" % |")), "a worker row with its busy share");
+    // Wrong arguments: a usage error.
+    let bad = Command::new(env!("CARGO_BIN_EXE_ferry")).args(["stat"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--socket PATH is needed"));
+    drop((a, b, buf, client));
+    daemon.stop();
+}
+
 /// A descriptor of random fields, its regions drawn from `regions` or anything.
 fn random_descriptor(rng: &mut common::Rng, regions: &[ferry::RegionId]) -> Descriptor {
     let region = |rng: &mut common::Rng| match rng.below(4) {

@@ -10,6 +10,7 @@ mod load;
 mod plot;
 mod serve;
 mod serve_bench;
+mod stat;
 mod topo;
 
 use bandwidth::{
@@ -36,8 +37,11 @@ usage: ferry bench [options]     bandwidth table of the engine on scattered bloc
                                  what the GPU transports need: OK / WARN / FAIL with the fix
        ferry serve [--config FILE] [--socket PATH] [--transport host|null] [--workers N]
                    [--unpinned] [--allow-uid UID]... [--quiet] [--print-config]
-                                 one engine for client processes (ferry::Client) over a
+                                 one engine for client processes (Engine::connect) over a
                                  Unix socket (mode 0600, peer uid checked); SIGTERM stops it
+       ferry stat --socket PATH [--interval SECONDS] [--count N]
+                                 a running daemon's counters per client and per worker, with
+                                 rates, refreshed every interval (1 s)
        ferry bench-serve [--clients N] [--descriptors N] [--rounds N]
                                  client processes through `ferry serve` (null transport)
                                  against one in-process client, alternating rounds
@@ -936,6 +940,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("ferry serve: {e}\n\n{}", serve::USAGE);
                 ExitCode::from(2)
+            }
+        },
+        Some("stat") => match stat::run(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry stat: {e}\n\n{}", stat::USAGE);
+                ExitCode::FAILURE
             }
         },
         Some("bench-serve") => match serve_bench::run(&args[1..]) {

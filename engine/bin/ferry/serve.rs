@@ -10,7 +10,7 @@
 //! them. SIGTERM or SIGINT stops the daemon: no new connection is taken, the engine shuts down
 //! (started copies complete, queued ones are cancelled) and the socket file is removed.
 
-use ferry::control::{receive, send, Frame};
+use ferry::control::{receive, send, Frame, StatRow, MAX_STAT_ROWS};
 use ferry::{ClientId, Engine, EngineConfig, HostBuffer, QueueConfig, RegionId, TransportKind};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -20,7 +20,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str =
@@ -238,6 +238,7 @@ pub fn serve(options: &Options) -> Result<(), String> {
         o.engine.workers
     ));
     let mut sessions: Vec<(std::thread::JoinHandle<()>, UnixStream)> = Vec::new();
+    let registry = Registry::default();
     // A1: Acquire; pairs with R1 in on_signal.
     while !STOP.load(Ordering::Acquire) {
         // Sessions whose client hung up are over: their room is free.
@@ -266,9 +267,10 @@ pub fn serve(options: &Options) -> Result<(), String> {
                     log("refused a connection: cannot duplicate its socket".into());
                     continue;
                 };
-                let engine = engine.clone();
+                let (engine, registry) = (engine.clone(), registry.clone());
                 let (quiet, limits) = (o.log == LogLevel::Error, o.limits);
-                sessions.push((std::thread::spawn(move || session(&engine, stream, quiet, limits)), ours));
+                let run = move || session(&engine, &registry, stream, quiet, limits);
+                sessions.push((std::thread::spawn(run), ours));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => log(format!("accept: {e}")),
@@ -291,8 +293,54 @@ pub fn serve(options: &Options) -> Result<(), String> {
     Ok(())
 }
 
+/// Every client's queues (their memfds), for `ferry stat`.
+#[derive(Clone, Default)]
+struct Registry(Arc<Mutex<HashMap<u32, Vec<File>>>>);
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Vec<File>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One row per client with queues (their open queues summed), then one per worker.
+    fn rows(&self, engine: &Engine) -> Vec<StatRow> {
+        let mut rows: Vec<StatRow> = Vec::new();
+        let mut clients: Vec<(u32, Vec<ferry::QueueStats>)> = self
+            .lock()
+            .iter()
+            .map(|(&id, files)| (id, files.iter().filter_map(|f| ferry::Queue::stats_of(f).ok()).collect()))
+            .collect();
+        clients.sort_by_key(|(id, _)| *id);
+        for (id, queues) in clients {
+            let open: Vec<_> = queues.iter().filter(|q| q.open).collect();
+            let mut values = [0u64; 4];
+            for q in &open {
+                for (v, x) in values.iter_mut().zip([q.completed, q.bytes, q.failed, q.depth]) {
+                    *v = v.saturating_add(x);
+                }
+            }
+            rows.push(StatRow { kind: StatRow::CLIENT, id, queues: open.len() as u32, values });
+        }
+        // Workers last, so that a truncation (more clients than a frame holds) keeps them.
+        let workers: Vec<StatRow> = engine
+            .stats()
+            .iter()
+            .enumerate()
+            .map(|(i, w)| StatRow {
+                kind: StatRow::WORKER,
+                id: i as u32,
+                queues: w.queues as u32,
+                values: [w.descriptors, w.transport_completions, w.iterations, w.idle_iterations],
+            })
+            .collect();
+        rows.truncate(MAX_STAT_ROWS.saturating_sub(workers.len()));
+        rows.extend(workers);
+        rows
+    }
+}
+
 /// One client connection, until it hangs up: answers its requests, then frees what it had.
-fn session(engine: &Engine, stream: UnixStream, quiet: bool, limits: Limits) {
+fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool, limits: Limits) {
     let log = |text: String| {
         if !quiet {
             eprintln!("ferry serve: {text}");
@@ -332,6 +380,12 @@ fn session(engine: &Engine, stream: UnixStream, quiet: bool, limits: Limits) {
             }
             Frame::OpenQueue { submit_capacity, complete_capacity } => {
                 open_queue(engine, client, submit_capacity, complete_capacity).map(|(id, file)| {
+                    if let Ok(copy) = file.try_clone() {
+                        let mut registry = registry.lock();
+                        let mine = registry.entry(client.0).or_default();
+                        mine.retain(|f| !ferry::Queue::closed_by_client(f).unwrap_or(true));
+                        mine.push(copy);
+                    }
                     let fd = file.as_raw_fd();
                     queues.push(file);
                     (Frame::QueueOpened { queue: id }, Some(fd))
@@ -367,6 +421,7 @@ fn session(engine: &Engine, stream: UnixStream, quiet: bool, limits: Limits) {
                     Err(e) => Err(e.to_string()),
                 },
             },
+            Frame::Stat => Ok((Frame::Stats { rows: registry.rows(engine) }, None)),
             other => Err(format!("{other:?} is not a request")),
         };
         let sent = match &answer {
@@ -377,6 +432,7 @@ fn session(engine: &Engine, stream: UnixStream, quiet: bool, limits: Limits) {
             break;
         }
     }
+    registry.lock().remove(&client.0);
     // Queues: closed by their worker once no live process holds them (close_if_client_dies);
     // one released and never attached is taken here and closed.
     for file in queues {
