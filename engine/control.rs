@@ -30,6 +30,15 @@ pub const MAX_PAYLOAD: u32 = 4096;
 pub const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 const HEADER: usize = 12;
 
+/// Checks a pool's name ([`Frame::Join`]): 1 to 64 of `A-Za-z0-9._-`.
+pub fn check_pool_name(name: &str) -> Result<(), Error> {
+    let valid = |c: char| c.is_ascii_alphanumeric() || ".-_".contains(c);
+    if name.is_empty() || name.len() > 64 || !name.chars().all(valid) {
+        return Err(Error::setting("pool name", format!("{name:?}"), "1 to 64 of A-Za-z0-9._-"));
+    }
+    Ok(())
+}
+
 /// One row of [`Frame::Stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatRow {
@@ -100,6 +109,19 @@ pub enum Frame {
     },
     /// Client to daemon: the counters of every client and worker (`ferry stat`).
     Stat,
+    /// Client to daemon, before it allocates or opens anything: this connection is a member of
+    /// the pool named `name` (1 to 64 of `A-Za-z0-9._-`): every member is the same client, so
+    /// its regions are theirs, and they live until the last member is gone. Answered `Welcome`.
+    Join {
+        /// The pool's name.
+        name: String,
+    },
+    /// Client to daemon: one of this client's host regions (a pool member's), mapped here.
+    /// Answered `HostAllocated` with the memfd.
+    MapRegion {
+        /// The region id.
+        region: u32,
+    },
     /// Daemon to client: the counters, one row per client, then one per worker (at most
     /// [`MAX_STAT_ROWS`]).
     Stats {
@@ -123,6 +145,8 @@ impl Frame {
             Frame::AllocHost { .. } => 3,
             Frame::Free { .. } => 4,
             Frame::Stat => 5,
+            Frame::Join { .. } => 6,
+            Frame::MapRegion { .. } => 7,
             Frame::Stats { .. } => 105,
             Frame::Welcome { .. } => 101,
             Frame::QueueOpened { .. } => 102,
@@ -150,6 +174,11 @@ impl Frame {
             }
             Frame::Free { region } => payload.extend_from_slice(&region.to_le_bytes()),
             Frame::Done | Frame::Stat => {}
+            Frame::Join { name } => {
+                let bytes = name.as_bytes();
+                payload.extend_from_slice(&bytes[..bytes.len().min(MAX_PAYLOAD as usize)]);
+            }
+            Frame::MapRegion { region } => payload.extend_from_slice(&region.to_le_bytes()),
             Frame::Stats { rows } => {
                 for row in rows.iter().take(MAX_STAT_ROWS) {
                     for word in [row.kind, row.id, row.queues, 0] {
@@ -204,6 +233,8 @@ impl Frame {
             3 => want(8).map(|()| Frame::AllocHost { len: u64_at(0) })?,
             4 => want(4).map(|()| Frame::Free { region: u32_at(0) })?,
             5 => want(0).map(|()| Frame::Stat)?,
+            6 => Frame::Join { name: String::from_utf8_lossy(payload).into_owned() },
+            7 => want(4).map(|()| Frame::MapRegion { region: u32_at(0) })?,
             105 if len % StatRow::BYTES == 0 => Frame::Stats {
                 rows: (0..len / StatRow::BYTES)
                     .map(|r| {
@@ -376,17 +407,28 @@ impl Client {
     /// connection ends.
     pub fn alloc_host(&mut self, len: usize) -> Result<HostBuffer, Error> {
         match self.call(&Frame::AllocHost { len: len as u64 })? {
-            (Frame::HostAllocated { region, len: got }, Some(fd)) => {
-                let memory = SharedMemory::open(File::from(fd)).map_err(io_error("mapping host memory"))?;
-                if memory.len() as u64 != got {
-                    return Err(Error::Control {
-                        what: "mapping host memory",
-                        reason: format!("the memfd holds {} bytes, the daemon said {got}", memory.len()),
-                    });
-                }
-                Ok(HostBuffer::new(RegionId(region), Arc::new(memory)))
-            }
+            (Frame::HostAllocated { region, len }, Some(fd)) => host_buffer(RegionId(region), len, fd),
             (other, _) => Err(unexpected("allocate host memory", &other)),
+        }
+    }
+
+    /// Makes this connection a member of the pool `name` (see [`Frame::Join`]), before it
+    /// allocates or opens anything; its client id becomes the pool's.
+    pub fn join(&mut self, name: &str) -> Result<ClientId, Error> {
+        match self.call(&Frame::Join { name: name.to_owned() })? {
+            (Frame::Welcome { client }, _) => {
+                self.id = ClientId(client);
+                Ok(self.id)
+            }
+            (other, _) => Err(unexpected("join a pool", &other)),
+        }
+    }
+
+    /// Maps one of this client's host regions (allocated by another member of its pool, say).
+    pub fn map_region(&mut self, region: RegionId) -> Result<HostBuffer, Error> {
+        match self.call(&Frame::MapRegion { region: region.0 })? {
+            (Frame::HostAllocated { region, len }, Some(fd)) => host_buffer(RegionId(region), len, fd),
+            (other, _) => Err(unexpected("map a region", &other)),
         }
     }
 
@@ -416,6 +458,18 @@ impl Client {
     }
 }
 
+/// Maps a region's memfd from the daemon, checking its length against what the daemon said.
+fn host_buffer(region: RegionId, len: u64, fd: OwnedFd) -> Result<HostBuffer, Error> {
+    let memory = SharedMemory::open(File::from(fd)).map_err(io_error("mapping host memory"))?;
+    if memory.len() as u64 != len {
+        return Err(Error::Control {
+            what: "mapping host memory",
+            reason: format!("the memfd holds {} bytes, the daemon said {len}", memory.len()),
+        });
+    }
+    Ok(HostBuffer::new(region, Arc::new(memory)))
+}
+
 fn unexpected(what: &'static str, frame: &Frame) -> Error {
     Error::Control { what, reason: format!("unexpected answer {frame:?}") }
 }
@@ -440,6 +494,8 @@ mod tests {
             Frame::Free { region: 5 },
             Frame::Done,
             Frame::Stat,
+            Frame::Join { name: "kv-pool.1".into() },
+            Frame::MapRegion { region: 0x1_0003 },
             Frame::Stats { rows: vec![] },
             Frame::Stats {
                 rows: vec![
@@ -509,6 +565,8 @@ mod tests {
                 any::<u32>().prop_map(|region| Frame::Free { region }),
                 Just(Frame::Done),
                 Just(Frame::Stat),
+                "[A-Za-z0-9._-]{0,64}".prop_map(|name| Frame::Join { name }),
+                any::<u32>().prop_map(|region| Frame::MapRegion { region }),
                 proptest::collection::vec((0..2u32, any::<u32>(), any::<u32>(), any::<[u64; 4]>()), 0..MAX_STAT_ROWS)
                     .prop_map(|rows| Frame::Stats {
                         rows: rows
@@ -532,8 +590,9 @@ mod tests {
                 }
                 let head = header(&bytes);
                 match Frame::decode(&head, &bytes[HEADER..]) {
-                    // A failure's text is read lossily (any bytes); every other frame is exact.
-                    Ok(frame @ Frame::Failed { .. }) => {
+                    // A failure's text and a pool's name are read lossily (any bytes); every
+                    // other frame is exact.
+                    Ok(frame @ (Frame::Failed { .. } | Frame::Join { .. })) => {
                         let again = frame.encode();
                         prop_assert_eq!(Frame::decode(&header(&again), &again[HEADER..]).unwrap(), frame);
                     }

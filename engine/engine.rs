@@ -15,6 +15,7 @@ use crate::worker::{EngineStats, Mailbox, Worker, WorkerCounters};
 use ferry_topology::cpu::format_cpulist;
 use ferry_topology::plan::{host_cores, plan, PlanConfig};
 use ferry_topology::Machine;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -51,6 +52,8 @@ pub struct Engine {
     resident: bool,
     /// Set for an engine in a daemon ([`Engine::connect`]): the calls go to it.
     remote: Option<Remote>,
+    /// The client of each named pool ([`Engine::shared_client`]), in this process.
+    pools: Mutex<HashMap<String, ClientId>>,
     /// Serialises queue creation so that each queue lands on one worker exactly once, and orders
     /// it with stopping: a queue is either posted before the workers stop (and closed by them)
     /// or refused with [`Error::ShutDown`].
@@ -77,6 +80,7 @@ impl Engine {
             device,
             resident: matches!(&config.transport, TransportKind::Gpu(g) if g.cuda.strategy == Strategy::Resident),
             remote: None,
+            pools: Mutex::default(),
             queue_lock: Mutex::new(()),
         };
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -158,6 +162,7 @@ impl Engine {
             device: select(&EngineConfig::default())?,
             resident: false,
             remote: Some(remote),
+            pools: Mutex::default(),
             queue_lock: Mutex::new(()),
         })
     }
@@ -193,6 +198,34 @@ impl Engine {
     /// ([`Engine::try_new_client`] says why).
     pub fn new_client(&self) -> ClientId {
         self.try_new_client().unwrap_or(ClientId(0))
+    }
+
+    /// The client of the pool named `name`: every caller naming it gets the same client, so its
+    /// regions are theirs (replicas sharing a host KV pool). Connected to a daemon, a connection
+    /// that joins the pool there: the processes that join it share its regions
+    /// ([`Engine::map_host`] maps one another member allocated), which live until the last
+    /// member's connection ends. A name is 1 to 64 of `A-Za-z0-9._-`.
+    pub fn shared_client(&self, name: &str) -> Result<ClientId, Error> {
+        if let Some(remote) = &self.remote {
+            return remote.shared_client(name);
+        }
+        crate::control::check_pool_name(name)?;
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(*pools.entry(name.to_owned()).or_insert_with(|| self.new_client()))
+    }
+
+    /// Connected to a daemon: maps region `id` of `client` (one another member of its pool
+    /// allocated, its id passed along by the application), to read and write it here. In this
+    /// process an engine's [`HostBuffer`]s are the regions already: [`Error::InvalidSetting`].
+    pub fn map_host(&self, client: ClientId, id: RegionId) -> Result<HostBuffer, Error> {
+        match &self.remote {
+            Some(remote) => remote.map_host(client, id),
+            None => Err(Error::setting(
+                "map_host",
+                id,
+                "on an engine connected to a daemon (here the HostBuffer is the region)",
+            )),
+        }
     }
 
     /// [`Engine::new_client`], with the error of a connection that failed.

@@ -50,6 +50,38 @@ impl Remote {
         Ok(id)
     }
 
+    /// The client of pool `name` (see [`crate::control::Frame::Join`]): the first connection if
+    /// it is still unused, else a new one, joined to the pool; a second call for the same pool
+    /// gives the same client (and its connection).
+    pub(crate) fn shared_client(&self, name: &str) -> Result<ClientId, Error> {
+        let mut clients = lock(&self.clients);
+        let (mut connection, was) = match lock(&self.first).take() {
+            Some(first) => (clients.remove(&first.0).expect("the first connection is held"), Some(first)),
+            None => (Client::connect(&self.socket)?, None),
+        };
+        let id = match connection.join(name) {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(first) = was {
+                    // Not joined: the first connection stays the first client.
+                    clients.insert(first.0, connection);
+                    *lock(&self.first) = Some(first);
+                }
+                return Err(e);
+            }
+        };
+        // A member connection of this pool already here: it serves; this one goes.
+        clients.entry(id.0).or_insert(connection);
+        Ok(id)
+    }
+
+    /// Maps one of `client`'s regions (allocated by another member of its pool).
+    pub(crate) fn map_host(&self, client: ClientId, id: RegionId) -> Result<HostBuffer, Error> {
+        let buffer = self.with(client, |c| c.map_region(id))?;
+        lock(&self.regions).insert(buffer.id(), client.0);
+        Ok(buffer)
+    }
+
     fn with<T>(&self, client: ClientId, f: impl FnOnce(&mut Client) -> Result<T, Error>) -> Result<T, Error> {
         let mut clients = lock(&self.clients);
         let connection = clients.get_mut(&client.0).ok_or_else(|| {

@@ -332,6 +332,66 @@ fn ferry_stat_shows_each_clients_and_workers_counters() {
     daemon.stop();
 }
 
+#[test]
+fn replicas_in_one_pool_share_its_host_memory_until_the_last_one_leaves() {
+    let daemon = Daemon::start("pool");
+    let (first, second, outsider) = (
+        ferry::Engine::connect(&daemon.socket).unwrap(),
+        ferry::Engine::connect(&daemon.socket).unwrap(),
+        ferry::Engine::connect(&daemon.socket).unwrap(),
+    );
+    let a = first.shared_client("kv-pool").unwrap();
+    let b = second.shared_client("kv-pool").unwrap();
+    assert_eq!(a, b, "the members of a pool are one client");
+    assert_eq!(first.shared_client("kv-pool").unwrap(), a, "naming it again");
+    let pool = first.allocate_host(a, 1 << 16).unwrap();
+    pool.write(0, b"written by the first replica").unwrap();
+    // The second replica maps the region by its id and copies out of it with its own queue.
+    let seen = second.map_host(b, pool.id()).unwrap();
+    let mut got = [0u8; 28];
+    seen.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"written by the first replica");
+    let mut queue = second.open_queue(b, ferry::QueueConfig::default()).unwrap();
+    queue.push(Descriptor::copy(pool.id(), 0, pool.id(), 4096, 28)).unwrap();
+    assert!(queue.wait_one(TIMEOUT).unwrap().is_ok());
+    // Outside the pool: neither its region nor a map of it.
+    let other = outsider.new_client();
+    assert!(matches!(outsider.map_host(other, pool.id()), Err(Error::Daemon { .. })));
+    let mut theirs = outsider.open_queue(other, ferry::QueueConfig::default()).unwrap();
+    theirs.push(Descriptor::copy(pool.id(), 0, pool.id(), 8192, 8)).unwrap();
+    assert_eq!(theirs.wait_one(TIMEOUT).unwrap().status(), Ok(Status::NotOwner));
+    // The first replica goes: the pool stays for the second.
+    let id = pool.id();
+    drop((pool, first));
+    // Two members left: the connection of the second `shared_client` call (the pool already had
+    // one here) and the first replica's.
+    daemon.expect_line("the pool's regions stay");
+    daemon.expect_line("the pool's regions stay");
+    queue.push(Descriptor::copy(id, 4096, id, 12288, 28)).unwrap();
+    assert!(queue.wait_one(TIMEOUT).unwrap().is_ok(), "the pool outlived its allocating member");
+    seen.read(12288, &mut got).unwrap();
+    assert_eq!(&got, b"written by the first replica");
+    // The last one goes: the pool's regions are freed.
+    drop((queue, seen, second));
+    daemon.expect_line("its queues and regions are freed");
+    // Bad names, and joining late, are refused.
+    assert!(matches!(outsider.shared_client("no spaces"), Err(Error::Daemon { .. })));
+    let mut late = Client::connect(&daemon.socket).unwrap();
+    late.alloc_host(4096).unwrap();
+    assert!(matches!(late.join("kv-pool"), Err(Error::Daemon { .. })));
+    // In this process the pools are the same client too; mapping is for connected engines.
+    let local = ferry::Engine::start(ferry::EngineConfig {
+        cores: ferry::CorePlacement::Unpinned,
+        ..ferry::EngineConfig::default()
+    })
+    .unwrap();
+    assert_eq!(local.shared_client("p").unwrap(), local.shared_client("p").unwrap());
+    assert_ne!(local.shared_client("p").unwrap(), local.shared_client("q").unwrap());
+    assert!(local.map_host(local.shared_client("p").unwrap(), id).is_err());
+    drop((theirs, late, outsider));
+    daemon.stop();
+}
+
 /// A descriptor of random fields, its regions drawn from `regions` or anything.
 fn random_descriptor(rng: &mut common::Rng, regions: &[ferry::RegionId]) -> Descriptor {
     let region = |rng: &mut common::Rng| match rng.below(4) {

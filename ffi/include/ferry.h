@@ -369,6 +369,35 @@ ferry_result ferry_host_alloc(const ferry_engine *engine,
                               size_t len,
                               ferry_host_buffer **out);
 
+// Writes to `*out` the client of the pool named `name` (1 to 64 of `A-Za-z0-9._-`): every caller
+// naming it gets the same client, so its regions are theirs. On an engine from
+// [`ferry_engine_connect`], a connection joined to the pool in the daemon: the processes that
+// join it share its regions ([`ferry_host_map`]), which live until the last member is gone.
+//
+// # Safety
+// `engine` must be a live engine; `name` a NUL-terminated string; `out` valid for a write.
+ferry_result ferry_engine_shared_client(const ferry_engine *engine,
+                                        const char *name,
+                                        uint32_t *out);
+
+// On an engine from [`ferry_engine_connect`]: maps region `region` of `client` (one another
+// member of the client's pool allocated) and writes the buffer to `*out`
+// (`ferry_host_buffer_len` gives its size). `FERRY_RESULT_INVALID_ARGUMENT` on an engine in
+// this process (its buffers are the regions already) or for a region not the client's.
+//
+// # Safety
+// `engine` must be a live engine; `out` valid for a write.
+ferry_result ferry_host_map(const ferry_engine *engine,
+                            uint32_t client,
+                            uint32_t region,
+                            ferry_host_buffer **out);
+
+// The size in bytes of a buffer; 0 for NULL and if ferry panicked.
+//
+// # Safety
+// `buffer` must be NULL or a live buffer.
+size_t ferry_host_buffer_len(const ferry_host_buffer *buffer);
+
 // The region id of a buffer. Returns 0, which is never a valid id, for NULL and if ferry
 // panicked (the panic's text is then in [`ferry_last_error`]).
 //

@@ -618,6 +618,66 @@ pub unsafe extern "C" fn ferry_host_alloc(
     })
 }
 
+/// Writes to `*out` the client of the pool named `name` (1 to 64 of `A-Za-z0-9._-`): every caller
+/// naming it gets the same client, so its regions are theirs. On an engine from
+/// [`ferry_engine_connect`], a connection joined to the pool in the daemon: the processes that
+/// join it share its regions ([`ferry_host_map`]), which live until the last member is gone.
+///
+/// # Safety
+/// `engine` must be a live engine; `name` a NUL-terminated string; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_engine_shared_client(
+    engine: *const ferry_engine,
+    name: *const c_char,
+    out: *mut u32,
+) -> ferry_result {
+    guard("ferry_engine_shared_client", || {
+        non_null!(engine, name, out);
+        // SAFETY: NUL-terminated, as the caller promised.
+        let text = unsafe { std::ffi::CStr::from_ptr(name) };
+        let text = text.to_str().map_err(|_| Error::setting("pool name", text.to_string_lossy(), "UTF-8"))?;
+        // SAFETY: live engine and writable `out`, as the caller promised.
+        unsafe { *out = (*engine).0.shared_client(text)?.0 };
+        Ok(())
+    })
+}
+
+/// On an engine from [`ferry_engine_connect`]: maps region `region` of `client` (one another
+/// member of the client's pool allocated) and writes the buffer to `*out`
+/// (`ferry_host_buffer_len` gives its size). `FERRY_RESULT_INVALID_ARGUMENT` on an engine in
+/// this process (its buffers are the regions already) or for a region not the client's.
+///
+/// # Safety
+/// `engine` must be a live engine; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_host_map(
+    engine: *const ferry_engine,
+    client: u32,
+    region: u32,
+    out: *mut *mut ferry_host_buffer,
+) -> ferry_result {
+    guard("ferry_host_map", || {
+        non_null!(engine, out);
+        // SAFETY: live engine, as the caller promised.
+        let buffer = unsafe { &(*engine).0 }.map_host(ClientId(client), RegionId(region))?;
+        // SAFETY: writable `out`, as the caller promised.
+        unsafe { *out = Box::into_raw(Box::new(ferry_host_buffer(buffer))) };
+        Ok(())
+    })
+}
+
+/// The size in bytes of a buffer; 0 for NULL and if ferry panicked.
+///
+/// # Safety
+/// `buffer` must be NULL or a live buffer.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_host_buffer_len(buffer: *const ferry_host_buffer) -> usize {
+    guard_value("ferry_host_buffer_len", 0, || {
+        // SAFETY: NULL or a live buffer, as the caller promised.
+        unsafe { buffer.as_ref() }.map_or(0, |b| b.0.len())
+    })
+}
+
 /// The region id of a buffer. Returns 0, which is never a valid id, for NULL and if ferry
 /// panicked (the panic's text is then in [`ferry_last_error`]).
 ///

@@ -268,6 +268,9 @@ _SIGNATURES = [
     ("ferry_engine_new_client", [_p, ctypes.POINTER(c_u32)], ctypes.c_int),
     ("ferry_host_alloc", [_p, c_u32, c_size, ctypes.POINTER(_p)], ctypes.c_int),
     ("ferry_host_buffer_region", [_p], c_u32),
+    ("ferry_host_buffer_len", [_p], c_size),
+    ("ferry_engine_shared_client", [_p, ctypes.c_char_p, ctypes.POINTER(c_u32)], ctypes.c_int),
+    ("ferry_host_map", [_p, c_u32, c_u32, ctypes.POINTER(_p)], ctypes.c_int),
     ("ferry_host_buffer_data", [_p], _p),
     ("ferry_host_buffer_free", [_p], None),
     ("ferry_register_host", [_p, c_u32, _p, c_size, ctypes.POINTER(c_u32)], ctypes.c_int),
@@ -905,6 +908,23 @@ class Engine:
         out = ctypes.c_void_p()
         _check(_library().ferry_host_alloc(self._handle, client, size, ctypes.byref(out)))
         return HostBuffer(out, size)
+
+    def shared_client(self, name: str) -> int:
+        """The client of the pool named `name` (1 to 64 of A-Za-z0-9._-): every caller naming it
+        gets the same client and so shares its regions. Connected to a daemon (`ferry.connect`),
+        the processes that name it share the pool's host memory: one allocates, the others
+        `map_host` the region id it passes along; the regions live until the last member has
+        gone (replicas sharing a CPU KV pool)."""
+        out = c_u32()
+        _check(_library().ferry_engine_shared_client(self._handle, name.encode(), ctypes.byref(out)))
+        return out.value
+
+    def map_host(self, client: int, region: int) -> HostBuffer:
+        """Connected to a daemon: maps `client`'s region `region` (one another member of its pool
+        allocated) here. FerryError invalid_argument on an engine in this process."""
+        out = ctypes.c_void_p()
+        _check(_library().ferry_host_map(self._handle, client, region, ctypes.byref(out)))
+        return HostBuffer(out, _library().ferry_host_buffer_len(out))
 
     def deregister(self, region: int) -> None:
         _check(_library().ferry_deregister(self._handle, region))

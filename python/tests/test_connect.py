@@ -77,6 +77,24 @@ class Connected(unittest.TestCase):
         queue.close()
         engine.close()
 
+    def test_replicas_share_a_pool(self):
+        other = ferry.connect(self.socket)
+        a, b = self.engine.shared_client("replicas"), other.shared_client("replicas")
+        self.assertEqual(a, b)
+        pool = self.engine.alloc_host(a, 1 << 16)
+        pool.numpy()[:4] = [1, 2, 3, 4]
+        seen = other.map_host(b, pool.region)
+        self.assertEqual(seen.numpy()[:4].tolist(), [1, 2, 3, 4])
+        self.assertEqual(len(seen.numpy()), 1 << 16)
+        with self.assertRaises(ferry.FerryError):
+            other.map_host(other.new_client(), pool.region)  # not that client's
+        local = ferry.Engine(pinned=False)
+        self.assertEqual(local.shared_client("p"), local.shared_client("p"))
+        with self.assertRaises(ferry.FerryError):
+            local.map_host(local.shared_client("p"), 1)
+        local.close()
+        other.close()
+
     def test_a_daemon_that_dies_is_engine_gone_not_a_hang(self):
         client = self.engine.new_client()
         buf = self.engine.alloc_host(client, 1 << 16)

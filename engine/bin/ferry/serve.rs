@@ -7,7 +7,9 @@
 //! id; its queues (opened with `close_if_client_dies`) and its host memory come back as memfds
 //! (`ferry::control`). When the connection ends, its regions are deregistered and freed (after
 //! the copies using them are over), and its queues are closed as soon as no live process holds
-//! them. SIGTERM or SIGINT stops the daemon: no new connection is taken, the engine shuts down
+//! them. Connections that join a pool (`Frame::Join`) are one client: they share its regions,
+//! which are freed when the last of them ends. `ferry stat` reads every connection's queue
+//! counters (`Frame::Stat`). SIGTERM or SIGINT stops the daemon: no new connection is taken, the engine shuts down
 //! (started copies complete, queued ones are cancelled) and the socket file is removed.
 
 use ferry::control::{receive, send, Frame, StatRow, MAX_STAT_ROWS};
@@ -293,23 +295,66 @@ pub fn serve(options: &Options) -> Result<(), String> {
     Ok(())
 }
 
-/// Every client's queues (their memfds), for `ferry stat`.
+/// Every connection's queues (their memfds) by (client, connection), for `ferry stat`; and
+/// the pools that connections joined.
 #[derive(Clone, Default)]
-struct Registry(Arc<Mutex<HashMap<u32, Vec<File>>>>);
+struct Registry(Arc<Mutex<Queues>>, Arc<Mutex<HashMap<String, Pool>>>);
+
+/// Queue memfds by (client id, connection).
+type Queues = HashMap<(u32, u64), Vec<File>>;
+
+/// What a client holds: its host regions. A pool's is shared by its members' connections.
+struct Owner {
+    client: ClientId,
+    regions: HashMap<RegionId, HostBuffer>,
+}
+
+/// A pool: its owner and how many connections are its members.
+struct Pool {
+    owner: Arc<Mutex<Owner>>,
+    members: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Vec<File>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
+        lock(&self.0)
+    }
+
+    /// Makes a connection a member of pool `name`: its owner, new if the pool is.
+    fn join(&self, engine: &Engine, name: &str) -> Result<Arc<Mutex<Owner>>, String> {
+        ferry::control::check_pool_name(name).map_err(|e| e.to_string())?;
+        let mut pools = lock(&self.1);
+        let pool = pools.entry(name.to_owned()).or_insert_with(|| Pool {
+            owner: Arc::new(Mutex::new(Owner { client: engine.new_client(), regions: HashMap::new() })),
+            members: 0,
+        });
+        pool.members += 1;
+        Ok(pool.owner.clone())
+    }
+
+    /// A member of pool `name` left: the pool's regions, when it was the last one.
+    fn leave(&self, name: &str) -> Option<Arc<Mutex<Owner>>> {
+        let mut pools = lock(&self.1);
+        let pool = pools.get_mut(name)?;
+        pool.members -= 1;
+        if pool.members > 0 {
+            return None;
+        }
+        pools.remove(name).map(|p| p.owner)
     }
 
     /// One row per client with queues (their open queues summed), then one per worker.
     fn rows(&self, engine: &Engine) -> Vec<StatRow> {
         let mut rows: Vec<StatRow> = Vec::new();
-        let mut clients: Vec<(u32, Vec<ferry::QueueStats>)> = self
-            .lock()
-            .iter()
-            .map(|(&id, files)| (id, files.iter().filter_map(|f| ferry::Queue::stats_of(f).ok()).collect()))
-            .collect();
+        let mut by_client: HashMap<u32, Vec<ferry::QueueStats>> = HashMap::new();
+        for (&(id, _), files) in self.lock().iter() {
+            by_client.entry(id).or_default().extend(files.iter().filter_map(|f| ferry::Queue::stats_of(f).ok()));
+        }
+        let mut clients: Vec<(u32, Vec<ferry::QueueStats>)> = by_client.into_iter().collect();
         clients.sort_by_key(|(id, _)| *id);
         for (id, queues) in clients {
             let open: Vec<_> = queues.iter().filter(|q| q.open).collect();
@@ -341,13 +386,17 @@ impl Registry {
 
 /// One client connection, until it hangs up: answers its requests, then frees what it had.
 fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool, limits: Limits) {
+    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Relaxed: a unique-id counter.
+    let me = SESSIONS.fetch_add(1, Ordering::Relaxed);
     let log = |text: String| {
         if !quiet {
             eprintln!("ferry serve: {text}");
         }
     };
-    let client = engine.new_client();
-    let mut regions: HashMap<RegionId, HostBuffer> = HashMap::new();
+    let mut client = engine.new_client();
+    let mut owner = Arc::new(Mutex::new(Owner { client, regions: HashMap::new() }));
+    let mut pool: Option<String> = None;
     let mut queues: Vec<File> = Vec::new();
     let mut hello = false;
     loop {
@@ -370,6 +419,21 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                 Err(format!("queue ABI {abi} is not this daemon's {}", ferry::queue::QUEUE_ABI_VERSION))
             }
             _ if !hello => Err("say hello first".to_owned()),
+            Frame::Join { name } if pool.is_none() && queues.is_empty() && lock(&owner).regions.is_empty() => {
+                registry.join(engine, &name).map(|joined| {
+                    owner = joined;
+                    client = lock(&owner).client;
+                    pool = Some(name);
+                    (Frame::Welcome { client: client.0 }, None)
+                })
+            }
+            Frame::Join { .. } => Err("join a pool first, before allocating or opening queues, and once".to_owned()),
+            Frame::MapRegion { region } => match lock(&owner).regions.get(&RegionId(region)) {
+                None => Err(format!("region {region:#x} is not this client's")),
+                Some(buffer) => {
+                    Ok((Frame::HostAllocated { region, len: buffer.len() as u64 }, Some(buffer.file().as_raw_fd())))
+                }
+            },
             Frame::OpenQueue { .. }
                 if {
                     queues.retain(|file| !ferry::Queue::closed_by_client(file).unwrap_or(true));
@@ -382,7 +446,7 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                 open_queue(engine, client, submit_capacity, complete_capacity).map(|(id, file)| {
                     if let Ok(copy) = file.try_clone() {
                         let mut registry = registry.lock();
-                        let mine = registry.entry(client.0).or_default();
+                        let mine = registry.entry((client.0, me)).or_default();
                         mine.retain(|f| !ferry::Queue::closed_by_client(f).unwrap_or(true));
                         mine.push(copy);
                     }
@@ -391,39 +455,44 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                     (Frame::QueueOpened { queue: id }, Some(fd))
                 })
             }
-            Frame::AllocHost { .. } if regions.len() >= limits.regions_per_client => {
-                Err(format!("over limits.regions_per_client ({}): free a region first", limits.regions_per_client))
-            }
-            Frame::AllocHost { len }
-                if regions.values().map(|b| b.len() as u64).sum::<u64>().saturating_add(len)
-                    > limits.host_bytes_per_client =>
-            {
-                Err(format!(
-                    "{len} more bytes would be over limits.host_bytes_per_client ({})",
-                    limits.host_bytes_per_client
-                ))
-            }
-            Frame::AllocHost { len } => match engine.allocate_host(client, len as usize) {
-                Ok(buffer) => {
-                    let (region, fd) = (buffer.id(), buffer.file().as_raw_fd());
-                    regions.insert(region, buffer);
-                    Ok((Frame::HostAllocated { region: region.0, len }, Some(fd)))
-                }
-                Err(e) => Err(e.to_string()),
-            },
-            Frame::Free { region } => match regions.get(&RegionId(region)) {
-                None => Err(format!("region {region:#x} is not this client's")),
-                Some(_) => match engine.deregister(RegionId(region)) {
-                    Ok(()) => {
-                        regions.remove(&RegionId(region));
-                        Ok((Frame::Done, None))
+            Frame::AllocHost { len } => {
+                let mut owner = lock(&owner);
+                let held = owner.regions.values().map(|b| b.len() as u64).sum::<u64>();
+                if owner.regions.len() >= limits.regions_per_client {
+                    Err(format!("over limits.regions_per_client ({}): free a region first", limits.regions_per_client))
+                } else if held.saturating_add(len) > limits.host_bytes_per_client {
+                    Err(format!(
+                        "{len} more bytes would be over limits.host_bytes_per_client ({})",
+                        limits.host_bytes_per_client
+                    ))
+                } else {
+                    match engine.allocate_host(client, len as usize) {
+                        Ok(buffer) => {
+                            let (region, fd) = (buffer.id(), buffer.file().as_raw_fd());
+                            owner.regions.insert(region, buffer);
+                            Ok((Frame::HostAllocated { region: region.0, len }, Some(fd)))
+                        }
+                        Err(e) => Err(e.to_string()),
                     }
-                    Err(e) => Err(e.to_string()),
-                },
-            },
+                }
+            }
+            Frame::Free { region } => {
+                let mut owner = lock(&owner);
+                match owner.regions.get(&RegionId(region)) {
+                    None => Err(format!("region {region:#x} is not this client's")),
+                    Some(_) => match engine.deregister(RegionId(region)) {
+                        Ok(()) => {
+                            owner.regions.remove(&RegionId(region));
+                            Ok((Frame::Done, None))
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                }
+            }
             Frame::Stat => Ok((Frame::Stats { rows: registry.rows(engine) }, None)),
             other => Err(format!("{other:?} is not a request")),
         };
+        // The memfd sent with an answer stays open meanwhile: the owner or `queues` holds it.
         let sent = match &answer {
             Ok((frame, fd)) => send(&stream, frame, *fd),
             Err(text) => send(&stream, &Frame::Failed { text: text.clone() }, None),
@@ -432,7 +501,7 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
             break;
         }
     }
-    registry.lock().remove(&client.0);
+    registry.lock().remove(&(client.0, me));
     // Queues: closed by their worker once no live process holds them (close_if_client_dies);
     // one released and never attached is taken here and closed.
     for file in queues {
@@ -440,7 +509,17 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
             queue.close();
         }
     }
-    // Regions: deregistered once the copies using them are over.
+    // Regions: deregistered once the copies using them are over; a pool's when its last member
+    // is gone.
+    let owner = match &pool {
+        None => Some(owner),
+        Some(name) => registry.leave(name),
+    };
+    let Some(owner) = owner else {
+        log(format!("client {} (a pool member) gone; its queues are freed, the pool's regions stay", client.0));
+        return;
+    };
+    let mut regions = std::mem::take(&mut lock(&owner).regions);
     let deadline = Instant::now() + Duration::from_secs(10);
     for (id, _buffer) in regions.drain() {
         while let Err(ferry::Error::RegionBusy { .. }) = engine.deregister(id) {
