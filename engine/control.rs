@@ -116,6 +116,13 @@ pub enum Frame {
         /// The pool's name.
         name: String,
     },
+    /// Client to daemon, with a memfd of the client's (sealed against shrinking and growing):
+    /// register its memory for this client. Answered `HostAllocated` (no memfd: the client has
+    /// it).
+    RegisterMemfd {
+        /// The memfd's bytes, as the client sees them (the daemon checks).
+        len: u64,
+    },
     /// Client to daemon: one of this client's host regions (a pool member's), mapped here.
     /// Answered `HostAllocated` with the memfd.
     MapRegion {
@@ -147,6 +154,7 @@ impl Frame {
             Frame::Stat => 5,
             Frame::Join { .. } => 6,
             Frame::MapRegion { .. } => 7,
+            Frame::RegisterMemfd { .. } => 8,
             Frame::Stats { .. } => 105,
             Frame::Welcome { .. } => 101,
             Frame::QueueOpened { .. } => 102,
@@ -179,6 +187,7 @@ impl Frame {
                 payload.extend_from_slice(&bytes[..bytes.len().min(MAX_PAYLOAD as usize)]);
             }
             Frame::MapRegion { region } => payload.extend_from_slice(&region.to_le_bytes()),
+            Frame::RegisterMemfd { len } => payload.extend_from_slice(&len.to_le_bytes()),
             Frame::Stats { rows } => {
                 for row in rows.iter().take(MAX_STAT_ROWS) {
                     for word in [row.kind, row.id, row.queues, 0] {
@@ -235,6 +244,7 @@ impl Frame {
             5 => want(0).map(|()| Frame::Stat)?,
             6 => Frame::Join { name: String::from_utf8_lossy(payload).into_owned() },
             7 => want(4).map(|()| Frame::MapRegion { region: u32_at(0) })?,
+            8 => want(8).map(|()| Frame::RegisterMemfd { len: u64_at(0) })?,
             105 if len % StatRow::BYTES == 0 => Frame::Stats {
                 rows: (0..len / StatRow::BYTES)
                     .map(|r| {
@@ -424,6 +434,22 @@ impl Client {
         }
     }
 
+    /// Sends a memfd of this process (sealed against shrinking and growing) for the daemon to
+    /// register as this client's host memory; returns it mapped here.
+    pub fn register_memfd(&mut self, file: File) -> Result<HostBuffer, Error> {
+        let memory = SharedMemory::open(file).map_err(io_error("mapping the memfd"))?;
+        let len = memory.len() as u64;
+        let frame = Frame::RegisterMemfd { len };
+        send(&self.stream, &frame, Some(memory.file().as_raw_fd()))
+            .map_err(io_error("sending a memfd to the daemon"))?;
+        match self.answer()? {
+            (Frame::HostAllocated { region, len: got }, _) if got == len => {
+                Ok(HostBuffer::new(RegionId(region), Arc::new(memory)))
+            }
+            (other, _) => Err(unexpected("register a memfd", &other)),
+        }
+    }
+
     /// Maps one of this client's host regions (allocated by another member of its pool, say).
     pub fn map_region(&mut self, region: RegionId) -> Result<HostBuffer, Error> {
         match self.call(&Frame::MapRegion { region: region.0 })? {
@@ -450,6 +476,10 @@ impl Client {
 
     fn call(&mut self, request: &Frame) -> Result<(Frame, Option<OwnedFd>), Error> {
         send(&self.stream, request, None).map_err(io_error("sending a request to the daemon"))?;
+        self.answer()
+    }
+
+    fn answer(&mut self) -> Result<(Frame, Option<OwnedFd>), Error> {
         match receive(&self.stream).map_err(io_error("reading the daemon's answer"))? {
             None => Err(Error::Control { what: "reading the daemon's answer", reason: "the daemon hung up".into() }),
             Some((Frame::Failed { text }, _)) => Err(Error::Daemon { message: text }),
@@ -496,6 +526,7 @@ mod tests {
             Frame::Stat,
             Frame::Join { name: "kv-pool.1".into() },
             Frame::MapRegion { region: 0x1_0003 },
+            Frame::RegisterMemfd { len: 1 << 30 },
             Frame::Stats { rows: vec![] },
             Frame::Stats {
                 rows: vec![
@@ -567,6 +598,7 @@ mod tests {
                 Just(Frame::Stat),
                 "[A-Za-z0-9._-]{0,64}".prop_map(|name| Frame::Join { name }),
                 any::<u32>().prop_map(|region| Frame::MapRegion { region }),
+                any::<u64>().prop_map(|len| Frame::RegisterMemfd { len }),
                 proptest::collection::vec((0..2u32, any::<u32>(), any::<u32>(), any::<[u64; 4]>()), 0..MAX_STAT_ROWS)
                     .prop_map(|rows| Frame::Stats {
                         rows: rows

@@ -246,6 +246,27 @@ impl Engine {
         }
         let memory = SharedMemory::create("ferry-region", len)
             .map_err(|source| Error::SharedMemory { what: "a host region", source })?;
+        self.register_shared(client, memory)
+    }
+
+    /// Registers the host memory of a memfd the caller made for `client` (mapped here; pinned
+    /// and mapped for the device with the CUDA transport), so that another process holding the
+    /// same memfd (a daemon, a client) shares its bytes. The memfd must be sealed against
+    /// shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW`: nobody can truncate what the engine
+    /// reads) and not empty; another kind of file is refused. Connected to a daemon, the memfd
+    /// goes to the daemon, which registers it for the connection's client.
+    pub fn register_memfd(&self, client: ClientId, file: std::fs::File) -> Result<HostBuffer, Error> {
+        if let Some(remote) = &self.remote {
+            return remote.register_memfd(client, file);
+        }
+        let memory =
+            SharedMemory::open(file).map_err(|source| Error::SharedMemory { what: "a caller's memfd", source })?;
+        self.register_shared(client, memory)
+    }
+
+    /// Registers `memory` (a mapped memfd) for `client`; the returned buffer keeps it mapped.
+    fn register_shared(&self, client: ClientId, memory: SharedMemory) -> Result<HostBuffer, Error> {
+        let len = memory.len();
         let memory = Arc::new(memory);
         // SAFETY: `keep` holds the mapping as long as the registration (the pinning drops first).
         let pin = unsafe { self.pin_host(memory.as_ptr(), len)? };

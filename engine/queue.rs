@@ -671,7 +671,9 @@ impl Queue {
         (self.memory.header_span(), QueueMemory::word_offsets())
     }
 
-    /// Pushes one descriptor and publishes it at once.
+    /// Pushes one descriptor and publishes it at once. A full ring whose engine is found gone
+    /// (see [`Queue::check_engine`]) gives the descriptor back as `NotOpen(d, Broken)`;
+    /// [`Queue::submit`] says [`Error::EngineGone`].
     pub fn push(&mut self, d: Descriptor) -> Result<(), PushError<Descriptor>> {
         match self.state() {
             QueueState::Open if self.engine.gone.is_none() => {}

@@ -96,6 +96,12 @@ impl Remote {
         Ok(buffer)
     }
 
+    pub(crate) fn register_memfd(&self, client: ClientId, file: std::fs::File) -> Result<HostBuffer, Error> {
+        let buffer = self.with(client, |c| c.register_memfd(file))?;
+        lock(&self.regions).insert(buffer.id(), client.0);
+        Ok(buffer)
+    }
+
     pub(crate) fn open_queue(&self, client: ClientId, config: QueueConfig) -> Result<Queue, Error> {
         let plain = QueueConfig {
             submit_capacity: config.submit_capacity,

@@ -392,6 +392,55 @@ fn replicas_in_one_pool_share_its_host_memory_until_the_last_one_leaves() {
     daemon.stop();
 }
 
+/// A memfd of `len` bytes, sealed against shrinking and growing when `sealed`.
+fn memfd(len: u64, sealed: bool) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name; the flags are valid.
+    let fd = unsafe { libc::memfd_create(c"test-pool".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0);
+    // SAFETY: a new descriptor this function owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    if sealed {
+        // SAFETY: F_ADD_SEALS on our own memfd with valid seal bits.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) }, 0);
+    }
+    file
+}
+
+#[test]
+fn a_clients_own_memfd_is_registered_here_and_through_the_daemon() {
+    let daemon = Daemon::start("memfd");
+    let local = ferry::Engine::start(ferry::EngineConfig {
+        cores: ferry::CorePlacement::Unpinned,
+        ..ferry::EngineConfig::default()
+    })
+    .unwrap();
+    let remote = ferry::Engine::connect(&daemon.socket).unwrap();
+    for engine in [&local, &remote] {
+        let client = engine.new_client();
+        let file = memfd(1 << 16, true);
+        let mine = engine.register_memfd(client, file.try_clone().unwrap()).unwrap();
+        assert_eq!(mine.len(), 1 << 16);
+        // Bytes written through the file are the region's (the same memory).
+        std::os::unix::fs::FileExt::write_all_at(&file, b"in my own memfd", 0).unwrap();
+        let mut queue = engine.open_queue(client, ferry::QueueConfig::default()).unwrap();
+        queue.push(Descriptor::copy(mine.id(), 0, mine.id(), 4096, 15)).unwrap();
+        assert!(queue.wait_one(TIMEOUT).unwrap().is_ok());
+        let mut got = [0u8; 15];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut got, 4096).unwrap();
+        assert_eq!(&got, b"in my own memfd", "{}", engine.transport_name());
+        // Unsealed (a peer could truncate it under the engine), empty, or not a memfd: refused.
+        for bad in [memfd(4096, false), memfd(0, true), std::fs::File::open("/proc/self/stat").unwrap()] {
+            assert!(engine.register_memfd(client, bad).is_err(), "{}", engine.transport_name());
+        }
+        drop(queue);
+        engine.deregister(mine.id()).unwrap();
+    }
+    drop((local, remote));
+    daemon.stop();
+}
+
 /// A descriptor of random fields, its regions drawn from `regions` or anything.
 fn random_descriptor(rng: &mut common::Rng, regions: &[ferry::RegionId]) -> Descriptor {
     let region = |rng: &mut common::Rng| match rng.below(4) {

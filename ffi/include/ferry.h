@@ -392,6 +392,20 @@ ferry_result ferry_host_map(const ferry_engine *engine,
                             uint32_t region,
                             ferry_host_buffer **out);
 
+// Registers for `client` the host memory of `fd`, a memfd of the caller's sealed against
+// shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW`), and writes the buffer to `*out`
+// (mapped here; `ferry_host_buffer_len` gives its size). The caller keeps `fd` (ferry holds
+// its own duplicate). On an engine from [`ferry_engine_connect`] the memfd goes to the daemon,
+// which registers it: the two processes share its bytes. `FERRY_RESULT_SYSTEM_ERROR` for a
+// file that is not such a memfd, with the reason.
+//
+// # Safety
+// `engine` must be a live engine; `out` valid for a write.
+ferry_result ferry_host_register_memfd(const ferry_engine *engine,
+                                       uint32_t client,
+                                       int fd,
+                                       ferry_host_buffer **out);
+
 // The size in bytes of a buffer; 0 for NULL and if ferry panicked.
 //
 // # Safety

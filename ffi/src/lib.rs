@@ -666,6 +666,39 @@ pub unsafe extern "C" fn ferry_host_map(
     })
 }
 
+/// Registers for `client` the host memory of `fd`, a memfd of the caller's sealed against
+/// shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW`), and writes the buffer to `*out`
+/// (mapped here; `ferry_host_buffer_len` gives its size). The caller keeps `fd` (ferry holds
+/// its own duplicate). On an engine from [`ferry_engine_connect`] the memfd goes to the daemon,
+/// which registers it: the two processes share its bytes. `FERRY_RESULT_SYSTEM_ERROR` for a
+/// file that is not such a memfd, with the reason.
+///
+/// # Safety
+/// `engine` must be a live engine; `out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_host_register_memfd(
+    engine: *const ferry_engine,
+    client: u32,
+    fd: std::ffi::c_int,
+    out: *mut *mut ferry_host_buffer,
+) -> ferry_result {
+    guard("ferry_host_register_memfd", || {
+        non_null!(engine, out);
+        // SAFETY: F_DUPFD_CLOEXEC on any int: an invalid one fails (EBADF), reported below.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(Error::SharedMemory { what: "the memfd given", source: std::io::Error::last_os_error() }.into());
+        }
+        // SAFETY: `dup` is a new descriptor this call owns.
+        let file = unsafe { std::fs::File::from_raw_fd(dup) };
+        // SAFETY: live engine, as the caller promised.
+        let buffer = unsafe { &(*engine).0 }.register_memfd(ClientId(client), file)?;
+        // SAFETY: writable `out`, as the caller promised.
+        unsafe { *out = Box::into_raw(Box::new(ferry_host_buffer(buffer))) };
+        Ok(())
+    })
+}
+
 /// The size in bytes of a buffer; 0 for NULL and if ferry panicked.
 ///
 /// # Safety

@@ -271,6 +271,7 @@ _SIGNATURES = [
     ("ferry_host_buffer_len", [_p], c_size),
     ("ferry_engine_shared_client", [_p, ctypes.c_char_p, ctypes.POINTER(c_u32)], ctypes.c_int),
     ("ferry_host_map", [_p, c_u32, c_u32, ctypes.POINTER(_p)], ctypes.c_int),
+    ("ferry_host_register_memfd", [_p, c_u32, ctypes.c_int, ctypes.POINTER(_p)], ctypes.c_int),
     ("ferry_host_buffer_data", [_p], _p),
     ("ferry_host_buffer_free", [_p], None),
     ("ferry_register_host", [_p, c_u32, _p, c_size, ctypes.POINTER(c_u32)], ctypes.c_int),
@@ -918,6 +919,16 @@ class Engine:
         out = c_u32()
         _check(_library().ferry_engine_shared_client(self._handle, name.encode(), ctypes.byref(out)))
         return out.value
+
+    def register_memfd(self, client: int, fd: int) -> HostBuffer:
+        """Registers for `client` the memory of `fd`, a memfd of this process sealed against
+        shrinking and growing (os.memfd_create with MFD_ALLOW_SEALING, os.ftruncate, then
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)); returns it
+        mapped as a HostBuffer. The caller keeps `fd`. Connected to a daemon, the daemon
+        registers it and both processes share its bytes."""
+        out = ctypes.c_void_p()
+        _check(_library().ferry_host_register_memfd(self._handle, client, fd, ctypes.byref(out)))
+        return HostBuffer(out, _library().ferry_host_buffer_len(out))
 
     def map_host(self, client: int, region: int) -> HostBuffer:
         """Connected to a daemon: maps `client`'s region `region` (one another member of its pool

@@ -95,6 +95,30 @@ class Connected(unittest.TestCase):
         local.close()
         other.close()
 
+    def test_a_memfd_of_this_process_is_registered_by_the_daemon(self):
+        import fcntl
+        import mmap
+        client = self.engine.new_client()
+        fd = os.memfd_create("py-pool", os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, 1 << 16)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            mine = mmap.mmap(fd, 1 << 16)
+            mine[:6] = b"shared"
+            buffer = self.engine.register_memfd(client, fd)
+            self.assertEqual(len(buffer.numpy()), 1 << 16)
+            queue = self.engine.open_queue(client)
+            queue.submit([ferry.Descriptor(src_region=buffer.region, dst_region=buffer.region, dst_offset=4096, len=6)])
+            (done,) = queue.wait(1)
+            self.assertEqual(done.status_name, "ok")
+            self.assertEqual(mine[4096:4102], b"shared")
+            queue.close()
+            mine.close()
+        finally:
+            os.close(fd)
+        with self.assertRaises(ferry.FerryError):
+            self.engine.register_memfd(client, 999)  # not a descriptor
+
     def test_a_daemon_that_dies_is_engine_gone_not_a_hang(self):
         client = self.engine.new_client()
         buf = self.engine.alloc_host(client, 1 << 16)

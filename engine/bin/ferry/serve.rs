@@ -400,7 +400,7 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
     let mut queues: Vec<File> = Vec::new();
     let mut hello = false;
     loop {
-        let (frame, _fd) = match receive(&stream) {
+        let (frame, fd) = match receive(&stream) {
             Ok(Some(got)) => got,
             Ok(None) => break,
             Err(e) => {
@@ -455,7 +455,8 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                     (Frame::QueueOpened { queue: id }, Some(fd))
                 })
             }
-            Frame::AllocHost { len } => {
+            Frame::AllocHost { len } | Frame::RegisterMemfd { len } => {
+                let given = matches!(frame, Frame::RegisterMemfd { .. });
                 let mut owner = lock(&owner);
                 let held = owner.regions.values().map(|b| b.len() as u64).sum::<u64>();
                 if owner.regions.len() >= limits.regions_per_client {
@@ -466,14 +467,26 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                         limits.host_bytes_per_client
                     ))
                 } else {
-                    match engine.allocate_host(client, len as usize) {
-                        Ok(buffer) => {
-                            let (region, fd) = (buffer.id(), buffer.file().as_raw_fd());
-                            owner.regions.insert(region, buffer);
-                            Ok((Frame::HostAllocated { region: region.0, len }, Some(fd)))
+                    let buffer = match (given, fd) {
+                        (false, _) => engine.allocate_host(client, len as usize).map_err(|e| e.to_string()),
+                        (true, None) => Err("RegisterMemfd without a memfd attached".to_owned()),
+                        (true, Some(fd)) => {
+                            engine.register_memfd(client, File::from(fd)).map_err(|e| e.to_string()).and_then(|b| {
+                                if b.len() as u64 == len {
+                                    Ok(b)
+                                } else {
+                                    let _ = engine.deregister(b.id());
+                                    Err(format!("the memfd holds {} bytes, the request says {len}", b.len()))
+                                }
+                            })
                         }
-                        Err(e) => Err(e.to_string()),
-                    }
+                    };
+                    buffer.map(|buffer| {
+                        let (region, memfd) = (buffer.id(), buffer.file().as_raw_fd());
+                        owner.regions.insert(region, buffer);
+                        // The client has a memfd it gave; one allocated here goes to it.
+                        (Frame::HostAllocated { region: region.0, len }, (!given).then_some(memfd))
+                    })
                 }
             }
             Frame::Free { region } => {
