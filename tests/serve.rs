@@ -184,6 +184,61 @@ fn a_killed_clients_queues_and_memory_are_freed() {
 }
 
 #[test]
+fn a_daemon_killed_under_load_is_engine_gone_for_every_loaded_client() {
+    let mut daemon = Daemon::start("killed-loaded");
+    let killed = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let (ready_tx, ready) = mpsc::channel();
+    let clients: Vec<_> = (0..3)
+        .map(|k| {
+            let (socket, killed, ready_tx) = (daemon.socket.clone(), killed.clone(), ready_tx.clone());
+            std::thread::spawn(move || {
+                let engine = ferry::Engine::connect(&socket).unwrap();
+                let client = engine.new_client();
+                let buf = engine.allocate_host(client, 1 << 20).unwrap();
+                let mut queue = engine.open_queue(client, ferry::QueueConfig::default()).unwrap();
+                let batch: Vec<Descriptor> =
+                    (0..64).map(|i| Descriptor::copy(buf.id(), i * 4096, buf.id(), (128 + i) * 4096, 4096)).collect();
+                let mut out = [ferry::Completion::default(); 256];
+                let (mut done, mut signalled) = (0u64, false);
+                // Push and poll until an error: the daemon's death.
+                let error = loop {
+                    if let Err(e) = queue.submit(&batch) {
+                        break e;
+                    }
+                    match queue.poll(&mut out) {
+                        Ok(n) => done += n as u64,
+                        Err(e) => break e,
+                    }
+                    if done > 10_000 && !signalled {
+                        ready_tx.send(k).unwrap();
+                        signalled = true;
+                    }
+                    assert!(
+                        killed.get().is_none_or(|t| t.elapsed() < Duration::from_secs(2)),
+                        "client {k}: no error 2 s after the kill"
+                    );
+                };
+                let after = killed.get().map(|t| t.elapsed());
+                (k, done, error, after)
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        ready.recv_timeout(TIMEOUT).expect("every client moves copies before the kill");
+    }
+    // The time is taken just before the kill, so that no client can see the death before it.
+    killed.set(Instant::now()).unwrap();
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    for handle in clients {
+        let (k, done, error, after) = handle.join().unwrap();
+        println!("client {k}: {done} copies, then {error} ({after:?} after the kill)");
+        assert!(matches!(error, Error::EngineGone { .. }), "client {k}: {error:?}");
+        assert!(after.is_some_and(|a| a < Duration::from_secs(1)), "client {k}: {after:?}");
+    }
+}
+
+#[test]
 fn a_killed_daemon_is_engine_gone_for_its_clients_and_a_restarted_one_serves_them_again() {
     let mut daemon = Daemon::start("restart");
     let mut client = Client::connect(&daemon.socket).unwrap();
