@@ -646,6 +646,9 @@ class Queue:
         self._engine = engine
         self._n = c_size()
         self._scratch = completions(0)
+        # Completions `run` took from the ring that belong to descriptors pushed before it: the
+        # next poll, wait or drain hands them out first, so that none is lost.
+        self._stash = completions(0)
 
     def submit(self, descriptors: Sequence[Descriptor]) -> int:
         """Pushes as many as fit (one publish); returns how many."""
@@ -664,17 +667,29 @@ class Queue:
 
     def poll(self, max_completions: int = 256) -> list[Completion]:
         """Ready completions, at most `max_completions`; never blocks."""
-        out = (Completion * max_completions)()
-        _check(_library().ferry_queue_poll(self._handle, out, max_completions, ctypes.byref(self._n)))
-        return list(out[: self._n.value])
+        out = completions(max_completions)
+        got = self.poll_into(out)
+        return [Completion.from_buffer_copy(out[i].tobytes()) for i in range(got)]
+
+    def _unstash(self, address: int, n: int) -> int:
+        """Moves up to `n` stashed completions to `address`; returns how many."""
+        k = min(n, self._stash.size)
+        if k:
+            ctypes.memmove(address, self._stash.ctypes.data, k * COMPLETION_DTYPE.itemsize)
+            self._stash = self._stash[k:].copy()
+        return k
 
     def poll_into(self, out: Any) -> int:
         """Writes ready completions into `out` (a preallocated 1-D numpy array of COMPLETION_DTYPE,
         or a CPU torch int64 tensor of shape [n, 4]); returns how many. Never blocks."""
         address, n = _array_of(out, COMPLETION_DTYPE, 4, "poll_into", writable=True)
+        k = self._unstash(address, n)
+        if k == n:
+            return k
         _library()
-        _check(_by_address["ferry_queue_poll"](self._handle, address, n, ctypes.byref(self._n)))
-        return self._n.value
+        size = COMPLETION_DTYPE.itemsize
+        _check(_by_address["ferry_queue_poll"](self._handle, address + k * size, n - k, ctypes.byref(self._n)))
+        return k + self._n.value
 
     def wait_into(self, out: Any, at_least: int, timeout: float = 10.0) -> int:
         """Like `poll_into`, but waits until at least `at_least` completions are in `out` (at most
@@ -682,10 +697,17 @@ class Queue:
         timeout. The wait spins inside libferry with the GIL released: other Python threads
         (the server's own) run meanwhile."""
         address, n = _array_of(out, COMPLETION_DTYPE, 4, "wait_into", writable=True)
+        k = self._unstash(address, n)
+        if k >= min(at_least, n):
+            return k
+        return k + self._wait_ring(address + k * COMPLETION_DTYPE.itemsize, n - k, min(at_least, n) - k, timeout)
+
+    def _wait_ring(self, address: int, n: int, at_least: int, timeout: float) -> int:
+        """ferry_queue_poll_wait into `n` completions at `address`, the stash left alone."""
         _library()
         nanos = max(0, int(timeout * 1e9))
         wait = _by_address["ferry_queue_poll_wait"]
-        _check(wait(self._handle, address, n, min(at_least, n), nanos, ctypes.byref(self._n)))
+        _check(wait(self._handle, address, n, at_least, nanos, ctypes.byref(self._n)))
         return self._n.value
 
     def wait(self, count: int, timeout: float = 10.0) -> list[Completion]:
@@ -700,14 +722,17 @@ class Queue:
 
     def run(self, descriptors: np.ndarray, timeout: float = 10.0) -> np.ndarray:
         """Submits every descriptor of the array, as the ring makes room, and returns their
-        completions (COMPLETION_DTYPE, in order; statuses not checked: see `copy_blocks`). The
-        queue's next completions are taken to be these: nothing else may be in flight on it.
-        Raises TimeoutError when they are not all back within `timeout` seconds."""
+        completions (COMPLETION_DTYPE, in order; statuses not checked: see `copy_blocks`).
+        Completions of descriptors pushed before (a gated `push_blocks`, say) that come back
+        meanwhile are kept for the next poll, wait or drain. Raises TimeoutError when they are
+        not all back within `timeout` seconds."""
         n = len(descriptors)
         if self._scratch.size < n:
             self._scratch = completions(n)
         out = self._scratch[:n]
+        first = self.pushed  # the seq of the first descriptor of this run
         pushed = done = 0
+        size = COMPLETION_DTYPE.itemsize
         deadline = time.monotonic() + timeout
         while done < n:
             if pushed < n:
@@ -717,7 +742,15 @@ class Queue:
             # All pushed: wait for the rest inside libferry (the GIL released); else for one, so
             # that the ring makes room.
             want = n - done if pushed == n else 1
-            got = self.wait_into(out[done:], want, deadline - time.monotonic())
+            got = self._wait_ring(out.ctypes.data + done * size, n - done, want, deadline - time.monotonic())
+            mine = out[done:done + got]
+            earlier = mine["seq"] < first  # in seq order: these all come before this run's
+            if earlier.any():
+                self._stash = np.concatenate([self._stash, mine[earlier]])
+                keep = mine[~earlier].copy()
+                out[done:done + keep.size] = keep
+                got = keep.size
+                want = 0  # those were not ours: look again
             done += got
             if got < want:
                 raise TimeoutError(f"{done} of {n} completions after {timeout} s ({pushed} pushed)")

@@ -101,6 +101,25 @@ class HostGates(HostQueueCase):
             self.assertTrue(np.array_equal(host[0], kv[:, :, 5]))
             self.assertEqual(self.queue.drain(), 2)
 
+    def test_run_keeps_the_completions_of_earlier_pushes_for_the_next_poll(self):
+        import threading
+        buf = self.engine.alloc_host(self.client, 1 << 16)
+        buf.numpy()[:64] = 9
+        early = ferry.Descriptor(tag=50, src_region=buf.region, dst_region=buf.region, dst_offset=8192, len=64)
+        self.queue.submit([ferry.gate(1, tag=49), early])  # held until the signal below
+        threading.Timer(0.05, self.queue.signal, args=(1,)).start()
+        descs = ferry.descriptors(3)
+        for i in range(3):
+            descs[i]["tag"], descs[i]["src_region"], descs[i]["dst_region"] = i, buf.region, buf.region
+            descs[i]["dst_offset"], descs[i]["len"] = 16384 + i * 64, 64
+        done = self.queue.run(descs)
+        self.assertEqual(done["tag"].tolist(), [0, 1, 2], "run returned another push's completions")
+        # The gate's and the early copy's completions were kept, in order, for the next poll.
+        got = self.queue.poll(8)
+        self.assertEqual([c.tag for c in got], [49, 50])
+        self.assertTrue(all(c.status_name == "ok" for c in got))
+        self.assertEqual(self.queue.poll(8), [])
+
     def test_stream_ordering_needs_a_cuda_context(self):
         with self.assertRaises(ferry.FerryError) as caught:
             self.queue.stream_wait(0, 1)
