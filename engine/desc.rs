@@ -24,8 +24,10 @@ pub const FLAG_GATE: u32 = 1 << 2;
 /// it `Ok` (or [`Status::GateTimeout`] when the slot stayed set for the queue's gate timeout; the
 /// queue then goes on). A CUDA stream waits for it and clears the slot
 /// (`Engine::stream_wait_slot`): the same two stream operations every time, so a captured CUDA
-/// graph replays them unchanged. Every field but `tag`, `flags` (a fence too), `src_offset` and
-/// `dst_offset` must be 0.
+/// graph replays them unchanged. An earlier descriptor that failed counts as completed (its
+/// completion says how): the slot is written all the same, so a waiting stream never hangs on
+/// a failure. Every field but `tag`, `flags` (a fence too), `src_offset` and `dst_offset` must
+/// be 0.
 pub const FLAG_NOTIFY: u32 = 1 << 3;
 /// Every flag this ABI version knows; any other bit set is [`Status::ReservedFlags`].
 pub const KNOWN_FLAGS: u32 = FLAG_FENCE | FLAG_STRIDED | FLAG_GATE | FLAG_NOTIFY;

@@ -71,6 +71,20 @@ fn a_notification_waits_for_its_slot_to_be_cleared_and_times_out_if_it_never_is(
 }
 
 #[test]
+fn a_failed_copy_before_a_notification_still_lets_it_land_and_says_so_in_its_completion() {
+    let engine = host_engine();
+    let client = engine.new_client();
+    let buf = engine.allocate_host(client, 1 << 16).unwrap();
+    let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+    let bad = Descriptor::copy(buf.id(), 0, ferry::RegionId(0xdead), 0, 64).with_tag(1);
+    queue.submit(&[bad, Descriptor::notify(2, 3).with_tag(2)]).unwrap();
+    let done = collect(&mut queue, 2);
+    assert_eq!((done[0].tag, done[0].status()), (1, Ok(Status::UnknownRegion)));
+    assert_eq!((done[1].tag, done[1].status()), (2, Ok(Status::Ok)));
+    assert_eq!(queue.slot(2).unwrap(), 3, "a waiting stream would hang on a failure otherwise");
+}
+
+#[test]
 fn a_bad_notification_fails_alone_and_slots_are_checked() {
     let engine = host_engine();
     let client = engine.new_client();
