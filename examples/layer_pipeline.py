@@ -18,7 +18,7 @@ notification. Three modes, each timed over `--steps` steps (median step time):
 - streams: as above, the waits (`Queue.stream_wait_slot`) enqueued by Python each step;
 - graph: the layers (waits, checks, GEMMs) captured once as one CUDA graph and replayed.
 
-    FERRY_LIB=.device/libferry.so python3 examples/layer_pipeline.py [--layers 32] [--blocks 1024]
+    FERRY_LIB=.device/libferry.so python3 examples/layer_pipeline.py [--layers 32] [--blocks 1024] [--workers 1]
 
 It prints a table and exits nonzero if a loaded block was wrong. By default the copies take the copy
 engine (`--sm-budget none`): the GEMMs keep every SM (see bench/results/h200.md, issue 11).
@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gemm", type=int, default=8192, help="each layer's compute: a GEMM of this size cubed")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dim", type=int, default=64, help="head dimension: a chunk is 16 x 8 x dim float16")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker cores; each serves a queue, layers alternate between them")
     parser.add_argument("--sm-budget", default="none",
                         help="the copy kernel's SMs: none (the copy engine alone, the default), all, or a count")
     args = parser.parse_args(argv)
@@ -60,7 +62,8 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"--layers {args.layers}: at most {ferry.NOTIFY_SLOTS} (one notification slot a layer)")
     tokens, heads, dim = 16, 8, args.dim  # 16 KiB a chunk in float16 at dim 64
     budget = {"none": ferry.SM_BUDGET_NONE, "all": ferry.SM_BUDGET_ALL}.get(args.sm_budget)
-    engine = ferry.Engine(transport="gpu", use_gdr="off", sm_budget=budget if budget is not None else int(args.sm_budget))
+    engine = ferry.Engine(transport="gpu", use_gdr="off", workers=args.workers,
+                          sm_budget=budget if budget is not None else int(args.sm_budget))
     client = engine.new_client()
     kv, pools, gpu_sides, host_sides, regs = [], [], [], [], []
     for layer in range(args.layers):
@@ -76,7 +79,8 @@ def main(argv: list[str]) -> int:
         pools.append((pool, host))
         gpu_sides.append(reg.blocks(1))
         host_sides.append(pool.blocks(host, 0))
-    queue = engine.open_queue(client, 1 << 16, 1 << 16)
+    # One queue per worker; layer l goes through queue l % workers (its loads, its notification).
+    queues = [engine.open_queue(client, 1 << 16, 1 << 16, worker=w) for w in range(args.workers)]
     stream = torch.cuda.Stream()
     n = args.blocks
     ids = torch.zeros(n, dtype=torch.int64, device="cuda")  # the step's GPU blocks (every layer)
@@ -91,7 +95,7 @@ def main(argv: list[str]) -> int:
 
     def layer_work(layer: int, wait: bool, compute: bool = True) -> None:
         if wait:
-            queue.stream_wait_slot(stream, layer)
+            queues[layer % len(queues)].stream_wait_slot(stream, layer)
         wrong.add_((kv[layer].index_select(1, ids) != want[layer].view(1, n, 1, 1, 1)).sum())
         if compute:
             torch.matmul(a, w, out=out)
@@ -111,9 +115,11 @@ def main(argv: list[str]) -> int:
                 kv[layer].index_copy_(1, ids, want[layer].view(1, n, 1, 1, 1).expand(2, n, tokens, heads, dim))
             return
         gate += 1
-        queue.stream_signal(stream, gate)
+        for queue in queues:
+            queue.stream_signal(stream, gate)
         for layer in range(args.layers):
-            queue.push_blocks(host_sides[layer], gpu_sides[layer], src, dst, gate=gate if layer == 0 else None,
+            queue = queues[layer % len(queues)]
+            queue.push_blocks(host_sides[layer], gpu_sides[layer], src, dst, gate=gate if layer < len(queues) else None,
                               notify=layer)
 
     def timed(mode: str, graph: object = None) -> list[float]:
@@ -131,7 +137,8 @@ def main(argv: list[str]) -> int:
                         layer_work(layer, wait=mode != "compute alone", compute=mode != "loads alone")
                 end.record(stream)
             end.synchronize()  # a step ends as a decode step does: the server reads its tokens
-            queue.drain()
+            for queue in queues:
+                queue.drain()
             if step >= 2:  # warm-up steps not counted
                 times.append(start.elapsed_time(end))
         return times
@@ -154,7 +161,7 @@ def main(argv: list[str]) -> int:
     load_mib = args.layers * n * 2 * tokens * heads * dim * 2 / 2**20
     chunk_kib = tokens * heads * dim * 2 // 1024
     print(f"{args.layers} layers, {n} blocks of 2 x {chunk_kib} KiB loaded per layer and step ({load_mib:.0f} MiB a step), "
-          f"a {args.gemm}^3 bf16 GEMM per layer, {args.steps} steps, SM budget {args.sm_budget}, "
+          f"a {args.gemm}^3 bf16 GEMM per layer, {args.steps} steps, SM budget {args.sm_budget}, {args.workers} worker(s), "
           f"{torch.cuda.get_device_name()}:")
     print("| mode | step ms (median) | vs compute alone | loaded GB/s during the step |")
     print("|---|---|---|---|")
@@ -163,7 +170,8 @@ def main(argv: list[str]) -> int:
         rate = "-" if mode == "compute alone" else f"{load_mib * 2**20 / (step / 1e3) / 1e9:.1f}"
         print(f"| {mode} | {step:.2f} | {step / floor:.3f} | {rate} |")
     print(f"wrong values in loaded blocks: {bad}")
-    queue.close()
+    for queue in queues:
+        queue.close()
     for reg in regs:
         reg.close()
     engine.close()

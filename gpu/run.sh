@@ -33,7 +33,7 @@ fail() { echo "$1" >>"$out/failed"; }
     fi
     if want python; then
         step "Python package (from the source tree, libferry from .device): GPU copies and KV blocks with torch CUDA tensors"
-        (cd python/tests && PYTHONPATH=$OLDPWD/python FERRY_LIB=$OLDPWD/.device/libferry.so python3 -m unittest discover -s . -v) || fail "python package"
+        (cd python/tests && PYTHONPATH=$OLDPWD/python FERRY_LIB=$OLDPWD/.device/libferry.so FERRY_BIN=$OLDPWD/.device/ferry python3 -m unittest discover -s . -v) || fail "python package"
     fi
     if want paged; then
         step "paged KV blocks from Python: package vs C ABI vs torch, idle and under GEMMs (python/bench_paged_kv.py)"
