@@ -64,3 +64,34 @@ fn a_c_program_starts_the_gpu_transport_over_gdr() {
     let Some(exe) = compile("gdr") else { return };
     check("gdr", Command::new(&exe).output().unwrap(), "c gdr: ok");
 }
+
+#[test]
+fn a_c_program_is_a_client_of_the_daemon() {
+    let Some(exe) = compile("connect") else { return };
+    // The daemon: the `ferry` binary of this workspace, built beside libferry.so.
+    let libdir = exe.parent().unwrap().to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args(["build", "--profile", "test", "-p", "ferry", "--bin", "ferry"])
+        .env("CARGO_TARGET_DIR", libdir.parent().unwrap())
+        .status()
+        .unwrap();
+    assert!(built.success(), "building the ferry binary failed");
+    let socket = std::env::temp_dir().join(format!("ferry-c-connect-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let mut daemon = Command::new(libdir.join("ferry"))
+        .args(["serve", "--socket", socket.to_str().unwrap(), "--transport", "host", "--unpinned", "--quiet"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the daemon never listened");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = Command::new(&exe).arg(&socket).output().unwrap();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let stopped = daemon.wait().unwrap();
+    check("connect", out, "c connect: ok");
+    assert!(stopped.success(), "the daemon exited with {stopped}");
+}

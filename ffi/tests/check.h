@@ -1,4 +1,4 @@
-/* The check of the C test programs (smoke.c, churn.c, gdr.c): on failure, print the condition
+/* The check of the C test programs (smoke.c, churn.c, gdr.c, connect.c): on failure, print the condition
  * and ferry's last error text, and return 1 from main. */
 #ifndef FERRY_TESTS_CHECK_H
 #define FERRY_TESTS_CHECK_H
