@@ -354,6 +354,11 @@ impl Stream {
         Ok(Stream(stream))
     }
 
+    /// The `CUstream` handle (for `Engine::stream_wait` and the like on a stream of ours).
+    pub fn handle(&self) -> *mut std::ffi::c_void {
+        self.0.cast()
+    }
+
     /// Waits for everything queued so far (control plane and benchmarks only).
     pub fn synchronize(&self) -> Result<(), CudaError> {
         // SAFETY: a live stream.

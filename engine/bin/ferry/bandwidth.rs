@@ -323,6 +323,61 @@ pub unsafe fn copy_latency(
     Ok(times)
 }
 
+/// Latencies of stream ordering (issue 13), `samples` rounds after `warmup` of one `len`-byte
+/// descriptor a stream waits for (`Engine::stream_wait` on a stream of the engine's context,
+/// already blocked in its wait when the descriptor is pushed): (push -> the stream past the
+/// wait, the completion seen by the CPU -> the stream past the wait), each sorted, in us. The
+/// stream's progress is an event recorded after the wait, polled.
+pub fn stream_latency(
+    engine: &ferry::Engine,
+    queue: &mut Queue,
+    d: Descriptor,
+    warmup: usize,
+    samples: usize,
+) -> Result<(Vec<f64>, Vec<f64>), BenchError> {
+    use ferry::internals::cuda::{Event, Stream};
+    let stream = Stream::new()?;
+    let event = Event::new()?;
+    let mut out = [Completion::default()];
+    let (mut pushed_to_stream, mut seen_to_stream) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    let spin_event = |what: &str| -> Result<Instant, BenchError> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while !event.is_done()? {
+            if Instant::now() > deadline {
+                return Err(BenchError::Failed(format!("stream latency: {what}: the stream did not go on within 5 s")));
+            }
+            std::hint::spin_loop();
+        }
+        Ok(Instant::now())
+    };
+    for i in 0..warmup + samples {
+        // SAFETY: our own live stream of the engine's context (current on this thread, where the
+        // rig made its buffers); the queue outlives the wait, which passes within the round.
+        unsafe { engine.stream_wait(queue, stream.handle(), queue.pushed() + 1)? };
+        event.record(&stream)?;
+        std::thread::sleep(std::time::Duration::from_micros(100)); // the stream is in its wait
+        let start = Instant::now();
+        if queue.submit(std::slice::from_ref(&d.with_tag(i as u64)))? != 1 {
+            return Err(BenchError::Failed("stream latency: the submission ring is full".into()));
+        }
+        while queue.poll(&mut out)? == 0 {
+            std::hint::spin_loop();
+        }
+        let seen = Instant::now();
+        if !out[0].is_ok() {
+            return Err(BenchError::Failed(format!("stream latency: copy failed: {:?}", out[0])));
+        }
+        let passed = spin_event("after the completion")?;
+        if i >= warmup {
+            pushed_to_stream.push((passed - start).as_secs_f64() * 1e6);
+            seen_to_stream.push((passed - seen).as_secs_f64() * 1e6);
+        }
+    }
+    pushed_to_stream.sort_by(f64::total_cmp);
+    seen_to_stream.sort_by(f64::total_cmp);
+    Ok((pushed_to_stream, seen_to_stream))
+}
+
 /// Latency of one descriptor from push to its completion as the client sees it: `samples`
 /// rounds after `warmup`, each pushing one descriptor and spinning on the completion ring.
 /// Returns the sorted latencies in microseconds.

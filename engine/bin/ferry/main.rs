@@ -15,7 +15,7 @@ mod topo;
 
 use bandwidth::{
     copy_ceiling, copy_ceiling_both, copy_latency, drive, drive_lanes, drive_queues, latency, median_by,
-    memcpy_baseline, percentile, ring_throughput, scatter, BenchError, Lane, Measurement,
+    memcpy_baseline, percentile, ring_throughput, scatter, stream_latency, BenchError, Lane, Measurement,
 };
 use ferry::internals::cuda::{gpus, Context, DeviceBuffer};
 use ferry::{
@@ -54,7 +54,8 @@ bench options:
                           host: the worker copies with the CPU;
                           null: no data moves, measures the engine's own cost per descriptor;
                           cuda: host <-> GPU through the CUDA transport, one column per
-                          strategy beside the PCIe ceiling, latency, and the SM-budget sweep;
+                          strategy beside the PCIe ceiling, latency (also a stream's past a
+                          stream_wait), and the SM-budget sweep;
                           gdr: RDMA WRITEs between two host regions through the GDR transport,
                           beside a raw-verbs loop on the same device (default sizes 4K,64K,
                           total 16M: sized for Soft-RoCE)
@@ -613,6 +614,18 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
             percentile(&raw, 0.99)
         ));
     }
+    // Stream ordering: a stream already waiting (stream_wait) for one 4 KiB H2D descriptor.
+    let d = ferry::Descriptor::copy(rig.host.id(), 0, rig.device_id, 0, 4096);
+    latencies.push(match stream_latency(&rig.engine, &mut rig.queues[0], d, 200, 2000) {
+        Ok((pushed, seen)) => format!(
+            "stream ordering, one 4 KiB H2D a stream waits for: push -> the stream past stream_wait p50 {:.2} us, p99 {:.2} us; the completion seen -> the stream past it p50 {:.2} us, p99 {:.2} us",
+            percentile(&pushed, 0.5),
+            percentile(&pushed, 0.99),
+            percentile(&seen, 0.5),
+            percentile(&seen, 0.99)
+        ),
+        Err(e) => format!("stream ordering latency: not measured ({e})"),
+    });
     drop(rig);
     // One engine per strategy; results[strategy][size][direction].
     let mut results = Vec::new();
