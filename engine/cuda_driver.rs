@@ -733,8 +733,17 @@ impl HostRegistration {
     }
 }
 
-/// Enqueues on `stream` a wait until the 64-bit word at device address `addr` is at least
-/// `value` (`cuStreamWaitValue64`, GEQ); `flush` adds CU_STREAM_WAIT_VALUE_FLUSH (makes a NIC's
+/// What a stream's wait on a word waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitFor {
+    /// The word at least the value (`CU_STREAM_WAIT_VALUE_GEQ`).
+    AtLeast,
+    /// The word equal to the value (`CU_STREAM_WAIT_VALUE_EQ`).
+    Equal,
+}
+
+/// Enqueues on `stream` a wait until the 64-bit word at device address `addr` is `value` as
+/// `until` says (`cuStreamWaitValue64`); `flush` adds CU_STREAM_WAIT_VALUE_FLUSH (makes a NIC's
 /// earlier writes visible to the stream's later work, for GPUDirect RDMA).
 ///
 /// # Safety
@@ -744,38 +753,16 @@ pub unsafe fn stream_wait_value(
     stream: *mut std::ffi::c_void,
     addr: u64,
     value: u64,
+    until: WaitFor,
     flush: bool,
 ) -> Result<(), CudaError> {
     const GEQ: u32 = 0;
-    // SAFETY: forwarded from the caller.
-    unsafe { wait_value(stream, addr, value, GEQ, flush) }
-}
-
-/// As [`stream_wait_value`], until the word equals `value` (`CU_STREAM_WAIT_VALUE_EQ`).
-///
-/// # Safety
-/// As [`stream_wait_value`].
-pub unsafe fn stream_wait_value_eq(
-    stream: *mut std::ffi::c_void,
-    addr: u64,
-    value: u64,
-    flush: bool,
-) -> Result<(), CudaError> {
     const EQ: u32 = 1;
-    // SAFETY: forwarded from the caller.
-    unsafe { wait_value(stream, addr, value, EQ, flush) }
-}
-
-/// # Safety
-/// As [`stream_wait_value`].
-unsafe fn wait_value(
-    stream: *mut std::ffi::c_void,
-    addr: u64,
-    value: u64,
-    compare: u32,
-    flush: bool,
-) -> Result<(), CudaError> {
     const FLUSH: u32 = 1 << 30;
+    let compare = match until {
+        WaitFor::AtLeast => GEQ,
+        WaitFor::Equal => EQ,
+    };
     let flags = compare | if flush { FLUSH } else { 0 };
     // SAFETY: forwarded from the caller.
     check("cuStreamWaitValue64", unsafe { sys::cuStreamWaitValue64_v2(stream.cast(), addr, value, flags) })

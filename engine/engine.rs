@@ -2,7 +2,7 @@
 //! are in [`crate::config`], the choice of its transport in `transport/select.rs`.
 
 use crate::config::{CorePlacement, EngineConfig, QueueConfig, SmBudget, Strategy, TransportKind};
-use crate::cuda_driver::{Context, HostRegistration, MEMORY_TYPE_DEVICE, MEMORY_TYPE_HOST};
+use crate::cuda_driver::{Context, HostRegistration, WaitFor, MEMORY_TYPE_DEVICE, MEMORY_TYPE_HOST};
 use crate::desc::RegionId;
 use crate::error::{Error, GpuRangeFault};
 use crate::queue::{DeviceWords, Queue, QueueId, QueueMemory, WorkerEnd};
@@ -403,7 +403,8 @@ impl Engine {
         let words = self.device_words(queue)?;
         // SAFETY: the stream is live (the caller's promise); the watermark word stays mapped and
         // registered while the queue lives, which the caller keeps until the wait passed.
-        unsafe { crate::cuda_driver::stream_wait_value(stream, words.watermark, watermark, flush) }.map_err(Error::Cuda)
+        unsafe { crate::cuda_driver::stream_wait_value(stream, words.watermark, watermark, WaitFor::AtLeast, flush) }
+            .map_err(Error::Cuda)
     }
 
     /// Enqueues on `stream` a wait until `queue`'s notification slot `slot` holds `value` (a
@@ -429,7 +430,7 @@ impl Engine {
         let word = words.slots + 8 * index as u64;
         // SAFETY: as in stream_wait, for the slot's word.
         unsafe {
-            crate::cuda_driver::stream_wait_value_eq(stream, word, value, flush)?;
+            crate::cuda_driver::stream_wait_value(stream, word, value, WaitFor::Equal, flush)?;
             crate::cuda_driver::stream_write_value(stream, word, 0)
         }
         .map_err(Error::Cuda)

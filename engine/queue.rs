@@ -279,6 +279,12 @@ impl QueueMemory {
         Ok(QueueMemory { memory, header, submit_offset, complete_offset })
     }
 
+    /// Maps a queue's memfd for a look at its header, leaving the caller's file as it is.
+    fn look(file: &File) -> Result<QueueMemory, Error> {
+        let file = file.try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?;
+        QueueMemory::attach(file)
+    }
+
     /// Maps a queue's memfd and checks its header (the memfd may come from another process).
     pub(crate) fn attach(file: File) -> Result<QueueMemory, Error> {
         let memory =
@@ -571,15 +577,13 @@ impl Queue {
     /// Maps the memfd for the look; claims nothing. Values written by the other process are
     /// shown as they are.
     pub fn stats_of(file: &File) -> Result<QueueStats, Error> {
-        let file = file.try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?;
-        QueueMemory::attach(file)?.stats()
+        QueueMemory::look(file)?.stats()
     }
 
     /// Whether the client of the queue whose memfd is `file` has closed it (a daemon counting a
     /// connection's open queues). Maps the memfd for the look; claims nothing.
     pub fn closed_by_client(file: &File) -> Result<bool, Error> {
-        let file = file.try_clone().map_err(|source| Error::SharedMemory { what: "a queue", source })?;
-        Ok(QueueMemory::attach(file)?.close_requested())
+        Ok(QueueMemory::look(file)?.close_requested())
     }
 
     /// Attaches to a queue whose memfd came from the engine (for example from another process).

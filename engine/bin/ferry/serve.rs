@@ -324,6 +324,14 @@ impl Registry {
         lock(&self.0)
     }
 
+    /// How many of connection `key`'s queues are still open (closed ones are dropped here).
+    fn open_queues(&self, key: (u32, u64)) -> usize {
+        let mut queues = self.lock();
+        let Some(mine) = queues.get_mut(&key) else { return 0 };
+        mine.retain(|file| !ferry::Queue::closed_by_client(file).unwrap_or(true));
+        mine.len()
+    }
+
     /// Makes a connection a member of pool `name`: its owner, new if the pool is.
     fn join(&self, engine: &Engine, name: &str) -> Result<Arc<Mutex<Owner>>, String> {
         ferry::control::check_pool_name(name).map_err(|e| e.to_string())?;
@@ -397,7 +405,6 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
     let mut client = engine.new_client();
     let mut owner = Arc::new(Mutex::new(Owner { client, regions: HashMap::new() }));
     let mut pool: Option<String> = None;
-    let mut queues: Vec<File> = Vec::new();
     let mut hello = false;
     loop {
         let (frame, fd) = match receive(&stream) {
@@ -419,7 +426,11 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                 Err(format!("queue ABI {abi} is not this daemon's {}", ferry::queue::QUEUE_ABI_VERSION))
             }
             _ if !hello => Err("say hello first".to_owned()),
-            Frame::Join { name } if pool.is_none() && queues.is_empty() && lock(&owner).regions.is_empty() => {
+            Frame::Join { name }
+                if pool.is_none()
+                    && registry.lock().get(&(client.0, me)).is_none_or(Vec::is_empty)
+                    && lock(&owner).regions.is_empty() =>
+            {
                 registry.join(engine, &name).map(|joined| {
                     owner = joined;
                     client = lock(&owner).client;
@@ -434,24 +445,13 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                     Ok((Frame::HostAllocated { region, len: buffer.len() as u64 }, Some(buffer.file().as_raw_fd())))
                 }
             },
-            Frame::OpenQueue { .. }
-                if {
-                    queues.retain(|file| !ferry::Queue::closed_by_client(file).unwrap_or(true));
-                    queues.len() >= limits.queues_per_client
-                } =>
-            {
+            Frame::OpenQueue { .. } if registry.open_queues((client.0, me)) >= limits.queues_per_client => {
                 Err(format!("over limits.queues_per_client ({}): close a queue first", limits.queues_per_client))
             }
             Frame::OpenQueue { submit_capacity, complete_capacity } => {
                 open_queue(engine, client, submit_capacity, complete_capacity).map(|(id, file)| {
-                    if let Ok(copy) = file.try_clone() {
-                        let mut registry = registry.lock();
-                        let mine = registry.entry((client.0, me)).or_default();
-                        mine.retain(|f| !ferry::Queue::closed_by_client(f).unwrap_or(true));
-                        mine.push(copy);
-                    }
                     let fd = file.as_raw_fd();
-                    queues.push(file);
+                    registry.lock().entry((client.0, me)).or_default().push(file);
                     (Frame::QueueOpened { queue: id }, Some(fd))
                 })
             }
@@ -505,7 +505,7 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
             Frame::Stat => Ok((Frame::Stats { rows: registry.rows(engine) }, None)),
             other => Err(format!("{other:?} is not a request")),
         };
-        // The memfd sent with an answer stays open meanwhile: the owner or `queues` holds it.
+        // The memfd sent with an answer stays open meanwhile: the owner or the registry holds it.
         let sent = match &answer {
             Ok((frame, fd)) => send(&stream, frame, *fd),
             Err(text) => send(&stream, &Frame::Failed { text: text.clone() }, None),
@@ -514,9 +514,9 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
             break;
         }
     }
-    registry.lock().remove(&(client.0, me));
     // Queues: closed by their worker once no live process holds them (close_if_client_dies);
     // one released and never attached is taken here and closed.
+    let queues = registry.lock().remove(&(client.0, me)).unwrap_or_default();
     for file in queues {
         if let Ok(queue) = ferry::Queue::attach(file) {
             queue.close();
