@@ -2,9 +2,9 @@
 # The one command to run on the GPU machine (the lent H200), from the repository root, after
 # gpu/prepare.sh here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
 # prints a short table last (two workers; then one worker, idle and under a compute load). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
-# ONLY=tests,python,paged,streams,pipeline,gdr,bench runs those parts alone (a full run is close to the device
+# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency runs those parts alone (a full run is close to the device
 # tool's 10 minutes a call): tests = the Rust GPU tests, python = the package's tests, paged = bench_paged_kv,
-# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench.
+# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone.
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
@@ -72,6 +72,11 @@ fail() { echo "$1" >>"$out/failed"; }
         step "ferry bench --transport null (the engine's own cost per descriptor on this machine)"
         .device/ferry bench --transport null --descriptors 10M >"$out/bench-null.txt" 2>&1 || fail "ferry bench null"
         cat "$out/bench-null.txt"
+    fi
+    if want latency; then
+        step "ferry bench --workers 1 --sizes 4K (the latency lines: push -> completion beside cuMemcpyAsync, and stream ordering from Rust)"
+        timeout 240 .device/ferry bench --workers 1 --sizes 4K >"$out/bench-latency.txt" 2>&1 || fail "ferry bench --sizes 4K"
+        cat "$out/bench-latency.txt"
     fi
     if [ "${REPEAT:-0}" = 1 ] && want bench; then
         step "ferry bench again, same call (run-to-run spread)"

@@ -329,3 +329,109 @@ fn the_live_sm_budget_is_refused_without_a_cuda_context() {
         assert!(err.to_string().contains("GPU transport"), "{err}");
     }
 }
+
+/// Stream ordering on a real GPU (issue 13), for each copy strategy but resident (which refuses
+/// it): a stream already waiting (`stream_wait`, then `stream_wait_slot`) reads the loaded
+/// blocks back with its own copy, which must see every byte of this round's load, never the
+/// poison; and a D2H behind a gate opened by `stream_signal` must see what the stream wrote
+/// before the signal. Each round loads different bytes, so a stale read cannot pass.
+#[test]
+fn stream_waits_and_gates_order_copies_with_a_stream() {
+    use ferry::internals::cuda::{PinnedBuffer, Stream};
+    if !gpu_available() {
+        return;
+    }
+    const BLOCK: usize = 16 << 10;
+    const BLOCKS: usize = 8;
+    const ROUNDS: usize = 200;
+    let len = BLOCK * BLOCKS;
+    for strategy in [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Auto] {
+        let engine = cuda_engine(strategy);
+        let context = engine.cuda_context().expect("a CUDA context").clone();
+        let client = engine.new_client();
+        let host = engine.allocate_host(client, 2 * len).unwrap();
+        let device = DeviceBuffer::new(len).unwrap();
+        // SAFETY: `device` outlives the engine's use of it (deregistered below).
+        let gpu = unsafe { engine.register_gpu(client, device.ptr(), len) }.unwrap();
+        let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+        context.make_current().unwrap();
+        let stream = Stream::new().unwrap();
+        let check = PinnedBuffer::new(len).unwrap();
+        let mut rng = Rng(0x57ea_0000 ^ strategy as u64);
+        let mut out = [ferry::Completion::default(); 64];
+        let mut wait_all = |queue: &mut ferry::Queue, expect: usize| {
+            let mut seen = 0;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while seen < expect {
+                let n = queue.poll(&mut out).unwrap();
+                for c in &out[..n] {
+                    assert_eq!(c.status(), Ok(ferry::Status::Ok), "{}: {c:?}", strategy.name());
+                }
+                seen += n;
+                assert!(std::time::Instant::now() < deadline, "{}: completions did not come", strategy.name());
+            }
+        };
+        let (mut wrong_wait, mut wrong_slot, mut stale_gated) = (0usize, 0usize, 0usize);
+        for round in 0..ROUNDS {
+            let by_slot = round % 2 == 1;
+            // This round's bytes in the host's first half; the device poisoned.
+            let pattern: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            host.write(0, &pattern).unwrap();
+            device.fill(0xA5).unwrap();
+            // SAFETY: the stream and queue are live until the stream is synchronized below; the
+            // device and pinned buffers outlive the stream's copies.
+            unsafe {
+                if by_slot {
+                    engine.stream_wait_slot(&mut queue, stream.handle(), 3, round as u64 + 1).unwrap();
+                } else {
+                    let watermark = queue.pushed() + BLOCKS as u64;
+                    engine.stream_wait(&mut queue, stream.handle(), watermark).unwrap();
+                }
+                stream.copy(check.as_ptr() as u64, device.ptr(), len).unwrap();
+            }
+            // Blocks in reverse order, so the load is scattered, not one run.
+            let mut descs: Vec<Descriptor> = (0..BLOCKS)
+                .rev()
+                .map(|b| Descriptor::copy(host.id(), (b * BLOCK) as u64, gpu, (b * BLOCK) as u64, BLOCK as u64))
+                .collect();
+            if by_slot {
+                descs.push(Descriptor::notify(3, round as u64 + 1));
+            }
+            assert_eq!(queue.submit(&descs).unwrap(), descs.len());
+            wait_all(&mut queue, descs.len());
+            stream.synchronize().unwrap();
+            // SAFETY: the stream's copy into `check` has finished (synchronized).
+            let seen = unsafe { std::slice::from_raw_parts(check.as_ptr(), len) };
+            let wrong = seen.iter().zip(&pattern).filter(|(a, b)| a != b).count();
+            *(if by_slot { &mut wrong_slot } else { &mut wrong_wait }) += wrong;
+
+            // Gated offload: the stream writes the device (after a poison of the host's second
+            // half by the CPU), then signals; the D2H behind the gate must see the stream's bytes.
+            host.fill(len, len, 0x3C).unwrap();
+            let fresh: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            // SAFETY: `check` is pinned and ours; the stream's copy finishes before the gate
+            // opens (the signal is behind it on the stream).
+            unsafe {
+                std::ptr::copy_nonoverlapping(fresh.as_ptr(), check.as_ptr(), len);
+                stream.copy(device.ptr(), check.as_ptr() as u64, len).unwrap();
+                engine.stream_signal(&mut queue, stream.handle(), round as u64 + 1).unwrap();
+            }
+            let gated =
+                [Descriptor::gate(round as u64 + 1), Descriptor::copy(gpu, 0, host.id(), len as u64, len as u64)];
+            assert_eq!(queue.submit(&gated).unwrap(), 2);
+            wait_all(&mut queue, 2);
+            let mut got = vec![0u8; len];
+            host.read(len, &mut got).unwrap();
+            stale_gated += got.iter().zip(&fresh).filter(|(a, b)| a != b).count();
+            stream.synchronize().unwrap();
+        }
+        println!(
+            "{}: {ROUNDS} rounds of {BLOCKS} x {} KiB: wrong bytes after stream_wait {wrong_wait}, after stream_wait_slot {wrong_slot}; stale bytes in gated offloads {stale_gated}",
+            strategy.name(),
+            BLOCK >> 10
+        );
+        assert_eq!((wrong_wait, wrong_slot, stale_gated), (0, 0, 0), "{}", strategy.name());
+        drop(queue);
+        engine.deregister(gpu).unwrap();
+    }
+}
