@@ -129,6 +129,22 @@ pub enum Frame {
         /// The region id.
         region: u32,
     },
+    /// Client to daemon: register GPU memory of the client's for this client: `len` bytes at
+    /// `offset` of the allocation whose CUDA IPC handle this is (the daemon opens it in its
+    /// own context). Answered `GpuRegistered`.
+    RegisterGpu {
+        /// The allocation's `CUipcMemHandle` bytes.
+        handle: [u8; 64],
+        /// Where the range starts in the allocation.
+        offset: u64,
+        /// Its bytes.
+        len: u64,
+    },
+    /// Daemon to client: GPU memory registered.
+    GpuRegistered {
+        /// The region id.
+        region: u32,
+    },
     /// Daemon to client: the counters, one row per client, then one per worker (at most
     /// [`MAX_STAT_ROWS`]).
     Stats {
@@ -155,6 +171,8 @@ impl Frame {
             Frame::Join { .. } => 6,
             Frame::MapRegion { .. } => 7,
             Frame::RegisterMemfd { .. } => 8,
+            Frame::RegisterGpu { .. } => 9,
+            Frame::GpuRegistered { .. } => 106,
             Frame::Stats { .. } => 105,
             Frame::Welcome { .. } => 101,
             Frame::QueueOpened { .. } => 102,
@@ -188,6 +206,12 @@ impl Frame {
             }
             Frame::MapRegion { region } => payload.extend_from_slice(&region.to_le_bytes()),
             Frame::RegisterMemfd { len } => payload.extend_from_slice(&len.to_le_bytes()),
+            Frame::RegisterGpu { handle, offset, len } => {
+                payload.extend_from_slice(handle);
+                payload.extend_from_slice(&offset.to_le_bytes());
+                payload.extend_from_slice(&len.to_le_bytes());
+            }
+            Frame::GpuRegistered { region } => payload.extend_from_slice(&region.to_le_bytes()),
             Frame::Stats { rows } => {
                 for row in rows.iter().take(MAX_STAT_ROWS) {
                     for word in [row.kind, row.id, row.queues, 0] {
@@ -245,6 +269,12 @@ impl Frame {
             6 => Frame::Join { name: String::from_utf8_lossy(payload).into_owned() },
             7 => want(4).map(|()| Frame::MapRegion { region: u32_at(0) })?,
             8 => want(8).map(|()| Frame::RegisterMemfd { len: u64_at(0) })?,
+            9 => want(80).map(|()| Frame::RegisterGpu {
+                handle: payload[..64].try_into().expect("checked length"),
+                offset: u64_at(64),
+                len: u64_at(72),
+            })?,
+            106 => want(4).map(|()| Frame::GpuRegistered { region: u32_at(0) })?,
             105 if len % StatRow::BYTES == 0 => Frame::Stats {
                 rows: (0..len / StatRow::BYTES)
                     .map(|r| {
@@ -450,6 +480,15 @@ impl Client {
         }
     }
 
+    /// Registers GPU memory of this process for this client: `len` bytes at `offset` of the
+    /// allocation whose CUDA IPC handle is `handle` (see [`crate::internals::cuda::export_ipc`]).
+    pub fn register_gpu(&mut self, handle: [u8; 64], offset: u64, len: u64) -> Result<RegionId, Error> {
+        match self.call(&Frame::RegisterGpu { handle, offset, len })? {
+            (Frame::GpuRegistered { region }, _) => Ok(RegionId(region)),
+            (other, _) => Err(unexpected("register GPU memory", &other)),
+        }
+    }
+
     /// Maps one of this client's host regions (allocated by another member of its pool, say).
     pub fn map_region(&mut self, region: RegionId) -> Result<HostBuffer, Error> {
         match self.call(&Frame::MapRegion { region: region.0 })? {
@@ -527,6 +566,8 @@ mod tests {
             Frame::Join { name: "kv-pool.1".into() },
             Frame::MapRegion { region: 0x1_0003 },
             Frame::RegisterMemfd { len: 1 << 30 },
+            Frame::RegisterGpu { handle: std::array::from_fn(|i| i as u8), offset: 4096, len: 1 << 20 },
+            Frame::GpuRegistered { region: 0x2_0001 },
             Frame::Stats { rows: vec![] },
             Frame::Stats {
                 rows: vec![
@@ -599,6 +640,12 @@ mod tests {
                 "[A-Za-z0-9._-]{0,64}".prop_map(|name| Frame::Join { name }),
                 any::<u32>().prop_map(|region| Frame::MapRegion { region }),
                 any::<u64>().prop_map(|len| Frame::RegisterMemfd { len }),
+                (any::<[u8; 64]>(), any::<u64>(), any::<u64>()).prop_map(|(handle, offset, len)| Frame::RegisterGpu {
+                    handle,
+                    offset,
+                    len
+                }),
+                any::<u32>().prop_map(|region| Frame::GpuRegistered { region }),
                 proptest::collection::vec((0..2u32, any::<u32>(), any::<u32>(), any::<[u64; 4]>()), 0..MAX_STAT_ROWS)
                     .prop_map(|rows| Frame::Stats {
                         rows: rows
@@ -618,7 +665,7 @@ mod tests {
                 let mut bytes = bytes;
                 if magic {
                     bytes[..4].copy_from_slice(&MAGIC.to_le_bytes());
-                    bytes[4] %= 8; // known kinds are frequent
+                    bytes[4] %= 10; // known kinds are frequent
                 }
                 let head = header(&bytes);
                 match Frame::decode(&head, &bytes[HEADER..]) {

@@ -299,6 +299,119 @@ impl Context {
     }
 }
 
+/// The bytes of a CUDA IPC memory handle (`CUipcMemHandle`, 64 bytes), as another process
+/// opens it with [`IpcMemory::open`].
+pub type IpcHandle = [u8; 64];
+
+/// Device memory of this process exported for another (a `ferry serve` daemon): the IPC handle
+/// of the allocation holding the range, and where the range starts in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpcExport {
+    /// The allocation's handle (`cuIpcGetMemHandle` on its start).
+    pub handle: IpcHandle,
+    /// The range's offset from the allocation's start.
+    pub offset: u64,
+}
+
+/// Exports `len` bytes of device memory at `ptr` (of any context of this process: the one the
+/// pointer belongs to is made current for the call, the caller's restored after) by CUDA IPC.
+/// The range must lie in one allocation made by `cuMemAlloc` / `cudaMalloc` (the CUDA caching
+/// allocators of torch and CuPy by default); memory from `cuMemCreate` (torch's
+/// `expandable_segments`, `cudaMallocAsync` pools) has no legacy IPC handle, which the error
+/// says.
+pub fn export_ipc(ptr: u64, len: u64) -> Result<IpcExport, String> {
+    Driver::load().map_err(|e| e.to_string())?;
+    let mut context: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: a pointer-sized out value for CU_POINTER_ATTRIBUTE_CONTEXT.
+    check("cuPointerGetAttribute", unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut context as *mut sys::CUcontext).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
+            ptr,
+        )
+    })
+    .map_err(|e| format!("{ptr:#x} is not device memory this process knows ({e})"))?;
+    if context.is_null() {
+        return Err(format!("{ptr:#x} belongs to no CUDA context (not memory of cuMemAlloc)"));
+    }
+    // SAFETY: a live context of this process (the driver just named it).
+    check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(context) }).map_err(|e| e.to_string())?;
+    let result = (|| {
+        let (mut start, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: valid out pointers; the pointer's context is current.
+        check("cuMemGetAddressRange", unsafe { sys::cuMemGetAddressRange_v2(&mut start, &mut size, ptr) })
+            .map_err(|e| e.to_string())?;
+        let end = ptr.checked_add(len).ok_or_else(|| format!("{len} bytes at {ptr:#x} wrap around"))?;
+        if len == 0 || end > start + size as u64 {
+            return Err(format!("{len} bytes at {ptr:#x} are not inside one allocation ({size} bytes at {start:#x})"));
+        }
+        let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: a valid out handle; `start` is the base of a live allocation.
+        check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut handle, start) }).map_err(|e| {
+            format!(
+                "{e}: the allocation at {start:#x} cannot be shared by CUDA IPC (memory from cuMemCreate, such as torch's expandable_segments or a cudaMallocAsync pool, has no legacy IPC handle)"
+            )
+        })?;
+        Ok(IpcExport { handle: handle.reserved.map(|b| b as u8), offset: ptr - start })
+    })();
+    let mut popped: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: pops the context pushed above.
+    unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+    result
+}
+
+/// Device memory of another process, opened here from its IPC handle (`cuIpcOpenMemHandle`)
+/// in a context of this process; closed on drop.
+#[derive(Debug)]
+pub struct IpcMemory {
+    ptr: u64,
+    size: u64,
+    context: std::sync::Arc<Context>,
+}
+
+// SAFETY: only the address is kept, to close the mapping (the context is made current first).
+unsafe impl Send for IpcMemory {}
+// SAFETY: as for Send.
+unsafe impl Sync for IpcMemory {}
+
+impl IpcMemory {
+    /// Maps the allocation `handle` names into `context` (peer access enabled lazily, should it
+    /// live on another device). A handle opened twice in one context is the same mapping,
+    /// counted by the driver; each [`IpcMemory`] closes its own.
+    pub fn open(context: std::sync::Arc<Context>, handle: &IpcHandle) -> Result<IpcMemory, CudaError> {
+        context.make_current()?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        let handle = sys::CUipcMemHandle_st { reserved: handle.map(|b| b as std::ffi::c_char) };
+        // SAFETY: a valid out pointer; the driver checks the handle's bytes (untrusted: a bad
+        // handle is an error, never a mapping). Flag 1: CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS.
+        check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, 1) })?;
+        let mut memory = IpcMemory { ptr, size: 0, context };
+        memory.size = memory.context.pointer_info(ptr)?.range_size;
+        Ok(memory)
+    }
+
+    /// The mapping's device address in this process.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The allocation's bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for IpcMemory {
+    fn drop(&mut self) {
+        let _ = self.context.make_current();
+        // SAFETY: closes the mapping opened in `open`, once.
+        let code = unsafe { sys::cuIpcCloseMemHandle(self.ptr) };
+        if code != sys::CUresult::CUDA_SUCCESS {
+            eprintln!("ferry: closing a CUDA IPC mapping at {:#x}: {code:?}", self.ptr);
+        }
+    }
+}
+
 /// A dma-buf exported from device memory.
 #[derive(Debug)]
 pub struct DmaBuf {

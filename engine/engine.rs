@@ -145,8 +145,9 @@ impl Engine {
     /// started here, answered by the daemon. [`Engine::new_client`] is a connection (the first
     /// one is made here, so that a missing or incompatible daemon fails at once); host memory
     /// comes from the daemon ([`Engine::allocate_host`], a memfd mapped here), queues too; the
-    /// data path is shared memory, as in-process. Not available connected (yet):
-    /// [`Engine::register_host`], [`Engine::register_gpu`], the SM budget and stream ordering
+    /// data path is shared memory, as in-process; [`Engine::register_gpu`] hands the daemon the
+    /// memory's CUDA IPC handle. Not available connected (yet):
+    /// [`Engine::register_host`], the SM budget and stream ordering
     /// ([`Error::NotConnected`], [`Error::StreamOrdering`]); [`Engine::stats`] is empty. A daemon
     /// that dies makes the queues' polls fail with [`Error::EngineGone`].
     pub fn connect(socket: impl AsRef<Path>) -> Result<Engine, Error> {
@@ -323,9 +324,58 @@ impl Engine {
     /// # Safety
     /// The allocation must stay valid until [`Engine::deregister`] returns `Ok` for the region.
     pub unsafe fn register_gpu(&self, client: ClientId, ptr: u64, len: usize) -> Result<RegionId, Error> {
-        if self.remote.is_some() {
-            return Err(Error::NotConnected { what: "registering GPU memory (CUDA IPC comes later)" });
+        if let Some(remote) = &self.remote {
+            return remote.register_gpu(client, ptr, len);
         }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.register_device(client, ptr, len, None) }
+    }
+
+    /// Registers for `client` `len` bytes at `offset` of another process's GPU allocation, named
+    /// by its CUDA IPC handle (what `ferry serve` does for a client's [`Engine::register_gpu`]):
+    /// the allocation is opened in the engine's context and stays mapped until the region is
+    /// deregistered. The handle's bytes are untrusted: a bad handle, a range past the
+    /// allocation, or memory of another GPU is an error. Needs the CUDA transport.
+    pub fn register_gpu_ipc(
+        &self,
+        client: ClientId,
+        handle: &crate::cuda_driver::IpcHandle,
+        offset: u64,
+        len: usize,
+    ) -> Result<RegionId, Error> {
+        if self.remote.is_some() {
+            return Err(Error::NotConnected { what: "registering a CUDA IPC handle (the daemon does that)" });
+        }
+        let ctx = self.device.cuda.as_ref().ok_or(Error::GpuRange {
+            addr: offset,
+            len: len as u64,
+            fault: GpuRangeFault::NoGpuTransport,
+        })?;
+        let memory = crate::cuda_driver::IpcMemory::open(ctx.clone(), handle)?;
+        if offset.checked_add(len as u64).is_none_or(|end| end > memory.size()) {
+            return Err(Error::setting(
+                "a CUDA IPC range",
+                format!("{len} bytes at offset {offset}"),
+                format!("inside the allocation's {} bytes", memory.size()),
+            ));
+        }
+        // SAFETY: `memory` keeps the allocation mapped here until the region is deregistered
+        // (the region table drops it with the region).
+        unsafe { self.register_device(client, memory.ptr() + offset, len, Some(Box::new(memory))) }
+    }
+
+    /// Registers device memory of the engine's GPU; `keep` (the IPC mapping) drops with the
+    /// region, after the NIC's registration.
+    ///
+    /// # Safety
+    /// As [`Engine::register_gpu`].
+    unsafe fn register_device(
+        &self,
+        client: ClientId,
+        ptr: u64,
+        len: usize,
+        keep: Option<Keep>,
+    ) -> Result<RegionId, Error> {
         let bad = |fault: GpuRangeFault| Error::GpuRange { addr: ptr, len: len as u64, fault };
         let ctx = self.device.cuda.as_ref().ok_or_else(|| {
             bad(if self.device.nic.is_some() { GpuRangeFault::NoCudaDriver } else { GpuRangeFault::NoGpuTransport })
@@ -350,7 +400,12 @@ impl Engine {
             Error::Gdr(e) => bad(GpuRangeFault::Nic(e)),
             other => other,
         })?;
-        self.table.register(client, MemoryKind::Gpu, ptr, len as u64, keys, nic)
+        let keep: Option<Keep> = match keep {
+            // Tuple fields drop in order: the NIC registration before the mapping.
+            Some(keep) => Some(Box::new((nic, keep))),
+            None => nic,
+        };
+        self.table.register(client, MemoryKind::Gpu, ptr, len as u64, keys, keep)
     }
 
     /// Changes the copy kernel's SM budget while the engine runs: a total over the workers, as

@@ -363,6 +363,9 @@ pub enum GpuRangeFault {
     /// The NIC refused it.
     #[error("registering it with the NIC: {0}")]
     Nic(#[source] GdrError),
+    /// Connected to a daemon: the memory cannot be handed over by CUDA IPC (the reason says).
+    #[error("exporting it to the daemon by CUDA IPC: {0}")]
+    NotExportable(String),
 }
 
 impl Error {

@@ -146,7 +146,7 @@ pub use desc::{
 #[cfg(not(loom))]
 pub use engine::Engine;
 #[cfg(not(loom))]
-pub use error::Error;
+pub use error::{Error, GpuRangeFault};
 #[cfg(not(loom))]
 pub use queue::{Queue, QueueId, QueueStats, ENGINE_CHECK_INTERVAL};
 #[cfg(not(loom))]

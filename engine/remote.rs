@@ -102,6 +102,18 @@ impl Remote {
         Ok(buffer)
     }
 
+    /// GPU memory of this process, handed to the daemon as its allocation's CUDA IPC handle.
+    pub(crate) fn register_gpu(&self, client: ClientId, ptr: u64, len: usize) -> Result<RegionId, Error> {
+        let export = crate::cuda_driver::export_ipc(ptr, len as u64).map_err(|reason| Error::GpuRange {
+            addr: ptr,
+            len: len as u64,
+            fault: crate::error::GpuRangeFault::NotExportable(reason),
+        })?;
+        let id = self.with(client, |c| c.register_gpu(export.handle, export.offset, len as u64))?;
+        lock(&self.regions).insert(id, client.0);
+        Ok(id)
+    }
+
     pub(crate) fn open_queue(&self, client: ClientId, config: QueueConfig) -> Result<Queue, Error> {
         let plain = QueueConfig {
             submit_capacity: config.submit_capacity,

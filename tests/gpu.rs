@@ -60,8 +60,15 @@ fn run_copies(engine: &Engine, src: ferry::RegionId, dst: ferry::RegionId, copie
 /// completed ok, in order.
 fn run_descriptors(engine: &Engine, descs: &[Descriptor]) {
     let mut queue = engine.open_queue(ferry::ClientId(1), QueueConfig::default()).expect("queue");
-    let mut sent = 0;
-    let mut done = Vec::new();
+    let done = complete(&mut queue, descs);
+    for (i, c) in done.iter().enumerate() {
+        assert_eq!((c.tag, c.status()), (i as u64, Ok(ferry::Status::Ok)), "descriptor {i}: {:?}", descs[i]);
+    }
+}
+
+/// Pushes `descs` through `queue` as room allows and returns their completions, in order.
+fn complete(queue: &mut ferry::Queue, descs: &[Descriptor]) -> Vec<ferry::Completion> {
+    let (mut sent, mut done) = (0, Vec::new());
     while done.len() < descs.len() {
         if sent < descs.len() {
             sent += queue.submit(&descs[sent..]).unwrap();
@@ -70,9 +77,7 @@ fn run_descriptors(engine: &Engine, descs: &[Descriptor]) {
         let n = queue.poll(&mut buf).unwrap();
         done.extend_from_slice(&buf[..n]);
     }
-    for (i, c) in done.iter().enumerate() {
-        assert_eq!((c.tag, c.status()), (i as u64, Ok(ferry::Status::Ok)), "descriptor {i}: {:?}", descs[i]);
-    }
+    done
 }
 
 /// Random strided descriptors (and some plain ones) between regions of SIZE bytes: 1 to 80
@@ -434,4 +439,85 @@ fn stream_waits_and_gates_order_copies_with_a_stream() {
         drop(queue);
         engine.deregister(gpu).unwrap();
     }
+}
+
+/// `ferry serve --transport cuda` with a client in this process (issue 14): the client's own
+/// GPU memory goes to the daemon as a CUDA IPC handle (`Engine::register_gpu` on a connected
+/// engine), and copies between it and daemon-allocated (pinned) host memory move the right
+/// bytes both ways; a bad handle, a range past the allocation, and another client's GPU region
+/// are refused; a freed region is gone.
+#[test]
+fn a_cuda_daemon_copies_a_clients_gpu_memory_shared_by_ipc() {
+    use common::daemon::Daemon;
+    if !gpu_available() {
+        return;
+    }
+    let daemon = match Daemon::start_with("cuda-ipc", &["--transport", "cuda", "--unpinned"]) {
+        Ok(daemon) => daemon,
+        Err(e) => panic!("a CUDA daemon should start on a GPU machine: {e}"),
+    };
+    let driver = Driver::load().unwrap();
+    let context = ferry::internals::cuda::Context::new(&driver, 0).unwrap();
+    const LEN: usize = 8 << 20;
+    // A range inside a larger allocation: the daemon maps the allocation, the offset says where.
+    let device = DeviceBuffer::new(LEN + (1 << 20)).unwrap();
+    let (ptr, at) = (device.ptr() + 65536, 65536);
+    let engine = Engine::connect(&daemon.socket).expect("connects");
+    let client = engine.new_client();
+    // SAFETY: `device` outlives the region (freed below, before the buffer drops).
+    let gpu = unsafe { engine.register_gpu(client, ptr, LEN) }.expect("registered by CUDA IPC");
+    let host = engine.allocate_host(client, LEN).unwrap();
+    let mut rng = Rng(0x1bc0);
+    let pattern: Vec<u8> = (0..LEN).map(|_| rng.next() as u8).collect();
+    host.write(0, &pattern).unwrap();
+    device.fill(0xA5).unwrap();
+    // H2D in 64 KiB blocks, scattered (block i of the host to block n-1-i of the GPU).
+    let blocks = LEN / 65536;
+    let h2d: Vec<Descriptor> = (0..blocks)
+        .map(|i| Descriptor::copy(host.id(), (i * 65536) as u64, gpu, ((blocks - 1 - i) * 65536) as u64, 65536))
+        .collect();
+    let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+    assert!(complete(&mut queue, &h2d).iter().all(|c| c.is_ok()), "H2D through the daemon");
+    let mut got = vec![0u8; LEN];
+    device.read(at, &mut got).unwrap();
+    for i in 0..blocks {
+        let (g, p) = ((blocks - 1 - i) * 65536, i * 65536);
+        assert!(got[g..g + 65536] == pattern[p..p + 65536], "H2D block {i} differs");
+    }
+    // D2H: the GPU's bytes back into a poisoned host buffer, in order.
+    host.fill(0, LEN, 0x3C).unwrap();
+    let d2h: Vec<Descriptor> =
+        (0..blocks).map(|i| Descriptor::copy(gpu, (i * 65536) as u64, host.id(), (i * 65536) as u64, 65536)).collect();
+    assert!(complete(&mut queue, &d2h).iter().all(|c| c.is_ok()), "D2H through the daemon");
+    let mut back = vec![0u8; LEN];
+    host.read(0, &mut back).unwrap();
+    assert!(back == got, "D2H bytes differ");
+    println!("{LEN} bytes of this process's GPU memory copied both ways by a CUDA daemon (IPC), checked");
+    // Refusals: a garbage handle, a range past the allocation, another client's region.
+    let mut raw = ferry::Client::connect(&daemon.socket).unwrap();
+    match raw.register_gpu([0x5a; 64], 0, 4096) {
+        Err(Error::Daemon { message }) => println!("a garbage handle: {message}"),
+        other => panic!("a garbage IPC handle must be refused, got {other:?}"),
+    }
+    let export = ferry::internals::cuda::export_ipc(ptr, LEN as u64).unwrap();
+    assert_eq!(export.offset, at as u64);
+    match raw.register_gpu(export.handle, (LEN + (1 << 20)) as u64 - 4096, 8192) {
+        Err(Error::Daemon { message }) => {
+            assert!(message.contains("inside the allocation"), "{message}");
+        }
+        other => panic!("a range past the allocation must be refused, got {other:?}"),
+    }
+    let other = engine.new_client();
+    let their_host = engine.allocate_host(other, 65536).unwrap();
+    let mut their_queue = engine.open_queue(other, QueueConfig::default()).unwrap();
+    let stolen = complete(&mut their_queue, &[Descriptor::copy(gpu, 0, their_host.id(), 0, 65536)]);
+    assert_eq!(stolen[0].status(), Ok(ferry::Status::NotOwner), "{:?}", stolen[0]);
+    // Freed: the region is gone (the daemon closed its mapping).
+    engine.deregister(gpu).unwrap();
+    let after = complete(&mut queue, &[Descriptor::copy(host.id(), 0, gpu, 0, 4096)]);
+    assert!(!after[0].is_ok(), "a freed GPU region must not be copied into: {:?}", after[0]);
+    drop((queue, their_queue, raw));
+    drop(engine);
+    daemon.stop();
+    drop(context);
 }

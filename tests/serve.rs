@@ -5,79 +5,15 @@
 
 mod common;
 
+use common::daemon::Daemon;
 use common::TIMEOUT;
 use ferry::{Client, Descriptor, Error, Queue, Status};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-/// A running `ferry serve`, its socket path, and its stderr lines as they come.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Daemon {
-    fn start(name: &str) -> Daemon {
-        let socket = std::env::temp_dir().join(format!("ferry-serve-{name}-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&socket);
-        Daemon::start_at(socket)
-    }
-
-    /// A daemon on `socket` (a stale socket file there is the daemon's to replace).
-    fn start_at(socket: PathBuf) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["serve", "--socket", socket.to_str().unwrap(), "--transport", "host", "--unpinned"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ferry serve starts");
-        let (tx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[daemon] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let daemon = Daemon { child, socket, lines };
-        daemon.expect_line("listening on");
-        daemon
-    }
-
-    /// Waits for a stderr line containing `text`.
-    fn expect_line(&self, text: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("the daemon never said {text:?}"),
-            }
-        }
-    }
-
-    fn stop(mut self) {
-        // SAFETY: signals our own child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not stop within 5 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        assert!(status.success(), "the daemon exited with {status}");
-        assert!(!self.socket.exists(), "the socket file was left behind");
-    }
-}
 
 /// Copies `blocks` 4 KiB blocks from `src` to `dst` (block i to block i) through `queue`.
 fn copy(queue: &mut Queue, src: ferry::RegionId, dst: ferry::RegionId, blocks: u64) -> Vec<ferry::Completion> {
@@ -793,4 +729,40 @@ fn connections_and_queues_over_their_limits_are_refused_and_the_served_ones_go_o
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     assert!(daemon.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gpu_memory_needs_a_cuda_daemon_and_says_so() {
+    let daemon = Daemon::start("gpu-refused");
+    // The request itself, to a host-transport daemon: refused, naming the missing transport.
+    let mut raw = Client::connect(&daemon.socket).unwrap();
+    match raw.register_gpu([7; 64], 0, 4096) {
+        Err(Error::Daemon { message }) => assert!(message.contains("GPU transport"), "{message}"),
+        other => panic!("expected the daemon's refusal, got {other:?}"),
+    }
+    // Through a connected engine: the memory is exported first, which fails here (no CUDA
+    // driver) or on a GPU machine (not device memory), with a GpuRange error saying why.
+    let engine = ferry::Engine::connect(&daemon.socket).unwrap();
+    let client = engine.new_client();
+    // SAFETY: the registration fails before anything would use the address.
+    match unsafe { engine.register_gpu(client, 0x1000, 4096) } {
+        Err(e @ Error::GpuRange { fault: ferry::GpuRangeFault::NotExportable(_), .. }) => {
+            assert!(e.to_string().contains("CUDA IPC"), "{e}")
+        }
+        other => panic!("expected a GpuRange error, got {other:?}"),
+    }
+    drop((raw, engine));
+    // A CUDA daemon on a machine without a GPU does not start, and says why.
+    if ferry::internals::cuda::gpus().is_ok() {
+        println!("SKIP: this machine has a GPU: tests/gpu.rs starts a CUDA daemon instead");
+    } else {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["serve", "--socket", "/tmp/ferry-no-gpu.sock", "--transport", "cuda", "--quiet"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("starting the engine"), "{stderr}");
+        println!("a CUDA daemon without a GPU: {}", stderr.trim());
+    }
+    daemon.stop();
 }

@@ -428,8 +428,9 @@ pub unsafe extern "C" fn ferry_engine_start(config: *const ferry_config, out: *m
 /// (the first one is made here: a missing daemon fails now, `FERRY_RESULT_SYSTEM_ERROR` with the
 /// reason in [`ferry_last_error`]); host memory (`ferry_host_alloc`) and queues come from the
 /// daemon as memfds mapped here; descriptors and completions go through shared memory as
-/// in-process. Refused while connected (`FERRY_RESULT_INVALID_ARGUMENT`): registering this
-/// process's memory, the SM budget, stream ordering, queue settings but the capacities. A
+/// in-process; `ferry_register_gpu` hands the daemon (on the CUDA transport) the memory's CUDA
+/// IPC handle. Refused while connected (`FERRY_RESULT_INVALID_ARGUMENT`): registering this
+/// process's host memory, the SM budget, stream ordering, queue settings but the capacities. A
 /// daemon that dies makes the queues' polls return `FERRY_RESULT_ENGINE_GONE`. Free it with
 /// [`ferry_engine_free`] (which closes the connections).
 ///
@@ -795,7 +796,9 @@ unsafe fn register(
 /// Registers `len` bytes of GPU memory at device address `ptr` (from `cuMemAlloc` or a
 /// framework's allocator) for `client`; writes the region id. Needs the GPU transport; the
 /// range must be device memory of the engine's GPU inside one allocation (`FERRY_RESULT_BAD_RANGE`
-/// with the reason otherwise). Over GDR it is also registered with the NIC.
+/// with the reason otherwise). Over GDR it is also registered with the NIC. On an engine from
+/// [`ferry_engine_connect`] the allocation goes to the daemon as a CUDA IPC handle (memory of
+/// `cuMemAlloc` / `cudaMalloc`; not `cuMemCreate` memory) and the daemon maps it.
 ///
 /// # Safety
 /// The allocation must stay valid until [`ferry_deregister`] succeeds for the region or the

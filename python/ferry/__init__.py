@@ -617,8 +617,9 @@ def connect(socket: str) -> Engine:
     """The engine of the `ferry serve` daemon listening at the Unix socket `socket`: an `Engine`
     with the same calls (`new_client` is a connection; `alloc_host` and `open_queue` come from the
     daemon as memfds mapped here; descriptors and completions go through shared memory, as
-    in-process). Not available connected: `register` (this process's memory), `set_sm_budget`,
-    stream ordering (FerryError invalid_argument naming it). A daemon that dies makes the queues'
+    in-process; `register` of a CUDA tensor hands a daemon on the CUDA transport the tensor's
+    CUDA IPC handle). Not available connected: `register` of host memory (use `alloc_host` or
+    `register_memfd`), `set_sm_budget`, stream ordering (FerryError invalid_argument naming it). A daemon that dies makes the queues'
     polls raise FerryError engine_gone. FerryError system_error where no daemon answers."""
     return Engine._connected(socket)
 

@@ -1,7 +1,8 @@
 """An engine in a `ferry serve` daemon, from Python: `ferry.connect(socket)` takes the same calls
 as an engine started here (host transport), refuses what it cannot do with a clear error, and a
-daemon that dies makes the queue's polls raise engine_gone, never hang. Needs the `ferry`
-binary: FERRY_BIN, or `ferry` on PATH (SKIP otherwise)."""
+daemon that dies makes the queue's polls raise engine_gone, never hang; on a GPU, a daemon on the
+CUDA transport moves blocks of this process's torch tensor, shared by CUDA IPC. Needs the
+`ferry` binary: FERRY_BIN, or `ferry` on PATH (SKIP otherwise)."""
 
 import os
 import shutil
@@ -14,6 +15,7 @@ import unittest
 import numpy as np
 
 import ferry
+from support import torch_or_skip
 
 
 def ferry_binary():
@@ -24,12 +26,16 @@ def ferry_binary():
     return path
 
 
-class Connected(unittest.TestCase):
+class Daemon(unittest.TestCase):
+    """Starts `ferry serve` on the TRANSPORT below and connects `self.engine` to it."""
+
+    TRANSPORT = "host"
+
     def setUp(self):
         binary = ferry_binary()
         self.dir = tempfile.mkdtemp(prefix="ferry-py-serve-")
         self.socket = os.path.join(self.dir, "s.sock")
-        self.daemon = subprocess.Popen([binary, "serve", "--socket", self.socket, "--transport", "host",
+        self.daemon = subprocess.Popen([binary, "serve", "--socket", self.socket, "--transport", self.TRANSPORT,
                                         "--unpinned", "--quiet"])
         deadline = time.monotonic() + 10
         while True:
@@ -47,6 +53,8 @@ class Connected(unittest.TestCase):
             self.assertEqual(self.daemon.wait(timeout=10), 0)
         shutil.rmtree(self.dir, ignore_errors=True)
 
+
+class Connected(Daemon):
     def test_the_same_calls_as_an_engine_started_here(self):
         engine = self.engine
         self.assertEqual(engine.transport, "daemon")
@@ -138,6 +146,44 @@ class Connected(unittest.TestCase):
             ferry.connect(os.path.join(self.dir, "none.sock"))
         self.assertEqual(caught.exception.code, ferry.RESULT["system_error"])
         self.assertIn("connecting to the daemon", str(caught.exception))
+
+
+class ConnectedCuda(Daemon):
+    """A daemon on the CUDA transport: this process's torch CUDA tensor goes to it by CUDA IPC
+    (`Engine.register` as in-process) and paged KV blocks move both ways between it and host
+    memory the daemon allocated (pinned). SKIP without torch and a CUDA device."""
+
+    TRANSPORT = "cuda"
+
+    def setUp(self):
+        self.torch = torch_or_skip(cuda=True)
+        super().setUp()
+
+    def test_a_torch_tensor_shared_by_cuda_ipc_moves_both_ways(self):
+        torch = self.torch
+        client = self.engine.new_client()
+        layers, blocks, tokens, heads, dim = 4, 64, 16, 8, 64   # a block: 4 x 2 chunks of 16 KiB
+        kv = torch.randn((layers, 2, blocks, tokens, heads, dim), device="cuda", dtype=torch.float16)
+        reg = self.engine.register(client, kv)
+        block_bytes = layers * 2 * tokens * heads * dim * 2
+        host = self.engine.alloc_host(client, 32 * block_bytes)
+        pool = host.torch(torch.float16, (32, layers, 2, tokens, heads, dim))
+        pool.fill_(-1.0)
+        queue = self.engine.open_queue(client)
+        gpu_ids, host_ids = list(range(1, 64, 2)), list(range(31, -1, -1))
+        torch.cuda.synchronize()
+        self.assertEqual(queue.copy_blocks(reg.blocks(2), host.blocks(pool, 0), gpu_ids, host_ids), 32)
+        for g, h in zip(gpu_ids, host_ids):
+            self.assertTrue(torch.equal(pool[h], kv[:, :, g].cpu()), f"offloaded block {g} -> {h}")
+        kv.zero_()
+        torch.cuda.synchronize()
+        self.assertEqual(queue.copy_blocks(host.blocks(pool, 0), reg.blocks(2), host_ids, gpu_ids), 32)
+        for g, h in zip(gpu_ids, host_ids):
+            self.assertTrue(torch.equal(kv[:, :, g].cpu(), pool[h]), f"loaded block {h} -> {g}")
+        self.assertEqual(int(kv[:, :, 0].abs().sum()), 0, "a block not loaded stays zero")
+        reg.close()
+        queue.close()
+        self.engine.close()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ use ferry::{Completion, CorePlacement, Engine, EngineConfig, Queue, TransportKin
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod daemon;
+
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn config(transport: TransportKind) -> EngineConfig {

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str =
-    "usage: ferry serve [--config FILE] [--socket PATH] [--transport host|null] [--workers N] [--unpinned]
+    "usage: ferry serve [--config FILE] [--socket PATH] [--transport host|null|cuda] [--device N] [--workers N] [--unpinned]
                    [--allow-uid UID]... [--quiet] [--print-config]";
 
 /// Set by the SIGTERM/SIGINT handler.
@@ -68,7 +68,7 @@ pub struct Limits {
     pub connections: usize,
     /// Queues one client holds open at once (closed ones do not count).
     pub queues_per_client: usize,
-    /// Host memory regions one client holds at once.
+    /// Memory regions (host, and GPU memory registered by CUDA IPC) one client holds at once.
     pub regions_per_client: usize,
     /// Bytes of host memory (pinned for a GPU transport) one client holds at once.
     pub host_bytes_per_client: u64,
@@ -84,8 +84,12 @@ impl Default for Limits {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSection {
-    /// "host" (CPU copies) or "null" (no data moves); the GPU transports come later.
+    /// "host" (CPU copies), "null" (no data moves) or "cuda" (the CUDA driver's copies and
+    /// ferry's copy kernel on GPU `device`: clients register GPU memory by CUDA IPC; host memory
+    /// is pinned; no GDR through the daemon yet).
     pub transport: Transport,
+    /// The CUDA device ordinal ("cuda" only).
+    pub device: u32,
     /// Worker threads.
     pub workers: usize,
     /// Pin each worker to a core of the topology plan (false: unpinned).
@@ -94,7 +98,7 @@ pub struct EngineSection {
 
 impl Default for EngineSection {
     fn default() -> Self {
-        EngineSection { transport: Transport::Host, workers: 1, pinned: true }
+        EngineSection { transport: Transport::Host, device: 0, workers: 1, pinned: true }
     }
 }
 
@@ -106,6 +110,8 @@ pub enum Transport {
     Host,
     /// No data moves.
     Null,
+    /// The CUDA transport (without GDR).
+    Cuda,
 }
 
 /// `log`.
@@ -153,11 +159,11 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                 config.engine.transport = match value()?.as_str() {
                     "host" => Transport::Host,
                     "null" => Transport::Null,
-                    other => {
-                        return Err(format!("--transport {other:?}: host or null (the GPU transports come later)"))
-                    }
+                    "cuda" => Transport::Cuda,
+                    other => return Err(format!("--transport {other:?}: host, null or cuda")),
                 }
             }
+            "--device" => config.engine.device = value()?.parse().map_err(|_| "--device: a CUDA ordinal".to_owned())?,
             "--workers" => config.engine.workers = value()?.parse().map_err(|_| "--workers: a number".to_owned())?,
             "--allow-uid" => config.allow_uids.push(value()?.parse().map_err(|_| "--allow-uid: a uid".to_owned())?),
             "--unpinned" => config.engine.pinned = false,
@@ -202,6 +208,11 @@ pub fn serve(options: &Options) -> Result<(), String> {
     let transport = match o.engine.transport {
         Transport::Host => TransportKind::Host,
         Transport::Null => TransportKind::Null,
+        Transport::Cuda => TransportKind::Gpu(ferry::GpuConfig {
+            device: o.engine.device,
+            gdr: ferry::GdrConfig { use_gdr: ferry::UseGdr::Off, ..ferry::GdrConfig::default() },
+            ..ferry::GpuConfig::default()
+        }),
     };
     let config = EngineConfig {
         transport,
@@ -303,10 +314,28 @@ struct Registry(Arc<Mutex<Queues>>, Arc<Mutex<HashMap<String, Pool>>>);
 /// Queue memfds by (client id, connection).
 type Queues = HashMap<(u32, u64), Vec<File>>;
 
-/// What a client holds: its host regions. A pool's is shared by its members' connections.
+/// What a client holds: its host regions, and its GPU regions (CUDA IPC mappings, closed when
+/// deregistered) with their bytes. A pool's is shared by its members' connections.
 struct Owner {
     client: ClientId,
     regions: HashMap<RegionId, HostBuffer>,
+    gpu: HashMap<RegionId, u64>,
+}
+
+impl Owner {
+    fn new(client: ClientId) -> Owner {
+        Owner { client, regions: HashMap::new(), gpu: HashMap::new() }
+    }
+
+    /// Whether it holds no region.
+    fn is_empty(&self) -> bool {
+        self.regions.is_empty() && self.gpu.is_empty()
+    }
+
+    /// Regions of either kind.
+    fn count(&self) -> usize {
+        self.regions.len() + self.gpu.len()
+    }
 }
 
 /// A pool: its owner and how many connections are its members.
@@ -336,10 +365,9 @@ impl Registry {
     fn join(&self, engine: &Engine, name: &str) -> Result<Arc<Mutex<Owner>>, String> {
         ferry::control::check_pool_name(name).map_err(|e| e.to_string())?;
         let mut pools = lock(&self.1);
-        let pool = pools.entry(name.to_owned()).or_insert_with(|| Pool {
-            owner: Arc::new(Mutex::new(Owner { client: engine.new_client(), regions: HashMap::new() })),
-            members: 0,
-        });
+        let pool = pools
+            .entry(name.to_owned())
+            .or_insert_with(|| Pool { owner: Arc::new(Mutex::new(Owner::new(engine.new_client()))), members: 0 });
         pool.members += 1;
         Ok(pool.owner.clone())
     }
@@ -403,7 +431,7 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
         }
     };
     let mut client = engine.new_client();
-    let mut owner = Arc::new(Mutex::new(Owner { client, regions: HashMap::new() }));
+    let mut owner = Arc::new(Mutex::new(Owner::new(client)));
     let mut pool: Option<String> = None;
     let mut hello = false;
     loop {
@@ -429,7 +457,7 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
             Frame::Join { name }
                 if pool.is_none()
                     && registry.lock().get(&(client.0, me)).is_none_or(Vec::is_empty)
-                    && lock(&owner).regions.is_empty() =>
+                    && lock(&owner).is_empty() =>
             {
                 registry.join(engine, &name).map(|joined| {
                     owner = joined;
@@ -459,7 +487,7 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                 let given = matches!(frame, Frame::RegisterMemfd { .. });
                 let mut owner = lock(&owner);
                 let held = owner.regions.values().map(|b| b.len() as u64).sum::<u64>();
-                if owner.regions.len() >= limits.regions_per_client {
+                if owner.count() >= limits.regions_per_client {
                     Err(format!("over limits.regions_per_client ({}): free a region first", limits.regions_per_client))
                 } else if held.saturating_add(len) > limits.host_bytes_per_client {
                     Err(format!(
@@ -489,17 +517,30 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                     })
                 }
             }
-            Frame::Free { region } => {
+            Frame::RegisterGpu { handle, offset, len } => {
                 let mut owner = lock(&owner);
-                match owner.regions.get(&RegionId(region)) {
-                    None => Err(format!("region {region:#x} is not this client's")),
-                    Some(_) => match engine.deregister(RegionId(region)) {
-                        Ok(()) => {
-                            owner.regions.remove(&RegionId(region));
-                            Ok((Frame::Done, None))
-                        }
-                        Err(e) => Err(e.to_string()),
-                    },
+                if owner.count() >= limits.regions_per_client {
+                    Err(format!("over limits.regions_per_client ({}): free a region first", limits.regions_per_client))
+                } else {
+                    usize::try_from(len)
+                        .map_err(|_| format!("{len} bytes"))
+                        .and_then(|n| engine.register_gpu_ipc(client, &handle, offset, n).map_err(|e| e.to_string()))
+                        .map(|region| {
+                            owner.gpu.insert(region, len);
+                            (Frame::GpuRegistered { region: region.0 }, None)
+                        })
+                }
+            }
+            Frame::Free { region } => {
+                let (mut owner, id) = (lock(&owner), RegionId(region));
+                if !owner.regions.contains_key(&id) && !owner.gpu.contains_key(&id) {
+                    Err(format!("region {region:#x} is not this client's"))
+                } else {
+                    engine.deregister(id).map_err(|e| e.to_string()).map(|()| {
+                        owner.regions.remove(&id);
+                        owner.gpu.remove(&id);
+                        (Frame::Done, None)
+                    })
                 }
             }
             Frame::Stat => Ok((Frame::Stats { rows: registry.rows(engine) }, None)),
@@ -532,9 +573,13 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
         log(format!("client {} (a pool member) gone; its queues are freed, the pool's regions stay", client.0));
         return;
     };
-    let mut regions = std::mem::take(&mut lock(&owner).regions);
+    let (regions, gpu) = {
+        let mut owner = lock(&owner);
+        (std::mem::take(&mut owner.regions), std::mem::take(&mut owner.gpu))
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    for (id, _buffer) in regions.drain() {
+    // The host buffers (this side's mappings) are dropped after their regions are deregistered.
+    for id in regions.keys().chain(gpu.keys()).copied() {
         while let Err(ferry::Error::RegionBusy { .. }) = engine.deregister(id) {
             if Instant::now() > deadline {
                 log(format!("client {}: region {id} still busy after 10 s; left registered", client.0));
