@@ -1,0 +1,149 @@
+// Probe (issue 13's push -> kernel latency): how fast a stream blocked in cuStreamWaitValue64
+// goes on once its word is written, by who writes it and how long the stream was blocked.
+//
+// A: stream W waits on a word in pinned host memory (cuMemHostAlloc, device-mapped), blocked
+//    for `blocked` us; the CPU writes the word; time from the write to W's next event done
+//    (polled with cudaEventQuery), as ferry's worker publishing a watermark.
+// B: the same word written by the GPU: stream C copies 4 KiB H2D, then cuStreamWriteValue64s the
+//    word (host or device memory); time from the CPU enqueuing the copy to W's event done. This
+//    is what a worker that wrote its watermark on its own copy stream would give.
+// C: the CPU path in full, for comparison with B: C copies 4 KiB, the CPU polls C's event, then
+//    writes the host word; time from the enqueue to W's event done (ferry today, minus its ring).
+// Every poll has a deadline; nothing can hang (a timed-out round prints -1).
+//
+//   nvcc -O3 -arch=sm_90 -o /tmp/probe_wake gpu/probe_wake.cu -lcuda && /tmp/probe_wake
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#define CHECK(x)                                                                                 \
+    do {                                                                                         \
+        cudaError_t e = (x);                                                                     \
+        if (e != cudaSuccess) {                                                                  \
+            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+            std::exit(1);                                                                        \
+        }                                                                                        \
+    } while (0)
+#define CU(x)                                                                                    \
+    do {                                                                                         \
+        CUresult r = (x);                                                                        \
+        if (r != CUDA_SUCCESS) {                                                                 \
+            const char *s = nullptr;                                                             \
+            cuGetErrorString(r, &s);                                                             \
+            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, s ? s : "?");       \
+            std::exit(1);                                                                        \
+        }                                                                                        \
+    } while (0)
+
+static double now_us() {
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+static bool spin(cudaEvent_t e, double deadline_us) {
+    double t0 = now_us();
+    for (;;) {
+        cudaError_t r = cudaEventQuery(e);
+        if (r == cudaSuccess) return true;
+        if (r != cudaErrorNotReady) CHECK(r);
+        if (now_us() - t0 > deadline_us) return false;
+    }
+}
+
+static void busy_wait(double us) {
+    double t0 = now_us();
+    while (now_us() - t0 < us) {
+    }
+}
+
+struct Stats {
+    std::vector<double> v;
+    void add(double x) { v.push_back(x); }
+    double q(double f) {
+        std::sort(v.begin(), v.end());
+        return v.empty() ? -1 : v[(size_t)((v.size() - 1) * f)];
+    }
+};
+
+int main() {
+    CHECK(cudaSetDevice(0));
+    CHECK(cudaFree(nullptr));
+    cudaStream_t w, c;
+    CHECK(cudaStreamCreateWithFlags(&w, cudaStreamNonBlocking));
+    CHECK(cudaStreamCreateWithFlags(&c, cudaStreamNonBlocking));
+    cudaEvent_t passed, copied;
+    CHECK(cudaEventCreateWithFlags(&passed, cudaEventDisableTiming));
+    CHECK(cudaEventCreateWithFlags(&copied, cudaEventDisableTiming));
+    uint64_t *host_word;
+    CHECK(cudaHostAlloc((void **)&host_word, 64, cudaHostAllocMapped | cudaHostAllocPortable));
+    CUdeviceptr host_dev;
+    CU(cuMemHostGetDevicePointer(&host_dev, host_word, 0));
+    CUdeviceptr dev_word;
+    CU(cuMemAlloc(&dev_word, 64));
+    CU(cuMemsetD8(dev_word, 0, 64));
+    void *pinned, *device;
+    CHECK(cudaHostAlloc(&pinned, 4096, cudaHostAllocPortable));
+    CHECK(cudaMalloc(&device, 4096));
+    const int rounds = 400;
+    const double blocked_us[] = {0, 20, 100, 1000};
+    uint64_t value = 0;
+    std::printf("| case | word | blocked us | p50 us | p90 us | p99 us | timeouts |\n|---|---|---|---|---|---|---|\n");
+    for (int kind = 0; kind < 4; kind++) {
+        const char *name = kind == 0 ? "A: CPU writes the word" : kind == 1 ? "B: GPU writes after a 4 KiB copy"
+                         : kind == 2 ? "B: GPU writes after a 4 KiB copy" : "C: CPU polls the copy, writes";
+        bool on_device = kind == 2;
+        CUdeviceptr word = on_device ? dev_word : host_dev;
+        for (double blocked : blocked_us) {
+            Stats s;
+            int timeouts = 0;
+            for (int i = 0; i < rounds + 20; i++) {
+                value++;
+                CU(cuStreamWaitValue64((CUstream)w, word, value, CU_STREAM_WAIT_VALUE_GEQ));
+                CHECK(cudaEventRecord(passed, w));
+                busy_wait(blocked);
+                double t0 = now_us();
+                if (kind == 0) {
+                    __atomic_store_n(host_word, value, __ATOMIC_RELEASE);
+                } else if (kind == 1 || kind == 2) {
+                    CHECK(cudaMemcpyAsync(device, pinned, 4096, cudaMemcpyHostToDevice, c));
+                    CU(cuStreamWriteValue64((CUstream)c, word, value, CU_STREAM_WRITE_VALUE_DEFAULT));
+                } else {
+                    CHECK(cudaMemcpyAsync(device, pinned, 4096, cudaMemcpyHostToDevice, c));
+                    CHECK(cudaEventRecord(copied, c));
+                    if (!spin(copied, 1e6)) timeouts++;
+                    __atomic_store_n(host_word, value, __ATOMIC_RELEASE);
+                }
+                bool ok = spin(passed, 1e6);
+                double dt = now_us() - t0;
+                if (!ok) {
+                    timeouts++;
+                    __atomic_store_n(host_word, value, __ATOMIC_RELEASE);  // release it, whatever kind
+                    CU(cuMemsetD8(dev_word, 0xff, 8));
+                    CHECK(cudaStreamSynchronize(w));
+                    std::fprintf(stderr, "timeout: %s blocked %.0f\n", name, blocked);
+                    return 1;
+                }
+                CHECK(cudaStreamSynchronize(c));
+                if (i >= 20) s.add(dt);
+            }
+            std::printf("| %s | %s | %.0f | %.2f | %.2f | %.2f | %d |\n", name, on_device ? "device" : "host", blocked,
+                        s.q(0.5), s.q(0.9), s.q(0.99), timeouts);
+        }
+    }
+    // Baseline: the copy alone, enqueue -> its event seen.
+    Stats s;
+    for (int i = 0; i < rounds + 20; i++) {
+        double t0 = now_us();
+        CHECK(cudaMemcpyAsync(device, pinned, 4096, cudaMemcpyHostToDevice, c));
+        CHECK(cudaEventRecord(copied, c));
+        spin(copied, 1e6);
+        if (i >= 20) s.add(now_us() - t0);
+    }
+    std::printf("| the 4 KiB copy alone (enqueue -> its event seen) | - | - | %.2f | %.2f | %.2f | 0 |\n", s.q(0.5),
+                s.q(0.9), s.q(0.99));
+    return 0;
+}
