@@ -44,8 +44,16 @@ impl std::fmt::Debug for TransportKind {
 /// copies.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GpuConfig {
-    /// CUDA device ordinal.
+    /// CUDA device ordinal (of the one GPU; see `devices` for several).
     pub device: u32,
+    /// The engine's GPUs: [`GpuSet::One`] (`device`, the default), a list of ordinals, or every
+    /// GPU the driver lists. With several, each GPU gets [`EngineConfig::workers`] workers of its
+    /// own (on cores the topology plan gives that GPU), its own context and streams; every
+    /// worker copies for every GPU of the engine (each copy on the streams of the GPU whose
+    /// memory it touches) and [`QueueConfig::gpu`] opens a queue on one GPU's workers. GDR is
+    /// not used with several GPUs yet (`use_gdr = auto` runs the CUDA driver's copies, `on` is a
+    /// start-up error).
+    pub devices: GpuSet,
     /// The GPU's PCI bus id (`0000:18:00.0`), optional. With a CUDA driver it must name the
     /// same GPU as `device` (checked at start); without one (GDR on host memory only) it is the
     /// GPU whose cores and NIC the topology plan gives the engine. Unset: the bus id the driver
@@ -55,6 +63,46 @@ pub struct GpuConfig {
     pub cuda: CudaConfig,
     /// Whether copies go over the NIC, which NIC, chains and signaling.
     pub gdr: GdrConfig,
+}
+
+/// Which GPUs an engine drives ([`GpuConfig::devices`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GpuSet {
+    /// [`GpuConfig::device`] alone.
+    #[default]
+    One,
+    /// These CUDA ordinals, in this order (the engine's GPU 0, 1, ...): at least one, no
+    /// ordinal twice.
+    List(Vec<u32>),
+    /// Every GPU the CUDA driver lists, in its order.
+    All,
+}
+
+impl GpuSet {
+    /// Checks what needs no hardware: a list is not empty and names no ordinal twice.
+    pub fn check(&self) -> Result<(), Error> {
+        if let GpuSet::List(list) = self {
+            if list.is_empty() {
+                return Err(Error::setting("GpuConfig::devices", "an empty list", "at least one CUDA ordinal"));
+            }
+            for (i, ordinal) in list.iter().enumerate() {
+                if list[..i].contains(ordinal) {
+                    return Err(Error::setting(
+                        "GpuConfig::devices",
+                        format!("{list:?}"),
+                        format!("each ordinal once ({ordinal} is there twice)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this may be more than one GPU.
+    pub fn is_many(&self) -> bool {
+        !matches!(self, GpuSet::One)
+    }
 }
 
 /// How the CUDA transport moves a batch.
@@ -397,8 +445,10 @@ impl EngineConfig {
                 format!("between 1 and {}", Self::MAX_REGIONS),
             ));
         }
+        let many = matches!(&self.transport, TransportKind::Gpu(g) if g.devices.is_many());
         if let CorePlacement::Cores(cores) = &self.cores {
-            if cores.len() != self.workers {
+            // With several GPUs the count (workers times GPUs) is checked at start.
+            if cores.len() != self.workers && !many {
                 return Err(Error::setting(
                     "EngineConfig::cores",
                     format!("{} cores", cores.len()),
@@ -442,6 +492,28 @@ impl EngineConfig {
             if gpu.gdr.use_gdr != UseGdr::Off {
                 gpu.gdr.check()?;
             }
+            gpu.devices.check()?;
+            if many {
+                let refuse =
+                    |setting: &'static str, value: String, rule: &str| Err(Error::setting(setting, value, rule));
+                if gpu.bus_id.is_some() {
+                    return refuse(
+                        "GpuConfig::bus_id",
+                        format!("{:?}", gpu.bus_id),
+                        "unset with several GPUs (devices)",
+                    );
+                }
+                if gpu.gdr.use_gdr == UseGdr::On {
+                    return refuse(
+                        "GdrConfig::use_gdr",
+                        "on".into(),
+                        "off or auto with several GPUs (GDR drives one GPU so far)",
+                    );
+                }
+                if gpu.cuda.strategy == Strategy::Resident {
+                    return refuse("CudaConfig::strategy", "resident".into(), "another strategy with several GPUs");
+                }
+            }
         }
         Ok(())
     }
@@ -454,8 +526,13 @@ pub struct QueueConfig {
     pub submit_capacity: u64,
     /// Completion ring slots (a power of two).
     pub complete_capacity: u64,
-    /// Worker to serve the queue; `None` picks the worker with the fewest queues.
+    /// Worker to serve the queue; `None` picks the worker with the fewest queues (of `gpu`'s
+    /// workers when it is set).
     pub worker: Option<usize>,
+    /// On an engine with several GPUs ([`GpuConfig::devices`]): the engine GPU (0 for the
+    /// first of its list) whose workers serve the queue; `None`: any worker. Its descriptors may
+    /// still name memory of every GPU of the engine.
+    pub gpu: Option<usize>,
     /// How long a gate descriptor ([`crate::Descriptor::gate`]) holds the queue before it
     /// completes as [`crate::Status::GateTimeout`] and the queue goes on (default 10 s).
     pub gate_timeout: std::time::Duration,
@@ -488,6 +565,7 @@ impl Default for QueueConfig {
             submit_capacity: 4096,
             complete_capacity: 4096,
             worker: None,
+            gpu: None,
             gate_timeout: std::time::Duration::from_secs(10),
             close_if_client_dies: false,
         }
@@ -541,6 +619,39 @@ mod tests {
         ];
         for config in bad {
             assert!(matches!(config.check(), Err(Error::InvalidSetting { .. })), "{config:?}");
+        }
+    }
+
+    #[test]
+    fn several_gpus_are_checked_before_any_hardware() {
+        let gpus = |devices: GpuSet, tune: fn(GpuConfig) -> GpuConfig| EngineConfig {
+            transport: TransportKind::Gpu(tune(GpuConfig { devices, ..GpuConfig::default() })),
+            ..EngineConfig::default()
+        };
+        let same = |g: GpuConfig| g;
+        for good in [gpus(GpuSet::All, same), gpus(GpuSet::List(vec![3, 0, 1]), same)] {
+            good.check().unwrap();
+        }
+        // With several GPUs the core list covers every GPU's workers: checked at start.
+        EngineConfig { cores: CorePlacement::Cores(vec![4, 5, 6]), ..gpus(GpuSet::All, same) }.check().unwrap();
+        let bad = [
+            (gpus(GpuSet::List(vec![]), same), "at least one"),
+            (gpus(GpuSet::List(vec![0, 2, 0]), same), "0 is there twice"),
+            (gpus(GpuSet::All, |g| GpuConfig { bus_id: Some("0000:18:00.0".into()), ..g }), "unset with several"),
+            (
+                gpus(GpuSet::All, |g| GpuConfig { gdr: GdrConfig { use_gdr: UseGdr::On, ..g.gdr }, ..g }),
+                "GDR drives one GPU",
+            ),
+            (
+                gpus(GpuSet::All, |g| GpuConfig { cuda: CudaConfig { strategy: Strategy::Resident, ..g.cuda }, ..g }),
+                "another strategy",
+            ),
+        ];
+        for (config, why) in bad {
+            match config.check() {
+                Err(e @ Error::InvalidSetting { .. }) => assert!(e.to_string().contains(why), "{e}"),
+                other => panic!("{config:?}: expected a refusal naming {why:?}, got {other:?}"),
+            }
         }
     }
 }

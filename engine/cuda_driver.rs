@@ -250,6 +250,27 @@ impl Context {
         check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.context) })
     }
 
+    /// Lets this context's kernels and copies reach `peer`'s device memory directly, where the
+    /// driver says the two devices can (`cuDeviceCanAccessPeer`, then `cuCtxEnablePeerAccess`
+    /// with this context current); returns whether they can. The same device: true.
+    pub fn enable_peer_access(&self, peer: &Context) -> Result<bool, CudaError> {
+        if self.device == peer.device {
+            return Ok(true);
+        }
+        let mut can: c_int = 0;
+        // SAFETY: valid out pointer and device handles.
+        check("cuDeviceCanAccessPeer", unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.device, peer.device) })?;
+        if can == 0 {
+            return Ok(false);
+        }
+        self.make_current()?;
+        // SAFETY: `peer.context` is a retained primary context; flags must be 0.
+        match unsafe { sys::cuCtxEnablePeerAccess(peer.context, 0) } {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(true),
+            code => Err(CudaError::Call { call: "cuCtxEnablePeerAccess", code }),
+        }
+    }
+
     /// Where a pointer points, per the driver (the context must be current).
     pub fn pointer_info(&self, ptr: u64) -> Result<PointerInfo, CudaError> {
         let mut memory_type: u32 = 0;

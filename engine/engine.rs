@@ -35,6 +35,8 @@ struct WorkerHandle {
     counters: Arc<WorkerCounters>,
     nic_counters: Option<Arc<NicCounters>>,
     core: Option<usize>,
+    /// The engine GPU whose cores it runs on (0 with one GPU or none).
+    gpu: usize,
 }
 
 /// A running engine. Dropping it shuts it down (see [`Engine::shutdown`]).
@@ -66,12 +68,18 @@ impl Engine {
     pub fn start(config: EngineConfig) -> Result<Engine, Error> {
         config.check()?;
         let device = select(&config)?;
-        let (cores, placement_notes) = place_workers(&config, device.gpu_bus_id.as_deref())?;
-        let table = Arc::new(RegionTable::new(config.max_regions, config.workers));
+        // With several GPUs, `workers` workers for each, on that GPU's cores.
+        let buses: Vec<String> = match device.gpus.is_empty() {
+            true => device.gpu_bus_id.iter().cloned().collect(),
+            false => device.gpus.iter().map(|c| c.info.pci_bus_id.clone()).collect(),
+        };
+        let (cores, placement_notes) = place_workers(&config, &buses)?;
+        let total = cores.len();
+        let table = Arc::new(RegionTable::new(config.max_regions, total));
         let stop = Arc::new(AtomicBool::new(false));
         let mut engine = Engine {
             table: table.clone(),
-            workers: Vec::with_capacity(config.workers),
+            workers: Vec::with_capacity(total),
             stop: stop.clone(),
             next_client: AtomicU32::new(1),
             next_queue: AtomicU32::new(1),
@@ -128,7 +136,8 @@ impl Engine {
                     }
                 })
                 .map_err(|source| Error::SpawnWorker { worker: index, source })?;
-            engine.workers.push(WorkerHandle { thread, mailbox, counters, nic_counters, core });
+            let gpu = index / config.workers;
+            engine.workers.push(WorkerHandle { thread, mailbox, counters, nic_counters, core, gpu });
         }
         drop(ready_tx);
         for _ in 0..engine.workers.len() {
@@ -176,6 +185,21 @@ impl Engine {
     /// The core each worker is pinned to (`None`: unpinned).
     pub fn worker_cores(&self) -> Vec<Option<usize>> {
         self.workers.iter().map(|w| w.core).collect()
+    }
+
+    /// The engine GPU each worker was placed for (its place in the engine's GPU list; all 0
+    /// with one GPU or none). Every worker copies for every GPU of the engine.
+    pub fn worker_gpus(&self) -> Vec<usize> {
+        self.workers.iter().map(|w| w.gpu).collect()
+    }
+
+    /// The CUDA context of each of the engine's GPUs, in its order ([`crate::GpuConfig::devices`];
+    /// one with one GPU, none without a CUDA context).
+    pub fn cuda_contexts(&self) -> Vec<Arc<Context>> {
+        match self.device.gpus.is_empty() {
+            true => self.device.cuda.iter().cloned().collect(),
+            false => self.device.gpus.clone(),
+        }
     }
 
     /// What automatic placement had to settle for (for example a worker on CPU 0).
@@ -274,7 +298,8 @@ impl Engine {
         // SAFETY: as above: the registration drops before the mapping.
         let (keys, nic) = unsafe { self.device.register_with_nic(memory.as_ptr() as u64, len, None)? };
         let keep: Keep = Box::new(HostKeep { _nic: nic, _pin: pin, _memory: memory.clone() });
-        let id = self.table.register(client, MemoryKind::Host, memory.as_ptr() as u64, len as u64, keys, Some(keep))?;
+        let host = MemoryKind::Host as u32;
+        let id = self.table.register(client, host, memory.as_ptr() as u64, len as u64, keys, Some(keep))?;
         Ok(HostBuffer::new(id, memory))
     }
 
@@ -296,7 +321,7 @@ impl Engine {
         let (keys, nic) = unsafe { self.device.register_with_nic(ptr as u64, len, None)? };
         // Tuple fields drop in order: the NIC registration before the pinning.
         let keep: Keep = Box::new((nic, pin));
-        self.table.register(client, MemoryKind::Host, ptr as u64, len as u64, keys, Some(keep))
+        self.table.register(client, MemoryKind::Host as u32, ptr as u64, len as u64, keys, Some(keep))
     }
 
     /// Pins host memory for the CUDA device, unless the engine has none or it is pinned already.
@@ -388,9 +413,11 @@ impl Engine {
         if info.memory_type != MEMORY_TYPE_DEVICE {
             return Err(bad(GpuRangeFault::NotDeviceMemory { memory_type: info.memory_type }));
         }
-        if info.ordinal != ctx.info.ordinal {
-            return Err(bad(GpuRangeFault::OtherDevice { found: info.ordinal, engine: ctx.info.ordinal }));
-        }
+        let contexts = self.cuda_contexts();
+        let Some(gpu) = contexts.iter().position(|c| c.info.ordinal == info.ordinal) else {
+            let engine = contexts.iter().map(|c| c.info.ordinal).collect();
+            return Err(bad(GpuRangeFault::OtherDevice { found: info.ordinal, engine }));
+        };
         let end = ptr.checked_add(len as u64).ok_or(bad(GpuRangeFault::Wraps))?;
         if ptr < info.range_start || end > info.range_start + info.range_size {
             return Err(bad(GpuRangeFault::PastAllocation { start: info.range_start, size: info.range_size }));
@@ -405,7 +432,7 @@ impl Engine {
             Some(keep) => Some(Box::new((nic, keep))),
             None => nic,
         };
-        self.table.register(client, MemoryKind::Gpu, ptr, len as u64, keys, keep)
+        self.table.register(client, MemoryKind::gpu_code(gpu), ptr, len as u64, keys, keep)
     }
 
     /// Changes the copy kernel's SM budget while the engine runs: a total over the workers, as
@@ -417,7 +444,7 @@ impl Engine {
         if self.remote.is_some() {
             return Err(Error::NotConnected { what: "the SM budget" });
         }
-        self.device.set_sm_budget(budget, self.workers.len())
+        self.device.set_sm_budget(budget, self.workers.len() / self.cuda_contexts().len().max(1))
     }
 
     /// The CUDA device context, when the engine runs the CUDA transport.
@@ -588,16 +615,24 @@ impl Engine {
         if self.stop.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
+        let gpus = self.cuda_contexts().len().max(1);
+        if let Some(gpu) = config.gpu.filter(|&g| g >= gpus) {
+            return Err(Error::setting("QueueConfig::gpu", gpu, format!("below the engine's {gpus} GPU(s)")));
+        }
+        let serves = |w: usize| config.gpu.is_none_or(|g| self.workers[w].gpu == g);
         let worker = match config.worker {
-            Some(w) if w < self.workers.len() => w,
+            Some(w) if w < self.workers.len() && serves(w) => w,
             Some(w) => {
                 return Err(Error::setting(
                     "QueueConfig::worker",
                     w,
-                    format!("below the engine's {} workers", self.workers.len()),
+                    format!("below the engine's {} workers, and one of QueueConfig::gpu's", self.workers.len()),
                 ))
             }
-            None => (0..self.workers.len()).min_by_key(|&w| self.workers[w].mailbox.queues()).unwrap_or(0),
+            None => (0..self.workers.len())
+                .filter(|&w| serves(w))
+                .min_by_key(|&w| self.workers[w].mailbox.queues())
+                .unwrap_or(0),
         };
         // Relaxed: a unique-id counter.
         let id = QueueId(self.next_queue.fetch_add(1, Ordering::Relaxed));
@@ -655,11 +690,21 @@ impl Drop for Engine {
 }
 
 /// The core for each worker (`None`: unpinned), checked against the online CPUs, and notes on
-/// fallbacks taken.
-fn place_workers(config: &EngineConfig, gpu: Option<&str>) -> Result<(Vec<Option<usize>>, Vec<String>), Error> {
+/// fallbacks taken: `config.workers` workers for each GPU of `gpus` (PCI bus ids, the engine's
+/// GPUs in order; none for a transport without a GPU, whose workers go anywhere), each GPU's on
+/// the cores the topology plan gives it.
+fn place_workers(config: &EngineConfig, gpus: &[String]) -> Result<(Vec<Option<usize>>, Vec<String>), Error> {
+    let total = config.workers * gpus.len().max(1);
     match &config.cores {
-        CorePlacement::Unpinned => Ok((vec![None; config.workers], Vec::new())),
+        CorePlacement::Unpinned => Ok((vec![None; total], Vec::new())),
         CorePlacement::Cores(cores) => {
+            if cores.len() != total {
+                return Err(Error::setting(
+                    "EngineConfig::cores",
+                    format!("{} cores", cores.len()),
+                    format!("one core per worker ({} workers for each of {} GPUs)", config.workers, gpus.len()),
+                ));
+            }
             let online = ferry_topology::cpu::online_cpus(Path::new(&config.sysfs))?;
             for (worker, &core) in cores.iter().enumerate() {
                 if !online.contains(&core) {
@@ -671,28 +716,75 @@ fn place_workers(config: &EngineConfig, gpu: Option<&str>) -> Result<(Vec<Option
         CorePlacement::Auto => {
             let machine = Machine::read(Path::new(&config.sysfs))?;
             let avoid: Vec<usize> = crate::sys::pinned_cpu().into_iter().collect();
-            let (cores, notes) = match gpu {
-                Some(bus) => {
-                    let planned = plan(
-                        &machine,
-                        &PlanConfig { workers_per_gpu: config.workers, avoid, ..PlanConfig::default() },
-                    )?;
-                    let gpu = planned.gpus.iter().find(|g| g.gpu == bus).ok_or_else(|| Error::GpuNotInTopology {
-                        bus_id: bus.to_owned(),
+            let (cores, notes) = if gpus.is_empty() {
+                host_cores(&machine, config.workers, &avoid)
+            } else {
+                let planned =
+                    plan(&machine, &PlanConfig { workers_per_gpu: config.workers, avoid, ..PlanConfig::default() })?;
+                let (mut cores, mut notes) = (Vec::new(), Vec::new());
+                for bus in gpus {
+                    let gpu = planned.gpus.iter().find(|g| g.gpu == *bus).ok_or_else(|| Error::GpuNotInTopology {
+                        bus_id: bus.clone(),
                         found: planned.gpus.iter().map(|g| g.gpu.clone()).collect(),
                     })?;
-                    (gpu.cores.clone(), gpu.notes.clone())
+                    cores.extend(gpu.cores.iter().take(config.workers));
+                    notes.extend(gpu.notes.iter().cloned());
                 }
-                None => host_cores(&machine, config.workers, &avoid),
+                (cores, notes)
             };
-            if cores.len() < config.workers {
+            if cores.len() < total {
                 return Err(Error::NotEnoughCores {
-                    workers: config.workers,
+                    workers: total,
                     usable: cores.len(),
                     online: format_cpulist(&machine.online),
                 });
             }
             Ok((cores.into_iter().map(Some).collect(), notes))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dgx() -> (EngineConfig, Vec<String>, Machine) {
+        let sysfs = Path::new(env!("CARGO_MANIFEST_DIR")).join("topology/fixtures/dgx-h100");
+        let machine = Machine::read(&sysfs).unwrap();
+        let buses = machine.gpus.iter().map(|g| g.address.clone()).collect();
+        (EngineConfig { workers: 2, sysfs, ..EngineConfig::default() }, buses, machine)
+    }
+
+    #[test]
+    fn several_gpus_get_their_own_workers_on_their_own_cores() {
+        // The DGX-H100-like fixture: eight GPUs, each with its NIC and its socket's cores.
+        let (config, buses, machine) = dgx();
+        let planned =
+            plan(&machine, &PlanConfig { workers_per_gpu: 2, avoid: Vec::new(), ..PlanConfig::default() }).unwrap();
+        let (cores, notes) = place_workers(&config, &buses).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(cores.len(), 16, "two workers for each of eight GPUs");
+        let mut seen = std::collections::BTreeSet::new();
+        for (g, pair) in cores.chunks(2).enumerate() {
+            let want: Vec<Option<usize>> = planned.gpus[g].cores.iter().map(|&c| Some(c)).collect();
+            assert_eq!(pair, want.as_slice(), "GPU {g} ({}) gets its planned cores", buses[g]);
+            for core in pair.iter().flatten() {
+                assert!(seen.insert(*core), "core {core} given twice");
+            }
+        }
+        // A subset, in the configured order: those GPUs' cores, in that order.
+        let some = [buses[5].clone(), buses[1].clone()];
+        let (cores, _) = place_workers(&config, &some).unwrap();
+        let want: Vec<Option<usize>> =
+            [5, 1].iter().flat_map(|&g| planned.gpus[g].cores.iter().map(|&c| Some(c))).collect();
+        assert_eq!(cores, want);
+        // A GPU the topology does not show, and an explicit list of the wrong length, are errors.
+        let err = place_workers(&config, &["0000:ee:00.0".to_owned()]).unwrap_err();
+        assert!(matches!(err, Error::GpuNotInTopology { .. }), "{err}");
+        let listed = EngineConfig { cores: CorePlacement::Cores(vec![10, 11, 12]), ..config.clone() };
+        let err = place_workers(&listed, &some).unwrap_err();
+        assert!(err.to_string().contains("2 workers for each of 2 GPUs"), "{err}");
+        let unpinned = EngineConfig { cores: CorePlacement::Unpinned, ..config };
+        assert_eq!(place_workers(&unpinned, &buses).unwrap().0, vec![None; 16]);
     }
 }

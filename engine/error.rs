@@ -344,13 +344,13 @@ pub enum GpuRangeFault {
         /// `CU_POINTER_ATTRIBUTE_MEMORY_TYPE`.
         memory_type: u32,
     },
-    /// The memory is on another GPU.
-    #[error("the memory is on CUDA device {found}, the engine serves device {engine}")]
+    /// The memory is on a GPU the engine does not drive.
+    #[error("the memory is on CUDA device {found}, the engine drives device(s) {engine:?}")]
     OtherDevice {
         /// Its device.
         found: i32,
-        /// The engine's.
-        engine: i32,
+        /// The engine's, in its order.
+        engine: Vec<i32>,
     },
     /// The range runs past its allocation.
     #[error("the range runs past its allocation ({size} bytes at {start:#x})")]

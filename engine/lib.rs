@@ -134,8 +134,8 @@ pub const FEATURES: &[&str] = &[
 
 #[cfg(not(loom))]
 pub use config::{
-    CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, IdlePolicy, QueueConfig, RouteTable, SmBudget,
-    Strategy, TransportKind, UseGdr, CLIENT_CHECK_INTERVAL,
+    CorePlacement, CudaConfig, EngineConfig, GdrConfig, GpuConfig, GpuSet, IdlePolicy, QueueConfig, RouteTable,
+    SmBudget, Strategy, TransportKind, UseGdr, CLIENT_CHECK_INTERVAL,
 };
 #[cfg(not(loom))]
 pub use control::Client;

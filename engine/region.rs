@@ -32,8 +32,27 @@ pub struct ClientId(pub u32);
 pub enum MemoryKind {
     /// Host DRAM.
     Host = 0,
-    /// Device memory of the engine's GPU.
+    /// Device memory of the engine's GPU (of its first GPU; see [`MemoryKind::gpu_code`]).
     Gpu = 1,
+}
+
+impl MemoryKind {
+    /// The kind code of device memory of the engine's GPU `gpu` (its place in the engine's GPU
+    /// list, [`crate::GpuConfig::devices`]; 0 for an engine of one GPU): `Gpu` in the low byte,
+    /// `gpu` above it.
+    pub fn gpu_code(gpu: usize) -> u32 {
+        MemoryKind::Gpu as u32 | (gpu as u32) << 8
+    }
+
+    /// Whether kind code `code` is device memory (of any of the engine's GPUs).
+    pub fn is_gpu(code: u32) -> bool {
+        code & 0xff == MemoryKind::Gpu as u32
+    }
+
+    /// The engine GPU of device-memory kind code `code`.
+    pub fn gpu_of(code: u32) -> usize {
+        (code >> 8) as usize
+    }
 }
 
 const FREE: u32 = 0;
@@ -113,7 +132,7 @@ impl RegionTable {
     pub(crate) fn register(
         &self,
         owner: ClientId,
-        kind: MemoryKind,
+        kind: u32,
         base: u64,
         len: u64,
         keys: NicKeys,
@@ -137,7 +156,7 @@ impl RegionTable {
         slot.base.store(base, Ordering::Relaxed);
         slot.len.store(len, Ordering::Relaxed);
         slot.owner.store(owner.0, Ordering::Relaxed);
-        slot.kind.store(kind as u32, Ordering::Relaxed);
+        slot.kind.store(kind, Ordering::Relaxed);
         slot.keys.store(u64::from(keys.rkey) << 32 | u64::from(keys.lkey), Ordering::Relaxed);
         // R3: Release; pairs with A3 in lookup: a worker that sees ACTIVE sees the fields.
         slot.state.store(state_word(generation, ACTIVE), Ordering::Release);

@@ -120,9 +120,9 @@ impl Remote {
             complete_capacity: config.complete_capacity,
             ..QueueConfig::default()
         };
-        if config.worker != plain.worker || config.gate_timeout != plain.gate_timeout {
+        if config.worker != plain.worker || config.gpu != plain.gpu || config.gate_timeout != plain.gate_timeout {
             return Err(Error::NotConnected {
-                what: "QueueConfig::worker and gate_timeout (the daemon's queues take the defaults)",
+                what: "QueueConfig::worker, gpu and gate_timeout (the daemon's queues take the defaults)",
             });
         }
         self.with(client, |c| c.open_queue(config.submit_capacity, config.complete_capacity))

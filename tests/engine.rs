@@ -419,3 +419,17 @@ fn gated_engine() -> (Gate, Engine, ferry::ClientId, ferry::HostBuffer, ferry::H
     let b = engine.allocate_host(client, 1 << 20).unwrap();
     (gate, engine, client, a, b)
 }
+
+#[test]
+fn a_queue_on_a_gpu_the_engine_lacks_is_refused() {
+    // A host engine counts as one GPU's worth of workers: GPU 0 is every worker, GPU 1 is none.
+    let engine = common::host_engine();
+    let client = engine.new_client();
+    assert_eq!(engine.worker_gpus(), vec![0]);
+    assert!(engine.cuda_contexts().is_empty());
+    engine.open_queue(client, QueueConfig { gpu: Some(0), ..QueueConfig::default() }).unwrap();
+    match engine.open_queue(client, QueueConfig { gpu: Some(1), ..QueueConfig::default() }) {
+        Err(e @ Error::InvalidSetting { .. }) => assert!(e.to_string().contains("below the engine's 1 GPU"), "{e}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|q| q.id())),
+    }
+}

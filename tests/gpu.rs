@@ -9,8 +9,8 @@ use common::Rng;
 use ferry::internals::cuda::{DeviceBuffer, Driver};
 use ferry::transport::gdr::GdrError;
 use ferry::{
-    CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig, QueueConfig, SmBudget,
-    Strategy, TransportKind, UseGdr,
+    CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig, GpuSet, QueueConfig,
+    SmBudget, Strategy, TransportKind, UseGdr,
 };
 
 fn gpu_available() -> bool {
@@ -260,14 +260,117 @@ fn asking_for_cuda_without_a_driver_is_a_clear_startup_error() {
         println!("SKIP: a CUDA driver is present; this checks the error where there is none");
         return;
     }
-    let err = Engine::start(EngineConfig {
-        transport: TransportKind::Gpu(GpuConfig::default()),
+    for devices in [GpuSet::One, GpuSet::All, GpuSet::List(vec![0, 1])] {
+        let err = Engine::start(EngineConfig {
+            transport: TransportKind::Gpu(GpuConfig { devices: devices.clone(), ..GpuConfig::default() }),
+            cores: CorePlacement::Unpinned,
+            ..EngineConfig::default()
+        })
+        .err()
+        .expect("no driver, no engine");
+        assert!(err.to_string().contains("libcuda.so.1 not found"), "{devices:?}: {err}");
+    }
+}
+
+/// An engine over every GPU of the machine (`GpuSet::All`; one on the lent H200, eight on a
+/// DGX): each GPU has its workers (`worker_gpus`) and its context; from one queue, host memory
+/// moves to and from every GPU's memory byte for byte (each copy on the streams of the GPU it
+/// touches); with two GPUs or more, a copy between GPUs moves its bytes where the driver
+/// reports peer access and completes `Unsupported` where it does not. A GPU ordinal the machine
+/// lacks is a clear start-up error.
+#[test]
+fn one_engine_over_every_gpu_copies_to_and_from_each() {
+    if !gpu_available() {
+        return;
+    }
+    let count = ferry::internals::cuda::gpus().unwrap().len();
+    let engine = Engine::start(EngineConfig {
+        workers: 1,
+        transport: TransportKind::Gpu(GpuConfig { devices: GpuSet::All, ..GpuConfig::default() }),
         cores: CorePlacement::Unpinned,
         ..EngineConfig::default()
     })
-    .err()
-    .expect("no driver, no engine");
-    assert!(err.to_string().contains("libcuda.so.1 not found"), "{err}");
+    .expect("an engine over every GPU");
+    let contexts = engine.cuda_contexts();
+    assert_eq!(contexts.len(), count);
+    assert_eq!(engine.worker_gpus(), (0..count).collect::<Vec<_>>(), "a worker per GPU, in order");
+    println!("{count} GPU(s), workers for GPUs {:?}; notes {:?}", engine.worker_gpus(), engine.transport_notes());
+    const LEN: usize = 4 << 20;
+    let client = engine.new_client();
+    let host = engine.allocate_host(client, 2 * LEN).unwrap();
+    let mut rng = Rng(0x6a11);
+    let pattern: Vec<u8> = (0..LEN).map(|_| rng.next() as u8).collect();
+    host.write(0, &pattern).unwrap();
+    let mut devices = Vec::new();
+    for context in &contexts {
+        context.make_current().unwrap();
+        let device = DeviceBuffer::new(LEN).unwrap();
+        device.fill(0xA5).unwrap();
+        // SAFETY: `device` outlives its region (deregistered below).
+        let region = unsafe { engine.register_gpu(client, device.ptr(), LEN) }.unwrap();
+        devices.push((device, region));
+    }
+    let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+    let blocks = LEN / 65536;
+    for (g, (device, region)) in devices.iter().enumerate() {
+        // Scattered 64 KiB blocks in, then back into the host's second half, all on one queue.
+        let h2d: Vec<Descriptor> = (0..blocks)
+            .map(|i| Descriptor::copy(host.id(), (i * 65536) as u64, *region, ((blocks - 1 - i) * 65536) as u64, 65536))
+            .collect();
+        assert!(complete(&mut queue, &h2d).iter().all(|c| c.is_ok()), "H2D to GPU {g}");
+        host.fill(LEN, LEN, 0x3C).unwrap();
+        let d2h: Vec<Descriptor> = (0..blocks)
+            .map(|i| {
+                Descriptor::copy(*region, ((blocks - 1 - i) * 65536) as u64, host.id(), (LEN + i * 65536) as u64, 65536)
+            })
+            .collect();
+        assert!(complete(&mut queue, &d2h).iter().all(|c| c.is_ok()), "D2H from GPU {g}");
+        let mut back = vec![0u8; LEN];
+        host.read(LEN, &mut back).unwrap();
+        assert!(back == pattern, "GPU {g}: the bytes back differ");
+        contexts[g].make_current().unwrap();
+        let mut on_device = vec![0u8; 65536];
+        device.read((blocks - 1) * 65536, &mut on_device).unwrap();
+        assert!(on_device[..] == pattern[..65536], "GPU {g}: block 0 is not where it was put");
+    }
+    if count >= 2 {
+        let ((a, ra), (b, rb)) = (&devices[0], &devices[1]);
+        let done = complete(&mut queue, &[Descriptor::copy(*ra, 0, *rb, 0, LEN as u64)]);
+        let peer = contexts[1].enable_peer_access(&contexts[0]).unwrap();
+        if peer {
+            assert!(done[0].is_ok(), "GPU 0 -> GPU 1 with peer access: {:?}", done[0]);
+            let (mut x, mut y) = (vec![0u8; LEN], vec![0u8; LEN]);
+            contexts[0].make_current().unwrap();
+            a.read(0, &mut x).unwrap();
+            contexts[1].make_current().unwrap();
+            b.read(0, &mut y).unwrap();
+            assert!(x == y, "GPU 0 -> GPU 1: bytes differ");
+        } else {
+            assert_eq!(done[0].status(), Ok(ferry::Status::Unsupported), "no peer access: {:?}", done[0]);
+        }
+        println!("GPU 0 -> GPU 1: peer access {peer}, {:?}", done[0].status());
+    } else {
+        println!("SKIP: one GPU here: the copy between two GPUs' memory did not run");
+    }
+    drop(queue);
+    for (_, region) in &devices {
+        engine.deregister(*region).unwrap();
+    }
+    // Queues on one GPU's workers; a GPU past the engine's is refused.
+    let on_last = QueueConfig { gpu: Some(count - 1), ..QueueConfig::default() };
+    engine.open_queue(client, on_last).unwrap();
+    let past = QueueConfig { gpu: Some(count), ..QueueConfig::default() };
+    assert!(matches!(engine.open_queue(client, past), Err(Error::InvalidSetting { .. })));
+    drop(engine);
+    let missing = Engine::start(EngineConfig {
+        transport: TransportKind::Gpu(GpuConfig { devices: GpuSet::List(vec![count as u32]), ..GpuConfig::default() }),
+        cores: CorePlacement::Unpinned,
+        ..EngineConfig::default()
+    });
+    match missing {
+        Err(e) => println!("GPU list naming ordinal {count}: {e}"),
+        Ok(_) => panic!("ordinal {count} does not exist here, yet the engine started"),
+    }
 }
 
 #[test]

@@ -531,7 +531,7 @@ impl CudaTransport {
 
 /// 0 for a copy to the GPU, 1 for one to the host (the route table's index).
 fn direction(op: &Op) -> usize {
-    usize::from(op.copy.dst.kind != MemoryKind::Gpu as u32)
+    usize::from(!MemoryKind::is_gpu(op.copy.dst.kind))
 }
 
 impl CudaTransport {

@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod fault;
 pub mod gdr;
 pub mod host;
+pub(crate) mod multi;
 pub mod null;
 pub(crate) mod resident;
 pub(crate) mod select;

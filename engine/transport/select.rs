@@ -8,9 +8,10 @@ use super::gdr::NicCounters;
 #[cfg(feature = "gdr")]
 use super::gdr::{GdrError, VerbsError};
 use super::host::HostTransport;
+use super::multi::{Lane, MultiGpu};
 use super::null::NullTransport;
 use super::Transport;
-use crate::config::{EngineConfig, GpuConfig, SmBudget, TransportKind, UseGdr};
+use crate::config::{EngineConfig, GpuConfig, GpuSet, SmBudget, TransportKind, UseGdr};
 use crate::cuda_driver::{sysfs_bus_id, Context, Driver, PointerInfo};
 use crate::error::Error;
 use crate::region::{Keep, NicKeys};
@@ -31,8 +32,13 @@ pub(crate) enum Nic {}
 /// What [`select`] settled on.
 pub(crate) struct Selected {
     /// The device context when the transport is the GPU's, with a CUDA driver (registration
-    /// pins, checks and exports with it).
+    /// pins, checks and exports with it): the first GPU's, with several.
     pub(crate) cuda: Option<Arc<Context>>,
+    /// With several GPUs ([`GpuConfig::devices`] not `One`): each one's context, in the engine's
+    /// order (the first is `cuda`), and which pairs may copy between their memory
+    /// (`peers[src][dst]`). Empty for one GPU configured with `device`.
+    pub(crate) gpus: Vec<Arc<Context>>,
+    pub(crate) peers: Vec<Vec<bool>>,
     /// The NIC, when the workers run the GDR transport (registration registers with it).
     pub(crate) nic: Option<Nic>,
     pub(crate) use_gdr: UseGdr,
@@ -68,8 +74,13 @@ pub(crate) fn select(config: &EngineConfig) -> Result<Selected, Error> {
             sm_count: 0,
             gpu_bus_id: None,
             notes: Vec::new(),
+            gpus: Vec::new(),
+            peers: Vec::new(),
         });
     };
+    if gpu.devices.is_many() {
+        return select_many(config, gpu);
+    }
     let cuda = open_device(gpu);
     let gpu_bus_id = match &cuda {
         Ok(context) => Some(context.info.pci_bus_id.clone()),
@@ -95,6 +106,8 @@ pub(crate) fn select(config: &EngineConfig) -> Result<Selected, Error> {
         sm_count,
         gpu_bus_id,
         notes: Vec::new(),
+        gpus: Vec::new(),
+        peers: Vec::new(),
     };
     if gpu.gdr.use_gdr == UseGdr::Off {
         selected.cuda = Some(cuda?);
@@ -127,6 +140,50 @@ pub(crate) fn select(config: &EngineConfig) -> Result<Selected, Error> {
     }
 }
 
+/// [`select`] for several GPUs: a context for each (every one the driver lists, or the
+/// configured ordinals), peer access enabled between the pairs that have it; the CUDA driver's
+/// copies (GDR drives one GPU so far: `use_gdr = on` was refused by the configuration's check).
+fn select_many(config: &EngineConfig, gpu: &GpuConfig) -> Result<Selected, Error> {
+    let driver = Driver::load()?;
+    let ordinals: Vec<i32> = match &gpu.devices {
+        GpuSet::List(list) => list.iter().map(|&o| i32::try_from(o).unwrap_or(i32::MAX)).collect(),
+        GpuSet::All | GpuSet::One => driver.devices()?.iter().map(|d| d.ordinal).collect(),
+    };
+    if ordinals.is_empty() {
+        return Err(crate::cuda_driver::CudaError::NoGpu.into());
+    }
+    let gpus =
+        ordinals.iter().map(|&ordinal| Context::new(&driver, ordinal).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+    let mut peers = vec![vec![false; gpus.len()]; gpus.len()];
+    for (s, from) in gpus.iter().enumerate() {
+        for (d, to) in gpus.iter().enumerate() {
+            // A copy from s's memory to d's runs on d's streams: d must reach s's memory.
+            peers[s][d] = to.enable_peer_access(from)?;
+        }
+    }
+    let sm_count = gpus.iter().map(|c| u32::try_from(c.info.sm_count).unwrap_or(1)).min().unwrap_or(1);
+    let share = gpu.cuda.sm_budget.per_worker(sm_count, config.workers)?;
+    let mut notes = Vec::new();
+    if gpu.gdr.use_gdr == UseGdr::Auto {
+        notes.push(format!(
+            "use_gdr = auto with {} GPUs: the CUDA driver's copies (GDR drives one GPU so far)",
+            gpus.len()
+        ));
+    }
+    gpus[0].make_current()?;
+    Ok(Selected {
+        cuda: Some(gpus[0].clone()),
+        nic: None,
+        use_gdr: UseGdr::Off,
+        sms_per_worker: Arc::new(AtomicU32::new(share)),
+        sm_count,
+        gpu_bus_id: Some(gpus[0].info.pci_bus_id.clone()),
+        notes,
+        gpus,
+        peers,
+    })
+}
+
 fn open_device(gpu: &GpuConfig) -> Result<Arc<Context>, crate::cuda_driver::CudaError> {
     let ordinal = i32::try_from(gpu.device).unwrap_or(i32::MAX);
     Driver::load().and_then(|driver| Context::new(&driver, ordinal)).map(Arc::new)
@@ -156,6 +213,13 @@ impl Selected {
                 let cuda = |context: &Arc<Context>| -> Box<dyn Transport> {
                     Box::new(CudaTransport::new(context.clone(), gpu.cuda, self.sms_per_worker.clone()))
                 };
+                if !self.gpus.is_empty() {
+                    // Several GPUs: every GPU's transport, the worker's own GPU for host copies.
+                    let lanes =
+                        self.gpus.iter().map(|c| Lane { context: Some(c.clone()), transport: cuda(c) }).collect();
+                    let home = index / config.workers;
+                    return (Box::new(MultiGpu::new(lanes, self.peers.clone(), home)), None);
+                }
                 match &self.nic {
                     Some(nic) => {
                         let counters = Arc::new(NicCounters::default());

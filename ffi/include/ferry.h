@@ -204,6 +204,11 @@ typedef struct {
   uint32_t use_gdr;
   // GPU transport: the RDMA device for GDR (NUL-terminated), or NULL for the topology plan's.
   const char *nic;
+  // GPU transport: 1: every GPU the CUDA driver lists (`cuda_device` is then unused), each
+  // with `workers` workers of its own on its cores; the engine's GPU `g` is CUDA ordinal `g`,
+  // its workers `g * workers` to `(g + 1) * workers - 1` (for `ferry_queue_config::worker`).
+  // Every queue may name memory of every GPU. 0: the one GPU `cuda_device` (default).
+  uint32_t all_gpus;
 } ferry_config;
 
 // One worker's counters, from [`ferry_engine_stats`].

@@ -21,7 +21,7 @@
 
 use ferry::{
     ClientId, Completion, CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig,
-    HostBuffer, IdlePolicy, Queue, QueueConfig, RegionId, SmBudget, Strategy, TransportKind, UseGdr,
+    GpuSet, HostBuffer, IdlePolicy, Queue, QueueConfig, RegionId, SmBudget, Strategy, TransportKind, UseGdr,
 };
 use std::any::Any;
 use std::cell::RefCell;
@@ -161,6 +161,11 @@ pub struct ferry_config {
     pub use_gdr: u32,
     /// GPU transport: the RDMA device for GDR (NUL-terminated), or NULL for the topology plan's.
     pub nic: *const c_char,
+    /// GPU transport: 1: every GPU the CUDA driver lists (`cuda_device` is then unused), each
+    /// with `workers` workers of its own on its cores; the engine's GPU `g` is CUDA ordinal `g`,
+    /// its workers `g * workers` to `(g + 1) * workers - 1` (for `ferry_queue_config::worker`).
+    /// Every queue may name memory of every GPU. 0: the one GPU `cuda_device` (default).
+    pub all_gpus: u32,
 }
 impl Default for ferry_config {
     fn default() -> Self {
@@ -176,6 +181,7 @@ impl Default for ferry_config {
             sm_budget: 0,
             use_gdr: 0,
             nic: std::ptr::null(),
+            all_gpus: 0,
         }
     }
 }
@@ -478,8 +484,14 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
     };
     let device = u32::try_from(c.cuda_device)
         .map_err(|_| Error::setting("ferry_config::cuda_device", c.cuda_device, "0 or more"))?;
+    let devices = match c.all_gpus {
+        0 => GpuSet::One,
+        1 => GpuSet::All,
+        other => return Err(Error::setting("ferry_config::all_gpus", other, "0 (cuda_device alone) or 1 (every GPU)")),
+    };
     Ok(GpuConfig {
         device,
+        devices,
         cuda: CudaConfig { strategy, sm_budget, ..CudaConfig::default() },
         gdr: GdrConfig { use_gdr, nic, ..GdrConfig::default() },
         ..GpuConfig::default()

@@ -152,6 +152,7 @@ class _Config(ctypes.Structure):
         ("sm_budget", c_u32),
         ("use_gdr", c_u32),
         ("nic", ctypes.c_char_p),
+        ("all_gpus", c_u32),
     ]
 
 
@@ -896,7 +897,9 @@ class Engine:
 
     transport: "host" (CPU copies), "null" (no data moves) or "gpu" (host <-> GPU: over the NIC
     or with the CUDA driver, as `use_gdr` says: "auto", "off" or "on"). GPU settings: `device`
-    (CUDA ordinal), `strategy` ("auto", "memcpy", "batch", "kernel", "resident": experimental,
+    (CUDA ordinal), `all_gpus` (True: every GPU, each with `workers` workers of its own; GPU g's
+    workers are g * workers to (g + 1) * workers - 1, for `open_queue(worker=)`; any queue may
+    name any GPU's memory), `strategy` ("auto", "memcpy", "batch", "kernel", "resident": experimental,
     one worker; a kernel that stays on the budget's SMs until the engine closes, so
     torch.cuda.synchronize() and a kernel's first (lazy) load wait for the close: run every
     kernel once before the engine starts and synchronize streams instead), `sm_budget` (the most SMs
@@ -909,7 +912,7 @@ class Engine:
 
     def __init__(self, workers: int = 1, transport: str = "host", pinned: bool = True, max_len: int = 0,
                  device: int = 0, strategy: str = "auto", sm_budget: int = 0, use_gdr: str = "auto",
-                 nic: Optional[str] = None) -> None:
+                 nic: Optional[str] = None, all_gpus: bool = False) -> None:
         config = _Config(
             workers=workers,
             transport=TRANSPORT[transport],
@@ -920,6 +923,7 @@ class Engine:
             sm_budget=sm_budget,
             use_gdr=USE_GDR[use_gdr],
             nic=nic.encode() if nic else None,
+            all_gpus=1 if all_gpus else 0,
         )
         handle = ctypes.c_void_p()
         _check(_library().ferry_engine_start(ctypes.byref(config), ctypes.byref(handle)))
