@@ -2,9 +2,9 @@
 # The one command to run on the GPU machine (the lent H200), from the repository root, after
 # gpu/prepare.sh here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
 # prints a short table last (two workers; then one worker, idle and under a compute load). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
-# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency,serve runs those parts alone (a full run is close to the device
+# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency,serve,allgpus runs those parts alone (a full run is close to the device
 # tool's 10 minutes a call): tests = the Rust GPU tests, python = the package's tests, paged = bench_paged_kv,
-# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone, serve = bench_serve_gpu.
+# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone, serve = bench_serve_gpu, allgpus = ferry bench --all-gpus.
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
@@ -78,6 +78,11 @@ fail() { echo "$1" >>"$out/failed"; }
         PYTHONPATH=$PWD/python FERRY_LIB=$PWD/.device/libferry.so FERRY_BIN=$PWD/.device/ferry timeout 240 python3 python/bench_serve_gpu.py >"$out/bench-serve-gpu.txt" || fail "bench_serve_gpu"
         cat "$out/bench-serve-gpu.txt"
     fi
+    if want allgpus; then
+        step "ferry bench --all-gpus (one engine over every GPU: each alone, then all at once)"
+        timeout 300 .device/ferry bench --all-gpus >"$out/bench-all-gpus.txt" 2>&1 || fail "ferry bench --all-gpus"
+        cat "$out/bench-all-gpus.txt"
+    fi
     if want latency; then
         step "ferry bench --workers 1 --sizes 4K (the latency lines: push -> completion beside cuMemcpyAsync, and stream ordering from Rust)"
         timeout 240 .device/ferry bench --workers 1 --sizes 4K >"$out/bench-latency.txt" 2>&1 || fail "ferry bench --sizes 4K"
@@ -95,5 +100,6 @@ for f in bench-cuda.txt bench-cuda-load.txt; do [ -e "$out/$f" ] && { echo "-- $
 [ -e "$out/bench-paged-kv.txt" ] && { echo "-- bench-paged-kv.txt"; sed -n '/^KV /,$p' "$out/bench-paged-kv.txt"; }
 [ -e "$out/bench-streams.txt" ] && { echo "-- bench-streams.txt"; sed -n '/stream-ordered loads/,$p' "$out/bench-streams.txt"; }
 [ -e "$out/layer-pipeline.txt" ] && { echo "-- layer-pipeline.txt"; cat "$out/layer-pipeline.txt"; }
+[ -e "$out/bench-all-gpus.txt" ] && { echo "-- bench-all-gpus.txt"; cat "$out/bench-all-gpus.txt"; }
 [ -e "$out/bench-serve-gpu.txt" ] && { echo "-- bench-serve-gpu.txt"; cat "$out/bench-serve-gpu.txt"; }
 if [ -e "$out/failed" ]; then echo "FAILED: $(paste -sd, "$out/failed")"; exit 1; fi

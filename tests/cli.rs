@@ -85,3 +85,19 @@ fn version_lists_the_compiled_features() {
     let expected = if cfg!(feature = "gdr") { "(features: gdr)" } else { "(features: none)" };
     assert!(line.starts_with("ferry ") && line.trim_end().ends_with(expected), "{line}");
 }
+
+#[test]
+fn bench_all_gpus_needs_the_cuda_transport_and_says_why() {
+    let out = ferry(&["bench", "--all-gpus", "--transport", "host"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--all-gpus works only with the cuda transport"), "{stderr}");
+    if ferry::internals::cuda::gpus().is_err() {
+        // No GPU here: the default transport is host, and the reason is given.
+        let out = ferry(&["bench", "--all-gpus"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no GPU transport can run here"), "{stderr}");
+    } else {
+        println!("SKIP: a GPU is here: gpu/run.sh runs `ferry bench --all-gpus` instead");
+    }
+}

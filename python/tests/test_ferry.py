@@ -154,7 +154,8 @@ class FerryTest(unittest.TestCase):
             self.assertIn("SM budget", str(caught.exception))
 
     def test_gpu_copies_with_torch(self):
-        """H2D and D2H through the C ABI between an engine buffer and a torch CUDA tensor."""
+        """H2D and D2H through the C ABI between an engine buffer and a torch CUDA tensor; then the
+        same on an engine over every GPU (all_gpus=True), with the tensor on the last GPU."""
         try:
             import torch
         except ImportError:
@@ -163,15 +164,20 @@ class FerryTest(unittest.TestCase):
         if not torch.cuda.is_available():
             print("SKIP: torch sees no CUDA device")
             return
+        for all_gpus in (False, True):
+            device = f"cuda:{torch.cuda.device_count() - 1}" if all_gpus else "cuda"
+            self._gpu_round_trip(torch, ferry.Engine(transport="gpu", pinned=False, all_gpus=all_gpus), device)
+
+    def _gpu_round_trip(self, torch, engine, device):
         size, block = 4 << 20, 4096
-        with ferry.Engine(transport="gpu", pinned=False) as engine:
-            print(f"transport: {engine.transport}")
+        with engine:
+            print(f"transport: {engine.transport}, tensor on {device}")
             client = engine.new_client()
             src, back = engine.alloc_host(client, size), engine.alloc_host(client, size)
             payload = os.urandom(size)
             src.view()[:] = payload
             back.view()[:] = b"\x5a" * size
-            tensor = torch.zeros(size, dtype=torch.uint8, device="cuda")
+            tensor = torch.zeros(size, dtype=torch.uint8, device=device)
             gpu = engine.register_gpu(client, tensor.data_ptr(), size)
             queue = engine.open_queue(client)
             n = size // block

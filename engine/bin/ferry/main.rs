@@ -2,6 +2,7 @@
 //!
 //! `ferry bench` measures the engine on scattered blocks and prints a table; see `ferry help`.
 
+mod all_gpus;
 mod bandwidth;
 mod doctor;
 #[cfg(feature = "gdr")]
@@ -67,6 +68,10 @@ bench options:
                           on every SM (default none), with the share of its throughput each cell took
   --plot FILE.svg         cuda: draw GB/s against block size per strategy and direction, idle
                           (and under the load, dashed), with the ceilings
+  --all-gpus              cuda: one engine over every GPU of the host: per GPU its ceiling and
+                          the engine's GB/s alone, then every GPU at once (the aggregate against
+                          the sum of the per-GPU figures and the all-at-once ceiling); one
+                          worker per GPU unless --workers
   --workers N             cuda: worker threads, each with its own queue and stream, fed by
                           the one client thread (default 2 where 3 or more CPUs are online: one
                           worker feeds about 11 M descriptors/s, 0.8 of PCIe at 4 KiB; else 1)
@@ -95,6 +100,7 @@ struct Options {
     workers: usize,
     load: bool,
     plot: Option<PathBuf>,
+    all_gpus: bool,
     total_given: bool,
     transport_given: bool,
     sizes_given: bool,
@@ -126,6 +132,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         workers: 0,
         load: false,
         plot: None,
+        all_gpus: false,
         total_given: false,
         transport_given: false,
         sizes_given: false,
@@ -159,6 +166,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--nic" => o.nic = Some(value()?.clone()),
             "--workers" => o.workers = parse_number(value()?, 1000)? as usize,
             "--plot" => o.plot = Some(PathBuf::from(value()?)),
+            "--all-gpus" => o.all_gpus = true,
             "--load" => {
                 o.load = match value()?.as_str() {
                     "none" => false,
@@ -194,6 +202,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
         if o.span == 256 << 20 {
             o.span = 64 << 20;
         }
+    }
+    if o.all_gpus && o.transport != "cuda" {
+        let why = match (o.transport_given, default_transport()) {
+            (false, Err(e)) => format!(" (no GPU transport can run here: {e})"),
+            _ => String::new(),
+        };
+        return Err(format!("--all-gpus works only with the cuda transport{why}"));
     }
     if o.workers > 1 && o.transport != "cuda" {
         return Err("--workers above 1 works only with --transport cuda".into());
@@ -274,6 +289,11 @@ fn bench(o: &Options) -> Result<(), BenchError> {
     if let Some(core) = client {
         ferry::internals::sys::pin_current_thread(core)
             .map_err(|e| BenchError::Failed(format!("pinning the client thread to core {core}: {e}")))?;
+    }
+    if o.transport == "cuda" && o.all_gpus {
+        let workers = o.workers.max(1);
+        let all = all_gpus::AllGpus { sizes: o.sizes.clone(), span: o.span, total: o.total, reps: o.reps, workers };
+        return all_gpus::bench_all_gpus(&all);
     }
     if o.transport == "cuda" {
         return bench_cuda(o, &machine, client);
