@@ -52,6 +52,8 @@ pub struct Engine {
     device: Selected,
     /// The CUDA transport runs the resident kernel (no stream ordering: see `device_words`).
     resident: bool,
+    /// The workers run a caller's transport (`TransportKind::Custom`): it may mark landed words.
+    custom: bool,
     /// Set for an engine in a daemon ([`Engine::connect`]): the calls go to it.
     remote: Option<Remote>,
     /// The client of each named pool ([`Engine::shared_client`]), in this process.
@@ -87,6 +89,7 @@ impl Engine {
             placement_notes,
             device,
             resident: matches!(&config.transport, TransportKind::Gpu(g) if g.cuda.strategy == Strategy::Resident),
+            custom: matches!(&config.transport, TransportKind::Custom(_)),
             remote: None,
             pools: Mutex::default(),
             queue_lock: Mutex::new(()),
@@ -171,6 +174,7 @@ impl Engine {
             placement_notes: Vec::new(),
             device: select(&EngineConfig::default())?,
             resident: false,
+            custom: false,
             remote: Some(remote),
             pools: Mutex::default(),
             queue_lock: Mutex::new(()),
@@ -453,10 +457,15 @@ impl Engine {
     }
 
     /// Enqueues on the caller's CUDA stream `stream` a wait, on the GPU and without the CPU,
-    /// until `queue`'s watermark reaches `watermark` (every descriptor with `seq < watermark`
-    /// completed; [`Queue::pushed`] after a push is the watermark of everything pushed so far).
-    /// Work enqueued on `stream` after it sees every byte those descriptors copied. The
-    /// watermark is 64 bits, so it never wraps. Inside stream capture the wait is captured with
+    /// until every descriptor of `queue` with `seq < watermark` has finished its copies
+    /// ([`Queue::pushed`] after a push is the watermark of everything pushed so far). Work
+    /// enqueued on `stream` after it sees every byte those descriptors copied. The wait is on
+    /// the queue's landed word ([`Queue::landed`]): with the CUDA transport the worker's own
+    /// stream writes it right behind the copies, so the waiting stream goes on without a round
+    /// trip through the CPU (the first call asks the worker to; before, and for other
+    /// transports, the worker writes it with the watermark). A failed descriptor, a gate and
+    /// a notification count as finished (their completions say how they ended). 64 bits: it
+    /// never wraps. Inside stream capture the wait is captured with
     /// its value: a replayed graph waits for that same watermark, which later replays find
     /// passed; a graph replayed step after step waits with [`Engine::stream_wait_slot`] instead.
     ///
@@ -482,10 +491,11 @@ impl Engine {
         watermark: u64,
     ) -> Result<(), Error> {
         let flush = self.device.nic.is_some();
+        queue.request_landed();
         let words = self.device_words(queue)?;
-        // SAFETY: the stream is live (the caller's promise); the watermark word stays mapped and
+        // SAFETY: the stream is live (the caller's promise); the landed word stays mapped and
         // registered while the queue lives, which the caller keeps until the wait passed.
-        unsafe { crate::cuda_driver::stream_wait_value(stream, words.watermark, watermark, WaitFor::AtLeast, flush) }
+        unsafe { crate::cuda_driver::stream_wait_value(stream, words.landed, watermark, WaitFor::AtLeast, flush) }
             .map_err(Error::Cuda)
     }
 
@@ -566,7 +576,7 @@ impl Engine {
             let registration = unsafe { HostRegistration::new(context.clone(), ptr, len) }?;
             let base = registration.device_address(0)?;
             queue.device_words = Some(DeviceWords {
-                watermark: base + offsets.watermark as u64,
+                landed: base + offsets.landed as u64,
                 gate: base + offsets.gate as u64,
                 slots: base + offsets.slots as u64,
                 _registration: registration,
@@ -643,10 +653,25 @@ impl Engine {
         let mut end = WorkerEnd::new(memory, client.0)?;
         (end.gate_timeout, end.close_if_client_dies) = (config.gate_timeout, config.close_if_client_dies);
         let mut queue = Queue::from_memory(attached)?;
-        if !self.resident && self.cuda_context().is_some_and(|c| c.info.stream_mem_ops_64) {
+        if let Some(context) = self.cuda_context().filter(|c| !self.resident && c.info.stream_mem_ops_64) {
             // Registered now, not at the first stream_wait: registering inside a CUDA graph
             // capture would fail. A failure here is reported by that stream_wait instead.
             let _ = self.device_words(&mut queue);
+            // The worker's mapping too, for its stream to write the landed word; without it
+            // the worker writes that word from the CPU.
+            let (ptr, len) = end.memory.header_span();
+            // SAFETY: the end's header stays mapped while the end lives, and its registration
+            // is the end's first field: it drops (unregisters) before the mapping.
+            if let Ok(registration) = unsafe { HostRegistration::new(context.clone(), ptr, len) } {
+                if let Ok(base) = registration.device_address(0) {
+                    let landed = base + QueueMemory::word_offsets().landed as u64;
+                    end.landed_word = Some((Some(registration), landed));
+                }
+            }
+        } else if self.custom {
+            // A custom transport may mark the word too; it gets the host address.
+            let (ptr, _) = end.memory.header_span();
+            end.landed_word = Some((None, ptr as u64 + QueueMemory::word_offsets().landed as u64));
         }
         self.workers[worker].mailbox.post(end);
         Ok(queue)

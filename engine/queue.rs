@@ -60,8 +60,8 @@ use std::time::{Duration, Instant};
 /// "FERRYQUE", little endian.
 pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"FERRYQUE");
 /// Bumped whenever the queue header changes shape (2: the ends block with the claims and the
-/// client's close; 3: the gate word; 4: the notification slots).
-pub const QUEUE_ABI_VERSION: u32 = 4;
+/// client's close; 3: the gate word; 4: the notification slots; 5: the landed word).
+pub const QUEUE_ABI_VERSION: u32 = 5;
 
 /// A queue's id, unique within its engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -112,6 +112,13 @@ struct Ends {
 #[repr(C, align(128))]
 struct Signals {
     gate: AtomicU64,
+    /// Every copy of the descriptors with `seq < landed` has finished on the device (failed
+    /// ones, gates and notifications count): what `Engine::stream_wait` waits on. Written by the
+    /// worker's CUDA stream right after the copies (`Transport::mark`) once the client asked
+    /// (`wants_landed`), else by the worker's CPU with the watermark. Only grows.
+    landed: AtomicU64,
+    /// Nonzero once a client stream waits on `landed` (set by `Engine::stream_wait`).
+    wants_landed: AtomicU32,
 }
 
 /// The notification slots ([`crate::FLAG_NOTIFY`]): written by the worker (a notification's value,
@@ -139,8 +146,8 @@ const _: () = assert!(HEADER_SIZE == 8 * INDEX_PADDING);
 #[derive(Debug)]
 pub(crate) struct DeviceWords {
     pub(crate) _registration: crate::cuda_driver::HostRegistration,
-    /// Device address of the watermark (64-bit; `cuStreamWaitValue64` on it).
-    pub(crate) watermark: u64,
+    /// Device address of the landed word (64-bit; `cuStreamWaitValue64` on it).
+    pub(crate) landed: u64,
     /// Device address of the gate word (`cuStreamWriteValue64` on it).
     pub(crate) gate: u64,
     /// Device address of notification slot 0 (the others follow, 8 bytes apart).
@@ -165,7 +172,7 @@ pub struct QueueStats {
 /// Where the words that CUDA streams wait on or write lie in a queue's header.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct WordOffsets {
-    pub(crate) watermark: usize,
+    pub(crate) landed: usize,
     pub(crate) gate: usize,
     pub(crate) slots: usize,
 }
@@ -270,7 +277,7 @@ impl QueueMemory {
             failed: AtomicU64::new(0),
         };
         let ends = Ends { client: AtomicU64::new(0), worker: AtomicU64::new(0), closed: AtomicU32::new(0) };
-        let signals = Signals { gate: AtomicU64::new(0) };
+        let signals = Signals { gate: AtomicU64::new(0), landed: AtomicU64::new(0), wants_landed: AtomicU32::new(0) };
         let slots = Slots { words: std::array::from_fn(|_| AtomicU64::new(0)) };
         // SAFETY: the mapping is at least HEADER_SIZE bytes, page-aligned, and not shared yet.
         unsafe { header.as_ptr().write(QueueHeader { meta, status, ends, signals, slots }) };
@@ -401,6 +408,34 @@ impl QueueMemory {
         self.header().signals.gate.store(value, Ordering::Release);
     }
 
+    /// The landed word (see [`Signals`]).
+    pub(crate) fn landed(&self) -> u64 {
+        // Relaxed: a progress value for tests and the CPU path's own bookkeeping; streams read
+        // it through the device, and the data behind it is ordered by the stream that wrote it.
+        self.header().signals.landed.load(Ordering::Relaxed)
+    }
+
+    /// The worker's CPU path: the landed word follows the watermark.
+    pub(crate) fn set_landed(&self, value: u64) {
+        // R11: Release; pairs with a stream's wait on the word through the device (the CPU
+        // path is taken for transports whose copies finished before their completion was
+        // published, so the bytes are in place).
+        self.header().signals.landed.store(value, Ordering::Release);
+    }
+
+    /// Whether a client stream waits on the landed word.
+    pub(crate) fn wants_landed(&self) -> bool {
+        // Relaxed: a request flag; the worker then marks everything taken so far, whatever it
+        // saw before.
+        self.header().signals.wants_landed.load(Ordering::Relaxed) != 0
+    }
+
+    /// Asks the worker to keep the landed word current on the device (see [`Signals`]).
+    pub(crate) fn request_landed(&self) {
+        // Relaxed: see wants_landed.
+        self.header().signals.wants_landed.store(1, Ordering::Relaxed);
+    }
+
     /// Notification slot `slot` (below NOTIFY_SLOTS: the worker validated it; the client's
     /// calls check it).
     pub(crate) fn slot(&self, slot: usize) -> u64 {
@@ -424,7 +459,7 @@ impl QueueMemory {
     /// Byte offsets in the header of the words streams use.
     pub(crate) fn word_offsets() -> WordOffsets {
         WordOffsets {
-            watermark: std::mem::offset_of!(QueueHeader, status.watermark),
+            landed: std::mem::offset_of!(QueueHeader, signals.landed),
             gate: std::mem::offset_of!(QueueHeader, signals.gate),
             slots: std::mem::offset_of!(QueueHeader, slots.words),
         }
@@ -675,6 +710,21 @@ impl Queue {
         (self.memory.header_span(), QueueMemory::word_offsets())
     }
 
+    /// The landed word (see [`crate::Engine::stream_wait`]): every copy of the descriptors
+    /// with `seq <` this has finished on the device. It follows the watermark, or runs ahead
+    /// of it once a stream waits on the queue and the CUDA transport writes it from its stream.
+    pub fn landed(&self) -> u64 {
+        self.memory.landed()
+    }
+
+    /// Asks the worker to keep the landed word current behind the copies, as
+    /// [`crate::Engine::stream_wait`] does first: a transport that marks it from the device
+    /// ([`crate::Transport::mark`]: the CUDA transport) then writes it right after the copies,
+    /// ahead of the watermark; for the others it follows the watermark anyway.
+    pub fn request_landed(&self) {
+        self.memory.request_landed();
+    }
+
     /// Pushes one descriptor and publishes it at once. A full ring whose engine is found gone
     /// (see [`Queue::check_engine`]) gives the descriptor back as `NotOpen(d, Broken)`;
     /// [`Queue::submit`] says [`Error::EngineGone`].
@@ -831,6 +881,10 @@ impl Drop for Queue {
 
 /// The worker's end of a queue. Holds the worker end's claim until dropped.
 pub(crate) struct WorkerEnd {
+    /// The worker's own registration of this header with the CUDA driver (none for a custom
+    /// transport, given the host address) and the address of its landed word there, for the
+    /// transport to write ([`crate::Transport::mark`]); dropped before `memory` unmaps it.
+    pub(crate) landed_word: Option<(Option<crate::cuda_driver::HostRegistration>, u64)>,
     pub(crate) memory: QueueMemory,
     pub(crate) submit: Consumer<Descriptor>,
     pub(crate) complete: Producer<Completion>,
@@ -852,7 +906,16 @@ impl WorkerEnd {
         let submit = Consumer::new(submit_ring);
         let complete = Producer::new(complete_ring);
         let QueueConfig { gate_timeout, close_if_client_dies, .. } = QueueConfig::default();
-        Ok(WorkerEnd { memory, submit, complete, client, gate_timeout, close_if_client_dies, holder })
+        Ok(WorkerEnd {
+            landed_word: None,
+            memory,
+            submit,
+            complete,
+            client,
+            gate_timeout,
+            close_if_client_dies,
+            holder,
+        })
     }
 }
 

@@ -241,6 +241,13 @@ struct QueueSlot {
     /// Bytes completed ok and descriptors failed, published into the header with the watermark.
     bytes: u64,
     failed: u64,
+    /// The landed word's last value (see `Signals::landed` in queue.rs), whoever wrote it.
+    landed: u64,
+    /// A client stream waits on the landed word and the worker's stream can write it: the
+    /// worker marks it behind the copies ([`Transport::mark`]).
+    marking: bool,
+    /// Marks went to the transport: the CPU no longer writes the word (it would race them).
+    gpu_landed: bool,
 }
 
 impl QueueSlot {
@@ -255,6 +262,20 @@ impl QueueSlot {
             notify_since: None,
             bytes: 0,
             failed: 0,
+            landed: 0,
+            marking: false,
+            gpu_landed: false,
+        }
+    }
+
+    /// The landed value the copies the transport holds allow: every descriptor taken, but the
+    /// first one (of this queue, index `qi`) with an operation the transport has not accepted.
+    fn ready(&self, qi: u32, waiting: &[Op]) -> u64 {
+        let w = &self.window;
+        match waiting.iter().find(|op| op.token.queue == qi) {
+            // The window holds seqs [head_seq, next_seq), slot = seq & mask.
+            Some(op) => w.head_seq + ((u64::from(op.token.slot).wrapping_sub(w.head_seq)) & w.mask),
+            None => w.next_seq,
         }
     }
 
@@ -347,6 +368,11 @@ impl QueueSlot {
         } else if self.window.head_seq != start {
             self.end.memory.set_totals(self.bytes, self.failed);
             self.end.memory.set_watermark(self.window.head_seq);
+            // The CPU path of the landed word: published copies have landed.
+            if !self.gpu_landed && self.window.head_seq > self.landed {
+                self.landed = self.window.head_seq;
+                self.end.memory.set_landed(self.landed);
+            }
         }
     }
 }
@@ -451,6 +477,7 @@ impl Worker {
             }
             let took = self.take_all(&mut state);
             let submitted = self.submit(&mut state);
+            self.mark_landed(&mut state);
             let reaped = self.reap(&mut state);
             let idle = took + submitted + reaped == 0;
             self.counters.add_iteration(took, reaped, idle);
@@ -507,6 +534,9 @@ impl Worker {
         }
         if q.state != QueueState::Open {
             return 0;
+        }
+        if !q.marking && q.end.landed_word.is_some() && q.end.memory.wants_landed() {
+            q.marking = true;
         }
         q.flush();
         if q.window.head_ready() && !q.window.head_is_notify() {
@@ -631,6 +661,28 @@ impl Worker {
         n
     }
 
+    /// Marks the landed word of every queue a stream waits on behind the copies the transport
+    /// holds (see `Signals::landed`); a transport that cannot gives the word back to the CPU.
+    fn mark_landed(&mut self, state: &mut Loop) {
+        for &qi in &state.live {
+            let Some(q) = state.queues[qi as usize].as_mut() else { continue };
+            if !q.marking || q.closing {
+                continue;
+            }
+            let ready = q.ready(qi, &state.ops);
+            if ready <= q.landed {
+                continue;
+            }
+            let word = q.end.landed_word.as_ref().expect("marking needs the registered word").1;
+            if self.transport.mark(word, ready) {
+                (q.landed, q.gpu_landed) = (ready, true);
+            } else {
+                // The transport waited for its earlier marks: the CPU path goes on from them.
+                (q.marking, q.gpu_landed) = (false, false);
+            }
+        }
+    }
+
     /// Polls the transport and publishes what that unblocked.
     fn reap(&mut self, state: &mut Loop) -> usize {
         let n = self.transport.poll(&mut state.done);
@@ -648,8 +700,12 @@ impl Worker {
 
     /// Frees closed queue `qi`, none of whose copies is left: its mapping, memfd, window and
     /// worker-end claim go, and its slot index is free for reuse.
-    fn retire(&self, state: &mut Loop, qi: u32) {
+    fn retire(&mut self, state: &mut Loop, qi: u32) {
         let Some(q) = state.queues[qi as usize].take() else { return };
+        if q.gpu_landed {
+            // Its header's registration goes with it: no mark may still be on its way.
+            self.transport.settle_marks(q.end.landed_word.as_ref().map(|w| w.1));
+        }
         debug_assert_eq!(q.counted, 0, "a queue is freed with copies in flight");
         q.end.memory.set_state(QueueState::ClosedByClient);
         drop(q);
@@ -713,5 +769,7 @@ impl Worker {
                 q.end.memory.set_state(QueueState::Closed);
             }
         }
+        // The queues' headers are unregistered when `state` drops: every mark lands first.
+        self.transport.settle_marks(None);
     }
 }

@@ -33,7 +33,9 @@
 
 use super::{Done, Op, Token, Transport, TASK_CHUNK};
 use crate::config::{CudaConfig, Strategy};
-use crate::cuda_driver::{Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION};
+use crate::cuda_driver::{
+    stream_write_value, Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION,
+};
 use crate::desc::Status;
 use crate::error::{Error, TransportError};
 use crate::region::MemoryKind;
@@ -243,6 +245,14 @@ pub struct CudaTransport {
     /// found once per batch, for `auto`'s choice and the copy engine's lanes.
     runs: Vec<(usize, Rect)>,
     runs_cover: usize,
+    /// Operations ever accepted into `queued`, and those that left it (issued or failed).
+    accepted: u64,
+    left: u64,
+    /// Marks ([`Transport::mark`]) not yet enqueued: (operations accepted before it, word,
+    /// value), enqueued on the stream once those operations have left `queued`.
+    marks: VecDeque<(u64, u64, u64)>,
+    /// Cleared when a mark could not be enqueued: the worker writes the words from then on.
+    marks_ok: bool,
 }
 
 impl CudaTransport {
@@ -263,6 +273,33 @@ impl CudaTransport {
             running: VecDeque::new(),
             tokens: VecDeque::new(),
             failed: VecDeque::new(),
+            accepted: 0,
+            left: 0,
+            marks: VecDeque::new(),
+            marks_ok: true,
+        }
+    }
+
+    /// Enqueues on the stream the marks whose operations have all been issued: behind the
+    /// batches that hold them (every batch ends on `stream`, the copy engine's side stream
+    /// joined and the kernel launched there). A failure stops marking: the stream is waited for
+    /// (the marks enqueued before have landed) and the worker takes over.
+    fn emit_marks(&mut self) {
+        let Some(live) = self.live.as_ref() else { return };
+        while let Some(&(before, word, value)) = self.marks.front() {
+            if before > self.left {
+                break;
+            }
+            // SAFETY: `word` lies in a queue header the worker keeps registered until
+            // `settle_marks` returned (it settles before a queue's memory goes).
+            if let Err(e) = unsafe { stream_write_value(live.stream.handle(), word, value) } {
+                eprintln!("ferry: cuda transport: a landed mark failed ({e}); the worker writes it from now on");
+                let _ = live.stream.synchronize();
+                self.marks.clear();
+                self.marks_ok = false;
+                return;
+            }
+            self.marks.pop_front();
         }
     }
 
@@ -344,6 +381,7 @@ impl CudaTransport {
             if issued == 0 {
                 break; // the staging ring is full: wait for running batches.
             }
+            self.emit_marks();
         }
     }
 
@@ -497,6 +535,7 @@ impl CudaTransport {
         let recorded = event.and_then(|e| e.record(&live.stream).map(|()| e));
         match recorded {
             Ok(event) => {
+                self.left += n as u64;
                 for op in self.queued.drain(..n) {
                     self.queued_bytes -= op.copy.len;
                     self.tokens.push_back(op.token);
@@ -506,6 +545,7 @@ impl CudaTransport {
             Err(e) => {
                 // Without an event the batch's end cannot be observed: wait for the stream.
                 let synced = live.stream.synchronize();
+                self.left += n as u64;
                 let detail = e.code();
                 for op in self.queued.drain(..n) {
                     self.queued_bytes -= op.copy.len;
@@ -522,6 +562,7 @@ impl CudaTransport {
     }
 
     fn fail_front(&mut self, n: usize, detail: u32) {
+        self.left += n as u64;
         for op in self.queued.drain(..n) {
             self.queued_bytes -= op.copy.len;
             self.failed.push_back(Done { token: op.token, status: Status::TransportFailed, detail });
@@ -540,6 +581,7 @@ impl CudaTransport {
     fn queue(&mut self, ops: &[Op]) -> usize {
         let room = self.config.max_batch * 4 - self.queued.len().min(self.config.max_batch * 4);
         let n = ops.len().min(room);
+        self.accepted += n as u64;
         self.queued.extend(&ops[..n]);
         self.queued_bytes += ops[..n].iter().map(|op| op.copy.len).sum::<u64>();
         self.flush();
@@ -691,6 +733,27 @@ impl Transport for CudaTransport {
     fn in_flight(&self) -> usize {
         let resident = self.live.as_ref().and_then(|live| live.resident.as_ref()).map_or(0, Resident::in_flight);
         self.queued.len() + self.tokens.len() + self.failed.len() + resident
+    }
+
+    fn mark(&mut self, word: u64, value: u64) -> bool {
+        // The resident kernel's copies are not on the stream (and stream ordering refuses it).
+        if !self.marks_ok || self.live.as_ref().is_none_or(|live| live.resident.is_some()) {
+            return false;
+        }
+        self.marks.push_back((self.accepted, word, value));
+        self.emit_marks();
+        self.marks_ok
+    }
+
+    fn settle_marks(&mut self, word: Option<u64>) {
+        // Marks for the word not yet enqueued are dropped (nobody waits on a closed queue);
+        // those enqueued land before the stream's synchronize returns.
+        self.marks.retain(|&(_, w, _)| word.is_some_and(|word| w != word));
+        if let Some(live) = &self.live {
+            if let Err(e) = live.stream.synchronize() {
+                eprintln!("ferry: cuda transport: waiting for the landed marks: {e}");
+            }
+        }
     }
 }
 

@@ -99,6 +99,23 @@ pub trait Transport: Send {
 
     /// Operations submitted and not yet returned by `poll`.
     fn in_flight(&self) -> usize;
+
+    /// Enqueues, behind every operation this transport has accepted so far, a write of `value`
+    /// into the 64-bit word at device address `word`, made by the device itself once those
+    /// operations finished there (for a stream waiting on the word: no round trip through the
+    /// CPU). Marks are written in the order given. `false`: this transport cannot (the default),
+    /// and then the worker writes the word from the CPU when it publishes completions.
+    fn mark(&mut self, word: u64, value: u64) -> bool {
+        let _ = (word, value);
+        false
+    }
+
+    /// Before the memory of mark word `word` goes away (every word: `None`): drops its marks
+    /// not yet enqueued and waits until those enqueued have been written. Blocks: only for
+    /// freeing a closed queue and for shutdown.
+    fn settle_marks(&mut self, word: Option<u64>) {
+        let _ = word;
+    }
 }
 
 /// Completions of a transport that finishes its work inside `submit`, waiting for `poll`.

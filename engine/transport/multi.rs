@@ -133,6 +133,23 @@ impl Transport for MultiGpu {
     fn in_flight(&self) -> usize {
         self.lanes.iter().map(|l| l.transport.in_flight()).sum()
     }
+
+    fn mark(&mut self, word: u64, value: u64) -> bool {
+        // One GPU's stream writing the word would not wait for another GPU's copies: with
+        // several GPUs the worker writes it from the CPU.
+        if self.lanes.len() != 1 {
+            return false;
+        }
+        self.enter(0);
+        self.lanes[0].transport.mark(word, value)
+    }
+
+    fn settle_marks(&mut self, word: Option<u64>) {
+        for lane in 0..self.lanes.len() {
+            self.enter(lane);
+            self.lanes[lane].transport.settle_marks(word);
+        }
+    }
 }
 
 impl Drop for MultiGpu {

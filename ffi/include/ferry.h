@@ -577,9 +577,10 @@ ferry_result ferry_queue_poll_wait(ferry_queue *queue,
 uint64_t ferry_queue_pushed(const ferry_queue *queue);
 
 // Enqueues on the CUDA stream `stream` (a `CUstream` / `cudaStream_t` of the engine's device in
-// its primary context; NULL: the legacy default stream) a wait, on the GPU, until the queue's
-// watermark reaches `watermark`: work enqueued after it sees every byte the descriptors with
-// `seq < watermark` copied, and the CPU never waits. Launch every kernel that runs behind the
+// its primary context; NULL: the legacy default stream) a wait, on the GPU, until the
+// descriptors with `seq < watermark` have finished their copies (the queue's landed word,
+// written by the CUDA transport's stream right behind them): work enqueued after it sees every
+// byte they copied, and the CPU never waits. Launch every kernel that runs behind the
 // wait once before (or set `CUDA_MODULE_LOADING=EAGER`): a kernel's lazy first load may wait
 // for the context to go idle, which the blocked stream prevents. `FERRY_RESULT_INVALID_ARGUMENT` without the GPU transport's CUDA
 // context, or where the GPU lacks 64-bit stream memory operations (the text names the device

@@ -785,8 +785,9 @@ class Queue:
 
     def stream_wait(self, stream: Any = None, watermark: Optional[int] = None) -> None:
         """Enqueues on a CUDA stream (a torch.cuda.Stream, a raw handle, or None for torch's
-        current stream) a wait, on the GPU, until the queue's watermark reaches `watermark`
-        (default: everything pushed so far): kernels enqueued after it see every byte those
+        current stream) a wait, on the GPU, until the descriptors below `watermark` (default:
+        everything pushed so far) have finished their copies (the queue's landed word, written by
+        the CUDA transport's stream right behind them): kernels enqueued after it see every byte those
         descriptors copied, and the CPU does not wait. Keep polling completions now and then
         (they report errors, and a full completion ring holds the queue). Captured in a CUDA
         graph, the wait keeps its value: a replay waits for the same watermark again. Needs
