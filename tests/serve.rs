@@ -639,6 +639,8 @@ fn the_configuration_file_with_flags_over_it_and_unknown_keys_refused() {
         "transport = \"null\"",
         "workers = 2",
         "pinned = true",
+        "all_gpus = false",
+        "device = 0",
         "[limits]",
         "connections = 256",
         "queues_per_client = 64",

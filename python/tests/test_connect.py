@@ -30,13 +30,14 @@ class Daemon(unittest.TestCase):
     """Starts `ferry serve` on the TRANSPORT below and connects `self.engine` to it."""
 
     TRANSPORT = "host"
+    FLAGS: list = []
 
     def setUp(self):
         binary = ferry_binary()
         self.dir = tempfile.mkdtemp(prefix="ferry-py-serve-")
         self.socket = os.path.join(self.dir, "s.sock")
         self.daemon = subprocess.Popen([binary, "serve", "--socket", self.socket, "--transport", self.TRANSPORT,
-                                        "--unpinned", "--quiet"])
+                                        "--unpinned", "--quiet"] + self.FLAGS)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -184,6 +185,12 @@ class ConnectedCuda(Daemon):
         reg.close()
         queue.close()
         self.engine.close()
+
+
+class ConnectedAllGpus(ConnectedCuda):
+    """The same through a daemon driving every GPU of the machine (`--all-gpus`)."""
+
+    FLAGS = ["--all-gpus"]
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str =
-    "usage: ferry serve [--config FILE] [--socket PATH] [--transport host|null|cuda] [--device N] [--workers N] [--unpinned]
+    "usage: ferry serve [--config FILE] [--socket PATH] [--transport host|null|cuda] [--device N] [--all-gpus] [--workers N] [--unpinned]
                    [--allow-uid UID]... [--quiet] [--print-config]";
 
 /// Set by the SIGTERM/SIGINT handler.
@@ -90,6 +90,9 @@ pub struct EngineSection {
     pub transport: Transport,
     /// The CUDA device ordinal ("cuda" only).
     pub device: u32,
+    /// "cuda" only: every GPU of the host in one engine (`device` unused), each with `workers`
+    /// workers of its own; clients' GPU memory on any of them.
+    pub all_gpus: bool,
     /// Worker threads.
     pub workers: usize,
     /// Pin each worker to a core of the topology plan (false: unpinned).
@@ -98,7 +101,7 @@ pub struct EngineSection {
 
 impl Default for EngineSection {
     fn default() -> Self {
-        EngineSection { transport: Transport::Host, device: 0, workers: 1, pinned: true }
+        EngineSection { transport: Transport::Host, device: 0, all_gpus: false, workers: 1, pinned: true }
     }
 }
 
@@ -164,6 +167,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                 }
             }
             "--device" => config.engine.device = value()?.parse().map_err(|_| "--device: a CUDA ordinal".to_owned())?,
+            "--all-gpus" => config.engine.all_gpus = true,
             "--workers" => config.engine.workers = value()?.parse().map_err(|_| "--workers: a number".to_owned())?,
             "--allow-uid" => config.allow_uids.push(value()?.parse().map_err(|_| "--allow-uid: a uid".to_owned())?),
             "--unpinned" => config.engine.pinned = false,
@@ -210,6 +214,7 @@ pub fn serve(options: &Options) -> Result<(), String> {
         Transport::Null => TransportKind::Null,
         Transport::Cuda => TransportKind::Gpu(ferry::GpuConfig {
             device: o.engine.device,
+            devices: if o.engine.all_gpus { ferry::GpuSet::All } else { ferry::GpuSet::One },
             gdr: ferry::GdrConfig { use_gdr: ferry::UseGdr::Off, ..ferry::GdrConfig::default() },
             ..ferry::GpuConfig::default()
         }),
