@@ -248,6 +248,8 @@ struct QueueSlot {
     marking: bool,
     /// Marks went to the transport: the CPU no longer writes the word (it would race them).
     gpu_landed: bool,
+    /// The transport refused a mark: the CPU writes the word for good.
+    marks_refused: bool,
 }
 
 impl QueueSlot {
@@ -265,6 +267,7 @@ impl QueueSlot {
             landed: 0,
             marking: false,
             gpu_landed: false,
+            marks_refused: false,
         }
     }
 
@@ -535,7 +538,7 @@ impl Worker {
         if q.state != QueueState::Open {
             return 0;
         }
-        if !q.marking && q.end.landed_word.is_some() && q.end.memory.wants_landed() {
+        if !q.marking && !q.marks_refused && q.end.landed_word.is_some() && q.end.memory.wants_landed() {
             q.marking = true;
         }
         q.flush();
@@ -678,7 +681,7 @@ impl Worker {
                 (q.landed, q.gpu_landed) = (ready, true);
             } else {
                 // The transport waited for its earlier marks: the CPU path goes on from them.
-                (q.marking, q.gpu_landed) = (false, false);
+                (q.marking, q.gpu_landed, q.marks_refused) = (false, false, true);
             }
         }
     }

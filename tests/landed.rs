@@ -154,8 +154,15 @@ fn a_marking_transport_is_asked_only_behind_whole_descriptors() {
 
 #[test]
 fn without_marks_the_landed_word_follows_the_watermark() {
-    // The host transport cannot mark: asked for or not, the worker writes the word itself.
-    let engine = host_engine();
+    // The host transport cannot mark: asked for or not, the worker writes the word itself; the
+    // same as a custom transport (which is offered the word, and refuses it).
+    let custom = Arc::new(|_| -> Box<dyn Transport> { Box::new(ferry::transport::host::HostTransport::new()) });
+    for engine in [host_engine(), Engine::start(config(TransportKind::Custom(custom))).unwrap()] {
+        landed_follows_the_watermark(&engine);
+    }
+}
+
+fn landed_follows_the_watermark(engine: &Engine) {
     let client = engine.new_client();
     let buf = engine.allocate_host(client, 1 << 16).unwrap();
     let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
