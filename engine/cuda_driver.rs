@@ -420,6 +420,11 @@ impl IpcMemory {
     pub fn size(&self) -> u64 {
         self.size
     }
+
+    /// The context it is mapped in.
+    pub fn context(&self) -> &std::sync::Arc<Context> {
+        &self.context
+    }
 }
 
 impl Drop for IpcMemory {

@@ -375,12 +375,27 @@ impl Engine {
         if self.remote.is_some() {
             return Err(Error::NotConnected { what: "registering a CUDA IPC handle (the daemon does that)" });
         }
-        let ctx = self.device.cuda.as_ref().ok_or(Error::GpuRange {
-            addr: offset,
-            len: len as u64,
-            fault: GpuRangeFault::NoGpuTransport,
-        })?;
-        let memory = crate::cuda_driver::IpcMemory::open(ctx.clone(), handle)?;
+        if self.device.cuda.is_none() {
+            return Err(Error::GpuRange { addr: offset, len: len as u64, fault: GpuRangeFault::NoGpuTransport });
+        }
+        // Opened in the first context that takes it, then, with several GPUs, in the context of
+        // the GPU it lives on (its copies run on that GPU's streams, not through a peer mapping).
+        let contexts = self.cuda_contexts();
+        let mut opened = Err(crate::cuda_driver::CudaError::NoGpu);
+        for context in &contexts {
+            opened = crate::cuda_driver::IpcMemory::open(context.clone(), handle);
+            if opened.is_ok() {
+                break;
+            }
+        }
+        let mut memory = opened?;
+        let ordinal = memory.context().pointer_info(memory.ptr()).map(|info| info.ordinal)?;
+        if let Some(own) = contexts.into_iter().find(|c| c.info.ordinal == ordinal) {
+            if !Arc::ptr_eq(&own, memory.context()) {
+                drop(memory);
+                memory = crate::cuda_driver::IpcMemory::open(own, handle)?;
+            }
+        }
         if offset.checked_add(len as u64).is_none_or(|end| end > memory.size()) {
             return Err(Error::setting(
                 "a CUDA IPC range",
