@@ -1,6 +1,7 @@
 //! The control protocol between `ferry serve` and its clients, and the client side
 //! ([`Client`]): a client connects to the daemon's Unix socket, says hello, and asks for queues
-//! and host memory; each answer that hands over memory carries its memfd (`SCM_RIGHTS`). The
+//! and host memory, or hands over its own (a memfd, or GPU memory as a CUDA IPC handle); each
+//! answer that hands over memory carries its memfd (`SCM_RIGHTS`). The
 //! data path (descriptors and completions) never touches the socket: the client maps the memfds.
 //!
 //! A frame is 12 bytes of header, `magic: u32, kind: u32, len: u32` (little-endian), then `len`

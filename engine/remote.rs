@@ -1,7 +1,8 @@
 //! An [`Engine`](crate::Engine) reached through a `ferry serve` daemon ([`Engine::connect`]):
 //! each client is one connection to the daemon's control socket, and the calls an engine in
-//! this process answers itself (a client, host memory, a queue, deregistering) become requests
-//! to the daemon. The data path is the same shared memory either way.
+//! this process answers itself (a client, host memory, a queue, GPU memory by CUDA IPC,
+//! deregistering) become requests to the daemon. The data path is the same shared memory either
+//! way.
 //!
 //! [`Engine::connect`]: crate::Engine::connect
 

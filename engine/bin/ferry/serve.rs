@@ -5,7 +5,8 @@
 //! The socket is created with mode 0600 and each connection's peer credentials are checked:
 //! the daemon's own user, or a uid named with `--allow-uid`. A connection gets its own client
 //! id; its queues (opened with `close_if_client_dies`) and its host memory come back as memfds
-//! (`ferry::control`). When the connection ends, its regions are deregistered and freed (after
+//! (`ferry::control`); on the CUDA transport its GPU memory comes in as CUDA IPC handles, which
+//! the daemon maps until the region is freed. When the connection ends, its regions are deregistered and freed (after
 //! the copies using them are over), and its queues are closed as soon as no live process holds
 //! them. Connections that join a pool (`Frame::Join`) are one client: they share its regions,
 //! which are freed when the last of them ends. `ferry stat` reads every connection's queue
