@@ -253,6 +253,9 @@ typedef struct {
   // Nonzero: close the queue when the process holding its client end dies (see
   // `QueueConfig::close_if_client_dies`).
   uint32_t close_if_client_dies;
+  // On an engine over several GPUs (`ferry_config::all_gpus`): 1 + the GPU whose workers
+  // serve the queue (0: any worker).
+  uint32_t gpu;
 } ferry_queue_config;
 
 // One copy request: `len` bytes from (`src_region`, `src_offset`) to (`dst_region`,

@@ -895,6 +895,9 @@ pub struct ferry_queue_config {
     /// Nonzero: close the queue when the process holding its client end dies (see
     /// `QueueConfig::close_if_client_dies`).
     pub close_if_client_dies: u32,
+    /// On an engine over several GPUs (`ferry_config::all_gpus`): 1 + the GPU whose workers
+    /// serve the queue (0: any worker).
+    pub gpu: u32,
 }
 
 /// The queue settings `c` stands for (zero fields: the defaults).
@@ -904,6 +907,7 @@ fn queue_config_of(c: &ferry_queue_config) -> QueueConfig {
         worker: c.worker.checked_sub(1).map(|w| w as usize),
         gate_timeout: if c.gate_timeout_ns == 0 { d.gate_timeout } else { Duration::from_nanos(c.gate_timeout_ns) },
         close_if_client_dies: c.close_if_client_dies != 0,
+        gpu: c.gpu.checked_sub(1).map(|g| g as usize),
         ..d
     }
 }

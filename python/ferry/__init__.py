@@ -166,6 +166,7 @@ class _QueueConfig(ctypes.Structure):
         ("gate_timeout_ns", c_u64),
         ("worker", c_u32),
         ("close_if_client_dies", c_u32),
+        ("gpu", c_u32),
     ]
 
 
@@ -1027,16 +1028,18 @@ class Engine:
 
     def open_queue(self, client: int, submit_capacity: int = 0, complete_capacity: int = 0,
                    worker: Optional[int] = None, gate_timeout: Optional[float] = None,
-                   close_if_client_dies: bool = False) -> Queue:
+                   close_if_client_dies: bool = False, gpu: Optional[int] = None) -> Queue:
         """A queue for `client`: ring capacities (powers of two; 0: 4096), the worker serving it
         (None: the least loaded), how long a gate holds it before timing out (seconds; None:
-        10 s), and whether the worker closes it when the process holding its client end dies."""
+        10 s), whether the worker closes it when the process holding its client end dies, and on
+        an engine over every GPU (all_gpus=True) the GPU whose workers serve it (None: any)."""
         config = _QueueConfig(
             submit_capacity=submit_capacity,
             complete_capacity=complete_capacity,
             gate_timeout_ns=0 if gate_timeout is None else max(1, int(gate_timeout * 1e9)),
             worker=0 if worker is None else worker + 1,
             close_if_client_dies=1 if close_if_client_dies else 0,
+            gpu=0 if gpu is None else gpu + 1,
         )
         out = ctypes.c_void_p()
         _check(_library().ferry_queue_open_with(self._handle, client, ctypes.byref(config), ctypes.byref(out)))

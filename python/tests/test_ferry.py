@@ -145,6 +145,16 @@ class FerryTest(unittest.TestCase):
                     engine.set_sm_budget(budget)
                 self.assertEqual(caught.exception.code, ferry.RESULT["invalid_argument"])
 
+    def test_a_queue_on_a_gpu_the_engine_lacks_is_refused(self):
+        """open_queue(gpu=g) puts a queue on GPU g's workers; a host engine counts as one GPU."""
+        with ferry.Engine(pinned=False) as engine:
+            client = engine.new_client()
+            engine.open_queue(client, gpu=0).close()
+            with self.assertRaises(ferry.FerryError) as caught:
+                engine.open_queue(client, gpu=1)
+            self.assertEqual(caught.exception.code, ferry.RESULT["invalid_argument"])
+            self.assertIn("QueueConfig::gpu", str(caught.exception))
+
     def test_set_sm_budget_needs_the_gpu_transport(self):
         """A host engine has no copy kernel to budget: the live setting is refused, naming it."""
         with ferry.Engine(pinned=False) as engine:
