@@ -163,7 +163,7 @@ pub struct ferry_config {
     pub nic: *const c_char,
     /// GPU transport: 1: every GPU the CUDA driver lists (`cuda_device` is then unused), each
     /// with `workers` workers of its own on its cores; the engine's GPU `g` is CUDA ordinal `g`,
-    /// its workers `g * workers` to `(g + 1) * workers - 1` (for `ferry_queue_config::worker`).
+    /// its workers `g * workers` to `(g + 1) * workers - 1` (`ferry_queue_config::gpu` picks them).
     /// Every queue may name memory of every GPU. 0: the one GPU `cuda_device` (default).
     pub all_gpus: u32,
 }

@@ -900,7 +900,7 @@ class Engine:
     transport: "host" (CPU copies), "null" (no data moves) or "gpu" (host <-> GPU: over the NIC
     or with the CUDA driver, as `use_gdr` says: "auto", "off" or "on"). GPU settings: `device`
     (CUDA ordinal), `all_gpus` (True: every GPU, each with `workers` workers of its own; GPU g's
-    workers are g * workers to (g + 1) * workers - 1, for `open_queue(worker=)`; any queue may
+    workers are g * workers to (g + 1) * workers - 1, `open_queue(gpu=g)` picks them; any queue may
     name any GPU's memory), `strategy` ("auto", "memcpy", "batch", "kernel", "resident": experimental,
     one worker; a kernel that stays on the budget's SMs until the engine closes, so
     torch.cuda.synchronize() and a kernel's first (lazy) load wait for the close: run every
