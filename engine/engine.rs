@@ -585,11 +585,10 @@ impl Engine {
                     ),
                 });
             }
-            let ((ptr, len), offsets) = queue.header_span();
+            let (span, offsets) = queue.header_span();
             // SAFETY: the header stays mapped while the queue lives, and the registration is the
             // queue's first field: it drops (unregisters) before the mapping.
-            let registration = unsafe { HostRegistration::new(context.clone(), ptr, len) }?;
-            let base = registration.device_address(0)?;
+            let (registration, base) = unsafe { register_header(context, span) }?;
             queue.device_words = Some(DeviceWords {
                 landed: base + offsets.landed as u64,
                 gate: base + offsets.gate as u64,
@@ -674,14 +673,11 @@ impl Engine {
             let _ = self.device_words(&mut queue);
             // The worker's mapping too, for its stream to write the landed word; without it
             // the worker writes that word from the CPU.
-            let (ptr, len) = end.memory.header_span();
             // SAFETY: the end's header stays mapped while the end lives, and its registration
             // is the end's first field: it drops (unregisters) before the mapping.
-            if let Ok(registration) = unsafe { HostRegistration::new(context.clone(), ptr, len) } {
-                if let Ok(base) = registration.device_address(0) {
-                    let landed = base + QueueMemory::word_offsets().landed as u64;
-                    end.landed_word = Some((Some(registration), landed));
-                }
+            if let Ok((registration, base)) = unsafe { register_header(context, end.memory.header_span()) } {
+                let landed = base + QueueMemory::word_offsets().landed as u64;
+                end.landed_word = Some((Some(registration), landed));
             }
         } else if self.custom {
             // A custom transport may mark the word too; it gets the host address.
@@ -727,6 +723,18 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop_and_join();
     }
+}
+
+/// A queue header's mapping (`span`) registered with the CUDA driver, and its device address.
+///
+/// # Safety
+/// The mapping must stay mapped while the registration lives.
+unsafe fn register_header(context: &Arc<Context>, span: (*mut u8, usize)) -> Result<(HostRegistration, u64), Error> {
+    let (ptr, len) = span;
+    // SAFETY: forwarded from the caller.
+    let registration = unsafe { HostRegistration::new(context.clone(), ptr, len) }?;
+    let base = registration.device_address(0)?;
+    Ok((registration, base))
 }
 
 /// The core for each worker (`None`: unpinned), checked against the online CPUs, and notes on

@@ -243,13 +243,22 @@ struct QueueSlot {
     failed: u64,
     /// The landed word's last value (see `Signals::landed` in queue.rs), whoever wrote it.
     landed: u64,
-    /// A client stream waits on the landed word and the worker's stream can write it: the
-    /// worker marks it behind the copies ([`Transport::mark`]).
-    marking: bool,
-    /// Marks went to the transport: the CPU no longer writes the word (it would race them).
-    gpu_landed: bool,
-    /// The transport refused a mark: the CPU writes the word for good.
-    marks_refused: bool,
+    /// Who writes the landed word.
+    landing: Landing,
+}
+
+/// Who writes a queue's landed word (`Signals::landed` in queue.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Landing {
+    /// The CPU, with the watermark: no stream waits on the queue (yet).
+    Cpu,
+    /// A stream waits and the transport is asked for marks; the CPU still writes until the
+    /// first mark is taken.
+    Asked,
+    /// The transport's marks alone (the CPU would race them).
+    Marks,
+    /// The transport refused a mark: the CPU, for good.
+    Refused,
 }
 
 impl QueueSlot {
@@ -265,9 +274,7 @@ impl QueueSlot {
             bytes: 0,
             failed: 0,
             landed: 0,
-            marking: false,
-            gpu_landed: false,
-            marks_refused: false,
+            landing: Landing::Cpu,
         }
     }
 
@@ -372,7 +379,7 @@ impl QueueSlot {
             self.end.memory.set_totals(self.bytes, self.failed);
             self.end.memory.set_watermark(self.window.head_seq);
             // The CPU path of the landed word: published copies have landed.
-            if !self.gpu_landed && self.window.head_seq > self.landed {
+            if self.landing != Landing::Marks && self.window.head_seq > self.landed {
                 self.landed = self.window.head_seq;
                 self.end.memory.set_landed(self.landed);
             }
@@ -538,8 +545,8 @@ impl Worker {
         if q.state != QueueState::Open {
             return 0;
         }
-        if !q.marking && !q.marks_refused && q.end.landed_word.is_some() && q.end.memory.wants_landed() {
-            q.marking = true;
+        if q.landing == Landing::Cpu && q.end.landed_word.is_some() && q.end.memory.wants_landed() {
+            q.landing = Landing::Asked;
         }
         q.flush();
         if q.window.head_ready() && !q.window.head_is_notify() {
@@ -669,7 +676,7 @@ impl Worker {
     fn mark_landed(&mut self, state: &mut Loop) {
         for &qi in &state.live {
             let Some(q) = state.queues[qi as usize].as_mut() else { continue };
-            if !q.marking || q.closing {
+            if !matches!(q.landing, Landing::Asked | Landing::Marks) || q.closing {
                 continue;
             }
             let ready = q.ready(qi, &state.ops);
@@ -678,10 +685,10 @@ impl Worker {
             }
             let word = q.end.landed_word.as_ref().expect("marking needs the registered word").1;
             if self.transport.mark(word, ready) {
-                (q.landed, q.gpu_landed) = (ready, true);
+                (q.landed, q.landing) = (ready, Landing::Marks);
             } else {
                 // The transport waited for its earlier marks: the CPU path goes on from them.
-                (q.marking, q.gpu_landed, q.marks_refused) = (false, false, true);
+                q.landing = Landing::Refused;
             }
         }
     }
@@ -705,7 +712,7 @@ impl Worker {
     /// worker-end claim go, and its slot index is free for reuse.
     fn retire(&mut self, state: &mut Loop, qi: u32) {
         let Some(q) = state.queues[qi as usize].take() else { return };
-        if q.gpu_landed {
+        if q.landing == Landing::Marks {
             // Its header's registration goes with it: no mark may still be on its way.
             self.transport.settle_marks(q.end.landed_word.as_ref().map(|w| w.1));
         }

@@ -7,10 +7,7 @@
 use crate::bandwidth::{copy_ceiling, drive_queues, median_by, scatter, BenchError, Measurement};
 use crate::{human, progress};
 use ferry::internals::cuda::{Context, DeviceBuffer, Stream};
-use ferry::{
-    CorePlacement, Engine, EngineConfig, GdrConfig, GpuConfig, GpuSet, HostBuffer, Queue, QueueConfig, RegionId,
-    TransportKind, UseGdr,
-};
+use ferry::{CorePlacement, GpuConfig, GpuSet, HostBuffer, Queue, QueueConfig, RegionId};
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
@@ -70,44 +67,17 @@ fn aggregate(runs: &[(Instant, Instant, u64)]) -> f64 {
     runs.iter().map(|r| r.2).sum::<u64>() as f64 / (end - start).as_secs_f64() / 1e9
 }
 
-/// Every GPU's large copy at the same time (each thread its own stream), median of `reps`:
-/// the host's all-at-once ceiling in one direction.
-fn ceiling_at_once(gpus: &[Gpu], span: u64, h2d: bool, reps: usize) -> Result<f64, BenchError> {
+/// Runs `work` on every GPU at once, a thread each, after `ready` there (not timed), `reps`
+/// times: the median of the aggregate GB/s (the bytes `work` returns, over the span from the
+/// first start to the last end).
+fn at_once<R>(
+    gpus: &mut [Gpu],
+    reps: usize,
+    ready: &(dyn Fn(&mut Gpu) -> Result<R, BenchError> + Sync),
+    work: &(dyn Fn(&mut Gpu, R) -> Result<u64, BenchError> + Sync),
+) -> Result<f64, BenchError> {
     let mut results = Vec::new();
     for _ in 0..reps {
-        let barrier = Barrier::new(gpus.len());
-        let runs = std::thread::scope(|scope| {
-            let handles: Vec<_> = gpus
-                .iter()
-                .map(|gpu| {
-                    let barrier = &barrier;
-                    scope.spawn(move || -> Result<(Instant, Instant, u64), BenchError> {
-                        gpu.context.make_current()?;
-                        let stream = Stream::new()?;
-                        let (device, host) = gpu.pointers();
-                        let (dst, src) = if h2d { (device, host) } else { (host, device) };
-                        barrier.wait();
-                        let start = Instant::now();
-                        // SAFETY: both buffers are `span` bytes, alive in `gpu`; no descriptor is
-                        // pushed meanwhile; synchronized before the thread ends.
-                        unsafe { stream.copy(dst, src, span as usize)? };
-                        stream.synchronize()?;
-                        Ok((start, Instant::now(), span))
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("a ceiling thread panicked")).collect::<Result<Vec<_>, _>>()
-        })?;
-        results.push(aggregate(&runs));
-    }
-    results.sort_by(f64::total_cmp);
-    Ok(results[results.len() / 2])
-}
-
-/// Every GPU's engine queues moving blocks at once, median of `reps` aggregates.
-fn engine_at_once(gpus: &mut [Gpu], block: u64, count: u64, h2d: bool, o: &AllGpus) -> Result<f64, BenchError> {
-    let mut results = Vec::new();
-    for _ in 0..o.reps {
         let barrier = Barrier::new(gpus.len());
         let runs = std::thread::scope(|scope| {
             let handles: Vec<_> = gpus
@@ -115,19 +85,17 @@ fn engine_at_once(gpus: &mut [Gpu], block: u64, count: u64, h2d: bool, o: &AllGp
                 .map(|gpu| {
                     let barrier = &barrier;
                     scope.spawn(move || -> Result<(Instant, Instant, u64), BenchError> {
-                        if let Some(core) = gpu.client_core {
-                            ferry::internals::sys::pin_current_thread(core).map_err(|e| {
-                                BenchError::Failed(format!("pinning a driving thread to core {core}: {e}"))
-                            })?;
-                        }
+                        let prepared = ready(gpu);
+                        // Every thread reaches the barrier, failed or not: none waits forever.
                         barrier.wait();
+                        let prepared = prepared?;
                         let start = Instant::now();
-                        let m = gpu.drive(block, count, h2d, o.span)?;
-                        Ok((start, Instant::now(), m.bytes))
+                        let bytes = work(gpu, prepared)?;
+                        Ok((start, Instant::now(), bytes))
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("a driving thread panicked")).collect::<Result<Vec<_>, _>>()
+            handles.into_iter().map(|h| h.join().expect("a bench thread panicked")).collect::<Result<Vec<_>, _>>()
         })?;
         results.push(aggregate(&runs));
     }
@@ -135,20 +103,41 @@ fn engine_at_once(gpus: &mut [Gpu], block: u64, count: u64, h2d: bool, o: &AllGp
     Ok(results[results.len() / 2])
 }
 
-pub fn bench_all_gpus(o: &AllGpus) -> Result<(), BenchError> {
-    let gpu = GpuConfig {
-        devices: GpuSet::All,
-        gdr: GdrConfig { use_gdr: UseGdr::Off, ..GdrConfig::default() },
-        ..GpuConfig::default()
+/// Every GPU's large copy at the same time (each thread its own stream): the host's
+/// all-at-once ceiling in one direction.
+fn ceiling_at_once(gpus: &mut [Gpu], span: u64, h2d: bool, reps: usize) -> Result<f64, BenchError> {
+    let ready = |gpu: &mut Gpu| -> Result<Stream, BenchError> {
+        gpu.context.make_current()?;
+        Ok(Stream::new()?)
     };
-    let engine = Engine::start(EngineConfig {
-        workers: o.workers,
-        transport: TransportKind::Gpu(gpu),
-        cores: CorePlacement::Auto,
-        burst: 256,
-        max_len: 1 << 30,
-        ..EngineConfig::default()
-    })?;
+    let work = |gpu: &mut Gpu, stream: Stream| -> Result<u64, BenchError> {
+        let (device, host) = gpu.pointers();
+        let (dst, src) = if h2d { (device, host) } else { (host, device) };
+        // SAFETY: both buffers are `span` bytes, alive in `gpu`; no descriptor is pushed
+        // meanwhile; synchronized before this returns.
+        unsafe { stream.copy(dst, src, span as usize)? };
+        stream.synchronize()?;
+        Ok(span)
+    };
+    at_once(gpus, reps, &ready, &work)
+}
+
+/// Every GPU's engine queues moving blocks at once, each driven from a thread on its own core.
+fn engine_at_once(gpus: &mut [Gpu], block: u64, count: u64, h2d: bool, o: &AllGpus) -> Result<f64, BenchError> {
+    let ready = |gpu: &mut Gpu| -> Result<(), BenchError> {
+        match gpu.client_core {
+            Some(core) => ferry::internals::sys::pin_current_thread(core)
+                .map_err(|e| BenchError::Failed(format!("pinning a driving thread to core {core}: {e}"))),
+            None => Ok(()),
+        }
+    };
+    let work = |gpu: &mut Gpu, ()| -> Result<u64, BenchError> { Ok(gpu.drive(block, count, h2d, o.span)?.bytes) };
+    at_once(gpus, o.reps, &ready, &work)
+}
+
+pub fn bench_all_gpus(o: &AllGpus) -> Result<(), BenchError> {
+    let gpu = GpuConfig { devices: GpuSet::All, ..GpuConfig::default() };
+    let engine = crate::cuda_bench_engine(o.workers, gpu, CorePlacement::Auto)?;
     let client = engine.new_client();
     let span = o.span as usize;
     // Driving threads' cores: local to their GPU, off every worker's and this thread's core.
@@ -203,7 +192,8 @@ pub fn bench_all_gpus(o: &AllGpus) -> Result<(), BenchError> {
         // SAFETY: both buffers are `span` bytes, alive in `gpu`; no descriptor is in flight.
         alone.push(unsafe { [copy_ceiling(device, host, span, o.reps)?, copy_ceiling(host, device, span, o.reps)?] });
     }
-    let together = [ceiling_at_once(&gpus, o.span, true, o.reps)?, ceiling_at_once(&gpus, o.span, false, o.reps)?];
+    let together =
+        [ceiling_at_once(&mut gpus, o.span, true, o.reps)?, ceiling_at_once(&mut gpus, o.span, false, o.reps)?];
     println!("ceiling: one {} cuMemcpyAsync per GPU, GB/s", human(o.span));
     println!(
         "| dir | {} | sum alone | all GPUs at once |",

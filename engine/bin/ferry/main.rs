@@ -492,27 +492,27 @@ fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: SmBudget, workers: usize
     cuda_rig_with(o, CudaConfig { strategy, sm_budget, ..CudaConfig::default() }, workers)
 }
 
-fn cuda_rig_with(o: &Options, cuda: CudaConfig, workers: usize) -> Result<CudaRig, BenchError> {
-    let gpu = GpuConfig {
-        device: o.device,
-        cuda,
-        // This measures the CUDA driver's copies; GDR has its own bench (--transport gdr).
-        gdr: GdrConfig { use_gdr: UseGdr::Off, ..GdrConfig::default() },
-        ..GpuConfig::default()
-    };
-    let cores = match o.worker_core {
-        Some(core) if workers == 1 => CorePlacement::Cores(vec![core]),
-        Some(core) => CorePlacement::Cores((core..core + workers).collect()),
-        None => CorePlacement::Auto,
-    };
-    let engine = Engine::start(EngineConfig {
+/// An engine of the CUDA benches: the CUDA driver's copies on `gpu` (GDR has its own bench,
+/// --transport gdr), long bursts, descriptors up to 1 GiB.
+fn cuda_bench_engine(workers: usize, gpu: GpuConfig, cores: CorePlacement) -> Result<Engine, ferry::Error> {
+    let gpu = GpuConfig { gdr: GdrConfig { use_gdr: UseGdr::Off, ..GdrConfig::default() }, ..gpu };
+    Engine::start(EngineConfig {
         workers,
         transport: TransportKind::Gpu(gpu),
         cores,
         burst: 256,
         max_len: 1 << 30,
         ..EngineConfig::default()
-    })?;
+    })
+}
+
+fn cuda_rig_with(o: &Options, cuda: CudaConfig, workers: usize) -> Result<CudaRig, BenchError> {
+    let cores = match o.worker_core {
+        Some(core) if workers == 1 => CorePlacement::Cores(vec![core]),
+        Some(core) => CorePlacement::Cores((core..core + workers).collect()),
+        None => CorePlacement::Auto,
+    };
+    let engine = cuda_bench_engine(workers, GpuConfig { device: o.device, cuda, ..GpuConfig::default() }, cores)?;
     let client = engine.new_client();
     let span = o.span as usize;
     let host = engine.allocate_host(client, span)?;

@@ -16,7 +16,7 @@
 use ferry::control::{receive, send, Frame, StatRow, MAX_STAT_ROWS};
 use ferry::{ClientId, Engine, EngineConfig, HostBuffer, QueueConfig, RegionId, TransportKind};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -321,16 +321,16 @@ struct Registry(Arc<Mutex<Queues>>, Arc<Mutex<HashMap<String, Pool>>>);
 type Queues = HashMap<(u32, u64), Vec<File>>;
 
 /// What a client holds: its host regions, and its GPU regions (CUDA IPC mappings, closed when
-/// deregistered) with their bytes. A pool's is shared by its members' connections.
+/// deregistered). A pool's is shared by its members' connections.
 struct Owner {
     client: ClientId,
     regions: HashMap<RegionId, HostBuffer>,
-    gpu: HashMap<RegionId, u64>,
+    gpu: HashSet<RegionId>,
 }
 
 impl Owner {
     fn new(client: ClientId) -> Owner {
-        Owner { client, regions: HashMap::new(), gpu: HashMap::new() }
+        Owner { client, regions: HashMap::new(), gpu: HashSet::new() }
     }
 
     /// Whether it holds no region.
@@ -532,14 +532,14 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
                         .map_err(|_| format!("{len} bytes"))
                         .and_then(|n| engine.register_gpu_ipc(client, &handle, offset, n).map_err(|e| e.to_string()))
                         .map(|region| {
-                            owner.gpu.insert(region, len);
+                            owner.gpu.insert(region);
                             (Frame::GpuRegistered { region: region.0 }, None)
                         })
                 }
             }
             Frame::Free { region } => {
                 let (mut owner, id) = (lock(&owner), RegionId(region));
-                if !owner.regions.contains_key(&id) && !owner.gpu.contains_key(&id) {
+                if !owner.regions.contains_key(&id) && !owner.gpu.contains(&id) {
                     Err(format!("region {region:#x} is not this client's"))
                 } else {
                     engine.deregister(id).map_err(|e| e.to_string()).map(|()| {
@@ -585,7 +585,7 @@ fn session(engine: &Engine, registry: &Registry, stream: UnixStream, quiet: bool
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     // The host buffers (this side's mappings) are dropped after their regions are deregistered.
-    for id in regions.keys().chain(gpu.keys()).copied() {
+    for id in regions.keys().chain(gpu.iter()).copied() {
         while let Err(ferry::Error::RegionBusy { .. }) = engine.deregister(id) {
             if Instant::now() > deadline {
                 log(format!("client {}: region {id} still busy after 10 s; left registered", client.0));
