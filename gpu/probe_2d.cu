@@ -13,15 +13,8 @@
 #include <random>
 #include <vector>
 #include <cuda_runtime.h>
+#include "probe.cuh"
 
-#define CHECK(x)                                                                              \
-    do {                                                                                      \
-        cudaError_t e = (x);                                                                  \
-        if (e != cudaSuccess) {                                                               \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            std::exit(1);                                                                     \
-        }                                                                                     \
-    } while (0)
 
 static const size_t CHUNK = 32 << 10, CHUNKS = 64, GPU_BLOCKS = 4096, POOL = 1024;
 static const size_t PLANE = GPU_BLOCKS * CHUNK, BLOCK = CHUNKS * CHUNK;

@@ -17,29 +17,8 @@
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include "probe.cuh"
 
-#define CHECK(x)                                                                                 \
-    do {                                                                                         \
-        cudaError_t e = (x);                                                                     \
-        if (e != cudaSuccess) {                                                                  \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            std::exit(1);                                                                        \
-        }                                                                                        \
-    } while (0)
-#define CU(x)                                                                                    \
-    do {                                                                                         \
-        CUresult r = (x);                                                                        \
-        if (r != CUDA_SUCCESS) {                                                                 \
-            const char *s = nullptr;                                                             \
-            cuGetErrorString(r, &s);                                                             \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, s ? s : "?");       \
-            std::exit(1);                                                                        \
-        }                                                                                        \
-    } while (0)
-
-static double now_us() {
-    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 __global__ void touch(unsigned char *p, size_t n, unsigned char v) {
     for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) p[i] = v;

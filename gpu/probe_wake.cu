@@ -20,29 +20,8 @@
 #include <vector>
 #include <cuda.h>
 #include <cuda_runtime.h>
+#include "probe.cuh"
 
-#define CHECK(x)                                                                                 \
-    do {                                                                                         \
-        cudaError_t e = (x);                                                                     \
-        if (e != cudaSuccess) {                                                                  \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            std::exit(1);                                                                        \
-        }                                                                                        \
-    } while (0)
-#define CU(x)                                                                                    \
-    do {                                                                                         \
-        CUresult r = (x);                                                                        \
-        if (r != CUDA_SUCCESS) {                                                                 \
-            const char *s = nullptr;                                                             \
-            cuGetErrorString(r, &s);                                                             \
-            std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, s ? s : "?");       \
-            std::exit(1);                                                                        \
-        }                                                                                        \
-    } while (0)
-
-static double now_us() {
-    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 static bool spin(cudaEvent_t e, double deadline_us) {
     double t0 = now_us();
