@@ -218,10 +218,10 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Measured on the H200 (a Hopper GPU on PCIe Gen5): the copy engine beats the kernel from
-    /// 256 KiB blocks up in both directions, the kernel wins at 64 KiB and below (see
-    /// `engine/router.rs`).
-    pub const HOPPER: RouteTable = RouteTable { copy_engine_from: [256 << 10, 256 << 10] };
+    /// Measured on the H200 (a Hopper GPU on PCIe Gen5): the copy engine matches or beats the
+    /// kernel from 64 KiB blocks up in both directions on an idle GPU and keeps its rate under a
+    /// compute load; the kernel wins on an idle GPU below 64 KiB (see `engine/router.rs`).
+    pub const HOPPER: RouteTable = RouteTable { copy_engine_from: [64 << 10, 64 << 10] };
 }
 
 impl Default for RouteTable {

@@ -559,7 +559,12 @@ impl Stream {
         check("cuStreamWaitEvent", unsafe { sys::cuStreamWaitEvent(self.0, event.0, 0) })
     }
 
-    /// Queues `dsts.len()` copies in one call (driver 12.8+).
+    /// Queues `dsts.len()` copies in one call (driver 12.8+), with the hint
+    /// `CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE` (leave the SMs to compute). The call costs the
+    /// CPU 0.5-0.9 us per copy on the H200's VM, the first limit below 64 KiB
+    /// (`gpu/probe_ce_load.cu`); with the hint, `ferry bench`'s `batch` column at 64 KiB went from
+    /// 33-36 to 40-43 GB/s in one call (two rounds each, bench/results/h200.md); `gpu/probe_ce.cu`
+    /// saw its cost per 16 KiB copy halve in one call and not in the next.
     ///
     /// # Safety
     /// As [`Stream::copy`], for each `(dsts[i], srcs[i], sizes[i])`.
@@ -569,7 +574,7 @@ impl Stream {
             srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
             srcLocHint: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID, id: 0 },
             dstLocHint: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID, id: 0 },
-            flags: 0,
+            flags: sys::CUmemcpyFlags_enum::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE as std::ffi::c_uint,
         };
         let mut attr_index: usize = 0;
         let mut fail_index: usize = 0;

@@ -2,18 +2,22 @@
 //! and the decision made from it for every batch.
 //!
 //! Measured on the H200 (`bench/results/h200.md`, `ferry bench --workers 1 --load compute`, one
-//! worker, 8 SMs), idle and with an FMA kernel saturating every SM:
+//! worker, 8 SMs, fractions of the PCIe ceiling), idle and with an FMA kernel saturating every SM:
 //!
-//! | mean block | idle: kernel / copy engine GB/s | under load: kernel / copy engine GB/s (load lost) |
+//! | mean block | idle: kernel / copy engine | under load: kernel / copy engine (load lost) |
 //! |---|---|---|
-//! | 4 KiB | 49 / 8 | 14 (12 %) / 8 (0 %) |
-//! | 16 KiB | 50 / 30-35 | 23-26 (15-19 %) / 32-38 (0 %) |
-//! | 64 KiB | 51 / 42-43 | 34 (15-20 %) / 43-44 (0 %) |
-//! | 256 KiB, 1 MiB | 51-52 / 54.5 | 33-39 (15-22 %) / 54.6-54.9 (0 %) |
+//! | 4 KiB | 0.70-0.89 / 0.03-0.14 | 0.24 (10-12 %) / 0.04-0.15 (0-2 %) |
+//! | 16 KiB | 0.87-0.93 / 0.25-0.62 | 0.42-0.45 (5-10 %) / 0.28-0.57 (0-0.4 %) |
+//! | 64 KiB | 0.83-0.93 / 0.87-0.95 | 0.56-0.63 (5-11 %) / 0.91-0.97 (0-0.6 %) |
+//! | 256 KiB, 1 MiB | 0.91-0.94 / 0.95-0.99 | 0.6-0.7 (6-12 %) / 0.96-0.99 (0-0.6 %) |
 //!
-//! The copy engine (`cuMemcpyBatchAsync`) takes no SM and loses nothing under load; the copy
-//! kernel is the only way to small blocks at PCIe speed on an idle GPU, but under a saturating
-//! load it waits for SMs and takes 12-22 % of the load's throughput. So: a lone descriptor goes
+//! The copy engine (`cuMemcpyBatchAsync`) takes no SM and loses nothing under load; below
+//! 64 KiB its rate per copy is the limit (`gpu/probe_ce_load.cu`: the engine itself runs 4 KiB
+//! copies at 18-22 GB/s and 16 KiB at 34-35, and the call costs the worker 0.5-0.9 us per copy),
+//! so the copy kernel is the only way to small blocks at PCIe speed on an idle GPU; under a
+//! saturating load it waits for SMs and takes 5-12 % of the load's throughput. From 64 KiB up
+//! the copy engine matches or beats the kernel idle (given four batches of 8 MiB queued ahead,
+//! `engine/transport/cuda.rs`) and alone keeps its rate under load. So: a lone descriptor goes
 //! by `cuMemcpyAsync` (the latency path); batches whose mean block reaches
 //! [`RouteTable::copy_engine_from`] go to the copy engine; smaller ones to the kernel while the
 //! live SM budget ([`crate::Engine::set_sm_budget`]) allows any SM, else to the copy engine too.
@@ -63,7 +67,9 @@ mod tests {
     fn small_blocks_go_to_the_kernel_and_large_ones_to_the_copy_engine() {
         let t = RouteTable::HOPPER;
         assert_eq!(route(&t, 1000, 1000 * 4096, 0, 8, ALL), Strategy::Kernel);
-        assert_eq!(route(&t, 100, 100 * (64 << 10), 1, 8, ALL), Strategy::Kernel);
+        assert_eq!(route(&t, 100, 100 * (16 << 10), 1, 8, ALL), Strategy::Kernel);
+        assert_eq!(route(&t, 100, 100 * ((64 << 10) - 1), 1, 8, ALL), Strategy::Kernel);
+        assert_eq!(route(&t, 100, 100 * (64 << 10), 1, 8, ALL), Strategy::Batch);
         assert_eq!(route(&t, 100, 100 * (256 << 10), 0, 8, ALL), Strategy::Batch);
         assert_eq!(route(&t, 10, 10 << 20, 1, 8, ALL), Strategy::Batch);
         // The crossover is per direction.

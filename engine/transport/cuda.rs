@@ -24,8 +24,9 @@
 //! `bench/results/h200.md` for the measurements.
 //!
 //! Batching: an idle stream gets new operations at once (the latency path). While a batch runs,
-//! new operations wait in the transport until they add up to `MIN_BATCH_BYTES` (or `max_batch`
-//! operations), then go out behind it (at most `MAX_RUNNING` batches on the stream); when the
+//! new operations wait in the transport until they add up to 4 MiB (8 MiB behind a copy-engine
+//! batch; or `max_batch` operations), then go out behind it (at most 2 batches on the stream, 4
+//! copy-engine batches: `KERNEL_LIMITS`, `COPY_ENGINE_LIMITS`); when the
 //! stream drains they go out whatever their size. So a launch's fixed cost (about 10 us) is
 //! spread over megabytes under load
 //! (first H100 run: batches capped at the worker's burst of 256 x 4 KiB reached 0.56 of the
@@ -61,10 +62,16 @@ struct Task {
 const STAGING_TASKS: usize = 1 << 17;
 /// Threads per block of the copy kernel.
 const BLOCK_THREADS: u32 = 256;
-/// Batches allowed on the stream at once.
-const MAX_RUNNING: usize = 2;
-/// While a batch runs, the next one waits until it holds this many bytes.
-const MIN_BATCH_BYTES: u64 = 4 << 20;
+/// Batches allowed on the stream at once, and the bytes the next one waits for while one runs:
+/// for the copy kernel's batches, and (deeper) for the copy engine's. The copy engine needs more
+/// queued ahead: `cuMemcpyBatchAsync` costs the worker about 1 us of CPU per 64 KiB copy, close
+/// to the copy's own 1.2 us on the wire (`gpu/probe_ce_load.cu`), so two batches of 4 MiB left
+/// it idle whenever the worker was late. On the H200 (bench/results/h200.md, one `ferry bench
+/// --load compute` call, two rounds), 4 x 8 MiB took 64 KiB copy-engine batches from 0.64-0.78
+/// to 0.93-0.96 of the ceiling under the load; the kernel's 4 KiB figures fell with deeper
+/// batches (0.61-0.66 at 8 x 16 MiB), so its limits stay.
+const KERNEL_LIMITS: (usize, u64) = (2, 4 << 20);
+const COPY_ENGINE_LIMITS: (usize, u64) = (4, 8 << 20);
 /// `auto` routes a strided descriptor as one block of all its chunks (to the copy engine's 2D
 /// copy from the crossover up) when its chunks are at least this wide. Measured on the H200
 /// (bench/results/h200.md, paged KV blocks of 64 chunks): 32 KiB rows by 2D copy at 0.91 of the
@@ -365,12 +372,15 @@ impl CudaTransport {
     /// has queued (see the module documentation).
     fn flush(&mut self) {
         loop {
+            // The limits of the kind of batch last issued (the next one is most likely the same).
+            let (max_running, min_bytes) = match self.running.back() {
+                Some(b) if b.staging.is_none() => COPY_ENGINE_LIMITS,
+                _ => KERNEL_LIMITS,
+            };
             let ready = match self.running.len() {
                 _ if self.queued.is_empty() => false,
                 0 => true,
-                r if r < MAX_RUNNING => {
-                    self.queued_bytes >= MIN_BATCH_BYTES || self.queued.len() >= self.config.max_batch
-                }
+                r if r < max_running => self.queued_bytes >= min_bytes || self.queued.len() >= self.config.max_batch,
                 _ => false,
             };
             if !ready {

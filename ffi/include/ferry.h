@@ -47,7 +47,7 @@
 // `ferry_config::use_gdr` says.
 #define FERRY_TRANSPORT_GPU 2
 
-// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor; for more, `batch` from 256 KiB
+// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor; for more, `batch` from 64 KiB
 // blocks up and `kernel` below (the default).
 #define FERRY_CUDA_STRATEGY_AUTO 0
 
@@ -61,7 +61,7 @@
 #define FERRY_CUDA_STRATEGY_KERNEL 3
 
 // `ferry_config::cuda_strategy`: ferry's resident copy kernel (launched once, on the
-// `sm_budget` SMs, which stay reserved) for blocks below 256 KiB, the copy engine for larger ones.
+// `sm_budget` SMs, which stay reserved) for blocks below 64 KiB, the copy engine for larger ones.
 // Experimental, one worker only. Not starved by a busy GPU; but while the engine runs, what
 // waits for its CUDA context to go idle (`cudaDeviceSynchronize`, loading a kernel lazily at its
 // first launch) waits for the engine to stop: launch every kernel once before starting the

@@ -106,7 +106,7 @@ pub const FERRY_TRANSPORT_NULL: u32 = 1;
 /// `ferry_config::use_gdr` says.
 pub const FERRY_TRANSPORT_GPU: u32 = 2;
 
-/// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor; for more, `batch` from 256 KiB
+/// `ferry_config::cuda_strategy`: `memcpy` for a lone descriptor; for more, `batch` from 64 KiB
 /// blocks up and `kernel` below (the default).
 pub const FERRY_CUDA_STRATEGY_AUTO: u32 = 0;
 /// `ferry_config::cuda_strategy`: one `cuMemcpyAsync` per descriptor.
@@ -116,7 +116,7 @@ pub const FERRY_CUDA_STRATEGY_BATCH: u32 = 2;
 /// `ferry_config::cuda_strategy`: ferry's SM copy kernel, on at most `sm_budget` SMs.
 pub const FERRY_CUDA_STRATEGY_KERNEL: u32 = 3;
 /// `ferry_config::cuda_strategy`: ferry's resident copy kernel (launched once, on the
-/// `sm_budget` SMs, which stay reserved) for blocks below 256 KiB, the copy engine for larger ones.
+/// `sm_budget` SMs, which stay reserved) for blocks below 64 KiB, the copy engine for larger ones.
 /// Experimental, one worker only. Not starved by a busy GPU; but while the engine runs, what
 /// waits for its CUDA context to go idle (`cudaDeviceSynchronize`, loading a kernel lazily at its
 /// first launch) waits for the engine to stop: launch every kernel once before starting the
