@@ -209,6 +209,14 @@ typedef struct {
   // its workers `g * workers` to `(g + 1) * workers - 1` (`ferry_queue_config::gpu` picks them).
   // Every queue may name memory of every GPU. 0: the one GPU `cuda_device` (default).
   uint32_t all_gpus;
+  // GPU transport, `auto` strategy: batches whose mean block is at least this many bytes go
+  // to the copy engine going host to GPU (`copy_engine_from_h2d`) and GPU to host
+  // (`copy_engine_from_d2h`), smaller ones to the copy kernel. 0: the default, measured on
+  // the H200 (64 KiB each way; `RouteTable::HOPPER`); `UINT64_MAX`: never the copy engine
+  // while the SM budget allows the kernel.
+  uint64_t copy_engine_from_h2d;
+  // See `copy_engine_from_h2d`.
+  uint64_t copy_engine_from_d2h;
 } ferry_config;
 
 // One worker's counters, from [`ferry_engine_stats`].

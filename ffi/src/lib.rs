@@ -21,7 +21,8 @@
 
 use ferry::{
     ClientId, Completion, CorePlacement, CudaConfig, Descriptor, Engine, EngineConfig, Error, GdrConfig, GpuConfig,
-    GpuSet, HostBuffer, IdlePolicy, Queue, QueueConfig, RegionId, SmBudget, Strategy, TransportKind, UseGdr,
+    GpuSet, HostBuffer, IdlePolicy, Queue, QueueConfig, RegionId, RouteTable, SmBudget, Strategy, TransportKind,
+    UseGdr,
 };
 use std::any::Any;
 use std::cell::RefCell;
@@ -166,6 +167,14 @@ pub struct ferry_config {
     /// its workers `g * workers` to `(g + 1) * workers - 1` (`ferry_queue_config::gpu` picks them).
     /// Every queue may name memory of every GPU. 0: the one GPU `cuda_device` (default).
     pub all_gpus: u32,
+    /// GPU transport, `auto` strategy: batches whose mean block is at least this many bytes go
+    /// to the copy engine going host to GPU (`copy_engine_from_h2d`) and GPU to host
+    /// (`copy_engine_from_d2h`), smaller ones to the copy kernel. 0: the default, measured on
+    /// the H200 (64 KiB each way; `RouteTable::HOPPER`); `UINT64_MAX`: never the copy engine
+    /// while the SM budget allows the kernel.
+    pub copy_engine_from_h2d: u64,
+    /// See `copy_engine_from_h2d`.
+    pub copy_engine_from_d2h: u64,
 }
 impl Default for ferry_config {
     fn default() -> Self {
@@ -182,6 +191,8 @@ impl Default for ferry_config {
             use_gdr: 0,
             nic: std::ptr::null(),
             all_gpus: 0,
+            copy_engine_from_h2d: 0,
+            copy_engine_from_d2h: 0,
         }
     }
 }
@@ -489,10 +500,14 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         1 => GpuSet::All,
         other => return Err(Error::setting("ferry_config::all_gpus", other, "0 (cuda_device alone) or 1 (every GPU)")),
     };
+    let default_route = RouteTable::HOPPER.copy_engine_from;
+    let or_default = |v: u64, i: usize| if v == 0 { default_route[i] } else { v };
+    let route =
+        RouteTable { copy_engine_from: [or_default(c.copy_engine_from_h2d, 0), or_default(c.copy_engine_from_d2h, 1)] };
     Ok(GpuConfig {
         device,
         devices,
-        cuda: CudaConfig { strategy, sm_budget, ..CudaConfig::default() },
+        cuda: CudaConfig { strategy, sm_budget, route, ..CudaConfig::default() },
         gdr: GdrConfig { use_gdr, nic, ..GdrConfig::default() },
         ..GpuConfig::default()
     })
@@ -1293,6 +1308,17 @@ mod tests {
         let text = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap().to_owned();
         assert_eq!(n, text.len(), "{text}");
         text
+    }
+
+    #[test]
+    fn the_route_fields_set_the_crossovers_and_zero_keeps_the_default() {
+        let route = |h2d, d2h| {
+            let c = ferry_config { copy_engine_from_h2d: h2d, copy_engine_from_d2h: d2h, ..ferry_config::default() };
+            gpu_config(&c, None).expect("valid").cuda.route.copy_engine_from
+        };
+        assert_eq!(route(0, 0), RouteTable::HOPPER.copy_engine_from);
+        assert_eq!(route(1 << 20, 0), [1 << 20, RouteTable::HOPPER.copy_engine_from[1]]);
+        assert_eq!(route(0, u64::MAX), [RouteTable::HOPPER.copy_engine_from[0], u64::MAX]);
     }
 
     #[test]

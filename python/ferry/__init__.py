@@ -29,7 +29,7 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -153,6 +153,8 @@ class _Config(ctypes.Structure):
         ("use_gdr", c_u32),
         ("nic", ctypes.c_char_p),
         ("all_gpus", c_u32),
+        ("copy_engine_from_h2d", c_u64),
+        ("copy_engine_from_d2h", c_u64),
     ]
 
 
@@ -908,13 +910,22 @@ class Engine:
     the copy kernel may use, in total over the engine's workers, each getting an equal share,
     capped at the GPU's SM count; SM_BUDGET_ALL: every SM; SM_BUDGET_NONE: no SM, the copy engine
     alone; 0: the default, 8 SMs; a budget below `workers` fails at start with
-    RESULT["invalid_argument"]; `set_sm_budget` changes it while the engine runs), `nic` (RDMA device name; None:
-    the topology plan's). As in ferry_config, 0 in `max_len` or `workers` means the default.
+    RESULT["invalid_argument"]; `set_sm_budget` changes it while the engine runs), `copy_engine_from`
+    (the "auto" strategy's crossover: batches whose mean block has at least this many bytes go to
+    the copy engine, smaller ones to the copy kernel; one int for both directions or a pair
+    (host to GPU, GPU to host); 0: the default measured on the H200, 64 KiB each way; on an idle
+    GPU the kernel can be faster at 64 KiB, under a compute load it starves), `nic` (RDMA device
+    name; None: the topology plan's). As in ferry_config, 0 in `max_len` or `workers` means the
+    default.
     """
 
     def __init__(self, workers: int = 1, transport: str = "host", pinned: bool = True, max_len: int = 0,
                  device: int = 0, strategy: str = "auto", sm_budget: int = 0, use_gdr: str = "auto",
-                 nic: Optional[str] = None, all_gpus: bool = False) -> None:
+                 nic: Optional[str] = None, all_gpus: bool = False,
+                 copy_engine_from: Union[int, Tuple[int, int]] = 0) -> None:
+        crossover = (copy_engine_from, copy_engine_from) if isinstance(copy_engine_from, int) else tuple(copy_engine_from)
+        if len(crossover) != 2 or not all(isinstance(v, int) and 0 <= v < 1 << 64 for v in crossover):
+            raise ValueError(f"copy_engine_from: a byte count from 0 to 2**64 - 1, or a pair of them; got {copy_engine_from!r}")
         config = _Config(
             workers=workers,
             transport=TRANSPORT[transport],
@@ -926,6 +937,8 @@ class Engine:
             use_gdr=USE_GDR[use_gdr],
             nic=nic.encode() if nic else None,
             all_gpus=1 if all_gpus else 0,
+            copy_engine_from_h2d=crossover[0],
+            copy_engine_from_d2h=crossover[1],
         )
         handle = ctypes.c_void_p()
         _check(_library().ferry_engine_start(ctypes.byref(config), ctypes.byref(handle)))

@@ -145,6 +145,15 @@ class FerryTest(unittest.TestCase):
                     engine.set_sm_budget(budget)
                 self.assertEqual(caught.exception.code, ferry.RESULT["invalid_argument"])
 
+    def test_copy_engine_from_takes_a_byte_count_or_a_pair(self):
+        """The auto strategy's crossover: an int or a (host to GPU, GPU to host) pair of byte
+        counts starts an engine; a negative, oversized or ill-shaped one is refused before it."""
+        for crossover in (0, 256 << 10, (64 << 10, 1 << 20), (0, 2**64 - 1)):
+            ferry.Engine(pinned=False, copy_engine_from=crossover).close()
+        for bad in (-1, 2**64, (1, 2, 3), (1,), (1, "2")):
+            with self.assertRaises(ValueError):
+                ferry.Engine(pinned=False, copy_engine_from=bad)
+
     def test_a_queue_on_a_gpu_the_engine_lacks_is_refused(self):
         """open_queue(gpu=g) puts a queue on GPU g's workers; a host engine counts as one GPU."""
         with ferry.Engine(pinned=False) as engine:
