@@ -4,6 +4,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+#include <algorithm>
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -67,4 +72,57 @@ __global__ void load_until(const volatile unsigned *stop, float *sink) {
         __syncthreads();
     }
     if (a + d == 1234.5f) sink[threadIdx.x] = a;
+}
+
+// What the copy-engine probes start from: a pinned host pool and a device pool of `pool` bytes
+// each (filled with 1 and 2), the resident load's stop word and sink, and how many blocks of 256
+// threads of `load_until` fit on the GPU at once.
+struct ProbeSetup {
+    cudaDeviceProp prop;
+    char *host, *dev;
+    unsigned *stop;
+    float *sink;
+    int load_blocks;
+};
+
+static inline ProbeSetup probe_setup(size_t pool) {
+    ProbeSetup p;
+    CU(cuInit(0));
+    CHECK(cudaSetDevice(0));
+    CHECK(cudaGetDeviceProperties(&p.prop, 0));
+    CHECK(cudaHostAlloc(&p.host, pool, cudaHostAllocDefault));
+    CHECK(cudaMalloc(&p.dev, pool));
+    std::memset(p.host, 1, pool);
+    CHECK(cudaMemset(p.dev, 2, pool));
+    CHECK(cudaMalloc(&p.stop, 4));
+    CHECK(cudaMalloc(&p.sink, 4096));
+    int per_sm = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, load_until, 256, 0));
+    p.load_blocks = per_sm * p.prop.multiProcessorCount;
+    return p;
+}
+
+// `span` bytes as blocks of `block` bytes at random slots of the two pools (`pool` bytes each):
+// per direction (0 host to GPU, 1 GPU to host) the destination and source of every copy.
+struct ProbePlan {
+    std::vector<CUdeviceptr> dst[2], src[2];
+    std::vector<size_t> size;
+};
+
+static inline ProbePlan probe_plan(char *host, char *dev, size_t pool, size_t span, size_t block, std::mt19937_64 &rng) {
+    const size_t n = span / block, slots = pool / block;
+    std::vector<size_t> hs(slots), ds(slots);
+    std::iota(hs.begin(), hs.end(), 0);
+    std::iota(ds.begin(), ds.end(), 0);
+    std::shuffle(hs.begin(), hs.end(), rng);
+    std::shuffle(ds.begin(), ds.end(), rng);
+    ProbePlan p;
+    p.size.assign(n, block);
+    for (int d = 0; d < 2; d++) p.dst[d].resize(n), p.src[d].resize(n);
+    for (size_t i = 0; i < n; i++) {
+        CUdeviceptr h = (CUdeviceptr)(host + hs[i] * block), g = (CUdeviceptr)(dev + ds[i] * block);
+        p.dst[0][i] = g, p.src[0][i] = h;
+        p.dst[1][i] = h, p.src[1][i] = g;
+    }
+    return p;
 }

@@ -39,26 +39,16 @@ static void batch(CUdeviceptr *d, CUdeviceptr *s, size_t *n, size_t count, const
 }
 
 int main() {
-    CU(cuInit(0));
-    CHECK(cudaSetDevice(0));
-    cudaDeviceProp prop;
-    CHECK(cudaGetDeviceProperties(&prop, 0));
+    const ProbeSetup setup = probe_setup(POOL);
+    const cudaDeviceProp &prop = setup.prop;
+    char *host = setup.host, *dev = setup.dev;
+    unsigned *stop = setup.stop;
+    float *sink = setup.sink;
+    const int load_blocks = setup.load_blocks;
     int drv = 0;
     CHECK(cudaDriverGetVersion(&drv));
     std::printf("probe_ce: %s, %d SMs, asyncEngineCount %d, driver %d\n", prop.name, prop.multiProcessorCount,
                 prop.asyncEngineCount, drv);
-    char *host, *dev;
-    CHECK(cudaHostAlloc(&host, POOL, cudaHostAllocDefault));
-    CHECK(cudaMalloc(&dev, POOL));
-    std::memset(host, 1, POOL);
-    CHECK(cudaMemset(dev, 2, POOL));
-    unsigned *stop;
-    float *sink;
-    CHECK(cudaMalloc(&stop, 4));
-    CHECK(cudaMalloc(&sink, 4096));
-    int per_sm = 0;
-    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, load_until, 256, 0));
-    const int load_blocks = per_sm * prop.multiProcessorCount;
     std::vector<cudaStream_t> streams(16);
     for (auto &s : streams) CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     cudaStream_t load_stream, ctl;
@@ -98,24 +88,10 @@ int main() {
     std::printf("%7s %4s %-10s %2s %9s %6s %9s %6s %7s\n", "block", "dir", "attrs", "K", "idle GB/s", "/ceil", "load GB/s",
                 "/ceil", "cpu us");
     for (size_t block : {4096ul, 16384ul, 65536ul, 262144ul}) {
-        const size_t n = SPAN / block, slots = POOL / block;
-        std::vector<size_t> hs(slots), ds(slots);
-        std::iota(hs.begin(), hs.end(), 0);
-        std::iota(ds.begin(), ds.end(), 0);
-        std::shuffle(hs.begin(), hs.end(), rng);
-        std::shuffle(ds.begin(), ds.end(), rng);
-        // Per direction: destination, source and size arrays of n copies.
-        std::vector<CUdeviceptr> dst[2], src[2];
-        std::vector<size_t> size(n, block);
-        for (int d = 0; d < 2; d++) {
-            dst[d].resize(n);
-            src[d].resize(n);
-        }
-        for (size_t i = 0; i < n; i++) {
-            CUdeviceptr h = (CUdeviceptr)(host + hs[i] * block), g = (CUdeviceptr)(dev + ds[i] * block);
-            dst[0][i] = g, src[0][i] = h;
-            dst[1][i] = h, src[1][i] = g;
-        }
+        const size_t n = SPAN / block;
+        ProbePlan plan = probe_plan(host, dev, POOL, SPAN, block, rng);
+        auto &dst = plan.dst, &src = plan.src;
+        auto &size = plan.size;
         const size_t per_call = std::min<size_t>(CALL_BYTES / block, 4096);
         for (int dir = 0; dir < 3; dir++) {
             for (const Variant &v : variants) {

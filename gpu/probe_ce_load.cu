@@ -38,22 +38,12 @@ static void batch(CUdeviceptr *d, CUdeviceptr *s, size_t *n, size_t count, CUstr
 }
 
 int main() {
-    CU(cuInit(0));
-    CHECK(cudaSetDevice(0));
-    cudaDeviceProp prop;
-    CHECK(cudaGetDeviceProperties(&prop, 0));
-    char *host, *dev;
-    CHECK(cudaHostAlloc(&host, POOL, cudaHostAllocDefault));
-    CHECK(cudaMalloc(&dev, POOL));
-    std::memset(host, 1, POOL);
-    CHECK(cudaMemset(dev, 2, POOL));
-    unsigned *stop;
-    float *sink;
-    CHECK(cudaMalloc(&stop, 4));
-    CHECK(cudaMalloc(&sink, 4096));
-    int per_sm = 0;
-    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, load_until, 256, 0));
-    const int resident_blocks = per_sm * prop.multiProcessorCount, burst_blocks = resident_blocks * 16;
+    const ProbeSetup setup = probe_setup(POOL);
+    const cudaDeviceProp &prop = setup.prop;
+    char *host = setup.host, *dev = setup.dev;
+    unsigned *stop = setup.stop;
+    float *sink = setup.sink;
+    const int resident_blocks = setup.load_blocks, burst_blocks = resident_blocks * 16;
     int lo = 0, hi = 0;
     CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
     cudaStream_t copy[2], load_stream, ctl;
@@ -151,20 +141,10 @@ int main() {
     std::mt19937_64 rng(7);
     std::printf("%7s %4s %-9s %-8s %-6s %8s %7s\n", "block", "dir", "load", "priority", "submit", "GB/s", "cpu us");
     for (size_t block : {4096ul, 16384ul, 65536ul}) {
-        const size_t n = SPAN / block, slots = POOL / block;
-        std::vector<size_t> hs(slots), ds(slots);
-        std::iota(hs.begin(), hs.end(), 0);
-        std::iota(ds.begin(), ds.end(), 0);
-        std::shuffle(hs.begin(), hs.end(), rng);
-        std::shuffle(ds.begin(), ds.end(), rng);
-        std::vector<CUdeviceptr> dst[2], src[2];
-        std::vector<size_t> size(n, block);
-        for (int d = 0; d < 2; d++) dst[d].resize(n), src[d].resize(n);
-        for (size_t i = 0; i < n; i++) {
-            CUdeviceptr h = (CUdeviceptr)(host + hs[i] * block), g = (CUdeviceptr)(dev + ds[i] * block);
-            dst[0][i] = g, src[0][i] = h;
-            dst[1][i] = h, src[1][i] = g;
-        }
+        const size_t n = SPAN / block;
+        ProbePlan plan = probe_plan(host, dev, POOL, SPAN, block, rng);
+        auto &dst = plan.dst, &src = plan.src;
+        auto &size = plan.size;
         const size_t per_call = std::min<size_t>(CALL_BYTES / block, 4096);
         const size_t calls = (n + per_call - 1) / per_call;
         std::vector<cudaEvent_t> done(calls);
