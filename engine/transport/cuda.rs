@@ -67,9 +67,9 @@ const BLOCK_THREADS: u32 = 256;
 /// queued ahead: `cuMemcpyBatchAsync` costs the worker about 1 us of CPU per 64 KiB copy, close
 /// to the copy's own 1.2 us on the wire (`gpu/probe_ce_load.cu`), so two batches of 4 MiB left
 /// it idle whenever the worker was late. On the H200 (bench/results/h200.md, one `ferry bench
-/// --load compute` call, two rounds), 4 x 8 MiB took 64 KiB copy-engine batches from 0.64-0.78
-/// to 0.93-0.96 of the ceiling under the load; the kernel's 4 KiB figures fell with deeper
-/// batches (0.61-0.66 at 8 x 16 MiB), so its limits stay.
+/// --load compute` call, two rounds), 4 x 8 MiB took 64 KiB copy-engine batches from 0.59-0.73
+/// to 0.86-0.94 of the ceiling under the load; the kernel's 4 KiB figures fell with deeper
+/// batches (0.61-0.66 at 8 x 16 MiB against 0.72-0.89 in the same call), so its limits stay.
 const KERNEL_LIMITS: (usize, u64) = (2, 4 << 20);
 const COPY_ENGINE_LIMITS: (usize, u64) = (4, 8 << 20);
 /// `auto` routes a strided descriptor as one block of all its chunks (to the copy engine's 2D

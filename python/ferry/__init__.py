@@ -923,8 +923,8 @@ class Engine:
                  device: int = 0, strategy: str = "auto", sm_budget: int = 0, use_gdr: str = "auto",
                  nic: Optional[str] = None, all_gpus: bool = False,
                  copy_engine_from: Union[int, Tuple[int, int]] = 0) -> None:
-        crossover = (copy_engine_from, copy_engine_from) if isinstance(copy_engine_from, int) else tuple(copy_engine_from)
-        if len(crossover) != 2 or not all(isinstance(v, int) and 0 <= v < 1 << 64 for v in crossover):
+        crossover = copy_engine_from if isinstance(copy_engine_from, (tuple, list)) else (copy_engine_from,) * 2
+        if len(crossover) != 2 or not all(type(v) is int and 0 <= v < 1 << 64 for v in crossover):
             raise ValueError(f"copy_engine_from: a byte count from 0 to 2**64 - 1, or a pair of them; got {copy_engine_from!r}")
         config = _Config(
             workers=workers,

@@ -150,7 +150,7 @@ class FerryTest(unittest.TestCase):
         counts starts an engine; a negative, oversized or ill-shaped one is refused before it."""
         for crossover in (0, 256 << 10, (64 << 10, 1 << 20), (0, 2**64 - 1)):
             ferry.Engine(pinned=False, copy_engine_from=crossover).close()
-        for bad in (-1, 2**64, (1, 2, 3), (1,), (1, "2")):
+        for bad in (-1, 2**64, (1, 2, 3), (1,), (1, "2"), 1.5, True, None):
             with self.assertRaises(ValueError):
                 ferry.Engine(pinned=False, copy_engine_from=bad)
 
