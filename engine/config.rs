@@ -86,14 +86,12 @@ impl GpuSet {
             if list.is_empty() {
                 return Err(Error::setting("GpuConfig::devices", "an empty list", "at least one CUDA ordinal"));
             }
-            for (i, ordinal) in list.iter().enumerate() {
-                if list[..i].contains(ordinal) {
-                    return Err(Error::setting(
-                        "GpuConfig::devices",
-                        format!("{list:?}"),
-                        format!("each ordinal once ({ordinal} is there twice)"),
-                    ));
-                }
+            if let Some(ordinal) = first_repeat(list) {
+                return Err(Error::setting(
+                    "GpuConfig::devices",
+                    format!("{list:?}"),
+                    format!("each ordinal once ({ordinal} is there twice)"),
+                ));
             }
         }
         Ok(())
@@ -455,14 +453,12 @@ impl EngineConfig {
                     format!("one core per worker ({} workers)", self.workers),
                 ));
             }
-            for (i, core) in cores.iter().enumerate() {
-                if cores[..i].contains(core) {
-                    return Err(Error::setting(
-                        "EngineConfig::cores",
-                        format!("{cores:?}"),
-                        format!("without core {core} twice"),
-                    ));
-                }
+            if let Some(core) = first_repeat(cores) {
+                return Err(Error::setting(
+                    "EngineConfig::cores",
+                    format!("{cores:?}"),
+                    format!("without core {core} twice"),
+                ));
             }
         }
         if let TransportKind::Gpu(gpu) = &self.transport {
@@ -570,6 +566,11 @@ impl Default for QueueConfig {
             close_if_client_dies: false,
         }
     }
+}
+
+/// The first element of `list` that an earlier one equals.
+fn first_repeat<T: PartialEq>(list: &[T]) -> Option<&T> {
+    list.iter().enumerate().find(|&(i, x)| list[..i].contains(x)).map(|(_, x)| x)
 }
 
 #[cfg(test)]

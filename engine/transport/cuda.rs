@@ -252,9 +252,9 @@ pub struct CudaTransport {
     /// found once per batch, for `auto`'s choice and the copy engine's lanes.
     runs: Vec<(usize, Rect)>,
     runs_cover: usize,
-    /// Operations ever accepted into `queued`, and those that left it (issued or failed).
+    /// Operations ever accepted into `queued` (those that left it, issued or failed, are this
+    /// less `queued.len()`).
     accepted: u64,
-    left: u64,
     /// Marks ([`Transport::mark`]) not yet enqueued: (operations accepted before it, word,
     /// value), enqueued on the stream once those operations have left `queued`.
     marks: VecDeque<(u64, u64, u64)>,
@@ -281,7 +281,6 @@ impl CudaTransport {
             tokens: VecDeque::new(),
             failed: VecDeque::new(),
             accepted: 0,
-            left: 0,
             marks: VecDeque::new(),
             marks_ok: true,
         }
@@ -293,8 +292,9 @@ impl CudaTransport {
     /// (the marks enqueued before have landed) and the worker takes over.
     fn emit_marks(&mut self) {
         let Some(live) = self.live.as_ref() else { return };
+        let left = self.accepted - self.queued.len() as u64;
         while let Some(&(before, word, value)) = self.marks.front() {
-            if before > self.left {
+            if before > left {
                 break;
             }
             // SAFETY: `word` lies in a queue header the worker keeps registered until
@@ -545,7 +545,6 @@ impl CudaTransport {
         let recorded = event.and_then(|e| e.record(&live.stream).map(|()| e));
         match recorded {
             Ok(event) => {
-                self.left += n as u64;
                 for op in self.queued.drain(..n) {
                     self.queued_bytes -= op.copy.len;
                     self.tokens.push_back(op.token);
@@ -555,7 +554,6 @@ impl CudaTransport {
             Err(e) => {
                 // Without an event the batch's end cannot be observed: wait for the stream.
                 let synced = live.stream.synchronize();
-                self.left += n as u64;
                 let detail = e.code();
                 for op in self.queued.drain(..n) {
                     self.queued_bytes -= op.copy.len;
@@ -572,7 +570,6 @@ impl CudaTransport {
     }
 
     fn fail_front(&mut self, n: usize, detail: u32) {
-        self.left += n as u64;
         for op in self.queued.drain(..n) {
             self.queued_bytes -= op.copy.len;
             self.failed.push_back(Done { token: op.token, status: Status::TransportFailed, detail });
