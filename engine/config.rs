@@ -116,18 +116,18 @@ pub enum Strategy {
     Batch,
     /// The SM copy kernel, launched per batch.
     Kernel,
-    /// The resident copy kernel (launched once, on the SM budget's share of SMs, fed through a
-    /// ring in host memory: no launch per batch, so a busy GPU does not starve it) for blocks
-    /// below [`RouteTable::copy_engine_from`], the copy engine for the others. Its SMs stay
-    /// reserved while the engine runs; the live SM budget does not move them.
+    /// The resident copy kernel (launched when blocks wait for it, on the SM budget's share of
+    /// SMs, fed through a ring in host memory: no launch per batch, so a busy GPU does not starve
+    /// it once it runs) for blocks below [`RouteTable::copy_engine_from`], the copy engine for
+    /// the others. Its SMs stay reserved while it runs; the live SM budget does not move them.
     ///
-    /// Experimental. Because the kernel runs until the engine stops, anything that waits for
-    /// the CUDA context to go idle waits for the engine's shutdown: a device-wide synchronize
-    /// (`cudaDeviceSynchronize`, `torch.cuda.synchronize()`), and loading a kernel where that
-    /// needs a context synchronization (CUDA loads kernels lazily by default). Launch every
-    /// kernel of the process once before the engine starts (or set `CUDA_MODULE_LOADING=EAGER`)
-    /// and synchronize streams or events. One worker only (a second one's kernel loading waited
-    /// for the first one's resident kernel forever on the H200). `auto` never picks it.
+    /// Experimental. The kernel ends by itself once it found no block for 200 us, or after
+    /// 5 ms (then launched again for what is left), so anything that waits for the CUDA
+    /// context to go idle waits that long at most behind it: a device-wide synchronize
+    /// (`cudaDeviceSynchronize`, `torch.cuda.synchronize()`), a lazy kernel load (CUDA loads
+    /// kernels lazily by default), another worker's start. Each launch waits for its SMs like
+    /// any kernel. Stream ordering works, with the landed word written by the worker's CPU.
+    /// `auto` never picks it.
     Resident,
 }
 
@@ -474,17 +474,6 @@ impl EngineConfig {
                     "at least one SM with the kernel and resident strategies",
                 ));
             }
-            // A second worker's start loads its kernels while the first worker's resident kernel
-            // runs; loading may wait for the context to go idle, which it never does (seen on
-            // the H200: the two-worker bench hung). One resident kernel per engine until the
-            // workers load everything before any of them launches.
-            if gpu.cuda.strategy == Strategy::Resident && self.workers > 1 {
-                return Err(Error::setting(
-                    "EngineConfig::workers",
-                    self.workers,
-                    "1 with the resident strategy (a second worker's kernel loading can wait for the first's resident kernel forever)",
-                ));
-            }
             if gpu.gdr.use_gdr != UseGdr::Off {
                 gpu.gdr.check()?;
             }
@@ -605,14 +594,6 @@ mod tests {
             EngineConfig {
                 transport: TransportKind::Gpu(GpuConfig {
                     gdr: GdrConfig { chain: 0, ..GdrConfig::default() },
-                    ..GpuConfig::default()
-                }),
-                ..ok.clone()
-            },
-            EngineConfig {
-                workers: 2,
-                transport: TransportKind::Gpu(GpuConfig {
-                    cuda: CudaConfig { strategy: Strategy::Resident, ..CudaConfig::default() },
                     ..GpuConfig::default()
                 }),
                 ..ok.clone()

@@ -30,15 +30,6 @@ pub enum CudaError {
         /// Length.
         len: u64,
     },
-    /// The resident copy kernel ended as soon as it was launched (a launch error).
-    #[error("the resident copy kernel ended at its start (see the driver's error on the next call)")]
-    ResidentEnded,
-    /// The resident copy kernel did not start running in time (its SMs are taken).
-    #[error("the resident copy kernel did not start within {waited_ms} ms: are the GPU's SMs all taken by a kernel that does not end?")]
-    ResidentStalled {
-        /// How long start waited.
-        waited_ms: u64,
-    },
     /// A string handed to the driver holds a NUL byte.
     #[error("the {what} holds a NUL byte")]
     NulByte {

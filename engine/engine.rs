@@ -1,7 +1,7 @@
 //! The engine: start-up, the control plane (clients, regions, queues) and shutdown. Its settings
 //! are in [`crate::config`], the choice of its transport in `transport/select.rs`.
 
-use crate::config::{CorePlacement, EngineConfig, QueueConfig, SmBudget, Strategy, TransportKind};
+use crate::config::{CorePlacement, EngineConfig, QueueConfig, SmBudget, TransportKind};
 use crate::cuda_driver::{Context, HostRegistration, WaitFor, MEMORY_TYPE_DEVICE, MEMORY_TYPE_HOST};
 use crate::desc::RegionId;
 use crate::error::{Error, GpuRangeFault};
@@ -50,8 +50,6 @@ pub struct Engine {
     placement_notes: Vec<String>,
     /// The transport chosen at start, with the CUDA context and the NIC that registration uses.
     device: Selected,
-    /// The CUDA transport runs the resident kernel (no stream ordering: see `device_words`).
-    resident: bool,
     /// The workers run a caller's transport (`TransportKind::Custom`): it may mark landed words.
     custom: bool,
     /// Set for an engine in a daemon ([`Engine::connect`]): the calls go to it.
@@ -88,7 +86,6 @@ impl Engine {
             transport_name: "",
             placement_notes,
             device,
-            resident: matches!(&config.transport, TransportKind::Gpu(g) if g.cuda.strategy == Strategy::Resident),
             custom: matches!(&config.transport, TransportKind::Custom(_)),
             remote: None,
             pools: Mutex::default(),
@@ -173,7 +170,6 @@ impl Engine {
             transport_name: "daemon",
             placement_notes: Vec::new(),
             device: select(&EngineConfig::default())?,
-            resident: false,
             custom: false,
             remote: Some(remote),
             pools: Mutex::default(),
@@ -570,13 +566,6 @@ impl Engine {
             let context = self.cuda_context().ok_or_else(|| Error::StreamOrdering {
                 reason: "the engine has no CUDA context (start it with the GPU transport and a CUDA driver)".into(),
             })?;
-            if self.resident {
-                // Unregistering the header when the queue drops waits for the context to go
-                // idle, which the resident kernel keeps it from doing until the engine stops.
-                return Err(Error::StreamOrdering {
-                    reason: "not with the resident strategy (its kernel keeps the CUDA context busy)".into(),
-                });
-            }
             if !context.info.stream_mem_ops_64 {
                 return Err(Error::StreamOrdering {
                     reason: format!(
@@ -667,7 +656,7 @@ impl Engine {
         let mut end = WorkerEnd::new(memory, client.0)?;
         (end.gate_timeout, end.close_if_client_dies) = (config.gate_timeout, config.close_if_client_dies);
         let mut queue = Queue::from_memory(attached)?;
-        if let Some(context) = self.cuda_context().filter(|c| !self.resident && c.info.stream_mem_ops_64) {
+        if let Some(context) = self.cuda_context().filter(|c| c.info.stream_mem_ops_64) {
             // Registered now, not at the first stream_wait: registering inside a CUDA graph
             // capture would fail. A failure here is reported by that stream_wait instead.
             let _ = self.device_words(&mut queue);

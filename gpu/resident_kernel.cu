@@ -1,19 +1,27 @@
-// ferry's resident copy kernel (the `resident` strategy): launched once when a worker's CUDA
-// transport starts, it stays on a few reserved SMs and copies tasks the worker publishes in a
+// ferry's resident copy kernel (the `resident` strategy): launched when a worker's CUDA transport
+// has tasks for it, it stays on a few reserved SMs and copies the tasks the worker publishes in a
 // ring in pinned host memory, so that no copy waits for a launch behind the GPU's other work.
 // Measured on the H200 (bench/results/h200.md): 4-64 KiB blocks at 0.84-0.95 of PCIe under a
 // saturating compute load, which loses about the share of the SMs it holds (more for D2H).
 //
+// It ends by itself: once every published task is copied and none came for `idle_ns`, or once it
+// has run `life_ns` (it then stops taking new tasks and ends when those it took are copied), or
+// when the host asks. So anything that waits for the CUDA context to go idle (a device-wide
+// synchronize, a lazy kernel load) waits at most that long behind it, never forever; the host
+// launches it again (same stream, from the watermark) when tasks are left.
+//
 // One block of 1024 threads per SM (the launch asks for most of an SM's shared memory, unused,
 // so that no second block lands there). Warp 0 of block 0 is the poller: it mirrors the host's
 // published tail into device memory, advances the in-order watermark over the per-task done
-// flags (32 at a time) and publishes it to the host, and passes the host's stop request on.
-// Every other warp claims FERRY_CLAIM consecutive task indices with one atomic, copies each task
-// once it is published (the descriptors of the published ones read in one go), fences at system
-// scope and raises the tasks' done flags.
+// flags (32 at a time) and publishes it to the host, decides when the kernel ends, and passes
+// that on. Every other warp claims FERRY_CLAIM consecutive task indices with one atomic, copies
+// each task once it is published (the descriptors of the published ones read in one go), fences
+// at system scope and raises the tasks' done flags.
 //
-// The host's side (engine/transport/cuda.rs) keeps at most FERRY_RING - 1 tasks unfinished, so a
-// ring slot and its done flag are reused only after the watermark passed them.
+// The host's side (engine/transport/resident.rs) keeps at most FERRY_RING - 1 tasks unfinished,
+// so a ring slot and its done flag are reused only after the watermark passed them, and before
+// each launch resets the device side's claim and tail to the watermark (stream-ordered behind
+// the previous launch).
 //
 // The PTX beside this file is what ferry loads (cuModuleLoadData), so building ferry never needs
 // nvcc. Regenerate it on a machine with the CUDA toolkit:
@@ -34,13 +42,13 @@ struct FerryResidentHost {
     unsigned long long tail;     // tasks published by the host
     unsigned long long done;     // in-order watermark: every task below it is copied
     unsigned int stop;           // the host asks the kernel to end
-    unsigned int started;        // the poller runs
+    unsigned int ended;          // the launch (its `epoch`) whose poller has decided to end
 };
 
 // In device memory, zeroed before the launch. The layout of `RESIDENT_DEV_BYTES` in cuda.rs.
 struct FerryResidentDev {
-    unsigned long long claim;    // next task index to claim
-    unsigned long long tail;     // the poller's mirror of the host's tail
+    unsigned long long claim;    // next task index to claim (the host sets it before a launch)
+    unsigned long long tail;     // the poller's mirror of the host's tail (likewise)
     unsigned int stop;           // the poller's mirror of the host's stop
     unsigned int pad;
     unsigned char flags[FERRY_RING];  // task i is copied: flags[i % FERRY_RING] != 0
@@ -48,11 +56,22 @@ struct FerryResidentDev {
 
 #include "copy_task.cuh"
 
-__device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsigned lane) {
+__device__ __forceinline__ unsigned long long ferry_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsigned lane, unsigned long long idle_ns,
+                           unsigned long long life_ns, unsigned epoch) {
     volatile FerryResidentHost* vhost = host;
     volatile FerryResidentDev* vdev = dev;
-    unsigned long long done = 0;
-    if (lane == 0) vhost->started = 1;
+    // The launch's first task: the host set the mirror (and the claim) to its watermark.
+    unsigned long long done = vdev->tail;
+    unsigned long long mirror = done;
+    const unsigned long long born = ferry_now();
+    unsigned long long busy = born;  // when work was last seen
+    bool frozen = false;             // past life_ns: no new tasks
     while (true) {
         unsigned long long tail = 0;
         unsigned int stop = 0;
@@ -63,12 +82,17 @@ __device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsig
         tail = __shfl_sync(0xffffffff, tail, 0);
         stop = __shfl_sync(0xffffffff, stop, 0);
         __threadfence_system();  // the tasks below `tail` are read only after it was seen
-        if (lane == 0) vdev->tail = tail;
+        const unsigned long long now = ferry_now();
+        if (!frozen && tail > mirror) {
+            mirror = tail;
+            busy = now;
+            if (lane == 0) vdev->tail = mirror;
+        }
         // The watermark over the done flags, 32 at a time.
         unsigned long long advanced = done;
-        while (advanced < tail) {
+        while (advanced < mirror) {
             const unsigned long long i = advanced + lane;
-            const bool set = i < tail && vdev->flags[i & (FERRY_RING - 1)] != 0;
+            const bool set = i < mirror && vdev->flags[i & (FERRY_RING - 1)] != 0;
             const unsigned ones = __ballot_sync(0xffffffff, set);
             const unsigned run = ones == 0xffffffffu ? 32u : (unsigned)(__ffs(~ones) - 1);
             if (lane < run) vdev->flags[i & (FERRY_RING - 1)] = 0;
@@ -78,10 +102,16 @@ __device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsig
         if (advanced != done) {
             __threadfence_system();  // the copies and the cleared flags before the watermark
             done = advanced;
+            busy = now;
             if (lane == 0) vhost->done = done;
         }
-        if (stop && done == tail) {
+        if (now - born >= life_ns) frozen = true;
+        if (done == mirror && (stop || frozen || now - busy >= idle_ns)) {
+            // Every task this launch took is copied: the claiming warps end at the mirrored
+            // stop, and the host learns (after the watermark) that it must launch again for more.
             if (lane == 0) vdev->stop = 1;
+            __threadfence_system();
+            if (lane == 0) vhost->ended = epoch;
             return;
         }
         __nanosleep(100);
@@ -89,11 +119,12 @@ __device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsig
 }
 
 extern "C" __global__ void __launch_bounds__(1024, 1)
-    ferry_resident(const FerryTask* __restrict__ tasks, FerryResidentHost* host, FerryResidentDev* dev) {
+    ferry_resident(const FerryTask* __restrict__ tasks, FerryResidentHost* host, FerryResidentDev* dev,
+                   unsigned long long idle_ns, unsigned long long life_ns, unsigned epoch) {
     const unsigned lane = threadIdx.x & 31;
     const unsigned warp = threadIdx.x >> 5;
     if (blockIdx.x == 0 && warp == 0) {
-        ferry_poll(host, dev, lane);
+        ferry_poll(host, dev, lane, idle_ns, life_ns, epoch);
         return;
     }
     volatile FerryResidentDev* vdev = dev;
@@ -114,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
                 tail = __shfl_sync(0xffffffff, tail, 0);
                 stop = __shfl_sync(0xffffffff, stop, 0);
                 if (tail > j) break;
-                if (stop) return;  // every published task is done (the poller checked)
+                if (stop) return;  // every task this launch took is done (the poller checked)
                 __nanosleep(100);
             }
             __threadfence_system();  // task j is read only after its tail was seen

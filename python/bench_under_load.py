@@ -233,8 +233,8 @@ class TorchSide:
         import torch
 
         self._tensor.zero_()
-        # The stream, not the device: a device-wide synchronize would wait for the resident
-        # strategy's kernel, which runs until the engine stops.
+        # The stream, not the device: a device-wide synchronize also waits for the resident
+        # strategy's kernel, which ends only once idle.
         torch.cuda.current_stream(self._tensor.device).synchronize()
 
     def read(self, offset: int, length: int) -> bytes:

@@ -438,8 +438,7 @@ fn the_live_sm_budget_is_refused_without_a_cuda_context() {
     }
 }
 
-/// Stream ordering on a real GPU (issue 13), for each copy strategy but resident (which refuses
-/// it): a stream already waiting (`stream_wait`, then `stream_wait_slot`) reads the loaded
+/// Stream ordering on a real GPU (issue 13), for each copy strategy: a stream already waiting (`stream_wait`, then `stream_wait_slot`) reads the loaded
 /// blocks back with its own copy, which must see every byte of this round's load, never the
 /// poison; and a D2H behind a gate opened by `stream_signal` must see what the stream wrote
 /// before the signal. Each round loads different bytes, so a stale read cannot pass.
@@ -453,7 +452,7 @@ fn stream_waits_and_gates_order_copies_with_a_stream() {
     const BLOCKS: usize = 8;
     const ROUNDS: usize = 200;
     let len = BLOCK * BLOCKS;
-    for strategy in [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Auto] {
+    for strategy in [Strategy::Memcpy, Strategy::Batch, Strategy::Kernel, Strategy::Resident, Strategy::Auto] {
         let engine = cuda_engine(strategy);
         let context = engine.cuda_context().expect("a CUDA context").clone();
         let client = engine.new_client();

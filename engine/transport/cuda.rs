@@ -743,7 +743,7 @@ impl Transport for CudaTransport {
     }
 
     fn mark(&mut self, word: u64, value: u64) -> bool {
-        // The resident kernel's copies are not on the stream (and stream ordering refuses it).
+        // The resident kernel's copies are not on the stream: the worker's CPU writes the word.
         if !self.marks_ok || self.live.as_ref().is_none_or(|live| live.resident.is_some()) {
             return false;
         }

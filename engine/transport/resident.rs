@@ -1,19 +1,27 @@
 //! The host side of the resident copy kernel (`gpu/resident_kernel.cu`, loaded from its
 //! committed PTX), behind the CUDA transport's `resident` strategy.
 //!
-//! Launched once when the worker's transport starts, the kernel stays on `sms` SMs (one block of
-//! 1024 threads each) and copies the tasks this side publishes in a ring of [`RING`] slots in
-//! pinned, device-mapped host memory: a task is written into its slot, then the tail is
-//! published; the kernel publishes an in-order watermark `done` (every task below it copied,
-//! system-scope fenced). No copy waits for a launch, so a compute load holding every other SM
+//! Launched when tasks wait for it, the kernel stays on `sms` SMs (one block of 1024 threads
+//! each) and copies the tasks this side publishes in a ring of [`RING`] slots in pinned,
+//! device-mapped host memory: a task is written into its slot, then the tail is published; the
+//! kernel publishes an in-order watermark `done` (every task below it copied, system-scope
+//! fenced). No copy waits for a launch while it runs, so a compute load holding every other SM
 //! does not starve it (bench/results/h200.md). At most `RING - 1` tasks are unfinished, so a
 //! slot is rewritten only after the watermark passed it.
+//!
+//! The kernel ends by itself once it found no task for [`IDLE`], or after [`LIFE`] (it then
+//! takes no new task and ends once those it took are copied), and says so with the number of
+//! its launch (`ended`). Whoever waits for the CUDA context to go idle (a device-wide
+//! synchronize, a lazy kernel load, another worker's start) waits at most that long behind it.
+//! When tasks are left behind an ended launch, the next `submit` or `poll` launches it again on
+//! the same stream, from the watermark.
 //!
 //! Thread contract: one worker thread, with the transport's CUDA context current, calls
 //! everything here. Dropping it asks the kernel to end and waits for it (bounded); a kernel that
 //! does not end in time keeps its memory (leaked, never freed under it) and is reported.
 
 use crate::cuda_driver::{Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream};
+use crate::desc::Status;
 use crate::transport::{Done, Op, Token, TASK_CHUNK};
 use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
@@ -30,7 +38,17 @@ const BLOCK_THREADS: u32 = 1024;
 const TASK_BYTES: usize = 32;
 /// `FerryResidentDev`: claim, tail, stop, pad, then one done flag per slot.
 const DEV_BYTES: usize = 8 + 8 + 4 + 4 + RING as usize;
-/// How long start waits for the kernel to run, and drop for it to end.
+/// The head of `FerryResidentDev` set before each launch (claim, tail, stop, pad).
+const DEV_HEAD_BYTES: usize = 24;
+/// Where in the host-side buffer the launch's device head is staged (after `HostSide`).
+const STAGED_HEAD: usize = 64;
+/// A launch ends once it found no task for this long (a client's next burst then waits for one
+/// launch, behind whatever holds the SMs).
+pub(crate) const IDLE: Duration = Duration::from_micros(200);
+/// A launch takes new tasks for this long at most: the longest that a device-wide synchronize
+/// waits behind a worker that is never idle.
+pub(crate) const LIFE: Duration = Duration::from_millis(5);
+/// How long drop waits for the kernel to end.
 const WAIT: Duration = Duration::from_secs(5);
 
 /// `FerryResidentHost`, in pinned mapped memory: written by both sides.
@@ -42,79 +60,164 @@ struct HostSide {
     done: AtomicU64,
     /// Set here to ask the kernel to end.
     stop: AtomicU32,
-    /// Set by the kernel's poller once it runs.
-    started: AtomicU32,
+    /// The number of the launch whose poller decided to end; written by the kernel (A3).
+    ended: AtomicU32,
 }
 
 /// The resident kernel of one worker and its ring.
 pub(crate) struct Resident {
-    /// Recorded behind the launch: done once the kernel has ended.
+    /// Recorded behind each launch: done once the last launch has ended.
     ended: Event,
     /// The memory the kernel uses: freed by Drop only once it has ended, else leaked.
     ring: ManuallyDrop<PinnedBuffer>,
     host: ManuallyDrop<PinnedBuffer>,
     dev: ManuallyDrop<DeviceBuffer>,
-    /// Held while the kernel runs: its module and its stream (fields drop after Drop::drop).
-    _kernel: Kernel,
-    _stream: Stream,
+    kernel: Kernel,
+    stream: Stream,
+    /// Dynamic shared memory per block (unused; keeps a second block off the SM).
+    shared: u32,
+    sms: u32,
+    /// The number of the last launch, and whether it may still take tasks (not seen ended).
+    epoch: u32,
+    running: bool,
+    /// The watermark when `keep_running` last looked.
+    seen: u64,
     /// Tasks published so far.
     pushed: u64,
     /// Operations published, oldest first, with the index one past their last task.
     pending: VecDeque<(Token, u64)>,
+    /// Operations failed by a launch that failed, for `poll`.
+    failed: VecDeque<Done>,
 }
 
 impl Resident {
-    /// Loads the kernel and launches it on `sms` SMs of `context` (current on this thread);
-    /// returns once it runs.
+    /// Loads the kernel for `sms` SMs of `context` (current on this thread) and allocates its
+    /// ring; the first `submit` launches it.
     pub(crate) fn start(context: &Context, sms: u32) -> Result<Resident, CudaError> {
         let kernel = Kernel::load(PTX, "ferry_resident", BLOCK_THREADS)?;
         // More than half an SM's shared memory (unused): one block per SM.
         let shared = u32::try_from(context.info.shared_per_block_optin).unwrap_or(0);
         kernel.allow_dynamic_shared(shared)?;
         let ring = PinnedBuffer::new(RING as usize * TASK_BYTES)?;
-        let host = PinnedBuffer::new(std::mem::size_of::<HostSide>().max(64))?;
-        // SAFETY: the buffer holds a HostSide (sized above) and nothing uses it yet; zero is a
-        // valid value of each atomic.
+        let host = PinnedBuffer::new(STAGED_HEAD + DEV_HEAD_BYTES)?;
+        // SAFETY: the buffer holds a HostSide and the staged head (sized above) and nothing uses
+        // it yet; zero is a valid value of each atomic.
         unsafe { std::ptr::write_bytes(host.as_ptr(), 0, host.len()) };
         let dev = DeviceBuffer::new(DEV_BYTES)?;
         dev.fill(0)?;
-        let stream = Stream::new()?;
-        let ended = Event::new()?;
-        let (mut tasks, mut host_ptr, mut dev_ptr) = (ring.as_ptr() as u64, host.as_ptr() as u64, dev.ptr());
+        Ok(Resident {
+            ended: Event::new()?,
+            ring: ManuallyDrop::new(ring),
+            host: ManuallyDrop::new(host),
+            dev: ManuallyDrop::new(dev),
+            kernel,
+            stream: Stream::new()?,
+            shared,
+            sms: sms.max(1),
+            epoch: 0,
+            running: false,
+            seen: 0,
+            pushed: 0,
+            pending: VecDeque::new(),
+            failed: VecDeque::new(),
+        })
+    }
+
+    /// Launches the kernel again if tasks wait and the last launch has ended (or none ran); a
+    /// launch that fails, or ends without saying so, fails every unfinished operation.
+    fn keep_running(&mut self) {
+        if self.running && !self.ended_yet() {
+            // A watermark that moved says the launch runs, without asking the driver.
+            let done = self.done();
+            if done != self.seen {
+                self.seen = done;
+                return;
+            }
+            match self.ended.is_done() {
+                Ok(false) => return,
+                // Ended between the two reads.
+                Ok(true) if self.ended_yet() => {}
+                // The kernel ended without its poller saying so (it faulted), or the event tells
+                // of a failure: its tasks are not trusted.
+                Ok(true) => return self.fail_unfinished(0),
+                Err(e) => return self.fail_unfinished(e.code()),
+            }
+        }
+        self.running = false;
+        let done = self.done();
+        if done == self.pushed {
+            return;
+        }
+        if let Err(e) = self.launch(done) {
+            eprintln!(
+                "ferry: cuda transport: the resident copy kernel could not be launched ({e}); its operations failed"
+            );
+            self.fail_unfinished(e.code());
+        }
+    }
+
+    /// Whether the last launch's poller has decided to end (and published its last watermark).
+    fn ended_yet(&self) -> bool {
+        // A3: Acquire; pairs with the poller's system-scope fence before it stores `ended`: the
+        // watermark read after this is the launch's last.
+        self.side().ended.load(Ordering::Acquire) == self.epoch
+    }
+
+    /// Fails the operations the watermark has not passed (the others complete), once no kernel
+    /// runs: the tail goes back to the watermark, so the next launch starts there.
+    fn fail_unfinished(&mut self, detail: u32) {
+        let done = self.done();
+        while let Some((token, end)) = self.pending.pop_front() {
+            self.failed.push_back(if end <= done {
+                Done::ok(token)
+            } else {
+                Done { token, status: Status::TransportFailed, detail }
+            });
+        }
+        self.pushed = done;
+        self.running = false;
+        // R1 (as in submit): no launch runs, so none reads the tail until the next one.
+        self.side().tail.store(done, Ordering::Release);
+    }
+
+    /// Launches the kernel on the stream from task `start` (the watermark): its device head set
+    /// first, behind the previous launch.
+    fn launch(&mut self, start: u64) -> Result<(), CudaError> {
+        let head = [start, start, 0u64];
+        let staged = self.host.as_ptr() as u64 + STAGED_HEAD as u64;
+        // SAFETY: the staged head lies in the host buffer (sized in `start`); the copy that read
+        // the previous value ran before the last launch, which has ended (`keep_running`).
+        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), (staged as *mut u64).cast(), 3) };
+        // SAFETY: both ranges are this transport's (pinned mapped host memory and device memory),
+        // kept until the kernel has ended; the copy runs after the previous launch on the stream.
+        unsafe { self.stream.copy(self.dev.ptr(), staged, DEV_HEAD_BYTES)? };
+        let epoch = self.epoch.wrapping_add(1);
+        let (mut tasks, mut host_ptr, mut dev_ptr) =
+            (self.ring.as_ptr() as u64, self.host.as_ptr() as u64, self.dev.ptr());
+        let (mut idle_ns, mut life_ns, mut number) = (IDLE.as_nanos() as u64, LIFE.as_nanos() as u64, epoch);
         let mut params = [
             (&mut tasks as *mut u64).cast::<std::ffi::c_void>(),
             (&mut host_ptr as *mut u64).cast::<std::ffi::c_void>(),
             (&mut dev_ptr as *mut u64).cast::<std::ffi::c_void>(),
+            (&mut idle_ns as *mut u64).cast::<std::ffi::c_void>(),
+            (&mut life_ns as *mut u64).cast::<std::ffi::c_void>(),
+            (&mut number as *mut u32).cast::<std::ffi::c_void>(),
         ];
-        let sms = sms.max(1);
         // SAFETY: `params` matches `ferry_resident(const FerryTask*, FerryResidentHost*,
-        // FerryResidentDev*)`: the ring of RING tasks and the host side (pinned, device-mapped:
-        // the same address on the device), the zeroed device side of DEV_BYTES; all three live in
-        // `self` until the kernel has ended (Drop waits for it, or leaks them).
-        unsafe { kernel.launch_with(&stream, sms, BLOCK_THREADS, shared, &mut params)? };
-        ended.record(&stream)?;
-        let resident = Resident {
-            ended,
-            ring: ManuallyDrop::new(ring),
-            host: ManuallyDrop::new(host),
-            dev: ManuallyDrop::new(dev),
-            _kernel: kernel,
-            _stream: stream,
-            pushed: 0,
-            pending: VecDeque::new(),
-        };
-        let start = Instant::now();
-        // A3: Acquire; pairs with the poller's first store: it runs.
-        while resident.side().started.load(Ordering::Acquire) == 0 {
-            if resident.ended.is_done()? {
-                return Err(CudaError::ResidentEnded);
-            }
-            if start.elapsed() > WAIT {
-                return Err(CudaError::ResidentStalled { waited_ms: WAIT.as_millis() as u64 });
-            }
-            std::thread::yield_now();
+        // FerryResidentDev*, u64, u64, u32)`: the ring of RING tasks and the host side (pinned,
+        // device-mapped: the same address on the device), the device side of DEV_BYTES, its head
+        // set above; all three live in `self` until the kernel has ended (Drop waits for it, or
+        // leaks them).
+        unsafe { self.kernel.launch_with(&self.stream, self.sms, BLOCK_THREADS, self.shared, &mut params)? };
+        self.epoch = epoch;
+        if self.ended.record(&self.stream).is_err() {
+            // Without the event the launch's end shows only in `ended`: wait for it here (it
+            // ends by itself within LIFE), so that a failure is never a launch left running.
+            self.stream.synchronize()?;
+            return Ok(());
         }
-        Ok(resident)
+        self.running = true;
+        Ok(())
     }
 
     fn side(&self) -> &HostSide {
@@ -160,14 +263,21 @@ impl Resident {
             // R1: Release; the kernel's poller reads the tail, fences, then reads the tasks
             // below it: the task writes above are visible first (x86 keeps stores in order).
             self.side().tail.store(self.pushed, Ordering::Release);
+            self.keep_running();
         }
         n
     }
 
     /// Writes the finished operations into `out`; returns how many.
     pub(crate) fn poll(&mut self, out: &mut [Done]) -> usize {
-        let done = self.done();
+        self.keep_running();
         let mut k = 0;
+        while k < out.len() {
+            let Some(d) = self.failed.pop_front() else { break };
+            out[k] = d;
+            k += 1;
+        }
+        let done = self.done();
         while k < out.len() {
             match self.pending.front() {
                 Some(&(token, end)) if end <= done => {
@@ -183,13 +293,14 @@ impl Resident {
 
     /// Operations published and not yet returned by `poll`.
     pub(crate) fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.failed.len()
     }
 }
 
 impl Drop for Resident {
     fn drop(&mut self) {
-        // R4: Release; the poller ends once every published task is done and it saw the flag.
+        // R4: Release; a running launch ends once every task it took is done and it saw the
+        // flag (none runs if none was launched: the event is then done already).
         self.side().stop.store(1, Ordering::Release);
         let start = Instant::now();
         loop {

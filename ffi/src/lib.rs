@@ -116,12 +116,11 @@ pub const FERRY_CUDA_STRATEGY_MEMCPY: u32 = 1;
 pub const FERRY_CUDA_STRATEGY_BATCH: u32 = 2;
 /// `ferry_config::cuda_strategy`: ferry's SM copy kernel, on at most `sm_budget` SMs.
 pub const FERRY_CUDA_STRATEGY_KERNEL: u32 = 3;
-/// `ferry_config::cuda_strategy`: ferry's resident copy kernel (launched once, on the
-/// `sm_budget` SMs, which stay reserved) for blocks below 64 KiB, the copy engine for larger ones.
-/// Experimental, one worker only. Not starved by a busy GPU; but while the engine runs, what
-/// waits for its CUDA context to go idle (`cudaDeviceSynchronize`, loading a kernel lazily at its
-/// first launch) waits for the engine to stop: launch every kernel once before starting the
-/// engine, and synchronize streams instead of the device.
+/// `ferry_config::cuda_strategy`: ferry's resident copy kernel (launched when blocks wait for
+/// it, on the `sm_budget` SMs, reserved while it runs) for blocks below 64 KiB, the copy engine
+/// for larger ones. Experimental. Not starved by a busy GPU once it runs; it ends by itself 200 us
+/// after its last block (or after 5 ms, then launched again), and what waits for the CUDA context
+/// to go idle (`cudaDeviceSynchronize`, a lazy kernel load) waits that long at most behind it.
 pub const FERRY_CUDA_STRATEGY_RESIDENT: u32 = 4;
 
 /// `ferry_config::use_gdr`: GDR when a NIC passes its self-test, else the CUDA driver (the default).

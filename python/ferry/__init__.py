@@ -904,9 +904,9 @@ class Engine:
     (CUDA ordinal), `all_gpus` (True: every GPU, each with `workers` workers of its own; GPU g's
     workers are g * workers to (g + 1) * workers - 1, `open_queue(gpu=g)` picks them; any queue may
     name any GPU's memory), `strategy` ("auto", "memcpy", "batch", "kernel", "resident": experimental,
-    one worker; a kernel that stays on the budget's SMs until the engine closes, so
-    torch.cuda.synchronize() and a kernel's first (lazy) load wait for the close: run every
-    kernel once before the engine starts and synchronize streams instead), `sm_budget` (the most SMs
+    a kernel that stays on the budget's SMs while blocks come and ends 200 us after the last (or
+    after 5 ms, then launched again), so torch.cuda.synchronize() and a kernel's first (lazy) load
+    wait that long at most behind it), `sm_budget` (the most SMs
     the copy kernel may use, in total over the engine's workers, each getting an equal share,
     capped at the GPU's SM count; SM_BUDGET_ALL: every SM; SM_BUDGET_NONE: no SM, the copy engine
     alone; 0: the default, 8 SMs; a budget below `workers` fails at start with

@@ -3,6 +3,7 @@ without a CUDA context, and on a GPU with torch: loads that a stream waits for a
 gated on a stream, for every copy strategy, with no CPU wait between them, checked on the GPU
 (destinations poisoned first)."""
 
+import threading
 import time
 import unittest
 
@@ -224,8 +225,42 @@ class StreamOrdered(unittest.TestCase):
     def test_kernel(self):
         self.run_strategy("kernel")
 
+    def test_resident(self):
+        self.run_strategy("resident")
+
     def test_auto(self):
         self.run_strategy("auto")
+
+
+class ResidentEnds(unittest.TestCase):
+    def test_a_device_wide_synchronize_returns_while_the_engine_runs(self):
+        # The resident kernel ends by itself once idle (200 us), so torch.cuda.synchronize()
+        # returns with the engine still open: before, it waited for the engine's shutdown.
+        torch = torch_or_skip(cuda=True)
+        with ferry.Engine(transport="gpu", use_gdr="off", strategy="resident", pinned=False) as engine:
+            client = engine.new_client()
+            kv = torch.zeros(64, 4096, dtype=torch.uint8, device="cuda")
+            reg = engine.register(client, kv)
+            pool = engine.alloc_host(client, kv.numel())
+            host = pool.torch(torch.uint8, tuple(kv.shape))
+            host.copy_(torch.randint(0, 256, kv.shape, dtype=torch.uint8))
+            queue = engine.open_queue(client)
+            torch.cuda.synchronize()
+            for _ in range(3):
+                queue.push_blocks(pool.blocks(host, 0), reg.blocks(0), range(64), range(64))
+                queue.drain()
+                finished = threading.Event()
+                start = time.monotonic()
+                waiter = threading.Thread(target=lambda: (torch.cuda.synchronize(), finished.set()), daemon=True)
+                waiter.start()
+                waiter.join(timeout=10)
+                self.assertTrue(finished.is_set(), "torch.cuda.synchronize() did not return within 10 s "
+                                "with a resident engine open and idle")
+                took = time.monotonic() - start
+            self.assertTrue(torch.equal(kv.cpu(), host), "the resident kernel's copies differ")
+            print(f"resident: torch.cuda.synchronize() returned {took * 1e3:.2f} ms after the copies completed")
+            queue.close()
+            reg.close()
 
 
 if __name__ == "__main__":

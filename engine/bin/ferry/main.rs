@@ -477,16 +477,6 @@ struct CudaRig {
     _context: std::sync::Arc<Context>,
 }
 
-/// The workers of a strategy's rig: `--workers`, but one for the resident strategy (it runs one
-/// worker: CudaConfig's docs).
-fn workers_for(o: &Options, strategy: Strategy) -> usize {
-    if strategy == Strategy::Resident {
-        1
-    } else {
-        o.workers
-    }
-}
-
 /// `sm_budget` is the total over `workers` workers (each gets an equal share).
 fn cuda_rig(o: &Options, strategy: Strategy, sm_budget: SmBudget, workers: usize) -> Result<CudaRig, BenchError> {
     cuda_rig_with(o, CudaConfig { strategy, sm_budget, ..CudaConfig::default() }, workers)
@@ -652,11 +642,8 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut idle = Vec::new();
     let mut worker_cores = Vec::new();
     for &strategy in &strategies {
-        let workers = workers_for(o, strategy);
-        let mut rig = cuda_rig(o, strategy, o.sm_budget, workers)?;
-        if workers == o.workers {
-            worker_cores = rig.engine.worker_cores();
-        }
+        let mut rig = cuda_rig(o, strategy, o.sm_budget, o.workers)?;
+        worker_cores = rig.engine.worker_cores();
         let mut cells = Vec::new();
         for &block in &o.sizes {
             let h2d = rig.run(o, block, true)?.gb_per_s();
@@ -672,7 +659,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut results_both = Vec::new();
     for &strategy in &both_strategies {
         progress(&format!("both directions: {}", strategy.name()));
-        let workers = workers_for(o, strategy);
+        let workers = o.workers;
         let mut rig = cuda_rig(o, strategy, o.sm_budget, workers)?;
         results_both
             .push(o.sizes.iter().map(|&b| Ok(rig.run_both(o, b)?.gb_per_s())).collect::<Result<Vec<_>, BenchError>>()?);
@@ -703,7 +690,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     println!();
     let cores: Vec<String> = worker_cores.iter().map(|&c| show(c)).collect();
     println!(
-        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {} (resident: one worker with the whole budget)",
+        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {}",
         o.sm_budget,
         o.workers,
         cores.join(", ")
@@ -833,8 +820,7 @@ fn bench_cuda_under_load(o: &Options, ctx: &Arc<Context>, ceiling: [f64; 3]) -> 
     for &(strategy, live_budget, name) in &LOADED_COLUMNS {
         progress(&format!("under load: {name}"));
         let cuda = CudaConfig { strategy, sm_budget: o.sm_budget, ..CudaConfig::default() };
-        let workers = workers_for(o, strategy);
-        let mut rig = cuda_rig_with(o, cuda, workers)?;
+        let mut rig = cuda_rig_with(o, cuda, o.workers)?;
         if let Some(budget) = live_budget {
             rig.engine.set_sm_budget(budget)?;
         }
