@@ -107,7 +107,9 @@ impl GpuSet {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Strategy {
-    /// Route each batch (see [`crate::transport::cuda`]).
+    /// Route each batch (see [`crate::transport::cuda`]): a lone block by `cuMemcpyAsync`,
+    /// batches of blocks from the crossover up to the copy engine, smaller ones to the resident
+    /// kernel (see `Resident`; the copy kernel launched per batch where it does not load).
     #[default]
     Auto,
     /// `cuMemcpyAsync` per descriptor.
@@ -126,8 +128,7 @@ pub enum Strategy {
     /// context to go idle waits that long at most behind it: a device-wide synchronize
     /// (`cudaDeviceSynchronize`, `torch.cuda.synchronize()`), a lazy kernel load (CUDA loads
     /// kernels lazily by default), another worker's start. Each launch waits for its SMs like
-    /// any kernel. Stream ordering works, with the landed word written by the worker's CPU.
-    /// `auto` never picks it.
+    /// any kernel. `auto` sends its batches of small blocks to the same kernel.
     Resident,
 }
 

@@ -511,7 +511,7 @@ impl Engine {
     }
 
     /// Enqueues on `stream` a wait until `queue`'s notification slot `slot` holds `value` (a
-    /// [`Descriptor::notify`] wrote it: every descriptor pushed before the notification has
+    /// [`crate::Descriptor::notify`] wrote it: every descriptor pushed before the notification has
     /// completed), then a write clearing the slot, so that the queue's next notification for it
     /// can land. The same two operations whatever the step, so a captured CUDA graph replays
     /// them unchanged: push the step's copies and a notification for each slot the graph waits

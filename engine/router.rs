@@ -4,23 +4,26 @@
 //! Measured on the H200 (`bench/results/h200.md`, `ferry bench --workers 1 --load compute`, one
 //! worker, 8 SMs, fractions of the PCIe ceiling), idle and with an FMA kernel saturating every SM:
 //!
-//! | mean block | idle: kernel / copy engine | under load: kernel / copy engine (load lost) |
+//! | mean block | idle: kernel / copy engine | under load: launched kernel / resident kernel / copy engine (load lost) |
 //! |---|---|---|
-//! | 4 KiB | 0.70-0.89 / 0.03-0.14 | 0.24 (10-12 %) / 0.04-0.15 (0-2 %) |
-//! | 16 KiB | 0.87-0.93 / 0.25-0.62 | 0.42-0.45 (5-10 %) / 0.28-0.57 (0-0.4 %) |
-//! | 64 KiB | 0.83-0.93 / 0.87-0.95 | 0.56-0.63 (5-11 %) / 0.91-0.97 (0-0.6 %) |
-//! | 256 KiB, 1 MiB | 0.91-0.94 / 0.95-0.99 | 0.6-0.7 (6-12 %) / 0.96-0.99 (0-0.6 %) |
+//! | 4 KiB | 0.70-0.93 / 0.03-0.18 | 0.24 (10-12 %) / 0.71-0.82 (6-12 %) / 0.04-0.18 (0-2 %) |
+//! | 16 KiB | 0.87-0.94 / 0.25-0.68 | 0.42-0.45 (5-10 %) / 0.80-0.90 (7-14 %) / 0.28-0.66 (0-0.7 %) |
+//! | 64 KiB | 0.83-0.93 / 0.87-0.95 | 0.56-0.63 (5-11 %) / - / 0.91-0.97 (0-0.6 %) |
+//! | 256 KiB, 1 MiB | 0.91-0.94 / 0.95-0.99 | 0.6-0.7 (6-12 %) / - / 0.96-0.99 (0-0.6 %) |
 //!
 //! The copy engine (`cuMemcpyBatchAsync`) takes no SM and loses nothing under load; below
 //! 64 KiB its rate per copy is the limit (`gpu/probe_ce_load.cu`: the engine itself runs 4 KiB
 //! copies at 18-22 GB/s and 16 KiB at 34-35, and the call costs the worker 0.5-0.9 us per copy),
-//! so the copy kernel is the only way to small blocks at PCIe speed on an idle GPU; under a
-//! saturating load it waits for SMs and takes 5-12 % of the load's throughput. From 64 KiB up
-//! the copy engine matches or beats the kernel idle (given four batches of 8 MiB queued ahead,
-//! `engine/transport/cuda.rs`) and alone keeps its rate under load. So: a lone descriptor goes
-//! by `cuMemcpyAsync` (the latency path); batches whose mean block reaches
-//! [`RouteTable::copy_engine_from`] go to the copy engine; smaller ones to the kernel while the
-//! live SM budget ([`crate::Engine::set_sm_budget`]) allows any SM, else to the copy engine too.
+//! so a copy kernel is the only way to small blocks at PCIe speed. Launched per batch, under a
+//! saturating load it waits for SMs at every launch; the resident kernel (launched once per
+//! burst, `engine/transport/resident.rs`) keeps most of its idle rate and takes about its SMs'
+//! share of the load (twice that going to the host). From 64 KiB up the copy engine matches or
+//! beats the kernels idle (given four batches of 8 MiB queued ahead, `engine/transport/cuda.rs`)
+//! and alone keeps its rate under load. So: a lone descriptor goes by `cuMemcpyAsync` (the
+//! latency path); batches whose mean block reaches [`RouteTable::copy_engine_from`] go to the
+//! copy engine; smaller ones to the SMs ([`Strategy::Kernel`] here: the transport uses the
+//! resident kernel for it where that loads) while the live SM budget
+//! ([`crate::Engine::set_sm_budget`]) allows any SM, else to the copy engine too.
 //! A server lowers the budget to [`crate::SmBudget::None`] while its forward pass needs every
 //! SM and raises it when the GPU has room.
 

@@ -14,14 +14,17 @@
 //!   a task list written into pinned host memory and copied to device memory on a second stream
 //!   (the launch waits for that copy by an event, so no copy sits between two kernels), on a
 //!   bounded grid: at most the worker's share of the SM budget, read live before each launch.
-//! - `resident`: ferry's resident copy kernel (`engine/transport/resident.rs`) for blocks below the route
-//!   table's crossover, `batch` for larger ones.
+//! - `resident`: ferry's resident copy kernel (`engine/transport/resident.rs`: launched when
+//!   blocks wait for it, it copies what comes through its ring until it is idle) for blocks below
+//!   the route table's crossover, `batch` for larger ones.
 //!
 //! `auto` routes each batch (`engine/router.rs`), a strided descriptor's chunks of 32 KiB or more
 //! counting as one block of all their bytes: a lone descriptor goes to `memcpy`; a batch whose
-//! mean block reaches [`crate::RouteTable::copy_engine_from`] to `batch`, a smaller one to
-//! `kernel` while the live SM budget allows any SM, else to `batch`. See `engine/router.rs` and
-//! `bench/results/h200.md` for the measurements.
+//! mean block reaches [`crate::RouteTable::copy_engine_from`] to `batch`, a smaller one to the
+//! SMs while the live SM budget allows any SM, else to `batch`. The SMs' path is the resident
+//! kernel where it loaded (its leading blocks below the crossover; then also a lone small block
+//! while that kernel is active, which costs it no launch), else `kernel`. See `engine/router.rs`
+//! and `bench/results/h200.md` for the measurements.
 //!
 //! Batching: an idle stream gets new operations at once (the latency path). While a batch runs,
 //! new operations wait in the transport until they add up to 4 MiB (8 MiB behind a copy-engine
@@ -228,6 +231,19 @@ fn context_sms(context: &Context) -> u32 {
     u32::try_from(context.info.sm_count).unwrap_or(u32::MAX).max(1)
 }
 
+/// A landed mark ([`Transport::mark`]) not yet enqueued: enqueued on the stream once the
+/// operations accepted before it have left `queued` and, of those, the ones the resident kernel
+/// took are copied.
+struct Mark {
+    /// Operations accepted before it.
+    before: u64,
+    word: u64,
+    value: u64,
+    /// The resident kernel's task count once `before` operations had left `queued`: the
+    /// watermark it must reach first (taken then, so it may also cover later operations).
+    resident: Option<u64>,
+}
+
 /// The CUDA transport of one worker.
 pub struct CudaTransport {
     context: Arc<Context>,
@@ -255,9 +271,8 @@ pub struct CudaTransport {
     /// Operations ever accepted into `queued` (those that left it, issued or failed, are this
     /// less `queued.len()`).
     accepted: u64,
-    /// Marks ([`Transport::mark`]) not yet enqueued: (operations accepted before it, word,
-    /// value), enqueued on the stream once those operations have left `queued`.
-    marks: VecDeque<(u64, u64, u64)>,
+    /// Marks ([`Transport::mark`]) not yet enqueued.
+    marks: VecDeque<Mark>,
     /// Cleared when a mark could not be enqueued: the worker writes the words from then on.
     marks_ok: bool,
 }
@@ -293,10 +308,17 @@ impl CudaTransport {
     fn emit_marks(&mut self) {
         let Some(live) = self.live.as_ref() else { return };
         let left = self.accepted - self.queued.len() as u64;
-        while let Some(&(before, word, value)) = self.marks.front() {
-            if before > left {
+        while let Some(mark) = self.marks.front_mut() {
+            if mark.before > left {
                 break;
             }
+            if let Some(resident) = &live.resident {
+                let after = *mark.resident.get_or_insert(resident.pushed());
+                if resident.done() < after {
+                    break;
+                }
+            }
+            let (word, value) = (mark.word, mark.value);
             // SAFETY: `word` lies in a queue header the worker keeps registered until
             // `settle_marks` returned (it settles before a queue's memory goes).
             if let Err(e) = unsafe { stream_write_value(live.stream.handle(), word, value) } {
@@ -399,6 +421,9 @@ impl CudaTransport {
     fn issue(&mut self, n: usize) -> usize {
         self.runs_cover = 0; // the queue changed since the last batch
         let mut strategy = self.pick(n);
+        if let Some(taken) = self.hand_to_resident(strategy, n) {
+            return taken;
+        }
         let sms = self.live_sms().max(1);
         let mut n = n;
         let first_tasks = self.queued.front().map_or(0, |op| op.copy.len.div_ceil(TASK_CHUNK) as usize);
@@ -535,6 +560,31 @@ impl CudaTransport {
         }
     }
 
+    /// Under `auto`, hands the resident kernel (where it loaded) what `pick` sent to the SMs: a
+    /// batch for the kernel, or a lone small block while the resident kernel is active (it then
+    /// costs no launch). Takes the leading operations below the crossover, as far as its ring has
+    /// room; returns how many, or None where the batch goes as picked.
+    fn hand_to_resident(&mut self, strategy: Strategy, n: usize) -> Option<usize> {
+        let route = self.config.route;
+        let small = |op: &Op| op.copy.len < route.copy_engine_from[direction(op)];
+        let any_sm = self.live_sms() > 0;
+        let resident = self.live.as_mut()?.resident.as_mut()?;
+        let wanted = match strategy {
+            Strategy::Kernel => true,
+            Strategy::Memcpy => n == 1 && any_sm && resident.active(),
+            _ => false,
+        };
+        let run = self.queued.iter().take(n).take_while(|op| small(op)).count();
+        if !wanted || run == 0 {
+            return None;
+        }
+        let taken = resident.submit(&self.queued.make_contiguous()[..run]);
+        for op in self.queued.drain(..taken) {
+            self.queued_bytes -= op.copy.len;
+        }
+        Some(taken)
+    }
+
     /// Records an event after `n` issued operations and moves their tokens to `tokens`.
     fn record(&mut self, n: usize, staging: Option<(usize, usize)>) -> usize {
         let live = self.live.as_mut().expect("started");
@@ -639,9 +689,16 @@ impl Transport for CudaTransport {
         }
         let resident = match self.config.strategy {
             Strategy::Resident => Some(
-                Resident::start(&self.context, self.live_sms().max(1))
+                Resident::start(&self.context, self.sms.clone())
                     .map_err(|source| Error::ResidentUnavailable { source })?,
             ),
+            Strategy::Auto if kernel.is_some() => match Resident::start(&self.context, self.sms.clone()) {
+                Ok(resident) => Some(resident),
+                Err(e) => {
+                    eprintln!("ferry: cuda transport: resident copy kernel unavailable ({e}); auto launches the copy kernel per batch");
+                    None
+                }
+            },
             _ => None,
         };
         let stage_stream = Stream::new()?;
@@ -671,13 +728,15 @@ impl Transport for CudaTransport {
     }
 
     fn submit(&mut self, ops: &[Op]) -> usize {
-        if self.live.as_ref().is_none_or(|live| live.resident.is_none()) {
+        if self.config.strategy != Strategy::Resident || self.live.as_ref().is_none_or(|live| live.resident.is_none()) {
             return self.queue(ops);
         }
-        // The resident kernel takes the blocks below the copy engine's crossover; the others go
-        // to the copy engine. Runs of each kind in turn, as far as each has room.
+        // The resident kernel takes the blocks below the copy engine's crossover (while the live
+        // budget allows an SM); the others go to the copy engine. Runs of each kind in turn, as
+        // far as each has room.
         let route = self.config.route;
-        let small = move |op: &Op| op.copy.len < route.copy_engine_from[direction(op)];
+        let any_sm = self.live_sms() > 0;
+        let small = move |op: &Op| any_sm && op.copy.len < route.copy_engine_from[direction(op)];
         let mut n = 0;
         while n < ops.len() {
             let rest = &ops[n..];
@@ -733,6 +792,9 @@ impl Transport for CudaTransport {
         }
         if self.live.is_some() {
             self.flush();
+            if !self.marks.is_empty() {
+                self.emit_marks(); // behind the resident kernel's copies, once they are done
+            }
         }
         k
     }
@@ -743,11 +805,10 @@ impl Transport for CudaTransport {
     }
 
     fn mark(&mut self, word: u64, value: u64) -> bool {
-        // The resident kernel's copies are not on the stream: the worker's CPU writes the word.
-        if !self.marks_ok || self.live.as_ref().is_none_or(|live| live.resident.is_some()) {
+        if !self.marks_ok || self.live.is_none() {
             return false;
         }
-        self.marks.push_back((self.accepted, word, value));
+        self.marks.push_back(Mark { before: self.accepted, word, value, resident: None });
         self.emit_marks();
         self.marks_ok
     }
@@ -755,7 +816,7 @@ impl Transport for CudaTransport {
     fn settle_marks(&mut self, word: Option<u64>) {
         // Marks for the word not yet enqueued are dropped (nobody waits on a closed queue);
         // those enqueued land before the stream's synchronize returns.
-        self.marks.retain(|&(_, w, _)| word.is_some_and(|word| w != word));
+        self.marks.retain(|m| word.is_some_and(|word| m.word != word));
         if let Some(live) = &self.live {
             if let Err(e) = live.stream.synchronize() {
                 eprintln!("ferry: cuda transport: waiting for the landed marks: {e}");

@@ -26,6 +26,7 @@ use crate::transport::{Done, Op, Token, TASK_CHUNK};
 use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The kernel's PTX, generated on the H200 machine; see `gpu/resident_kernel.cu`.
@@ -76,7 +77,9 @@ pub(crate) struct Resident {
     stream: Stream,
     /// Dynamic shared memory per block (unused; keeps a second block off the SM).
     shared: u32,
-    sms: u32,
+    /// The worker's share of the live SM budget, read at each launch, and the device's SMs.
+    sms: Arc<AtomicU32>,
+    device_sms: u32,
     /// The number of the last launch, and whether it may still take tasks (not seen ended).
     epoch: u32,
     running: bool,
@@ -91,9 +94,9 @@ pub(crate) struct Resident {
 }
 
 impl Resident {
-    /// Loads the kernel for `sms` SMs of `context` (current on this thread) and allocates its
-    /// ring; the first `submit` launches it.
-    pub(crate) fn start(context: &Context, sms: u32) -> Result<Resident, CudaError> {
+    /// Loads the kernel for `context` (current on this thread) and allocates its ring; the first
+    /// `submit` launches it, each launch on `sms` SMs as they are then (at least one).
+    pub(crate) fn start(context: &Context, sms: Arc<AtomicU32>) -> Result<Resident, CudaError> {
         let kernel = Kernel::load(PTX, "ferry_resident", BLOCK_THREADS)?;
         // More than half an SM's shared memory (unused): one block per SM.
         let shared = u32::try_from(context.info.shared_per_block_optin).unwrap_or(0);
@@ -113,7 +116,8 @@ impl Resident {
             kernel,
             stream: Stream::new()?,
             shared,
-            sms: sms.max(1),
+            sms,
+            device_sms: u32::try_from(context.info.sm_count).unwrap_or(1),
             epoch: 0,
             running: false,
             seen: 0,
@@ -203,12 +207,14 @@ impl Resident {
             (&mut life_ns as *mut u64).cast::<std::ffi::c_void>(),
             (&mut number as *mut u32).cast::<std::ffi::c_void>(),
         ];
+        // Relaxed: a setting, read once per launch; it orders nothing.
+        let sms = self.sms.load(Ordering::Relaxed).min(self.device_sms).max(1);
         // SAFETY: `params` matches `ferry_resident(const FerryTask*, FerryResidentHost*,
         // FerryResidentDev*, u64, u64, u32)`: the ring of RING tasks and the host side (pinned,
         // device-mapped: the same address on the device), the device side of DEV_BYTES, its head
         // set above; all three live in `self` until the kernel has ended (Drop waits for it, or
         // leaks them).
-        unsafe { self.kernel.launch_with(&self.stream, self.sms, BLOCK_THREADS, self.shared, &mut params)? };
+        unsafe { self.kernel.launch_with(&self.stream, sms, BLOCK_THREADS, self.shared, &mut params)? };
         self.epoch = epoch;
         if self.ended.record(&self.stream).is_err() {
             // Without the event the launch's end shows only in `ended`: wait for it here (it
@@ -226,7 +232,7 @@ impl Resident {
     }
 
     /// The kernel's watermark: every task below it is copied.
-    fn done(&self) -> u64 {
+    pub(crate) fn done(&self) -> u64 {
         // A2: Acquire; pairs with the kernel's system-scope fence before it stores `done`: the
         // copies below it are visible.
         self.side().done.load(Ordering::Acquire)
@@ -289,6 +295,18 @@ impl Resident {
             }
         }
         k
+    }
+
+    /// Tasks published so far: once the watermark reaches this, every operation published
+    /// before has been copied.
+    pub(crate) fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Whether a launch may still take tasks, or tasks wait for one: a block sent now is
+    /// copied without a launch of its own (unless the launch has just ended).
+    pub(crate) fn active(&self) -> bool {
+        self.running || !self.pending.is_empty()
     }
 
     /// Operations published and not yet returned by `poll`.
