@@ -124,7 +124,7 @@ pub enum Strategy {
     /// the others. Its SMs stay reserved while it runs; the live SM budget does not move them.
     ///
     /// Experimental. The kernel ends by itself once it found no block for 200 us, or after
-    /// 5 ms (then launched again for what is left), so anything that waits for the CUDA
+    /// [`CudaConfig::resident_life`] (20 ms; then launched again for what is left), so anything that waits for the CUDA
     /// context to go idle waits that long at most behind it: a device-wide synchronize
     /// (`cudaDeviceSynchronize`, `torch.cuda.synchronize()`), a lazy kernel load (CUDA loads
     /// kernels lazily by default), another worker's start. Each launch waits for its SMs like
@@ -165,8 +165,10 @@ pub enum SmBudget {
 }
 
 impl SmBudget {
-    /// The default: 8 SMs in total.
-    pub const DEFAULT: SmBudget = SmBudget::Sms(NonZeroU32::new(8).unwrap());
+    /// The default: 4 SMs in total. On the H200 under a saturating compute load the resident
+    /// kernel on 4 SMs moved 4-16 KiB blocks at 0.85-0.94 of PCIe for 3.7-9 % of the load, on 8
+    /// SMs at about the same rate for twice that (bench/results/h200.md, sixth session).
+    pub const DEFAULT: SmBudget = SmBudget::Sms(NonZeroU32::new(4).unwrap());
 
     /// `n` SMs; `None` for 0, which is no budget at all.
     pub fn sms(n: u32) -> Option<SmBudget> {
@@ -240,6 +242,14 @@ pub struct CudaConfig {
     pub max_batch: usize,
     /// Where `auto` switches from the copy kernel to the copy engine.
     pub route: RouteTable,
+    /// How long one launch of the resident kernel (the `resident` strategy, and `auto`'s small
+    /// blocks) takes new blocks before it ends and is launched again for what is left: the
+    /// longest that a device-wide synchronize or a lazy kernel load waits behind a worker that is
+    /// never idle (an idle one's kernel ends 200 us after its last block). Each launch waits for
+    /// its SMs, so shorter costs rate under a compute load: on the H200, 5 ms moved 4-16 KiB
+    /// blocks at 0.77-0.88 of PCIe where 20 ms (the default) moved them at 0.83-0.94, for the
+    /// same share of the load. From 1 ms to 1 s.
+    pub resident_life: Duration,
 }
 
 impl Default for CudaConfig {
@@ -249,6 +259,7 @@ impl Default for CudaConfig {
             sm_budget: SmBudget::DEFAULT,
             max_batch: 4096,
             route: RouteTable::HOPPER,
+            resident_life: Duration::from_millis(20),
         }
     }
 }
@@ -466,6 +477,10 @@ impl EngineConfig {
             if gpu.cuda.max_batch == 0 {
                 return Err(Error::setting("CudaConfig::max_batch", 0, "at least 1"));
             }
+            let life = gpu.cuda.resident_life;
+            if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&life) {
+                return Err(Error::setting("CudaConfig::resident_life", format!("{life:?}"), "from 1 ms to 1 s"));
+            }
             if matches!(gpu.cuda.strategy, Strategy::Kernel | Strategy::Resident)
                 && gpu.cuda.sm_budget == SmBudget::None
             {
@@ -576,7 +591,7 @@ mod tests {
         assert_eq!(SmBudget::All.per_worker(132, 2).unwrap(), 66);
         assert!(SmBudget::sms(1).unwrap().per_worker(132, 2).is_err(), "fewer SMs than workers");
         assert_eq!(SmBudget::sms(0), None, "0 is no budget: not expressible");
-        assert_eq!(SmBudget::default(), eight);
+        assert_eq!(SmBudget::default(), SmBudget::sms(4).unwrap());
         assert_eq!(SmBudget::None.per_worker(132, 4).unwrap(), 0, "no SMs, whatever the workers");
     }
 
@@ -600,6 +615,17 @@ mod tests {
                 ..ok.clone()
             },
         ];
+        let life = |resident_life| EngineConfig {
+            transport: TransportKind::Gpu(GpuConfig {
+                cuda: CudaConfig { resident_life, ..CudaConfig::default() },
+                ..GpuConfig::default()
+            }),
+            ..ok.clone()
+        };
+        let bad = bad.into_iter().chain([life(Duration::from_micros(999)), life(Duration::from_millis(1001))]);
+        for edge in [Duration::from_millis(1), Duration::from_secs(1)] {
+            life(edge).check().unwrap();
+        }
         for config in bad {
             assert!(matches!(config.check(), Err(Error::InvalidSetting { .. })), "{config:?}");
         }

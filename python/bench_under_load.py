@@ -1,7 +1,7 @@
 """ferry from Python under an inference server's own load: bf16 GEMMs in the same process.
 
 For each block size, each direction (H2D, D2H) and each engine setup (strategy "batch",
-"kernel", "auto", and "auto" with the live SM budget set to SM_BUDGET_NONE; one worker, 8 SMs,
+"kernel", "auto", and "auto" with the live SM budget set to SM_BUDGET_NONE; one worker, 4 SMs (the default),
 no GDR), ferry copies about `--total` bytes of scattered blocks between a ferry host buffer and a
 torch CUDA tensor (256 MiB each; a shuffled plan, so consecutive descriptors never touch adjacent
 slots), `--reps` times, median:
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 SPAN = 256 << 20  # bytes of each end of the copies
 DEPTH = 16384  # the queue's rings, and the most descriptors in flight
-SM_BUDGET = 8
+SM_BUDGET = 4
 GEMM_N = 8192
 GEMMS_QUEUED = 3  # GEMMs kept queued on the load's stream
 CALIBRATE_S = 0.5  # GEMMs alone, before the table
@@ -79,7 +79,7 @@ GPU_SETUPS = (
     Setup("auto", "auto"),
     Setup("auto+none", "auto", ferry.SM_BUDGET_NONE),
     Setup("resident", "resident"),
-    Setup("resident/4", "resident", sm_budget=4),
+    Setup("resident/8", "resident", sm_budget=8),
 )
 HOST_SETUP = Setup("host", "auto")
 

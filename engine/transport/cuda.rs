@@ -689,16 +689,18 @@ impl Transport for CudaTransport {
         }
         let resident = match self.config.strategy {
             Strategy::Resident => Some(
-                Resident::start(&self.context, self.sms.clone())
+                Resident::start(&self.context, self.sms.clone(), self.config.resident_life)
                     .map_err(|source| Error::ResidentUnavailable { source })?,
             ),
-            Strategy::Auto if kernel.is_some() => match Resident::start(&self.context, self.sms.clone()) {
-                Ok(resident) => Some(resident),
-                Err(e) => {
-                    eprintln!("ferry: cuda transport: resident copy kernel unavailable ({e}); auto launches the copy kernel per batch");
-                    None
+            Strategy::Auto if kernel.is_some() => {
+                match Resident::start(&self.context, self.sms.clone(), self.config.resident_life) {
+                    Ok(resident) => Some(resident),
+                    Err(e) => {
+                        eprintln!("ferry: cuda transport: resident copy kernel unavailable ({e}); auto launches the copy kernel per batch");
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         let stage_stream = Stream::new()?;

@@ -9,8 +9,9 @@
 //! does not starve it (bench/results/h200.md). At most `RING - 1` tasks are unfinished, so a
 //! slot is rewritten only after the watermark passed it.
 //!
-//! The kernel ends by itself once it found no task for [`IDLE`], or after [`LIFE`] (it then
-//! takes no new task and ends once those it took are copied), and says so with the number of
+//! The kernel ends by itself once it found no task for [`IDLE`], or after `life`
+//! (`CudaConfig::resident_life`: it then takes no new task and ends once those it took are
+//! copied), and says so with the number of
 //! its launch (`ended`). Whoever waits for the CUDA context to go idle (a device-wide
 //! synchronize, a lazy kernel load, another worker's start) waits at most that long behind it.
 //! When tasks are left behind an ended launch, the next `submit` or `poll` launches it again on
@@ -46,9 +47,6 @@ const STAGED_HEAD: usize = 64;
 /// A launch ends once it found no task for this long (a client's next burst then waits for one
 /// launch, behind whatever holds the SMs).
 pub(crate) const IDLE: Duration = Duration::from_micros(200);
-/// A launch takes new tasks for this long at most: the longest that a device-wide synchronize
-/// waits behind a worker that is never idle.
-pub(crate) const LIFE: Duration = Duration::from_millis(5);
 /// How long drop waits for the kernel to end.
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -83,6 +81,8 @@ pub(crate) struct Resident {
     /// The number of the last launch, and whether it may still take tasks (not seen ended).
     epoch: u32,
     running: bool,
+    /// How long a launch takes new tasks (`CudaConfig::resident_life`).
+    life: Duration,
     /// The watermark when `keep_running` last looked.
     seen: u64,
     /// Tasks published so far.
@@ -96,7 +96,7 @@ pub(crate) struct Resident {
 impl Resident {
     /// Loads the kernel for `context` (current on this thread) and allocates its ring; the first
     /// `submit` launches it, each launch on `sms` SMs as they are then (at least one).
-    pub(crate) fn start(context: &Context, sms: Arc<AtomicU32>) -> Result<Resident, CudaError> {
+    pub(crate) fn start(context: &Context, sms: Arc<AtomicU32>, life: Duration) -> Result<Resident, CudaError> {
         let kernel = Kernel::load(PTX, "ferry_resident", BLOCK_THREADS)?;
         // More than half an SM's shared memory (unused): one block per SM.
         let shared = u32::try_from(context.info.shared_per_block_optin).unwrap_or(0);
@@ -120,6 +120,7 @@ impl Resident {
             device_sms: u32::try_from(context.info.sm_count).unwrap_or(1),
             epoch: 0,
             running: false,
+            life,
             seen: 0,
             pushed: 0,
             pending: VecDeque::new(),
@@ -198,7 +199,7 @@ impl Resident {
         let epoch = self.epoch.wrapping_add(1);
         let (mut tasks, mut host_ptr, mut dev_ptr) =
             (self.ring.as_ptr() as u64, self.host.as_ptr() as u64, self.dev.ptr());
-        let (mut idle_ns, mut life_ns, mut number) = (IDLE.as_nanos() as u64, LIFE.as_nanos() as u64, epoch);
+        let (mut idle_ns, mut life_ns, mut number) = (IDLE.as_nanos() as u64, self.life.as_nanos() as u64, epoch);
         let mut params = [
             (&mut tasks as *mut u64).cast::<std::ffi::c_void>(),
             (&mut host_ptr as *mut u64).cast::<std::ffi::c_void>(),
@@ -218,7 +219,7 @@ impl Resident {
         self.epoch = epoch;
         if self.ended.record(&self.stream).is_err() {
             // Without the event the launch's end shows only in `ended`: wait for it here (it
-            // ends by itself within LIFE), so that a failure is never a launch left running.
+            // ends by itself within `life`), so that a failure is never a launch left running.
             self.stream.synchronize()?;
             return Ok(());
         }

@@ -63,7 +63,7 @@
 // `ferry_config::cuda_strategy`: ferry's resident copy kernel (launched when blocks wait for
 // it, on the `sm_budget` SMs, reserved while it runs) for blocks below 64 KiB, the copy engine
 // for larger ones. Experimental. Not starved by a busy GPU once it runs; it ends by itself 200 us
-// after its last block (or after 5 ms, then launched again), and what waits for the CUDA context
+// after its last block (or after 20 ms, then launched again), and what waits for the CUDA context
 // to go idle (`cudaDeviceSynchronize`, a lazy kernel load) waits that long at most behind it.
 #define FERRY_CUDA_STRATEGY_RESIDENT 4
 
@@ -193,7 +193,7 @@ typedef struct {
   // GPU transport, CUDA driver copies: a `FERRY_CUDA_STRATEGY_*` code (default auto).
   uint32_t cuda_strategy;
   // GPU transport: the most SMs the copy kernel may use, in total over the engine's workers
-  // (each gets an equal share), capped at the GPU's SM count. 0: the default, 8 SMs;
+  // (each gets an equal share), capped at the GPU's SM count. 0: the default, 4 SMs;
   // [`FERRY_SM_BUDGET_ALL`]: every SM; [`FERRY_SM_BUDGET_NONE`]: no SM (the copy engine
   // alone). A budget below `workers` is a start-up error (`FERRY_RESULT_INVALID_ARGUMENT`).
   // It can be changed while the engine runs with [`ferry_engine_set_sm_budget`].

@@ -905,11 +905,11 @@ class Engine:
     workers are g * workers to (g + 1) * workers - 1, `open_queue(gpu=g)` picks them; any queue may
     name any GPU's memory), `strategy` ("auto", "memcpy", "batch", "kernel", "resident": experimental,
     a kernel that stays on the budget's SMs while blocks come and ends 200 us after the last (or
-    after 5 ms, then launched again), so torch.cuda.synchronize() and a kernel's first (lazy) load
+    after 20 ms, then launched again), so torch.cuda.synchronize() and a kernel's first (lazy) load
     wait that long at most behind it), `sm_budget` (the most SMs
     the copy kernel may use, in total over the engine's workers, each getting an equal share,
     capped at the GPU's SM count; SM_BUDGET_ALL: every SM; SM_BUDGET_NONE: no SM, the copy engine
-    alone; 0: the default, 8 SMs; a budget below `workers` fails at start with
+    alone; 0: the default, 4 SMs; a budget below `workers` fails at start with
     RESULT["invalid_argument"]; `set_sm_budget` changes it while the engine runs), `copy_engine_from`
     (the "auto" strategy's crossover: batches whose mean block has at least this many bytes go to
     the copy engine, smaller ones to the copy kernel; one int for both directions or a pair

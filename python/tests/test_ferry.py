@@ -123,7 +123,7 @@ class FerryTest(unittest.TestCase):
         self.assertIn("GDR", str(caught.exception))
 
     def test_sm_budget_is_a_total_over_the_workers(self):
-        """A budget below the number of workers fails at start; 0 (the default, 8), a budget of one
+        """A budget below the number of workers fails at start; 0 (the default, 4), a budget of one
         SM per worker and SM_BUDGET_ALL start."""
         try:
             ferry.Engine(transport="gpu", use_gdr="off", pinned=False).close()
