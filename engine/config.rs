@@ -121,7 +121,8 @@ pub enum Strategy {
     /// The resident copy kernel (launched when blocks wait for it, on the SM budget's share of
     /// SMs, fed through a ring in host memory: no launch per batch, so a busy GPU does not starve
     /// it once it runs) for blocks below [`RouteTable::copy_engine_from`], the copy engine for
-    /// the others. Its SMs stay reserved while it runs; the live SM budget does not move them.
+    /// the others. Its SMs stay reserved while it runs; a live SM budget applies from its next
+    /// launch (at least one SM while blocks wait for it).
     ///
     /// Experimental. The kernel ends by itself once it found no block for 200 us, or after
     /// [`CudaConfig::resident_life`] (20 ms; then launched again for what is left), so anything that waits for the CUDA

@@ -36,7 +36,7 @@
 //! ceiling; see bench/results/h100.md).
 
 use super::{Done, Op, Token, Transport, TASK_CHUNK};
-use crate::config::{CudaConfig, Strategy};
+use crate::config::{CudaConfig, RouteTable, Strategy};
 use crate::cuda_driver::{
     stream_write_value, Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream, BATCH_COPY_VERSION,
 };
@@ -566,7 +566,6 @@ impl CudaTransport {
     /// room; returns how many, or None where the batch goes as picked.
     fn hand_to_resident(&mut self, strategy: Strategy, n: usize) -> Option<usize> {
         let route = self.config.route;
-        let small = |op: &Op| op.copy.len < route.copy_engine_from[direction(op)];
         let any_sm = self.live_sms() > 0;
         let resident = self.live.as_mut()?.resident.as_mut()?;
         let wanted = match strategy {
@@ -574,7 +573,7 @@ impl CudaTransport {
             Strategy::Memcpy => n == 1 && any_sm && resident.active(),
             _ => false,
         };
-        let run = self.queued.iter().take(n).take_while(|op| small(op)).count();
+        let run = self.queued.iter().take(n).take_while(|op| below_crossover(&route, op)).count();
         if !wanted || run == 0 {
             return None;
         }
@@ -630,6 +629,12 @@ impl CudaTransport {
 /// 0 for a copy to the GPU, 1 for one to the host (the route table's index).
 fn direction(op: &Op) -> usize {
     usize::from(!MemoryKind::is_gpu(op.copy.dst.kind))
+}
+
+/// Whether `op` is smaller than the route table's crossover in its direction (a block for the
+/// resident kernel).
+fn below_crossover(route: &RouteTable, op: &Op) -> bool {
+    op.copy.len < route.copy_engine_from[direction(op)]
 }
 
 impl CudaTransport {
@@ -738,7 +743,7 @@ impl Transport for CudaTransport {
         // far as each has room.
         let route = self.config.route;
         let any_sm = self.live_sms() > 0;
-        let small = move |op: &Op| any_sm && op.copy.len < route.copy_engine_from[direction(op)];
+        let small = move |op: &Op| any_sm && below_crossover(&route, op);
         let mut n = 0;
         while n < ops.len() {
             let rest = &ops[n..];
