@@ -11,9 +11,9 @@
 //!
 //! The kernel ends by itself once it found no task for [`IDLE`], or after `life`
 //! (`CudaConfig::resident_life`: it then takes no new task and ends once those it took are
-//! copied), and says so with the number of
-//! its launch (`ended`). Whoever waits for the CUDA context to go idle (a device-wide
-//! synchronize, a lazy kernel load, another worker's start) waits at most that long behind it.
+//! copied), and says so with the number of its launch (`ended`). Whoever waits for the CUDA
+//! context to go idle (a device-wide synchronize, a lazy kernel load, another worker's start)
+//! waits at most that long behind it.
 //! When tasks are left behind an ended launch, the next `submit` or `poll` launches it again on
 //! the same stream, from the watermark.
 //!
