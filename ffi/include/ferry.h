@@ -216,6 +216,12 @@ typedef struct {
   uint64_t copy_engine_from_h2d;
   // See `copy_engine_from_h2d`.
   uint64_t copy_engine_from_d2h;
+  // GPU transport: how long one launch of the resident copy kernel (`auto`'s small blocks and
+  // the resident strategy) takes new blocks, in microseconds, before it ends and is launched
+  // again: the longest a device-wide synchronize waits behind a worker that is never idle.
+  // 0: the default, 20 ms; from 1000 (1 ms) to 1000000 (1 s), else a start-up error
+  // (`FERRY_RESULT_INVALID_ARGUMENT`).
+  uint64_t resident_life_us;
 } ferry_config;
 
 // One worker's counters, from [`ferry_engine_stats`].

@@ -174,6 +174,12 @@ pub struct ferry_config {
     pub copy_engine_from_h2d: u64,
     /// See `copy_engine_from_h2d`.
     pub copy_engine_from_d2h: u64,
+    /// GPU transport: how long one launch of the resident copy kernel (`auto`'s small blocks and
+    /// the resident strategy) takes new blocks, in microseconds, before it ends and is launched
+    /// again: the longest a device-wide synchronize waits behind a worker that is never idle.
+    /// 0: the default, 20 ms; from 1000 (1 ms) to 1000000 (1 s), else a start-up error
+    /// (`FERRY_RESULT_INVALID_ARGUMENT`).
+    pub resident_life_us: u64,
 }
 impl Default for ferry_config {
     fn default() -> Self {
@@ -192,6 +198,7 @@ impl Default for ferry_config {
             all_gpus: 0,
             copy_engine_from_h2d: 0,
             copy_engine_from_d2h: 0,
+            resident_life_us: 0,
         }
     }
 }
@@ -503,10 +510,14 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
     let or_default = |v: u64, i: usize| if v == 0 { default_route[i] } else { v };
     let route =
         RouteTable { copy_engine_from: [or_default(c.copy_engine_from_h2d, 0), or_default(c.copy_engine_from_d2h, 1)] };
+    let resident_life = match c.resident_life_us {
+        0 => CudaConfig::default().resident_life,
+        us => Duration::from_micros(us),
+    };
     Ok(GpuConfig {
         device,
         devices,
-        cuda: CudaConfig { strategy, sm_budget, route, ..CudaConfig::default() },
+        cuda: CudaConfig { strategy, sm_budget, route, resident_life, ..CudaConfig::default() },
         gdr: GdrConfig { use_gdr, nic, ..GdrConfig::default() },
         ..GpuConfig::default()
     })
@@ -1318,6 +1329,21 @@ mod tests {
         assert_eq!(route(0, 0), RouteTable::HOPPER.copy_engine_from);
         assert_eq!(route(1 << 20, 0), [1 << 20, RouteTable::HOPPER.copy_engine_from[1]]);
         assert_eq!(route(0, u64::MAX), [RouteTable::HOPPER.copy_engine_from[0], u64::MAX]);
+    }
+
+    #[test]
+    fn the_resident_life_field_is_in_microseconds_and_zero_keeps_the_default() {
+        let gpu = |us| gpu_config(&ferry_config { resident_life_us: us, ..ferry_config::default() }, None).unwrap();
+        assert_eq!(gpu(0).cuda.resident_life, CudaConfig::default().resident_life);
+        assert_eq!(gpu(5000).cuda.resident_life, Duration::from_millis(5));
+        // The range is the engine's check, at start.
+        let check = |us| EngineConfig { transport: TransportKind::Gpu(gpu(us)), ..EngineConfig::default() }.check();
+        check(1000).unwrap();
+        check(1_000_000).unwrap();
+        for bad in [999, 1_000_001, u64::MAX] {
+            let err = check(bad).unwrap_err();
+            assert!(err.to_string().contains("resident_life"), "{err}");
+        }
     }
 
     #[test]

@@ -154,6 +154,16 @@ class FerryTest(unittest.TestCase):
             with self.assertRaises(ValueError):
                 ferry.Engine(pinned=False, copy_engine_from=bad)
 
+    def test_resident_life_takes_seconds(self):
+        """The resident kernel's life: a non-negative number of seconds (the host transport
+        ignores it; its range, 1 ms to 1 s, is the GPU engine's check at start); others are
+        refused before the engine."""
+        for life in (0, 0.005, 1):
+            ferry.Engine(pinned=False, resident_life=life).close()
+        for bad in (-0.001, "0.01", None, True, float("nan"), float("inf")):
+            with self.assertRaises(ValueError):
+                ferry.Engine(pinned=False, resident_life=bad)
+
     def test_a_queue_on_a_gpu_the_engine_lacks_is_refused(self):
         """open_queue(gpu=g) puts a queue on GPU g's workers; a host engine counts as one GPU."""
         with ferry.Engine(pinned=False) as engine:
