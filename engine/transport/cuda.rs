@@ -577,7 +577,13 @@ impl CudaTransport {
         if !wanted || run == 0 {
             return None;
         }
-        let taken = resident.submit(&self.queued.make_contiguous()[..run]);
+        // The queue's two halves in turn: no reshuffling of a wrapped queue on the hot path.
+        let (front, back) = self.queued.as_slices();
+        let first = run.min(front.len());
+        let mut taken = resident.submit(&front[..first]);
+        if taken == first && run > first {
+            taken += resident.submit(&back[..run - first]);
+        }
         for op in self.queued.drain(..taken) {
             self.queued_bytes -= op.copy.len;
         }

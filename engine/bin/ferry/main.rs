@@ -659,8 +659,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut results_both = Vec::new();
     for &strategy in &both_strategies {
         progress(&format!("both directions: {}", strategy.name()));
-        let workers = o.workers;
-        let mut rig = cuda_rig(o, strategy, o.sm_budget, workers)?;
+        let mut rig = cuda_rig(o, strategy, o.sm_budget, o.workers)?;
         results_both
             .push(o.sizes.iter().map(|&b| Ok(rig.run_both(o, b)?.gb_per_s())).collect::<Result<Vec<_>, BenchError>>()?);
     }
