@@ -166,10 +166,11 @@ pub enum SmBudget {
 }
 
 impl SmBudget {
-    /// The default: 4 SMs in total. On the H200 under a saturating compute load the resident
-    /// kernel on 4 SMs moved 4-16 KiB blocks at 0.85-0.94 of PCIe for 3.7-9 % of the load, on 8
-    /// SMs at about the same rate for twice that (bench/results/h200.md, sixth session).
-    pub const DEFAULT: SmBudget = SmBudget::Sms(NonZeroU32::new(4).unwrap());
+    /// The default: 2 SMs in total (so an engine of more than two workers needs a budget of its
+    /// own). On the H200 the resident kernel, whose copies from host memory are staged by the TMA,
+    /// moves 4-16 KiB blocks on 2 SMs at what it moves on 4 (0.9 of PCIe under a saturating
+    /// compute load) for about half the load's loss (bench/results/h200.md, seventh session).
+    pub const DEFAULT: SmBudget = SmBudget::Sms(NonZeroU32::new(2).unwrap());
 
     /// `n` SMs; `None` for 0, which is no budget at all.
     pub fn sms(n: u32) -> Option<SmBudget> {
@@ -251,6 +252,12 @@ pub struct CudaConfig {
     /// blocks at 0.77-0.88 of PCIe where 20 ms (the default) moved them at 0.83-0.94, for the
     /// same share of the load. From 1 ms to 1 s.
     pub resident_life: Duration,
+    /// The resident kernel's writer gate: at most this many of each worker's resident-kernel
+    /// warps copy into host memory at once (the others wait their turn). SM stores to host memory
+    /// cost a compute load beside them far more than the SMs they use, and the more warps store
+    /// at once the more (`gpu/probe_sm_traffic.cu`); copies into device memory are not gated. At
+    /// least 1; a value above the kernel's warps (32 per SM of the budget) leaves them ungated.
+    pub resident_writers: u32,
 }
 
 impl Default for CudaConfig {
@@ -261,6 +268,7 @@ impl Default for CudaConfig {
             max_batch: 4096,
             route: RouteTable::HOPPER,
             resident_life: Duration::from_millis(20),
+            resident_writers: 16,
         }
     }
 }
@@ -482,6 +490,9 @@ impl EngineConfig {
             if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&life) {
                 return Err(Error::setting("CudaConfig::resident_life", format!("{life:?}"), "from 1 ms to 1 s"));
             }
+            if gpu.cuda.resident_writers == 0 {
+                return Err(Error::setting("CudaConfig::resident_writers", 0, "at least 1"));
+            }
             if matches!(gpu.cuda.strategy, Strategy::Kernel | Strategy::Resident)
                 && gpu.cuda.sm_budget == SmBudget::None
             {
@@ -592,7 +603,7 @@ mod tests {
         assert_eq!(SmBudget::All.per_worker(132, 2).unwrap(), 66);
         assert!(SmBudget::sms(1).unwrap().per_worker(132, 2).is_err(), "fewer SMs than workers");
         assert_eq!(SmBudget::sms(0), None, "0 is no budget: not expressible");
-        assert_eq!(SmBudget::default(), SmBudget::sms(4).unwrap());
+        assert_eq!(SmBudget::default(), SmBudget::sms(2).unwrap());
         assert_eq!(SmBudget::None.per_worker(132, 4).unwrap(), 0, "no SMs, whatever the workers");
     }
 
@@ -623,7 +634,15 @@ mod tests {
             }),
             ..ok.clone()
         };
-        let bad = bad.into_iter().chain([life(Duration::from_micros(999)), life(Duration::from_millis(1001))]);
+        let no_writers = EngineConfig {
+            transport: TransportKind::Gpu(GpuConfig {
+                cuda: CudaConfig { resident_writers: 0, ..CudaConfig::default() },
+                ..GpuConfig::default()
+            }),
+            ..ok.clone()
+        };
+        let bad =
+            bad.into_iter().chain([life(Duration::from_micros(999)), life(Duration::from_millis(1001)), no_writers]);
         for edge in [Duration::from_millis(1), Duration::from_secs(1)] {
             life(edge).check().unwrap();
         }

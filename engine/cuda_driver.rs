@@ -76,6 +76,8 @@ pub struct Device {
     pub dma_buf: bool,
     /// Streaming multiprocessors.
     pub sm_count: i32,
+    /// The compute capability's major number (9 for Hopper).
+    pub compute_major: i32,
     /// CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM: registered host memory has
     /// the same address on the device (what the copy kernel relies on).
     pub host_pointer_for_registered: bool,
@@ -182,6 +184,7 @@ impl Driver {
             gpudirect_rdma: attribute(A::CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_SUPPORTED)? == 1,
             dma_buf: attribute(A::CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED)? == 1,
             sm_count: attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            compute_major: attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
             host_pointer_for_registered: attribute(A::CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM)?
                 == 1,
             shared_per_sm: attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,

@@ -21,7 +21,7 @@ notification. Three modes, each timed over `--steps` steps (median step time):
     FERRY_LIB=.device/libferry.so python3 examples/layer_pipeline.py [--layers 32] [--blocks 1024] [--workers 1]
 
 It prints a table and exits nonzero if a loaded block was wrong. By default the copies take the
-engine's default SM budget (4 SMs: `auto` sends the 16 KiB chunks to the resident copy kernel);
+engine's default SM budget (2 SMs: `auto` sends the 16 KiB chunks to the resident copy kernel);
 `--sm-budget none` leaves every SM to the GEMMs and the copies to the copy engine. On the H200,
 in one call: 1.07x the GEMMs alone with 4 SMs, 1.16x with none (bench/results/h200.md).
 """
@@ -49,8 +49,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dim", type=int, default=64, help="head dimension: a chunk is 16 x 8 x dim float16")
     parser.add_argument("--workers", type=int, default=1,
                         help="worker cores; each serves a queue, layers alternate between them")
-    parser.add_argument("--sm-budget", default="4",
-                        help="the copy kernels' SMs: a count (4, the engine's default), none (the copy engine "
+    parser.add_argument("--sm-budget", default="default",
+                        help="the copy kernels' SMs: default (the engine's, 2), a count, none (the copy engine "
                         "alone) or all")
     args = parser.parse_args(argv)
     try:
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     if args.layers > ferry.NOTIFY_SLOTS:
         raise SystemExit(f"--layers {args.layers}: at most {ferry.NOTIFY_SLOTS} (one notification slot a layer)")
     tokens, heads, dim = 16, 8, args.dim  # 16 KiB a chunk in float16 at dim 64
-    budget = {"none": ferry.SM_BUDGET_NONE, "all": ferry.SM_BUDGET_ALL}.get(args.sm_budget)
+    budget = {"default": 0, "none": ferry.SM_BUDGET_NONE, "all": ferry.SM_BUDGET_ALL}.get(args.sm_budget)
     engine = ferry.Engine(transport="gpu", use_gdr="off", workers=args.workers,
                           sm_budget=budget if budget is not None else int(args.sm_budget))
     client = engine.new_client()

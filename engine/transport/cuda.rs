@@ -23,8 +23,11 @@
 //! mean block reaches [`crate::RouteTable::copy_engine_from`] to `batch`, a smaller one to the
 //! SMs while the live SM budget allows any SM, else to `batch`. The SMs' path is the resident
 //! kernel where it loaded (its leading blocks below the crossover; then also a lone small block
-//! while that kernel is active, which costs it no launch), else `kernel`. See `engine/router.rs`
-//! and `bench/results/h200.md` for the measurements.
+//! while that kernel is active, which costs it no launch), else `kernel`. While nothing waits
+//! in the transport's queue, blocks narrower than 32 KiB and below the crossover go to the
+//! resident kernel straight from `submit`, as `issue` would send them, without the queue's
+//! per-batch work (what one worker's rate at 4 KiB rests on). See `engine/router.rs` and
+//! `bench/results/h200.md` for the measurements.
 //!
 //! Batching: an idle stream gets new operations at once (the latency path). While a batch runs,
 //! new operations wait in the transport until they add up to 4 MiB (8 MiB behind a copy-engine
@@ -268,8 +271,8 @@ pub struct CudaTransport {
     /// found once per batch, for `auto`'s choice and the copy engine's lanes.
     runs: Vec<(usize, Rect)>,
     runs_cover: usize,
-    /// Operations ever accepted into `queued` (those that left it, issued or failed, are this
-    /// less `queued.len()`).
+    /// Operations ever accepted into `queued` or straight to the resident kernel (those that
+    /// left, issued or failed, are this less `queued.len()`).
     accepted: u64,
     /// Marks ([`Transport::mark`]) not yet enqueued.
     marks: VecDeque<Mark>,
@@ -644,6 +647,26 @@ fn below_crossover(route: &RouteTable, op: &Op) -> bool {
 }
 
 impl CudaTransport {
+    /// Under `auto`, with nothing queued: hands the resident kernel (where it loaded, while the
+    /// live budget allows an SM) the leading blocks of `ops` that `issue` would hand it (below
+    /// the crossover, narrower than a strided descriptor's 2D rows; a lone one only while the
+    /// kernel is active), as far as its ring has room; returns how many.
+    fn straight_to_resident(&mut self, ops: &[Op]) -> usize {
+        if !self.queued.is_empty() || self.live_sms() == 0 {
+            return 0;
+        }
+        let route = self.config.route;
+        let Some(resident) = self.live.as_mut().and_then(|live| live.resident.as_mut()) else { return 0 };
+        let run = ops.iter().take_while(|op| op.copy.len < TWO_D_WIDTH && below_crossover(&route, op)).count();
+        if run == 0 || (run == 1 && !resident.active()) {
+            return 0;
+        }
+        let taken = resident.submit(&ops[..run]);
+        // They left the queue as soon as they came: marks count them as issued.
+        self.accepted += taken as u64;
+        taken
+    }
+
     /// Takes a prefix of `ops` into the queue of the launched strategies, as far as it has
     /// room, and issues what is ready; returns its length.
     fn queue(&mut self, ops: &[Op]) -> usize {
@@ -700,11 +723,11 @@ impl Transport for CudaTransport {
         }
         let resident = match self.config.strategy {
             Strategy::Resident => Some(
-                Resident::start(&self.context, self.sms.clone(), self.config.resident_life)
+                Resident::start(&self.context, self.sms.clone(), &self.config)
                     .map_err(|source| Error::ResidentUnavailable { source })?,
             ),
             Strategy::Auto if kernel.is_some() => {
-                match Resident::start(&self.context, self.sms.clone(), self.config.resident_life) {
+                match Resident::start(&self.context, self.sms.clone(), &self.config) {
                     Ok(resident) => Some(resident),
                     Err(e) => {
                         eprintln!("ferry: cuda transport: resident copy kernel unavailable ({e}); auto launches the copy kernel per batch");
@@ -741,6 +764,10 @@ impl Transport for CudaTransport {
     }
 
     fn submit(&mut self, ops: &[Op]) -> usize {
+        if self.config.strategy == Strategy::Auto {
+            let direct = self.straight_to_resident(ops);
+            return if direct == ops.len() { direct } else { direct + self.queue(&ops[direct..]) };
+        }
         if self.config.strategy != Strategy::Resident || self.live.as_ref().is_none_or(|live| live.resident.is_none()) {
             return self.queue(ops);
         }

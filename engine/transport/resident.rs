@@ -9,6 +9,12 @@
 //! does not starve it (bench/results/h200.md). At most `RING - 1` tasks are unfinished, so a
 //! slot is rewritten only after the watermark passed it.
 //!
+//! From sm_90 on (its own PTX) the kernel stages aligned copies through shared memory with the
+//! TMA, which keeps enough reads of host memory in flight for 2 SMs to reach 0.93 of PCIe; each
+//! task says whether it goes into host memory, and at most `CudaConfig::resident_writers` warps
+//! copy into host memory at once (the writer gate: such stores cost a compute load beside them
+//! far more than other SM traffic).
+//!
 //! The kernel ends by itself once it found no task for [`IDLE`], or after `life`
 //! (`CudaConfig::resident_life`: it then takes no new task and ends once those it took are
 //! copied), and says so with the number of its launch (`ended`). Whoever waits for the CUDA
@@ -21,8 +27,10 @@
 //! everything here. Dropping it asks the kernel to end and waits for it (bounded); a kernel that
 //! does not end in time keeps its memory (leaked, never freed under it) and is reported.
 
+use crate::config::CudaConfig;
 use crate::cuda_driver::{Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream};
 use crate::desc::Status;
+use crate::region::MemoryKind;
 use crate::transport::{Done, Op, Token, TASK_CHUNK};
 use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
@@ -30,23 +38,32 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The kernel's PTX, generated on the H200 machine; see `gpu/resident_kernel.cu`.
+/// The kernel's PTX, generated on the H200 machine; see `gpu/resident_kernel.cu`: for GPUs
+/// before sm_90 (copies by the SMs' loads and stores alone), and from sm_90 on (copies staged
+/// through shared memory by the TMA where their ends are 16-byte aligned).
 const PTX: &str = include_str!("../../gpu/resident_kernel.ptx");
+const PTX_SM90: &str = include_str!("../../gpu/resident_kernel_sm90.ptx");
+/// Dynamic shared memory the sm_90 kernel needs: one barrier and one `FERRY_STAGE` (4 KiB) per
+/// warp, 32 warps.
+const SM90_SHARED: i32 = 32 * 8 + 32 * 4096;
 /// Task slots: `FERRY_RING` in the kernel.
 const RING: u64 = 1 << 16;
 /// Threads per block of the kernel (its `__launch_bounds__`).
 const BLOCK_THREADS: u32 = 1024;
 /// A task's bytes: `FerryTask`.
 const TASK_BYTES: usize = 32;
-/// `FerryResidentDev`: claim, tail, stop, pad, then one done flag per slot.
+/// `FerryResidentDev`: claim, tail, stop, writers, then one done flag per slot.
 const DEV_BYTES: usize = 8 + 8 + 4 + 4 + RING as usize;
-/// The head of `FerryResidentDev` set before each launch (claim, tail, stop, pad).
+/// The head of `FerryResidentDev` set before each launch (claim, tail, stop, writers).
 const DEV_HEAD_BYTES: usize = 24;
 /// Where in the host-side buffer the launch's device head is staged (after `HostSide`).
 const STAGED_HEAD: usize = 64;
 /// A launch ends once it found no task for this long (a client's next burst then waits for one
 /// launch, behind whatever holds the SMs).
 pub(crate) const IDLE: Duration = Duration::from_micros(200);
+/// `keep_running` asks the driver whether a launch has ended without saying so (a fault) once per
+/// this many of its calls that saw no progress.
+const STALL_CHECK: u32 = 64;
 /// How long drop waits for the kernel to end.
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -83,8 +100,11 @@ pub(crate) struct Resident {
     running: bool,
     /// How long a launch takes new tasks (`CudaConfig::resident_life`).
     life: Duration,
-    /// The watermark when `keep_running` last looked.
+    /// The writer gate: most warps copying into host memory at once (`CudaConfig::resident_writers`).
+    writers: u32,
+    /// The watermark when `keep_running` last looked, and its calls since it last moved.
     seen: u64,
+    stalls: u32,
     /// Tasks published so far.
     pushed: u64,
     /// Operations published, oldest first, with the index one past their last task.
@@ -96,9 +116,11 @@ pub(crate) struct Resident {
 impl Resident {
     /// Loads the kernel for `context` (current on this thread) and allocates its ring; the first
     /// `submit` launches it, each launch on `sms` SMs as they are then (at least one).
-    pub(crate) fn start(context: &Context, sms: Arc<AtomicU32>, life: Duration) -> Result<Resident, CudaError> {
-        let kernel = Kernel::load(PTX, "ferry_resident", BLOCK_THREADS)?;
-        // More than half an SM's shared memory (unused): one block per SM.
+    pub(crate) fn start(context: &Context, sms: Arc<AtomicU32>, config: &CudaConfig) -> Result<Resident, CudaError> {
+        let info = &context.info;
+        let ptx = if info.compute_major >= 9 && info.shared_per_block_optin >= SM90_SHARED { PTX_SM90 } else { PTX };
+        let kernel = Kernel::load(ptx, "ferry_resident", BLOCK_THREADS)?;
+        // More than half an SM's shared memory (the sm_90 kernel's stages in it): one block per SM.
         let shared = u32::try_from(context.info.shared_per_block_optin).unwrap_or(0);
         kernel.allow_dynamic_shared(shared)?;
         let ring = PinnedBuffer::new(RING as usize * TASK_BYTES)?;
@@ -120,8 +142,10 @@ impl Resident {
             device_sms: u32::try_from(context.info.sm_count).unwrap_or(1),
             epoch: 0,
             running: false,
-            life,
+            life: config.resident_life,
+            writers: config.resident_writers,
             seen: 0,
+            stalls: 0,
             pushed: 0,
             pending: VecDeque::new(),
             failed: VecDeque::new(),
@@ -135,9 +159,16 @@ impl Resident {
             // A watermark that moved says the launch runs, without asking the driver.
             let done = self.done();
             if done != self.seen {
-                self.seen = done;
+                (self.seen, self.stalls) = (done, 0);
                 return;
             }
+            // The driver is asked only every STALL_CHECK calls without progress: a kernel that
+            // faulted is seen a few microseconds later, and the worker's loop stays cheap.
+            self.stalls += 1;
+            if self.stalls < STALL_CHECK {
+                return;
+            }
+            self.stalls = 0;
             match self.ended.is_done() {
                 Ok(false) => return,
                 // Ended between the two reads.
@@ -200,6 +231,7 @@ impl Resident {
         let (mut tasks, mut host_ptr, mut dev_ptr) =
             (self.ring.as_ptr() as u64, self.host.as_ptr() as u64, self.dev.ptr());
         let (mut idle_ns, mut life_ns, mut number) = (IDLE.as_nanos() as u64, self.life.as_nanos() as u64, epoch);
+        let mut writers = self.writers;
         let mut params = [
             (&mut tasks as *mut u64).cast::<std::ffi::c_void>(),
             (&mut host_ptr as *mut u64).cast::<std::ffi::c_void>(),
@@ -207,11 +239,12 @@ impl Resident {
             (&mut idle_ns as *mut u64).cast::<std::ffi::c_void>(),
             (&mut life_ns as *mut u64).cast::<std::ffi::c_void>(),
             (&mut number as *mut u32).cast::<std::ffi::c_void>(),
+            (&mut writers as *mut u32).cast::<std::ffi::c_void>(),
         ];
         // Relaxed: a setting, read once per launch; it orders nothing.
         let sms = self.sms.load(Ordering::Relaxed).min(self.device_sms).max(1);
         // SAFETY: `params` matches `ferry_resident(const FerryTask*, FerryResidentHost*,
-        // FerryResidentDev*, u64, u64, u32)`: the ring of RING tasks and the host side (pinned,
+        // FerryResidentDev*, u64, u64, u32, u32)`: the ring of RING tasks and the host side (pinned,
         // device-mapped: the same address on the device), the device side of DEV_BYTES, its head
         // set above; all three live in `self` until the kernel has ended (Drop waits for it, or
         // leaks them).
@@ -250,11 +283,13 @@ impl Resident {
             if used + tasks > room {
                 break;
             }
+            let to_host = u64::from(!MemoryKind::is_gpu(op.copy.dst.kind));
             let mut off = 0;
             while off < op.copy.len {
                 let len = (op.copy.len - off).min(TASK_CHUNK);
                 let slot = ((self.pushed + used) % RING) as usize * TASK_BYTES;
-                let task = [op.copy.src.addr + off, op.copy.dst.addr + off, len, 0u64];
+                // The fourth word marks a copy into host memory: it passes the writer gate.
+                let task = [op.copy.src.addr + off, op.copy.dst.addr + off, len, to_host];
                 // SAFETY: `slot` is one of the ring's RING slots of TASK_BYTES; the kernel reads
                 // it only after the tail below covers it, and the watermark passed its previous
                 // task (room), so nothing reads it now.

@@ -222,6 +222,11 @@ typedef struct {
   // 0: the default, 20 ms; from 1000 (1 ms) to 1000000 (1 s), else a start-up error
   // (`FERRY_RESULT_INVALID_ARGUMENT`).
   uint64_t resident_life_us;
+  // GPU transport: the resident copy kernel's writer gate: at most this many of each worker's
+  // resident-kernel warps copy into GPU-to-host blocks at once (SM stores to host memory cost
+  // a compute load beside them far more than the SMs they use). 0: the default, 16; a value
+  // above the kernel's warps (32 per SM of the budget) leaves them ungated.
+  uint32_t resident_writers;
 } ferry_config;
 
 // One worker's counters, from [`ferry_engine_stats`].

@@ -180,6 +180,11 @@ pub struct ferry_config {
     /// 0: the default, 20 ms; from 1000 (1 ms) to 1000000 (1 s), else a start-up error
     /// (`FERRY_RESULT_INVALID_ARGUMENT`).
     pub resident_life_us: u64,
+    /// GPU transport: the resident copy kernel's writer gate: at most this many of each worker's
+    /// resident-kernel warps copy into GPU-to-host blocks at once (SM stores to host memory cost
+    /// a compute load beside them far more than the SMs they use). 0: the default, 16; a value
+    /// above the kernel's warps (32 per SM of the budget) leaves them ungated.
+    pub resident_writers: u32,
 }
 impl Default for ferry_config {
     fn default() -> Self {
@@ -199,6 +204,7 @@ impl Default for ferry_config {
             copy_engine_from_h2d: 0,
             copy_engine_from_d2h: 0,
             resident_life_us: 0,
+            resident_writers: 0,
         }
     }
 }
@@ -514,10 +520,14 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         0 => CudaConfig::default().resident_life,
         us => Duration::from_micros(us),
     };
+    let resident_writers = match c.resident_writers {
+        0 => CudaConfig::default().resident_writers,
+        n => n,
+    };
     Ok(GpuConfig {
         device,
         devices,
-        cuda: CudaConfig { strategy, sm_budget, route, resident_life, ..CudaConfig::default() },
+        cuda: CudaConfig { strategy, sm_budget, route, resident_life, resident_writers, ..CudaConfig::default() },
         gdr: GdrConfig { use_gdr, nic, ..GdrConfig::default() },
         ..GpuConfig::default()
     })
@@ -1344,6 +1354,14 @@ mod tests {
             let err = check(bad).unwrap_err();
             assert!(err.to_string().contains("resident_life"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_resident_writers_field_zero_keeps_the_default() {
+        let gpu = |n| gpu_config(&ferry_config { resident_writers: n, ..ferry_config::default() }, None).unwrap();
+        assert_eq!(gpu(0).cuda.resident_writers, CudaConfig::default().resident_writers);
+        assert_eq!(gpu(1).cuda.resident_writers, 1);
+        assert_eq!(gpu(u32::MAX).cuda.resident_writers, u32::MAX);
     }
 
     #[test]

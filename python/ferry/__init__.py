@@ -156,6 +156,7 @@ class _Config(ctypes.Structure):
         ("copy_engine_from_h2d", c_u64),
         ("copy_engine_from_d2h", c_u64),
         ("resident_life_us", c_u64),
+        ("resident_writers", c_u32),
     ]
 
 
@@ -910,7 +911,7 @@ class Engine:
     wait that long at most behind it), `sm_budget` (the most SMs
     the copy kernel may use, in total over the engine's workers, each getting an equal share,
     capped at the GPU's SM count; SM_BUDGET_ALL: every SM; SM_BUDGET_NONE: no SM, the copy engine
-    alone; 0: the default, 4 SMs; a budget below `workers` fails at start with
+    alone; 0: the default, 2 SMs; a budget below `workers` fails at start with
     RESULT["invalid_argument"]; `set_sm_budget` changes it while the engine runs), `copy_engine_from`
     (the "auto" strategy's crossover: batches whose mean block has at least this many bytes go to
     the copy engine, smaller ones to the copy kernel; one int for both directions or a pair
@@ -918,7 +919,11 @@ class Engine:
     GPU the kernel can be faster at 64 KiB, under a compute load it starves), `resident_life`
     (seconds one launch of the resident copy kernel takes new blocks before it is launched again:
     the longest torch.cuda.synchronize() waits behind an engine that is never idle; 0: the
-    default, 0.02; from 0.001 to 1, else FerryError invalid_argument at start), `nic` (RDMA device
+    default, 0.02; from 0.001 to 1, else FerryError invalid_argument at start), `resident_writers`
+    (the resident kernel's writer gate: at most this many of each worker's resident-kernel warps
+    copy GPU-to-host blocks at once, since SM stores to host memory slow a compute load beside
+    them far more than the SMs they use; 0: the default, 16; above the kernel's warps, 32 per SM
+    of the budget: ungated), `nic` (RDMA device
     name; None: the topology plan's). As in ferry_config, 0 in `max_len` or `workers` means the
     default.
     """
@@ -926,12 +931,15 @@ class Engine:
     def __init__(self, workers: int = 1, transport: str = "host", pinned: bool = True, max_len: int = 0,
                  device: int = 0, strategy: str = "auto", sm_budget: int = 0, use_gdr: str = "auto",
                  nic: Optional[str] = None, all_gpus: bool = False,
-                 copy_engine_from: Union[int, Tuple[int, int]] = 0, resident_life: float = 0) -> None:
+                 copy_engine_from: Union[int, Tuple[int, int]] = 0, resident_life: float = 0,
+                 resident_writers: int = 0) -> None:
         crossover = copy_engine_from if isinstance(copy_engine_from, (tuple, list)) else (copy_engine_from,) * 2
         if len(crossover) != 2 or not all(type(v) is int and 0 <= v < 1 << 64 for v in crossover):
             raise ValueError(f"copy_engine_from: a byte count from 0 to 2**64 - 1, or a pair of them; got {copy_engine_from!r}")
         if type(resident_life) not in (int, float) or not 0 <= resident_life < 2**44:
             raise ValueError(f"resident_life: seconds (0: the default), a non-negative number; got {resident_life!r}")
+        if type(resident_writers) is not int or not 0 <= resident_writers < 1 << 32:
+            raise ValueError(f"resident_writers: a warp count from 0 (the default) to 2**32 - 1; got {resident_writers!r}")
         config = _Config(
             workers=workers,
             transport=TRANSPORT[transport],
@@ -946,6 +954,7 @@ class Engine:
             copy_engine_from_h2d=crossover[0],
             copy_engine_from_d2h=crossover[1],
             resident_life_us=round(resident_life * 1e6),
+            resident_writers=resident_writers,
         )
         handle = ctypes.c_void_p()
         _check(_library().ferry_engine_start(ctypes.byref(config), ctypes.byref(handle)))

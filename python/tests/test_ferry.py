@@ -123,7 +123,7 @@ class FerryTest(unittest.TestCase):
         self.assertIn("GDR", str(caught.exception))
 
     def test_sm_budget_is_a_total_over_the_workers(self):
-        """A budget below the number of workers fails at start; 0 (the default, 4), a budget of one
+        """A budget below the number of workers fails at start; 0 (the default, 2), a budget of one
         SM per worker and SM_BUDGET_ALL start."""
         try:
             ferry.Engine(transport="gpu", use_gdr="off", pinned=False).close()
@@ -163,6 +163,15 @@ class FerryTest(unittest.TestCase):
         for bad in (-0.001, "0.01", None, True, float("nan"), float("inf")):
             with self.assertRaises(ValueError):
                 ferry.Engine(pinned=False, resident_life=bad)
+
+    def test_resident_writers_takes_a_warp_count(self):
+        """The resident kernel's writer gate: a count of warps from 0 (the default) to 2**32 - 1;
+        others are refused before the engine."""
+        for writers in (0, 1, 16, 2**32 - 1):
+            ferry.Engine(pinned=False, resident_writers=writers).close()
+        for bad in (-1, 2**32, 1.5, "16", None, True):
+            with self.assertRaises(ValueError):
+                ferry.Engine(pinned=False, resident_writers=bad)
 
     def test_a_queue_on_a_gpu_the_engine_lacks_is_refused(self):
         """open_queue(gpu=g) puts a queue on GPU g's workers; a host engine counts as one GPU."""

@@ -63,7 +63,7 @@ bench options:
   --nic NAME              RDMA device for gdr (default: the first with an active port)
   --device N              CUDA device ordinal (default 0)
   --sm-budget N           SMs the copy kernel may use in the strategy columns, in total over
-                          the workers (default 4, the engine's)
+                          the workers (default 2, the engine's)
   --load none|compute     cuda: after the idle table, the table again with a saturating FMA kernel
                           on every SM (default none), with the share of its throughput each cell took
   --plot FILE.svg         cuda: draw GB/s against block size per strategy and direction, idle
