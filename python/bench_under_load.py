@@ -1,8 +1,8 @@
 """ferry from Python under an inference server's own load: bf16 GEMMs in the same process.
 
 For each block size, each direction (H2D, D2H) and each engine setup (strategy "batch",
-"kernel", "auto", and "auto" with the live SM budget set to SM_BUDGET_NONE; one worker, 4 SMs (the default),
-no GDR), ferry copies about `--total` bytes of scattered blocks between a ferry host buffer and a
+"kernel", "auto", "auto" with the live SM budget set to SM_BUDGET_NONE, "resident", and "resident" on 8
+SMs; one worker, ferry's default SM budget unless --sm-budget, no GDR), ferry copies about `--total` bytes of scattered blocks between a ferry host buffer and a
 torch CUDA tensor (256 MiB each; a shuffled plan, so consecutive descriptors never touch adjacent
 slots), `--reps` times, median:
 
@@ -19,6 +19,9 @@ compared). On the GPU machine (one GPU, torch with CUDA), from the repository ro
 
     FERRY_LIB=.device/libferry.so python3 python/bench_under_load.py
 
+`--setups` picks setups by name; `--writers 8,32,all` adds "auto" setups with those writer gates
+(`resident_writers`; all: ungated).
+
 `--transport host` copies host to host with ferry's host transport, without torch or load: a
 smoke test of the whole control flow on any machine, for example
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ctypes
 import random
 import statistics
@@ -46,7 +50,6 @@ if TYPE_CHECKING:
 
 SPAN = 256 << 20  # bytes of each end of the copies
 DEPTH = 16384  # the queue's rings, and the most descriptors in flight
-SM_BUDGET = 4
 GEMM_N = 8192
 GEMMS_QUEUED = 3  # GEMMs kept queued on the load's stream
 CALIBRATE_S = 0.5  # GEMMs alone, before the table
@@ -70,7 +73,8 @@ class Setup:
     name: str
     strategy: str
     live_budget: Optional[int] = None
-    sm_budget: int = 0  # 0: SM_BUDGET
+    sm_budget: int = 0  # 0: ferry's default
+    writers: int = 0  # the resident kernel's writer gate; 0: ferry's default
 
 
 GPU_SETUPS = (
@@ -393,7 +397,7 @@ def start_engine(setup: Setup, transport: str) -> ferry.Engine:
     if transport == "host":
         return ferry.Engine(transport="host", workers=1)
     engine = ferry.Engine(transport="gpu", use_gdr="off", workers=1, strategy=setup.strategy,
-                          sm_budget=setup.sm_budget or SM_BUDGET)
+                          sm_budget=setup.sm_budget, resident_writers=setup.writers)
     if setup.live_budget is not None:
         engine.set_sm_budget(setup.live_budget)
     return engine
@@ -452,7 +456,7 @@ def render_table(setups: Sequence[Setup], sizes: Sequence[int], results: dict[st
     return lines
 
 
-def bench_gpu(sizes: Sequence[int], total: int, reps: int) -> list[str]:
+def bench_gpu(setups: Sequence[Setup], sm_budget: int, sizes: Sequence[int], total: int, reps: int) -> list[str]:
     import torch
 
     if not torch.cuda.is_available():
@@ -463,16 +467,16 @@ def bench_gpu(sizes: Sequence[int], total: int, reps: int) -> list[str]:
     progress(f"GEMMs alone for {CALIBRATE_S} s ...")
     load.calibrate(CALIBRATE_S)
     tensor = torch.empty(SPAN, dtype=torch.uint8, device="cuda")
-    results = {s.name: run_setup(s, "gpu", tensor, sizes, total, reps, load) for s in GPU_SETUPS}
+    results = {s.name: run_setup(s, "gpu", tensor, sizes, total, reps, load) for s in setups}
     header = [
         f"ferry under load on {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}); "
         f"PCIe ceiling (torch copy_ of {format_bytes(SPAN)} pinned) H2D {ceiling['H2D']:.1f} GB/s, "
         f"D2H {ceiling['D2H']:.1f} GB/s; GEMM {GEMM_N}^3 bf16 alone "
         f"{load.flops / load.alone_ms / 1e9:.0f} TFLOP/s ({load.alone_ms:.2f} ms each)",
-        f"1 worker, sm_budget {SM_BUDGET}, use_gdr off; {format_bytes(total)} of scattered blocks per run, "
+        f"1 worker, sm_budget {sm_budget or 'default'}, use_gdr off; {format_bytes(total)} of scattered blocks per run, "
         f"median of {reps}; loss: GEMM throughput lost while the copies ran; best/ceiling: best load GB/s",
     ]
-    return header + render_table(GPU_SETUPS, sizes, results, ceiling)
+    return header + render_table(setups, sizes, results, ceiling)
 
 
 def bench_host(sizes: Sequence[int], total: int, reps: int) -> list[str]:
@@ -485,6 +489,19 @@ def bench_host(sizes: Sequence[int], total: int, reps: int) -> list[str]:
     return header + render_table([HOST_SETUP], sizes, results, None)
 
 
+def parse_writers(text: str) -> list[tuple[str, int]]:
+    """'8,32,all' -> [("8", 8), ("32", 32), ("all", 2**32 - 1)]."""
+    gates = []
+    for word in text.split(","):
+        if word == "all":
+            gates.append(("all", 2**32 - 1))
+        elif word.isdigit() and 0 < int(word) < 1 << 32:
+            gates.append((word, int(word)))
+        else:
+            raise argparse.ArgumentTypeError(f"{word!r}: a count of warps (at least 1) or all")
+    return gates
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("4K,64K,1M"),
@@ -494,7 +511,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3, help="runs per cell, median (default 3)")
     parser.add_argument("--transport", choices=("gpu", "host"), default="gpu",
                         help="gpu: host <-> torch CUDA tensor under GEMMs (default); host: host to host, no torch")
+    parser.add_argument("--sm-budget", type=int, default=0,
+                        help="the engines' SM budget (default 0: ferry's default) but for resident/8")
+    parser.add_argument("--setups", default=",".join(s.name for s in GPU_SETUPS),
+                        help="the GPU setups to run, comma-separated (default all: "
+                        + ",".join(s.name for s in GPU_SETUPS) + ")")
+    parser.add_argument("--writers", type=parse_writers, default=[],
+                        help="also run auto with these writer gates (resident_writers), comma-separated "
+                        "counts of warps or 'all' (ungated); each a setup auto/wN")
     args = parser.parse_args(argv)
+    known = {s.name: s for s in GPU_SETUPS}
+    names = [n for n in args.setups.split(",") if n]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"--setups: unknown {','.join(unknown)}; known: {','.join(known)}")
+    chosen = [known[n] for n in names] + [Setup(f"auto/w{label}", "auto", writers=n) for label, n in args.writers]
+    # A setup's own budget (resident/8) stays; the others take --sm-budget.
+    args.setups = [dataclasses.replace(s, sm_budget=s.sm_budget or args.sm_budget) for s in chosen]
+    if not args.setups:
+        parser.error("--setups and --writers name no setup")
+    if args.sm_budget < 0:
+        parser.error("--sm-budget must be 0 (the default) or more")
     if args.reps < 1:
         parser.error("--reps must be at least 1")
     for block in args.sizes:
@@ -505,9 +542,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    bench = bench_gpu if args.transport == "gpu" else bench_host
     try:
-        lines = bench(args.sizes, args.total, args.reps)
+        if args.transport == "gpu":
+            lines = bench_gpu(args.setups, args.sm_budget, args.sizes, args.total, args.reps)
+        else:
+            lines = bench_host(args.sizes, args.total, args.reps)
     except ImportError as e:
         print(f"bench_under_load: --transport gpu needs torch: {e}", file=sys.stderr)
         return 1
