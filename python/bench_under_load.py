@@ -1,10 +1,11 @@
 """ferry from Python under an inference server's own load: bf16 GEMMs in the same process.
 
 For each block size, each direction (H2D, D2H) and each engine setup (strategy "batch",
-"kernel", "auto", "auto" with the live SM budget set to SM_BUDGET_NONE, "resident", and "resident" on 8
-SMs; one worker, ferry's default SM budget unless --sm-budget, no GDR), ferry copies about `--total` bytes of scattered blocks between a ferry host buffer and a
-torch CUDA tensor (256 MiB each; a shuffled plan, so consecutive descriptors never touch adjacent
-slots), `--reps` times, median:
+"kernel", "auto", "auto" with the live SM budget set to SM_BUDGET_NONE, "resident", and
+"resident" on 8 SMs; one worker, ferry's default SM budget unless --sm-budget, no GDR), ferry
+copies about `--total` bytes of scattered blocks between a ferry host buffer and a torch CUDA
+tensor (256 MiB each; a shuffled plan, so consecutive descriptors never touch adjacent slots),
+`--reps` times, median:
 
 - idle: the copy rate with nothing else on the GPU;
 - load: the copy rate while a Python thread runs `torch.matmul` on 8192x8192 bf16 tensors back
@@ -32,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import random
 import statistics
 import sys
@@ -520,6 +521,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="also run auto with these writer gates (resident_writers), comma-separated "
                         "counts of warps or 'all' (ungated); each a setup auto/wN")
     args = parser.parse_args(argv)
+    if args.sm_budget < 0:
+        parser.error("--sm-budget must be 0 (the default) or more")
     known = {s.name: s for s in GPU_SETUPS}
     names = [n for n in args.setups.split(",") if n]
     unknown = [n for n in names if n not in known]
@@ -530,8 +533,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.setups = [dataclasses.replace(s, sm_budget=s.sm_budget or args.sm_budget) for s in chosen]
     if not args.setups:
         parser.error("--setups and --writers name no setup")
-    if args.sm_budget < 0:
-        parser.error("--sm-budget must be 0 (the default) or more")
     if args.reps < 1:
         parser.error("--reps must be at least 1")
     for block in args.sizes:
