@@ -151,7 +151,7 @@ pub struct ferry_config {
     /// GPU transport, CUDA driver copies: a `FERRY_CUDA_STRATEGY_*` code (default auto).
     pub cuda_strategy: u32,
     /// GPU transport: the most SMs the copy kernel may use, in total over the engine's workers
-    /// (each gets an equal share), capped at the GPU's SM count. 0: the default, 4 SMs;
+    /// (each gets an equal share), capped at the GPU's SM count. 0: the default, 2 SMs;
     /// [`FERRY_SM_BUDGET_ALL`]: every SM; [`FERRY_SM_BUDGET_NONE`]: no SM (the copy engine
     /// alone). A budget below `workers` is a start-up error (`FERRY_RESULT_INVALID_ARGUMENT`).
     /// It can be changed while the engine runs with [`ferry_engine_set_sm_budget`].
