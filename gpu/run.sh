@@ -59,6 +59,8 @@ fail() { echo "$1" >>"$out/failed"; }
     if [ "${PROBE:-0}" = 1 ]; then
         step "PTX and kernel probe"
         nvcc -ptx -arch=compute_80 -O3 -o "$out/copy_kernel.ptx" gpu/copy_kernel.cu
+        nvcc -ptx -arch=compute_80 -O3 -o "$out/resident_kernel.ptx" gpu/resident_kernel.cu
+        nvcc -ptx -arch=compute_90 -O3 -o "$out/resident_kernel_sm90.ptx" gpu/resident_kernel.cu
         nvcc -O3 -arch=sm_90 -o /tmp/probe gpu/probe.cu -lcuda && /tmp/probe | tee "$out/probe.txt"
         nvcc -O3 -arch=sm_90 -o /tmp/lane gpu/lane.cu && /tmp/lane | tee "$out/lane.txt"
     fi
