@@ -1,8 +1,8 @@
 // ferry's resident copy kernel (the `resident` strategy): launched when a worker's CUDA transport
 // has tasks for it, it stays on a few reserved SMs and copies the tasks the worker publishes in a
 // ring in pinned host memory, so that no copy waits for a launch behind the GPU's other work.
-// Measured on the H200 (bench/results/h200.md): 4-64 KiB blocks at 0.84-0.95 of PCIe under a
-// saturating compute load, which loses about the share of the SMs it holds (more for D2H).
+// Measured on the H200 (bench/results/h200.md): 4-64 KiB blocks at 0.88-0.95 of PCIe on 2 SMs
+// under a saturating compute load, which loses 2-5 % of its throughput.
 //
 // It ends by itself: once every published task is copied and none came for `idle_ns`, or once it
 // has run `life_ns` (it then stops taking new tasks and ends when those it took are copied), or
@@ -11,13 +11,16 @@
 // launches it again (same stream, from the watermark) when tasks are left.
 //
 // One block of 1024 threads per SM (the launch asks for most of an SM's shared memory, so that
-// no second block lands there; from sm_90 on its warps stage copies through it, below). Warp 0 of block 0 is the poller: it mirrors the host's
-// published tail into device memory, advances the in-order watermark over the per-task done
-// flags (32 at a time) and publishes it to the host, decides when the kernel ends, and passes
-// that on. Every other warp claims FERRY_CLAIM consecutive task indices with one atomic, copies
-// each task once it is published (the descriptors of the published ones read in one go), fences
-// at system scope and raises the tasks' done flags; copies into host memory pass the writer gate
-// (at most `writers` warps at a time, below).
+// no second block lands there; from sm_90 on its warps stage copies through it, below). Warp 0
+// of block 0 is the poller: it mirrors the host's published tail into device memory, decides
+// when the kernel ends, and passes that on. Warp 1 of block 0 is the scanner: it advances the
+// in-order watermark over the per-task done flags (32 at a time) and publishes it to the host,
+// then to the poller; it never reads host memory, so a finished copy is not kept waiting behind
+// the poller's read of the host's tail over PCIe (a microsecond or more). Every other warp
+// claims FERRY_CLAIM consecutive task indices with one atomic, copies each task once it is
+// published (the descriptors of the published ones read in one go), fences and raises the
+// tasks' done flags; copies into host memory pass the writer gate (at most `writers` warps at a
+// time, below).
 //
 // The host's side (engine/transport/resident.rs) keeps at most FERRY_RING - 1 tasks unfinished,
 // so a ring slot and its done flag are reused only after the watermark passed them, and before
@@ -54,6 +57,7 @@ struct FerryResidentDev {
     unsigned long long tail;     // the poller's mirror of the host's tail (likewise)
     unsigned int stop;           // the poller's mirror of the host's stop
     unsigned int writers;        // warps copying into host memory now (the host zeroes it)
+    unsigned long long done;     // the scanner's watermark, once the host's copy of it is written
     unsigned char flags[FERRY_RING];  // task i is copied: flags[i % FERRY_RING] != 0
 };
 
@@ -129,9 +133,10 @@ __device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsig
                            unsigned long long life_ns, unsigned epoch) {
     volatile FerryResidentHost* vhost = host;
     volatile FerryResidentDev* vdev = dev;
-    // The launch's first task: the host set the mirror (and the claim) to its watermark.
-    unsigned long long done = vdev->tail;
-    unsigned long long mirror = done;
+    // The launch's first task: the host set the mirror (and the claim, and the scanner's
+    // watermark) to its watermark.
+    unsigned long long mirror = vdev->tail;
+    unsigned long long seen = mirror;  // the scanner's watermark when last read
     const unsigned long long born = ferry_now();
     unsigned long long busy = born;  // when work was last seen
     bool frozen = false;             // past life_ns: no new tasks
@@ -151,6 +156,40 @@ __device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsig
             busy = now;
             if (lane == 0) vdev->tail = mirror;
         }
+        // The scanner stores its watermark here only after the host's copy of it.
+        const unsigned long long done = vdev->done;
+        if (done != seen) {
+            seen = done;
+            busy = now;
+        }
+        if (now - born >= life_ns) frozen = true;
+        if (done == mirror && (stop || frozen || now - busy >= idle_ns)) {
+            // Every task this launch took is copied and its watermark is with the host: the
+            // claiming warps and the scanner end at the mirrored stop, and the host learns
+            // (after the watermark) that it must launch again for more.
+            __threadfence();  // the watermark read above before the stop
+            if (lane == 0) vdev->stop = 1;
+            __threadfence_system();
+            if (lane == 0) vhost->ended = epoch;
+            return;
+        }
+        __nanosleep(100);
+    }
+}
+
+__device__ void ferry_scan(FerryResidentHost* host, FerryResidentDev* dev, unsigned lane) {
+    volatile FerryResidentHost* vhost = host;
+    volatile FerryResidentDev* vdev = dev;
+    unsigned long long done = vdev->done;
+    while (true) {
+        unsigned long long mirror = 0;
+        unsigned int stop = 0;
+        if (lane == 0) {
+            stop = vdev->stop;
+            mirror = vdev->tail;
+        }
+        mirror = __shfl_sync(0xffffffff, mirror, 0);
+        stop = __shfl_sync(0xffffffff, stop, 0);
         // The watermark over the done flags, 32 at a time.
         unsigned long long advanced = done;
         while (advanced < mirror) {
@@ -165,19 +204,14 @@ __device__ void ferry_poll(FerryResidentHost* host, FerryResidentDev* dev, unsig
         if (advanced != done) {
             __threadfence_system();  // the copies and the cleared flags before the watermark
             done = advanced;
-            busy = now;
             if (lane == 0) vhost->done = done;
-        }
-        if (now - born >= life_ns) frozen = true;
-        if (done == mirror && (stop || frozen || now - busy >= idle_ns)) {
-            // Every task this launch took is copied: the claiming warps end at the mirrored
-            // stop, and the host learns (after the watermark) that it must launch again for more.
-            if (lane == 0) vdev->stop = 1;
-            __threadfence_system();
-            if (lane == 0) vhost->ended = epoch;
+            __threadfence_system();  // the host's watermark before the poller's
+            if (lane == 0) vdev->done = done;
+        } else if (stop) {
+            // The poller stops only once this watermark reached its final mirror: nothing is left.
             return;
         }
-        __nanosleep(100);
+        __nanosleep(32);
     }
 }
 
@@ -188,6 +222,10 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
     const unsigned warp = threadIdx.x >> 5;
     if (blockIdx.x == 0 && warp == 0) {
         ferry_poll(host, dev, lane, idle_ns, life_ns, epoch);
+        return;
+    }
+    if (blockIdx.x == 0 && warp == 1) {
+        ferry_scan(host, dev, lane);
         return;
     }
     volatile FerryResidentDev* vdev = dev;

@@ -52,10 +52,11 @@ const RING: u64 = 1 << 16;
 const BLOCK_THREADS: u32 = 1024;
 /// A task's bytes: `FerryTask`.
 const TASK_BYTES: usize = 32;
-/// `FerryResidentDev`: claim, tail, stop, writers, then one done flag per slot.
-const DEV_BYTES: usize = 8 + 8 + 4 + 4 + RING as usize;
-/// The head of `FerryResidentDev` set before each launch (claim, tail, stop, writers).
-const DEV_HEAD_BYTES: usize = 24;
+/// `FerryResidentDev`: claim, tail, stop, writers, the scanner's watermark, then one done flag
+/// per slot.
+const DEV_BYTES: usize = 8 + 8 + 4 + 4 + 8 + RING as usize;
+/// The head of `FerryResidentDev` set before each launch (claim, tail, stop, writers, watermark).
+const DEV_HEAD_BYTES: usize = 32;
 /// Where in the host-side buffer the launch's device head is staged (after `HostSide`).
 const STAGED_HEAD: usize = 64;
 /// A launch ends once it found no task for this long (a client's next burst then waits for one
@@ -219,11 +220,11 @@ impl Resident {
     /// Launches the kernel on the stream from task `start` (the watermark): its device head set
     /// first, behind the previous launch.
     fn launch(&mut self, start: u64) -> Result<(), CudaError> {
-        let head = [start, start, 0u64];
+        let head = [start, start, 0u64, start];
         let staged = self.host.as_ptr() as u64 + STAGED_HEAD as u64;
         // SAFETY: the staged head lies in the host buffer (sized in `start`); the copy that read
         // the previous value ran before the last launch, which has ended (`keep_running`).
-        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), (staged as *mut u64).cast(), 3) };
+        unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), (staged as *mut u64).cast(), head.len()) };
         // SAFETY: both ranges are this transport's (pinned mapped host memory and device memory),
         // kept until the kernel has ended; the copy runs after the previous launch on the stream.
         unsafe { self.stream.copy(self.dev.ptr(), staged, DEV_HEAD_BYTES)? };
