@@ -23,7 +23,8 @@ notification. Three modes, each timed over `--steps` steps (median step time):
 It prints a table and exits nonzero if a loaded block was wrong. By default the copies take the
 engine's default SM budget (2 SMs: `auto` sends the 16 KiB chunks to the resident copy kernel);
 `--sm-budget none` leaves every SM to the GEMMs and the copies to the copy engine. On the H200,
-in one call: 1.07x the GEMMs alone with 4 SMs, 1.16x with none (bench/results/h200.md).
+on the default 2 SMs 1.07x (graph) and 1.12x (streams) the GEMMs alone; with none 1.16x in an
+earlier call (bench/results/h200.md).
 """
 
 from __future__ import annotations

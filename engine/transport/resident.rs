@@ -91,11 +91,12 @@ pub(crate) struct Resident {
     dev: ManuallyDrop<DeviceBuffer>,
     kernel: Kernel,
     stream: Stream,
-    /// Dynamic shared memory per block (unused; keeps a second block off the SM).
+    /// Dynamic shared memory per block: the sm_90 kernel's stages, and more than half an SM's,
+    /// so that no second block lands there.
     shared: u32,
-    /// The worker's share of the live SM budget, read at each launch, and the device's SMs.
+    /// The worker's share of the live SM budget (at most the GPU's SMs: `SmBudget::per_worker`),
+    /// read at each launch.
     sms: Arc<AtomicU32>,
-    device_sms: u32,
     /// The number of the last launch, and whether it may still take tasks (not seen ended).
     epoch: u32,
     running: bool,
@@ -140,7 +141,6 @@ impl Resident {
             stream: Stream::new()?,
             shared,
             sms,
-            device_sms: u32::try_from(context.info.sm_count).unwrap_or(1),
             epoch: 0,
             running: false,
             life: config.resident_life,
@@ -243,7 +243,7 @@ impl Resident {
             (&mut writers as *mut u32).cast::<std::ffi::c_void>(),
         ];
         // Relaxed: a setting, read once per launch; it orders nothing.
-        let sms = self.sms.load(Ordering::Relaxed).min(self.device_sms).max(1);
+        let sms = self.sms.load(Ordering::Relaxed).max(1);
         // SAFETY: `params` matches `ferry_resident(const FerryTask*, FerryResidentHost*,
         // FerryResidentDev*, u64, u64, u32, u32)`: the ring of RING tasks and the host side (pinned,
         // device-mapped: the same address on the device), the device side of DEV_BYTES, its head
