@@ -66,9 +66,10 @@ struct FerryResidentDev {
 // Reading host memory, 4 SMs of ferry's copy loop reach about 0.83 of PCIe, 8 SMs 0.93: the
 // loop keeps too few reads in flight per SM. The TMA (sm_90 on) keeps more: 4 SMs whose warps
 // bulk-load 4 KiB into shared memory and store it with the 32 lanes reach 0.93
-// (gpu/probe_tma.cu, H200). So from sm_90 on, a task whose ends are 16-byte aligned is staged
-// through its warp's FERRY_STAGE bytes of shared memory; any other task, and every task before
-// sm_90, takes the loop. The PTX for sm_90 on is generated apart (resident_kernel_sm90.ptx).
+// (gpu/probe_tma.cu, H200). So from sm_90 on, a task into device memory whose ends are 16-byte
+// aligned is staged through its warp's FERRY_STAGE bytes of shared memory; any other task (those
+// into host memory read device memory, where the loop keeps enough in flight), and every task
+// before sm_90, takes the loop. The PTX for sm_90 on is generated apart (resident_kernel_sm90.ptx).
 #define FERRY_STAGE 4096u  // bytes of shared memory per warp, a multiple of 16
 
 #include "tma.cuh"
@@ -283,7 +284,10 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
                     const unsigned long long dst = __shfl_sync(0xffffffff, word, 4 * m + 1);
                     const unsigned long long len = __shfl_sync(0xffffffff, word, 4 * m + 2);
 #if __CUDA_ARCH__ >= 900
-                    if (((src | dst) & 15) == 0)
+                    // Copies into host memory take the loop: their reads are of device memory,
+                    // and staging them serialized each chunk's read before its stores (4 KiB
+                    // blocks: 47 GB/s staged, 49-50 by the loop, two calls each, eighth session).
+                    if (!gated && ((src | dst) & 15) == 0)
                         ferry_copy_staged(src, dst, len, lane, stage, bar, phase);
                     else
 #endif

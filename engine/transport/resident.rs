@@ -9,8 +9,9 @@
 //! does not starve it (bench/results/h200.md). At most `RING - 1` tasks are unfinished, so a
 //! slot is rewritten only after the watermark passed it.
 //!
-//! From sm_90 on (its own PTX) the kernel stages aligned copies through shared memory with the
-//! TMA, which keeps enough reads of host memory in flight for 2 SMs to reach 0.93 of PCIe; each
+//! From sm_90 on (its own PTX) the kernel stages aligned copies from host memory through shared
+//! memory with the TMA, which keeps enough reads of host memory in flight for 2 SMs to reach 0.93
+//! of PCIe (copies into host memory read device memory and take the plain loop); each
 //! task says whether it goes into host memory, and at most `CudaConfig::resident_writers` warps
 //! copy into host memory at once (the writer gate: such stores cost a compute load beside them
 //! far more than other SM traffic).
@@ -39,8 +40,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The kernel's PTX, generated on the H200 machine; see `gpu/resident_kernel.cu`: for GPUs
-/// before sm_90 (copies by the SMs' loads and stores alone), and from sm_90 on (copies staged
-/// through shared memory by the TMA where their ends are 16-byte aligned).
+/// before sm_90 (copies by the SMs' loads and stores alone), and from sm_90 on (copies from host
+/// memory staged through shared memory by the TMA where their ends are 16-byte aligned).
 const PTX: &str = include_str!("../../gpu/resident_kernel.ptx");
 const PTX_SM90: &str = include_str!("../../gpu/resident_kernel_sm90.ptx");
 /// Dynamic shared memory the sm_90 kernel needs: one barrier and one `FERRY_STAGE` (4 KiB) per
