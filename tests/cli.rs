@@ -78,6 +78,21 @@ fn bad_arguments_exit_2_with_usage() {
 }
 
 #[test]
+fn bench_refuses_a_zero_writer_gate_or_crossover() {
+    for (args, says) in [
+        (&["bench", "--writers", "0"][..], "--writers: give a number of warps, at least 1"),
+        (&["bench", "--crossover", "0"][..], "--crossover: one block size, or two (H2D,D2H)"),
+        (&["bench", "--crossover", "64K,0"][..], "--crossover: one block size, or two (H2D,D2H)"),
+        (&["bench", "--crossover", "1M,64K,4K"][..], "--crossover: one block size, or two (H2D,D2H)"),
+    ] {
+        let out = ferry(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn version_lists_the_compiled_features() {
     let out = ferry(&["--version"]);
     assert!(out.status.success());

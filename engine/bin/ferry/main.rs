@@ -20,7 +20,7 @@ use bandwidth::{
 };
 use ferry::internals::cuda::{gpus, Context, DeviceBuffer};
 use ferry::{
-    CorePlacement, CudaConfig, Engine, EngineConfig, GdrConfig, GpuConfig, QueueConfig, SmBudget, Strategy,
+    CorePlacement, CudaConfig, Engine, EngineConfig, GdrConfig, GpuConfig, QueueConfig, RouteTable, SmBudget, Strategy,
     TransportKind, UseGdr,
 };
 use ferry_topology::{Machine, PlanConfig};
@@ -64,6 +64,10 @@ bench options:
   --device N              CUDA device ordinal (default 0)
   --sm-budget N           SMs the copy kernel may use in the strategy columns, in total over
                           the workers (default 2, the engine's)
+  --writers N             cuda: the resident kernel's writer gate, warps per worker copying into
+                          host memory at once (default 16, the engine's)
+  --crossover SIZE[,SIZE] cuda: blocks from this size up go to the copy engine under auto and
+                          resident, smaller ones to the SMs; two sizes: H2D,D2H (default 64K)
   --load none|compute     cuda: after the idle table, the table again with a saturating FMA kernel
                           on every SM (default none), with the share of its throughput each cell took
   --plot FILE.svg         cuda: draw GB/s against block size per strategy and direction, idle
@@ -96,6 +100,8 @@ struct Options {
     client_core: Option<usize>,
     device: u32,
     sm_budget: SmBudget,
+    writers: u32,
+    route: RouteTable,
     nic: Option<String>,
     workers: usize,
     load: bool,
@@ -128,6 +134,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         client_core: None,
         device: 0,
         sm_budget: SmBudget::DEFAULT,
+        writers: CudaConfig::default().resident_writers,
+        route: RouteTable::default(),
         nic: None,
         workers: 0,
         load: false,
@@ -156,6 +164,20 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     n => SmBudget::sms(u32::try_from(parse_number(n, 1000)?).map_err(|e| e.to_string())?)
                         .ok_or("--sm-budget 0: give a number of SMs (at least 1) or all")?,
                 }
+            }
+            "--writers" => {
+                o.writers = u32::try_from(parse_number(value()?, 1000)?)
+                    .ok()
+                    .filter(|&w| w > 0)
+                    .ok_or("--writers: give a number of warps, at least 1")?
+            }
+            "--crossover" => {
+                let sizes = value()?.split(',').map(|s| parse_number(s, 1024)).collect::<Result<Vec<_>, _>>()?;
+                o.route = match sizes[..] {
+                    [from] if from > 0 => RouteTable { copy_engine_from: [from, from] },
+                    [h2d, d2h] if h2d > 0 && d2h > 0 => RouteTable { copy_engine_from: [h2d, d2h] },
+                    _ => return Err("--crossover: one block size, or two (H2D,D2H), each at least 1 byte".into()),
+                };
             }
             "--descriptors" => o.descriptors = parse_number(value()?, 1000)?,
             "--span" => o.span = parse_number(value()?, 1024)?,
@@ -497,6 +519,7 @@ fn cuda_bench_engine(workers: usize, gpu: GpuConfig, cores: CorePlacement) -> Re
 }
 
 fn cuda_rig_with(o: &Options, cuda: CudaConfig, workers: usize) -> Result<CudaRig, BenchError> {
+    let cuda = CudaConfig { resident_writers: o.writers, route: o.route, ..cuda };
     let cores = match o.worker_core {
         Some(core) if workers == 1 => CorePlacement::Cores(vec![core]),
         Some(core) => CorePlacement::Cores((core..core + workers).collect()),
@@ -582,6 +605,9 @@ impl CudaRig {
     }
 }
 
+/// Rounds of 500 samples each of ferry's latency and the driver's, taken in turns.
+const LATENCY_ROUNDS: usize = 10;
+
 fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), BenchError> {
     let workers = match o.workers {
         0 if machine.online.len() >= 3 => 2,
@@ -611,13 +637,22 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     let mut latencies = Vec::new();
     for (h2d, name) in [(true, "H2D"), (false, "D2H")] {
         let (src, dst) = if h2d { (rig.host.id(), rig.device_id) } else { (rig.device_id, rig.host.id()) };
-        let t = latency(&mut rig.queues[0], src, dst, 4096, 500, 5000)?;
         let (host, device) = (rig.host.as_ptr() as u64, rig.device.ptr());
         let (to, from) = if h2d { (device, host) } else { (host, device) };
-        // SAFETY: 4 KiB at the start of both buffers, alive in the rig; no descriptor is in flight.
-        let raw = unsafe { copy_latency(to, from, 4096, 500, 5000)? };
+        // Taken in turns, 500 samples of each at a time, so that both see the same machine: the
+        // VM's speed drifts within a call (the two medians taken one after the other, 5000 each,
+        // differed by 0.2 to 2.2 us between calls of the same build, eighth session).
+        let (mut t, mut raw) = (Vec::new(), Vec::new());
+        for round in 0..LATENCY_ROUNDS {
+            let warmup = if round == 0 { 500 } else { 50 };
+            t.extend(latency(&mut rig.queues[0], src, dst, 4096, warmup, 500)?);
+            // SAFETY: 4 KiB at the start of both buffers, alive in the rig; no descriptor is in flight.
+            raw.extend(unsafe { copy_latency(to, from, 4096, warmup, 500)? });
+        }
+        t.sort_by(f64::total_cmp);
+        raw.sort_by(f64::total_cmp);
         latencies.push(format!(
-            "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us; one cuMemcpyAsync + synchronize: p50 {:.2} us, p99 {:.2} us",
+            "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us; one cuMemcpyAsync + synchronize: p50 {:.2} us, p99 {:.2} us (in turns, {LATENCY_ROUNDS} x 500 each)",
             percentile(&t, 0.5),
             percentile(&t, 0.99),
             percentile(&raw, 0.5),
@@ -689,10 +724,12 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     println!();
     let cores: Vec<String> = worker_cores.iter().map(|&c| show(c)).collect();
     println!(
-        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {}",
+        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {}; copy engine from {} (H2D / D2H) blocks, writer gate {} warps",
         o.sm_budget,
         o.workers,
-        cores.join(", ")
+        cores.join(", "),
+        o.route.copy_engine_from.map(human).join(" / "),
+        o.writers
     );
     let auto = strategies.iter().position(|&s| s == Strategy::Auto).expect("auto is a strategy");
     print!("{:>8} {:>4}", "block", "dir");
