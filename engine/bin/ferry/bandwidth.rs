@@ -248,6 +248,73 @@ pub fn ring_throughput(
     Ok(Measurement { descriptors: count, bytes: 0, seconds })
 }
 
+/// Raw rings' round trip: this thread pushes one descriptor into a ring, another pops it and
+/// pushes it into a second ring, this one pops it there; `samples` rounds after `warmup`, sorted,
+/// in microseconds, each thread on its core where given. What the engine's own push-to-completion
+/// latency (the null transport) is compared with: the two cores' handoffs without the engine.
+pub fn ring_round_trip(
+    warmup: usize,
+    samples: usize,
+    client_core: Option<usize>,
+    echo_core: Option<usize>,
+) -> Result<Vec<f64>, BenchError> {
+    let capacity = 64;
+    let ring = || -> Result<Arc<RingMemory<Descriptor>>, BenchError> {
+        let bytes = ring_bytes(capacity, std::mem::size_of::<Descriptor>());
+        let memory = SharedMemory::create("ferry-bench-round-trip", bytes)
+            .map_err(|e| BenchError::Failed(format!("shared memory for the ring benchmark: {e}")))?;
+        Ok(Arc::new(RingMemory::<Descriptor>::create(Arc::new(memory), 0, capacity)?))
+    };
+    let (there, back) = (ring()?, ring()?);
+    let (mut to_echo, mut from_client) = (Producer::new(there.clone()), Consumer::new(there));
+    let (mut to_client, mut from_echo) = (Producer::new(back.clone()), Consumer::new(back));
+    let rounds = warmup + samples;
+    let pin = |core: Option<usize>| -> Result<(), BenchError> {
+        match core {
+            Some(core) => ferry::internals::sys::pin_current_thread(core)
+                .map_err(|e| BenchError::Failed(format!("pinning a ring benchmark thread to core {core}: {e}"))),
+            None => Ok(()),
+        }
+    };
+    let echo = std::thread::spawn(move || -> Result<(), BenchError> {
+        pin(echo_core)?;
+        for _ in 0..rounds {
+            let d = loop {
+                match from_client.pop()? {
+                    Some(d) => break d,
+                    None => std::hint::spin_loop(),
+                }
+            };
+            // At most one descriptor is in either ring: there is room.
+            to_client.push(d).map_err(|_| BenchError::Failed("ring round trip: the return ring is full".into()))?;
+        }
+        Ok(())
+    });
+    pin(client_core)?;
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..rounds {
+        let start = Instant::now();
+        to_echo
+            .push(Descriptor { tag: i as u64, ..Descriptor::default() })
+            .map_err(|_| BenchError::Failed("ring round trip: the ring is full".into()))?;
+        let d = loop {
+            match from_echo.pop()? {
+                Some(d) => break d,
+                None => std::hint::spin_loop(),
+            }
+        };
+        if d.tag != i as u64 {
+            return Err(BenchError::Failed(format!("ring round trip: got tag {} back for {i}", d.tag)));
+        }
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    echo.join().map_err(|_| BenchError::Failed("ring round trip: the echo thread panicked".into()))??;
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
 /// GB/s of one `len`-byte copy on a fresh non-blocking stream, median of `reps` (the PCIe
 /// ceiling when one side is pinned host memory and the other device memory). The CUDA context
 /// must be current on this thread.

@@ -16,7 +16,8 @@ mod topo;
 
 use bandwidth::{
     copy_ceiling, copy_ceiling_both, copy_latency, drive, drive_lanes, drive_queues, latency, median_by,
-    memcpy_baseline, percentile, ring_throughput, scatter, stream_latency, BenchError, Lane, Measurement,
+    memcpy_baseline, percentile, ring_round_trip, ring_throughput, scatter, stream_latency, BenchError, Lane,
+    Measurement,
 };
 use ferry::internals::cuda::{gpus, Context, DeviceBuffer};
 use ferry::{
@@ -358,6 +359,17 @@ fn bench(o: &Options) -> Result<(), BenchError> {
         println!("{:<46} {:>14.0}", "raw ring push/pop (two threads, no engine)", ring.per_s());
         println!("{:<46} {:>14.0}", "engine: ring -> worker -> null -> completion", engine_run.per_s());
         println!("engine / raw ring: {:.2}", engine_run.per_s() / ring.per_s());
+        // The engine's own round trip, what every transport's latency adds to its copy's, beside
+        // the same two cores' handoffs through raw rings.
+        let t = latency(&mut queue, src.id(), dst.id(), 4096, 500, 5000)?;
+        let raw = ring_round_trip(500, 5000, client, worker)?;
+        println!(
+            "latency of one descriptor, push to completion (no data moves): p50 {:.2} us, p99 {:.2} us; raw rings there and back between the same cores: p50 {:.2} us, p99 {:.2} us",
+            percentile(&t, 0.5),
+            percentile(&t, 0.99),
+            percentile(&raw, 0.5),
+            percentile(&raw, 0.99)
+        );
         return Ok(());
     }
     println!("{} moved per cell as scattered blocks in two {} regions", human(o.total), human(o.span));
