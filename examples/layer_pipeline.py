@@ -22,9 +22,10 @@ notification. Three modes, each timed over `--steps` steps (median step time):
 
 It prints a table and exits nonzero if a loaded block was wrong. By default the copies take the
 engine's default SM budget (2 SMs: `auto` sends the 16 KiB chunks to the resident copy kernel);
-`--sm-budget none` leaves every SM to the GEMMs and the copies to the copy engine. On the H200,
-on the default 2 SMs 1.07x (graph) and 1.12x (streams) the GEMMs alone; with none 1.16x in an
-earlier call (bench/results/h200.md).
+`--sm-budget none` leaves every SM to the GEMMs and the copies to the copy engine; `--dim 128`
+makes 32 KiB chunks (a Llama-3 block), which go to the copy engine on any budget. On the H200, on
+the default 2 SMs 1.06-1.16x the GEMMs alone across calls (graph and streams); with none 1.16x in
+an earlier call; with `--dim 128` 1.025-1.045x (bench/results/h200.md, eighth session).
 """
 
 from __future__ import annotations
