@@ -115,6 +115,7 @@ pub enum SelfTestFault {
 
 impl GdrError {
     /// A failed verbs call `call`, with `context` for the message.
+    #[cfg(feature = "gdr")]
     pub(crate) fn verbs(
         call: &'static str,
         context: impl Into<String>,
