@@ -45,7 +45,6 @@ use crate::cuda_driver::{
 };
 use crate::desc::Status;
 use crate::error::{Error, TransportError};
-use crate::region::MemoryKind;
 use crate::router::{route, Available};
 use crate::transport::resident::Resident;
 use std::collections::VecDeque;
@@ -118,9 +117,8 @@ struct Live {
     /// ways with one worker moved 68 GB/s in the mean where forking and joining the two streams
     /// around every such batch moved 62: within the cell's spread from call to call (59-93).
     side: Stream,
-    /// Whether `side` holds copies that no landed mark has waited for yet.
-    side_unjoined: bool,
-    /// Recorded on `side` before a landed mark; `stream` waits for it.
+    /// Recorded on `side` before a landed mark while a running batch has copies there; `stream`
+    /// waits for it.
     join: Event,
     /// A copy-engine batch's copies by direction: [to the GPU, to the host].
     lanes: [Lane; 2],
@@ -316,8 +314,10 @@ impl CudaTransport {
     /// is joined to it first where it holds copies). A failure stops marking: the streams are
     /// waited for (the marks enqueued before have landed) and the worker takes over.
     fn emit_marks(&mut self) {
-        let Some(live) = self.live.as_mut() else { return };
+        let Some(live) = self.live.as_ref() else { return };
         let left = self.accepted - self.queued.len() as u64;
+        // Copies on the side stream that a mark must wait for: those of the running batches.
+        let mut unjoined = self.running.iter().any(|b| b.side_event.is_some());
         while let Some(mark) = self.marks.front_mut() {
             if mark.before > left {
                 break;
@@ -329,12 +329,12 @@ impl CudaTransport {
                 }
             }
             let (word, value) = (mark.word, mark.value);
-            let joined = if live.side_unjoined {
+            let joined = if unjoined {
                 live.join.record(&live.side).and_then(|()| live.stream.wait(&live.join))
             } else {
                 Ok(())
             };
-            live.side_unjoined &= joined.is_err();
+            unjoined &= joined.is_err();
             // SAFETY: `word` lies in a queue header the worker keeps registered until
             // `settle_marks` returned (it settles before a queue's memory goes).
             let written = joined.and_then(|()| unsafe { stream_write_value(live.stream.handle(), word, value) });
@@ -479,7 +479,6 @@ impl CudaTransport {
                     }
                 }
                 both = live.lanes.iter().all(|l| !l.is_empty());
-                live.side_unjoined |= both;
                 let Live { stream, side, lanes, .. } = live;
                 // D2H on the side stream when the batch moves both ways, else on `stream`.
                 let on = if both { &*side } else { &*stream };
@@ -654,7 +653,7 @@ impl CudaTransport {
 
 /// 0 for a copy to the GPU, 1 for one to the host (the route table's index).
 fn direction(op: &Op) -> usize {
-    usize::from(!MemoryKind::is_gpu(op.copy.dst.kind))
+    usize::from(op.goes_to_host())
 }
 
 /// Whether `op` is smaller than the route table's crossover in its direction (a block for the
@@ -766,7 +765,6 @@ impl Transport for CudaTransport {
             staging_head: 0,
             spare_events: Vec::new(),
             side: Stream::new()?,
-            side_unjoined: false,
             join: Event::new()?,
             lanes,
             resident,

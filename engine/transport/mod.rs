@@ -56,6 +56,11 @@ impl Op {
     pub fn copy(&self) -> &ValidCopy {
         &self.copy
     }
+
+    /// Whether the copy goes into host memory (its destination is not GPU memory).
+    pub(crate) fn goes_to_host(&self) -> bool {
+        !crate::region::MemoryKind::is_gpu(self.copy.dst.kind)
+    }
 }
 
 /// A finished operation.

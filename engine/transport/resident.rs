@@ -31,7 +31,6 @@
 use crate::config::CudaConfig;
 use crate::cuda_driver::{Context, CudaError, DeviceBuffer, Event, Kernel, PinnedBuffer, Stream};
 use crate::desc::Status;
-use crate::region::MemoryKind;
 use crate::transport::{Done, Op, Token, TASK_CHUNK};
 use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
@@ -285,7 +284,7 @@ impl Resident {
             if used + tasks > room {
                 break;
             }
-            let to_host = u64::from(!MemoryKind::is_gpu(op.copy.dst.kind));
+            let to_host = u64::from(op.goes_to_host());
             let mut off = 0;
             while off < op.copy.len {
                 let len = (op.copy.len - off).min(TASK_CHUNK);

@@ -195,6 +195,15 @@ pub fn memcpy_baseline(src: &HostBuffer, dst: &HostBuffer, plan: &[(u64, u64)], 
     Measurement { descriptors: count, bytes: count * block, seconds: start.elapsed().as_secs_f64() }
 }
 
+/// Pins the calling thread (a ring benchmark's) to `core`, where one is given.
+fn pin(core: Option<usize>) -> Result<(), BenchError> {
+    match core {
+        Some(core) => ferry::internals::sys::pin_current_thread(core)
+            .map_err(|e| BenchError::Failed(format!("pinning a ring benchmark thread to core {core}: {e}"))),
+        None => Ok(()),
+    }
+}
+
 /// Raw ring throughput: one thread pushes `count` descriptors in batches, another pops them,
 /// each on its own core where given. What the engine's per-descriptor cost is compared with.
 pub fn ring_throughput(
@@ -209,13 +218,6 @@ pub fn ring_throughput(
     let ring = Arc::new(RingMemory::<Descriptor>::create(memory, 0, capacity)?);
     let mut producer = Producer::new(ring.clone());
     let mut consumer = Consumer::new(ring);
-    let pin = |core: Option<usize>| -> Result<(), BenchError> {
-        match core {
-            Some(core) => ferry::internals::sys::pin_current_thread(core)
-                .map_err(|e| BenchError::Failed(format!("pinning the ring consumer to core {core}: {e}"))),
-            None => Ok(()),
-        }
-    };
     let popper = std::thread::spawn(move || -> Result<u64, BenchError> {
         pin(consumer_core)?;
         let mut seen = 0u64;
@@ -269,13 +271,6 @@ pub fn ring_round_trip(
     let (mut to_echo, mut from_client) = (Producer::new(there.clone()), Consumer::new(there));
     let (mut to_client, mut from_echo) = (Producer::new(back.clone()), Consumer::new(back));
     let rounds = warmup + samples;
-    let pin = |core: Option<usize>| -> Result<(), BenchError> {
-        match core {
-            Some(core) => ferry::internals::sys::pin_current_thread(core)
-                .map_err(|e| BenchError::Failed(format!("pinning a ring benchmark thread to core {core}: {e}"))),
-            None => Ok(()),
-        }
-    };
     let echo = std::thread::spawn(move || -> Result<(), BenchError> {
         pin(echo_core)?;
         for _ in 0..rounds {
