@@ -2,12 +2,18 @@
 //! the queue's id, owner, state, in-order watermark and the claims on its two ends.
 //!
 //! ```text
-//! offset 0    QueueHeader: meta (magic, ABI, ids, ring offsets)          written once by the engine
-//!             | status (watermark, state)                              written by the worker
-//!             | ends (client holder, worker holder, closed)            claims, and the client's close
-//! offset 384  submission ring: RingHeader + capacity x Descriptor   (client -> worker)
-//! then        completion ring: RingHeader + capacity x Completion   (worker -> client)
+//! offset 0     QueueHeader: meta (magic, ABI, ids, ring offsets)     written once by the engine
+//!              | status (watermark, totals)                        written by the worker, every flush
+//!              | ends (holders, client's close, state)             written at claims, closes, breaks
+//!              | signals (gate, landed, wants_landed)              streams, the client, the worker
+//!              | slots (64 notification words)                     the worker and the client's streams
+//! offset 1024  submission ring: RingHeader + capacity x Descriptor  (client -> worker)
+//! then         completion ring: RingHeader + capacity x Completion  (worker -> client)
 //! ```
+//!
+//! Each block has its own cache-line pair. What the client reads on every push (the state) is
+//! not on the line the worker writes with every completion (the status): a push would wait for
+//! that line to come back from the worker's core.
 //!
 //! [`Queue`] is the client's end. It can live in the engine's process or, through
 //! [`Queue::attach`] on the memfd, in another one.
@@ -60,8 +66,9 @@ use std::time::{Duration, Instant};
 /// "FERRYQUE", little endian.
 pub const QUEUE_MAGIC: u64 = u64::from_le_bytes(*b"FERRYQUE");
 /// Bumped whenever the queue header changes shape (2: the ends block with the claims and the
-/// client's close; 3: the gate word; 4: the notification slots; 5: the landed word).
-pub const QUEUE_ABI_VERSION: u32 = 5;
+/// client's close; 3: the gate word; 4: the notification slots; 5: the landed word; 6: the
+/// state moved from the status block to the ends block).
+pub const QUEUE_ABI_VERSION: u32 = 6;
 
 /// A queue's id, unique within its engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,17 +92,16 @@ struct Status {
     /// Descriptors completed in order: every descriptor with `seq < watermark` has its completion
     /// in the completion ring.
     watermark: AtomicU64,
-    /// A [`QueueState`] code.
-    state: AtomicU32,
     /// Bytes of the descriptors completed `Ok` (written by the worker, for `ferry stat`).
     bytes: AtomicU64,
     /// Descriptors completed with another status (written by the worker, for `ferry stat`).
     failed: AtomicU64,
 }
 
-/// Who holds each end, and the client's close. Written only when an end is claimed or released
-/// and when the client closes the queue, so the worker's look at `closed` on every visit reads
-/// a cache line that stays shared.
+/// Who holds each end, the client's close and the queue's state. Written only when an end is
+/// claimed or released, when the client closes the queue and when the queue's state changes, so
+/// the worker's look at `closed` on every visit and the client's look at `state` on every push
+/// read a cache line that stays shared.
 #[repr(C, align(128))]
 struct Ends {
     /// The client end's holder, a [`Holder`] word; 0 when free.
@@ -104,6 +110,8 @@ struct Ends {
     worker: AtomicU64,
     /// Nonzero once the client closed the queue (written by the client end only).
     closed: AtomicU32,
+    /// A [`QueueState`] code.
+    state: AtomicU32,
 }
 
 /// The gate word: written by the client's CUDA streams (`cuStreamWriteValue64`, through
@@ -270,13 +278,13 @@ impl QueueMemory {
             complete_offset: AtomicU64::new(complete_offset as u64),
             complete_capacity: AtomicU64::new(config.complete_capacity),
         };
-        let status = Status {
-            watermark: AtomicU64::new(0),
+        let status = Status { watermark: AtomicU64::new(0), bytes: AtomicU64::new(0), failed: AtomicU64::new(0) };
+        let ends = Ends {
+            client: AtomicU64::new(0),
+            worker: AtomicU64::new(0),
+            closed: AtomicU32::new(0),
             state: AtomicU32::new(QueueState::Open.code()),
-            bytes: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
         };
-        let ends = Ends { client: AtomicU64::new(0), worker: AtomicU64::new(0), closed: AtomicU32::new(0) };
         let signals = Signals { gate: AtomicU64::new(0), landed: AtomicU64::new(0), wants_landed: AtomicU32::new(0) };
         let slots = Slots { words: std::array::from_fn(|_| AtomicU64::new(0)) };
         // SAFETY: the mapping is at least HEADER_SIZE bytes, page-aligned, and not shared yet.
@@ -355,12 +363,12 @@ impl QueueMemory {
     pub(crate) fn state(&self) -> QueueState {
         // A5: Acquire; pairs with R5 in set_state: completions written before a state change
         // are visible.
-        QueueState::from_code(self.header().status.state.load(Ordering::Acquire))
+        QueueState::from_code(self.header().ends.state.load(Ordering::Acquire))
     }
 
     pub(crate) fn set_state(&self, state: QueueState) {
         // R5: Release; pairs with A5 in state.
-        self.header().status.state.store(state.code(), Ordering::Release);
+        self.header().ends.state.store(state.code(), Ordering::Release);
     }
 
     pub(crate) fn watermark(&self) -> u64 {
