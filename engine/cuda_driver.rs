@@ -498,6 +498,17 @@ impl Stream {
         check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(self.0) })
     }
 
+    /// Whether everything queued so far finished; never blocks. An error is the stream's (a
+    /// failed copy or kernel on it).
+    pub fn is_done(&self) -> Result<bool, CudaError> {
+        // SAFETY: a live stream.
+        match unsafe { sys::cuStreamQuery(self.0) } {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            code => Err(CudaError::Call { call: "cuStreamQuery", code }),
+        }
+    }
+
     /// Queues a copy of `len` bytes (unified addressing: host or device pointers).
     ///
     /// # Safety
@@ -795,11 +806,15 @@ pub struct PinnedBuffer {
 unsafe impl Send for PinnedBuffer {}
 
 impl PinnedBuffer {
-    /// `len` bytes, portable and device-mapped.
+    /// `len` bytes, portable and device-mapped, zeroed: the driver hands pinned memory back as
+    /// an earlier allocation of the process left it (an engine's completion words reused that
+    /// way made another engine's first batches look done; bench/results/h200.md, ninth session).
     pub fn new(len: usize) -> Result<PinnedBuffer, CudaError> {
         let mut ptr: *mut std::ffi::c_void = std::ptr::null_mut();
         // SAFETY: valid out pointer; flags PORTABLE (1) | DEVICEMAP (2).
         check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut ptr, len, 1 | 2) })?;
+        // SAFETY: the driver returned `len` writable bytes at `ptr`, not shared with anyone yet.
+        unsafe { std::ptr::write_bytes(ptr.cast::<u8>(), 0, len) };
         Ok(PinnedBuffer { ptr: ptr.cast(), len })
     }
 

@@ -1,11 +1,12 @@
 //! The CUDA transport: copies between host and GPU memory with the CUDA driver, by one of four
-//! strategies, completed by polling events or, for the resident kernel, its watermark (the
-//! worker never blocks on the GPU).
+//! strategies, completed by polling a word each stream writes behind a batch (events where the
+//! device has no 64-bit stream memory operations) or, for the resident kernel, its watermark
+//! (the worker never blocks on the GPU).
 //!
 //! - `memcpy`: one `cuMemcpyAsync` per descriptor (the plain fallback).
 //! - `batch`: one `cuMemcpyBatchAsync` per batch and direction (driver 12.8+, on non-blocking
 //!   streams: a batch moving both ways puts its GPU-to-host half on a second stream, so both copy
-//!   engines run at once; the batch is done once an event on each stream is).
+//!   engines run at once; the batch is done once each stream has marked its end).
 //! - Both copy-engine strategies take a strided descriptor's chunks (consecutive operations of
 //!   one descriptor at fixed pitches) as one `cuMemcpy2DAsync` (`run_at`): a paged KV block of
 //!   64 chunks of 32 KiB goes at 0.92 of the ceiling that way, one copy per chunk at 0.19
@@ -48,7 +49,7 @@ use crate::error::{Error, TransportError};
 use crate::router::{route, Available};
 use crate::transport::resident::Resident;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The kernel's PTX, generated on the H100 machine; see `gpu/copy_kernel.cu` for the command.
@@ -88,12 +89,81 @@ const TWO_D_WIDTH: u64 = 32 << 10;
 /// blocks of 2 chunks) 9.2 GB/s with 2 x 16 KiB rectangles and 14.8 with 2 x 32 KiB.
 const TWO_D_MIN_BYTES: u64 = 256 << 10;
 
+/// How a batch's end is seen, on `stream` and, where the batch put copies there (a batch moving
+/// both ways), on `side`.
+enum End {
+    /// The values the streams write into their done words behind the batch ([`DoneWords`]).
+    Words { main: u64, side: Option<u64> },
+    /// An event recorded on each stream behind the batch.
+    Events { main: Event, side: Option<Event> },
+}
+
+impl End {
+    fn on_side(&self) -> bool {
+        matches!(self, End::Words { side: Some(_), .. } | End::Events { side: Some(_), .. })
+    }
+}
+
+/// A word per stream (`stream`, `side`) in pinned, device-mapped host memory, each on its own
+/// cache-line pair, that the stream sets behind each batch (`cuStreamWriteValue64`, whose memory
+/// barrier makes the batch's copies visible first): the worker sees a batch's end with a plain
+/// load instead of a `cuEventQuery` call. On the H200 VM (bench/results/h200.md, ninth session)
+/// one such call cost the worker 0.25-0.32 us, and a 4 KiB D2H copy was seen done 0.42-0.44 us
+/// sooner through the word than by `cuStreamSynchronize` or events.
+struct DoneWords {
+    buffer: PinnedBuffer,
+    /// The last value written (enqueued) on each stream; the words only grow.
+    written: [u64; 2],
+    /// Cleared when a write could not be enqueued: batches end by events from then on.
+    usable: bool,
+}
+
+/// Bytes between the two done words.
+const DONE_WORD_STRIDE: usize = 128;
+/// A batch whose words have not come after this many polls has its streams queried: a failed
+/// copy stops its stream, and the word behind it never comes.
+const POLLS_PER_QUERY: u32 = 256;
+
+impl DoneWords {
+    fn new() -> Result<DoneWords, CudaError> {
+        // Zeroed (PinnedBuffer::new): a word left by an earlier engine of the process would make
+        // this one's first batches look done.
+        Ok(DoneWords { buffer: PinnedBuffer::new(2 * DONE_WORD_STRIDE)?, written: [0; 2], usable: true })
+    }
+
+    /// Stream `i`'s word.
+    fn word(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: an aligned word inside the live buffer (which `self` borrows); the device
+        // writes it and the host reads it, only as atomics.
+        unsafe { AtomicU64::from_ptr(self.buffer.as_ptr().add(i * DONE_WORD_STRIDE).cast()) }
+    }
+
+    /// Enqueues on `stream` (number `i`) the next value of its word and returns it.
+    fn write(&mut self, stream: &Stream, i: usize) -> Result<u64, CudaError> {
+        let value = self.written[i] + 1;
+        let addr = self.buffer.as_ptr() as u64 + (i * DONE_WORD_STRIDE) as u64;
+        // SAFETY: a live stream of the current context; the word lies in this pinned, mapped
+        // buffer, which outlives the stream's work (`Live` drops it after the streams were
+        // synchronized).
+        unsafe { stream_write_value(stream.handle(), addr, value)? };
+        self.written[i] = value;
+        Ok(value)
+    }
+
+    /// Whether stream `i`'s word reached `value`.
+    fn reached(&self, i: usize, value: u64) -> bool {
+        // Acquire; pairs with the memory barrier of the stream's write (DoneWords::write): the
+        // copies enqueued before it are visible once the word is.
+        self.word(i).load(Ordering::Acquire) >= value
+    }
+}
+
 struct Batch {
-    event: Event,
-    /// The batch's event on the side stream, where it put copies there (a batch moving both ways).
-    side_event: Option<Event>,
+    end: End,
     ops: usize,
     emitted: usize,
+    /// Polls that found its words short of their values (see POLLS_PER_QUERY).
+    polls: u32,
     /// Task slots (start, count) this batch holds in the staging ring.
     staging: Option<(usize, usize)>,
 }
@@ -110,6 +180,9 @@ struct Live {
     staging: Option<(PinnedBuffer, DeviceBuffer)>,
     staging_head: usize,
     spare_events: Vec<Event>,
+    /// Where 64-bit stream memory operations work: the streams' done words (the transport's
+    /// drop synchronizes the streams before they go).
+    words: Option<DoneWords>,
     /// The copy engine's second stream: a batch moving both ways copies GPU to host here, not
     /// ordered with `stream`, so that each direction's batches follow each other without waiting
     /// for the other direction's (descriptors in flight are not ordered; a landed mark joins the
@@ -317,7 +390,7 @@ impl CudaTransport {
         let Some(live) = self.live.as_ref() else { return };
         let left = self.accepted - self.queued.len() as u64;
         // Copies on the side stream that a mark must wait for: those of the running batches.
-        let mut unjoined = self.running.iter().any(|b| b.side_event.is_some());
+        let mut unjoined = self.running.iter().any(|b| b.end.on_side());
         while let Some(mark) = self.marks.front_mut() {
             if mark.before > left {
                 break;
@@ -459,7 +532,7 @@ impl CudaTransport {
             Strategy::Memcpy | Strategy::Auto | Strategy::Batch | Strategy::Resident => {
                 // The copy engine: each direction on its own stream, so that a batch moving both
                 // ways keeps both of the GPU's copy engines busy (one stream would run them one
-                // after the other); the batch's two events, one on each, say when it is done.
+                // after the other); its end is marked on each (`record`).
                 for lane in &mut live.lanes {
                     lane.clear();
                 }
@@ -601,32 +674,48 @@ impl CudaTransport {
         Some(taken)
     }
 
-    /// Records an event after `n` issued operations (and one on the side stream where the batch
-    /// put copies there) and moves their tokens to `tokens`.
+    /// Marks the end of `n` issued operations on the stream (and on the side stream where the
+    /// batch put copies there): done words where they are usable, else events; moves their
+    /// tokens to `tokens`.
     fn record(&mut self, n: usize, staging: Option<(usize, usize)>, on_side: bool) -> usize {
         let live = self.live.as_mut().expect("started");
-        let spare = &mut live.spare_events;
-        let mut event_on = |stream: &Stream| {
-            let event = match spare.pop() {
-                Some(e) => Ok(e),
-                None => Event::new(),
-            };
-            event.and_then(|e| e.record(stream).map(|()| e))
+        let recorded = match live.words.as_mut().filter(|w| w.usable) {
+            Some(words) => {
+                let end = words.write(&live.stream, 0).and_then(|main| {
+                    let side = if on_side { Some(words.write(&live.side, 1)?) } else { None };
+                    Ok(End::Words { main, side })
+                });
+                if let Err(e) = &end {
+                    eprintln!("ferry: cuda transport: a done word could not be enqueued ({e}); batches end by events from now on");
+                    words.usable = false;
+                }
+                end
+            }
+            None => {
+                let spare = &mut live.spare_events;
+                let mut event_on = |stream: &Stream| {
+                    let event = match spare.pop() {
+                        Some(e) => Ok(e),
+                        None => Event::new(),
+                    };
+                    event.and_then(|e| e.record(stream).map(|()| e))
+                };
+                event_on(&live.stream).and_then(|main| {
+                    let side = if on_side { Some(event_on(&live.side)?) } else { None };
+                    Ok(End::Events { main, side })
+                })
+            }
         };
-        let recorded = event_on(&live.stream).and_then(|event| {
-            let side_event = if on_side { Some(event_on(&live.side)?) } else { None };
-            Ok((event, side_event))
-        });
         match recorded {
-            Ok((event, side_event)) => {
+            Ok(end) => {
                 for op in self.queued.drain(..n) {
                     self.queued_bytes -= op.copy.len;
                     self.tokens.push_back(op.token);
                 }
-                self.running.push_back(Batch { event, side_event, ops: n, emitted: 0, staging });
+                self.running.push_back(Batch { end, ops: n, emitted: 0, staging, polls: 0 });
             }
             Err(e) => {
-                // Without the events the batch's end cannot be observed: wait for the streams.
+                // Without its words or events the batch's end cannot be observed: wait for the streams.
                 let synced = live.stream.synchronize().and_then(|()| live.side.synchronize());
                 let detail = e.code();
                 for op in self.queued.drain(..n) {
@@ -755,6 +844,17 @@ impl Transport for CudaTransport {
         };
         let stage_stream = Stream::new()?;
         let staged = Event::new()?;
+        let words = if self.context.info.stream_mem_ops_64 {
+            match DoneWords::new() {
+                Ok(words) => Some(words),
+                Err(e) => {
+                    eprintln!("ferry: cuda transport: no memory for the done words ({e}); batches end by events");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let lanes = [Lane::with_capacity(self.config.max_batch), Lane::with_capacity(self.config.max_batch)];
         self.live = Some(Live {
             stream,
@@ -764,6 +864,7 @@ impl Transport for CudaTransport {
             staging,
             staging_head: 0,
             spare_events: Vec::new(),
+            words,
             side: Stream::new()?,
             join: Event::new()?,
             lanes,
@@ -818,11 +919,32 @@ impl Transport for CudaTransport {
         }
         while k < done.len() {
             let Some(batch) = self.running.front_mut() else { break };
-            // The side stream's event is asked only once the first stream's is done.
-            let ended = batch.event.is_done().and_then(|done| match &batch.side_event {
-                Some(side) if done => side.is_done(),
-                _ => Ok(done),
-            });
+            let live = self.live.as_ref().expect("a running batch means started");
+            let ended = match &batch.end {
+                End::Words { main, side } => {
+                    let words = live.words.as_ref().expect("a batch ended by words has them");
+                    if words.reached(0, *main) && side.is_none_or(|v| words.reached(1, v)) {
+                        Ok(true)
+                    } else {
+                        batch.polls += 1;
+                        if batch.polls % POLLS_PER_QUERY == 0 {
+                            // A failed copy stops its stream before the word: the query says
+                            // why (done there, the word is on its way: taken as done).
+                            live.stream.is_done().and_then(|done| match side {
+                                Some(_) if done => live.side.is_done(),
+                                _ => Ok(done),
+                            })
+                        } else {
+                            Ok(false)
+                        }
+                    }
+                }
+                // The side stream's event is asked only once the first stream's is done.
+                End::Events { main, side } => main.is_done().and_then(|done| match side {
+                    Some(side) if done => side.is_done(),
+                    _ => Ok(done),
+                }),
+            };
             let finished = match ended {
                 Ok(true) => Ok(()),
                 Ok(false) => break,
@@ -840,8 +962,10 @@ impl Transport for CudaTransport {
             if batch.emitted == batch.ops {
                 let batch = self.running.pop_front().expect("front exists");
                 if let Some(live) = self.live.as_mut() {
-                    live.spare_events.push(batch.event);
-                    live.spare_events.extend(batch.side_event);
+                    if let End::Events { main, side } = batch.end {
+                        live.spare_events.push(main);
+                        live.spare_events.extend(side);
+                    }
                     if self.running.iter().all(|b| b.staging.is_none()) {
                         live.staging_head = 0;
                     }

@@ -126,10 +126,8 @@ impl Resident {
         let shared = u32::try_from(context.info.shared_per_block_optin).unwrap_or(0);
         kernel.allow_dynamic_shared(shared)?;
         let ring = PinnedBuffer::new(RING as usize * TASK_BYTES)?;
+        // Zeroed (PinnedBuffer::new): zero is a valid value of each of its atomics.
         let host = PinnedBuffer::new(STAGED_HEAD + DEV_HEAD_BYTES)?;
-        // SAFETY: the buffer holds a HostSide and the staged head (sized above) and nothing uses
-        // it yet; zero is a valid value of each atomic.
-        unsafe { std::ptr::write_bytes(host.as_ptr(), 0, host.len()) };
         let dev = DeviceBuffer::new(DEV_BYTES)?;
         dev.fill(0)?;
         Ok(Resident {
