@@ -143,8 +143,8 @@ impl DoneWords {
         let value = self.written[i] + 1;
         let addr = self.buffer.as_ptr() as u64 + (i * DONE_WORD_STRIDE) as u64;
         // SAFETY: a live stream of the current context; the word lies in this pinned, mapped
-        // buffer, which outlives the stream's work (`Live` drops it after the streams were
-        // synchronized).
+        // buffer, which outlives the stream's work (the transport's drop synchronizes the
+        // streams before `Live`, and with it the buffer, goes).
         unsafe { stream_write_value(stream.handle(), addr, value)? };
         self.written[i] = value;
         Ok(value)
