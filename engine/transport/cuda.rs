@@ -141,7 +141,7 @@ impl DoneWords {
     /// Enqueues on `stream` (number `i`) the next value of its word and returns it.
     fn write(&mut self, stream: &Stream, i: usize) -> Result<u64, CudaError> {
         let value = self.written[i] + 1;
-        let addr = self.buffer.as_ptr() as u64 + (i * DONE_WORD_STRIDE) as u64;
+        let addr = self.word(i).as_ptr() as u64;
         // SAFETY: a live stream of the current context; the word lies in this pinned, mapped
         // buffer, which outlives the stream's work (the transport's drop synchronizes the
         // streams before `Live`, and with it the buffer, goes).

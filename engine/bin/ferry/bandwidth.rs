@@ -250,6 +250,16 @@ pub fn ring_throughput(
     Ok(Measurement { descriptors: count, bytes: 0, seconds })
 }
 
+/// Spins until `ring` holds a descriptor and pops it.
+fn spin_pop(ring: &mut Consumer<Descriptor>) -> Result<Descriptor, BenchError> {
+    loop {
+        match ring.pop()? {
+            Some(d) => return Ok(d),
+            None => std::hint::spin_loop(),
+        }
+    }
+}
+
 /// Raw rings' round trip: this thread pushes one descriptor into a ring, another pops it and
 /// pushes it into a second ring, this one pops it there; `samples` rounds after `warmup`, sorted,
 /// in microseconds, each thread on its core where given. What the engine's own push-to-completion
@@ -274,12 +284,7 @@ pub fn ring_round_trip(
     let echo = std::thread::spawn(move || -> Result<(), BenchError> {
         pin(echo_core)?;
         for _ in 0..rounds {
-            let d = loop {
-                match from_client.pop()? {
-                    Some(d) => break d,
-                    None => std::hint::spin_loop(),
-                }
-            };
+            let d = spin_pop(&mut from_client)?;
             // At most one descriptor is in either ring: there is room.
             to_client.push(d).map_err(|_| BenchError::Failed("ring round trip: the return ring is full".into()))?;
         }
@@ -292,12 +297,7 @@ pub fn ring_round_trip(
         to_echo
             .push(Descriptor { tag: i as u64, ..Descriptor::default() })
             .map_err(|_| BenchError::Failed("ring round trip: the ring is full".into()))?;
-        let d = loop {
-            match from_echo.pop()? {
-                Some(d) => break d,
-                None => std::hint::spin_loop(),
-            }
-        };
+        let d = spin_pop(&mut from_echo)?;
         if d.tag != i as u64 {
             return Err(BenchError::Failed(format!("ring round trip: got tag {} back for {i}", d.tag)));
         }
