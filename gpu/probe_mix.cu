@@ -15,9 +15,19 @@
 // ratio to the copy engine's ceiling in the same run (one 256 MiB copy; both ways at once on
 // two streams for the two-way rows). Sampled blocks are checked against their sources.
 //
-//   nvcc -O3 -arch=sm_90 -o /tmp/probe_mix gpu/probe_mix.cu -lcuda && /tmp/probe_mix
+// The host pool comes from cudaHostAlloc (`hostalloc`, the default), or is mapped here and
+// registered with cuMemHostRegister as ferry registers host memory: a memfd of 4 KiB pages
+// (`memfd`, ferry's own host buffers), anonymous memory with transparent huge pages asked for
+// (`thp`), or a memfd of 2 MiB huge pages (`hugetlb`, needs pages reserved in
+// /proc/sys/vm/nr_hugepages). `sm` as a second argument runs only the SMs-alone and copy
+// engine-alone rows.
+//
+//   nvcc -O3 -arch=sm_90 -o /tmp/probe_mix gpu/probe_mix.cu -lcuda && /tmp/probe_mix [hostalloc|memfd|thp|hugetlb] [sm]
 #include <atomic>
+#include <string>
 #include <thread>
+#include <sys/mman.h>
+#include <unistd.h>
 #include "probe.cuh"
 #include "copy_task.cuh"
 #include "tma.cuh"
@@ -87,8 +97,39 @@ struct Dir {
     cudaStream_t kstream, cstream;
 };
 
-int main() {
+// The host pool as `mode` says (see above), filled with 1 as probe_setup fills its own.
+static char *host_pool(const std::string &mode, char *hostalloc) {
+    if (mode == "hostalloc") return hostalloc;
+    void *at = MAP_FAILED;
+    if (mode == "memfd" || mode == "hugetlb") {
+        const int fd = memfd_create("probe_mix", MFD_CLOEXEC | (mode == "hugetlb" ? MFD_HUGETLB : 0));
+        if (fd < 0 || ftruncate(fd, POOL) != 0) {
+            std::perror("memfd");
+            std::exit(2);
+        }
+        at = mmap(nullptr, POOL, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    } else if (mode == "thp") {
+        at = mmap(nullptr, POOL, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (at != MAP_FAILED && madvise(at, POOL, MADV_HUGEPAGE) != 0) std::perror("madvise");
+    } else {
+        std::fprintf(stderr, "unknown host pool %s\n", mode.c_str());
+        std::exit(2);
+    }
+    if (at == MAP_FAILED) {
+        std::perror("mmap");
+        std::exit(2);
+    }
+    std::memset(at, 1, POOL);
+    CU(cuMemHostRegister(at, POOL, CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP));
+    CHECK(cudaFreeHost(hostalloc));
+    return (char *)at;
+}
+
+int main(int argc, char **argv) {
+    const std::string mode = argc > 1 ? argv[1] : "hostalloc";
+    const bool sm_only = argc > 2 && std::string(argv[2]) == "sm";
     ProbeSetup p = probe_setup(POOL);
+    p.host = host_pool(mode, p.host);
     int shared = 32 * STAGE;
     CHECK(cudaFuncSetAttribute(sm_copy, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
     // The gate in pinned host memory: opened by a plain store (no driver call), so that a
@@ -169,6 +210,7 @@ int main() {
         }
         ceiling[c] = (c == 2 ? 2 : 1) * SPAN / (median(t) * 1e3);
     }
+    std::printf("host pool: %s\n", mode.c_str());
     std::printf("%s, %d SMs; ceilings (256 MiB, timed from the host) H2D %.1f, D2H %.1f, both ways %.1f GB/s; "
                 "%zu MiB per direction a run, median of %d\n",
                 p.prop.name, p.prop.multiProcessorCount, ceiling[0], ceiling[1], ceiling[2], SPAN >> 20, RUNS);
@@ -216,6 +258,8 @@ int main() {
             for (bool live : {false, true}) {
                 const bool any_ce = (c.use & 1 && c.ce[0] > 0) || (c.use & 2 && c.ce[1] > 0);
                 if (live && !any_ce) continue;
+                const bool alone = (c.ce[0] == 0 || c.ce[0] == 1) && (c.ce[1] == 0 || c.ce[1] == 1);
+                if (sm_only && !(alone && (live || !any_ce))) continue;
                 for (int k = 0; k < 2; k++) dirs[k].sm_count = n - size_t(c.ce[k] * n);
                 // Destinations poisoned: the GPU's first half, the host's second half.
                 CHECK(cudaMemset(p.dev, 0, HALF));
