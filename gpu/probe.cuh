@@ -9,6 +9,9 @@
 #include <random>
 #include <vector>
 #include <algorithm>
+#include <string>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -74,6 +77,38 @@ __global__ void load_until(const volatile unsigned *stop, float *sink) {
     if (a + d == 1234.5f) sink[threadIdx.x] = a;
 }
 
+// The median of `runs` timings (ms, by events e0 / e1 on `stream`) of what `enqueue` puts on
+// `stream`.
+template <typename F>
+static inline double probe_time_ms(cudaStream_t stream, cudaEvent_t e0, cudaEvent_t e1, int runs, F enqueue) {
+    std::vector<float> ms(runs);
+    for (int r = 0; r < runs; r++) {
+        CHECK(cudaEventRecord(e0, stream));
+        enqueue();
+        CHECK(cudaEventRecord(e1, stream));
+        CHECK(cudaEventSynchronize(e1));
+        CHECK(cudaEventElapsedTime(&ms[r], e0, e1));
+    }
+    std::sort(ms.begin(), ms.end());
+    return double(ms[runs / 2]);
+}
+
+// The writer gate of ferry's resident kernel (gpu/resident_kernel.cu), for the probes shaped
+// like it: lane 0 takes one of `writers` turns (spinning), then the warp goes on.
+__device__ __forceinline__ void probe_writer_enter(unsigned *count, unsigned writers, unsigned lane) {
+    if (lane == 0) {
+        volatile unsigned *v = count;
+        while (true) {
+            if (*v < writers) {
+                if (atomicAdd(count, 1u) < writers) break;
+                atomicSub(count, 1u);
+            }
+            __nanosleep(128);
+        }
+    }
+    __syncwarp();
+}
+
 // What the copy-engine probes start from: a pinned host pool and a device pool of `pool` bytes
 // each (filled with 1 and 2), the resident load's stop word and sink, and how many blocks of 256
 // threads of `load_until` fit on the GPU at once.
@@ -125,4 +160,36 @@ static inline ProbePlan probe_plan(char *host, char *dev, size_t pool, size_t sp
         p.dst[1][i] = h, p.src[1][i] = g;
     }
     return p;
+}
+
+// A pinned host pool of `size` bytes filled with 1, as `mode` says: `hostalloc` keeps the
+// cudaHostAlloc pool `hostalloc` (probe_setup's); the others map memory here, register it with
+// cuMemHostRegister as ferry registers host memory, and free `hostalloc`: `memfd` (4 KiB pages,
+// as ferry's own host buffers), `thp` (anonymous memory, transparent huge pages asked for),
+// `hugetlb` (a memfd of the default huge pages; needs /proc/sys/vm/nr_hugepages).
+static inline char *probe_host_pool(const std::string &mode, size_t size, char *hostalloc) {
+    if (mode == "hostalloc") return hostalloc;
+    void *at = MAP_FAILED;
+    if (mode == "memfd" || mode == "hugetlb") {
+        const int fd = memfd_create("probe", MFD_CLOEXEC | (mode == "hugetlb" ? MFD_HUGETLB : 0));
+        if (fd < 0 || ftruncate(fd, size) != 0) {
+            std::perror("memfd");
+            std::exit(2);
+        }
+        at = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    } else if (mode == "thp") {
+        at = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (at != MAP_FAILED && madvise(at, size, MADV_HUGEPAGE) != 0) std::perror("madvise");
+    } else {
+        std::fprintf(stderr, "unknown host pool %s\n", mode.c_str());
+        std::exit(2);
+    }
+    if (at == MAP_FAILED) {
+        std::perror("mmap");
+        std::exit(2);
+    }
+    std::memset(at, 1, size);
+    CU(cuMemHostRegister(at, size, CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP));
+    CHECK(cudaFreeHost(hostalloc));
+    return (char *)at;
 }

@@ -24,10 +24,7 @@
 //
 //   nvcc -O3 -arch=sm_90 -o /tmp/probe_mix gpu/probe_mix.cu -lcuda && /tmp/probe_mix [hostalloc|memfd|thp|hugetlb] [sm]
 #include <atomic>
-#include <string>
 #include <thread>
-#include <sys/mman.h>
-#include <unistd.h>
 #include "probe.cuh"
 #include "copy_task.cuh"
 #include "tma.cuh"
@@ -53,17 +50,7 @@ __global__ void __launch_bounds__(1024, 1)
         if (base >= count) break;
         const unsigned long long end = min(base + CLAIM, count);
         if (to_host) {
-            if (lane == 0) {
-                volatile unsigned *v = writers;
-                while (true) {
-                    if (*v < WRITERS) {
-                        if (atomicAdd(writers, 1u) < WRITERS) break;
-                        atomicSub(writers, 1u);
-                    }
-                    __nanosleep(128);
-                }
-            }
-            __syncwarp();
+            probe_writer_enter(writers, WRITERS, lane);
             for (unsigned long long i = base; i < end; i++) ferry_copy_task(src[i], dst[i], piece, lane);
             __syncwarp();
             if (lane == 0) atomicSub(writers, 1u);
@@ -97,39 +84,11 @@ struct Dir {
     cudaStream_t kstream, cstream;
 };
 
-// The host pool as `mode` says (see above), filled with 1 as probe_setup fills its own.
-static char *host_pool(const std::string &mode, char *hostalloc) {
-    if (mode == "hostalloc") return hostalloc;
-    void *at = MAP_FAILED;
-    if (mode == "memfd" || mode == "hugetlb") {
-        const int fd = memfd_create("probe_mix", MFD_CLOEXEC | (mode == "hugetlb" ? MFD_HUGETLB : 0));
-        if (fd < 0 || ftruncate(fd, POOL) != 0) {
-            std::perror("memfd");
-            std::exit(2);
-        }
-        at = mmap(nullptr, POOL, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    } else if (mode == "thp") {
-        at = mmap(nullptr, POOL, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (at != MAP_FAILED && madvise(at, POOL, MADV_HUGEPAGE) != 0) std::perror("madvise");
-    } else {
-        std::fprintf(stderr, "unknown host pool %s\n", mode.c_str());
-        std::exit(2);
-    }
-    if (at == MAP_FAILED) {
-        std::perror("mmap");
-        std::exit(2);
-    }
-    std::memset(at, 1, POOL);
-    CU(cuMemHostRegister(at, POOL, CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP));
-    CHECK(cudaFreeHost(hostalloc));
-    return (char *)at;
-}
-
 int main(int argc, char **argv) {
     const std::string mode = argc > 1 ? argv[1] : "hostalloc";
     const bool sm_only = argc > 2 && std::string(argv[2]) == "sm";
     ProbeSetup p = probe_setup(POOL);
-    p.host = host_pool(mode, p.host);
+    p.host = probe_host_pool(mode, POOL, p.host);
     int shared = 32 * STAGE;
     CHECK(cudaFuncSetAttribute(sm_copy, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
     // The gate in pinned host memory: opened by a plain store (no driver call), so that a

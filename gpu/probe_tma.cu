@@ -95,18 +95,7 @@ int main(int argc, char **argv) {
     const size_t most = SPAN / 4096;
     CHECK(cudaMalloc(&src, most * 8));
     CHECK(cudaMalloc(&dst, most * 8));
-    auto time_ms = [&](auto enqueue) {
-        std::vector<float> ms(RUNS);
-        for (int r = 0; r < RUNS; r++) {
-            CHECK(cudaEventRecord(e0, stream));
-            enqueue();
-            CHECK(cudaEventRecord(e1, stream));
-            CHECK(cudaEventSynchronize(e1));
-            CHECK(cudaEventElapsedTime(&ms[r], e0, e1));
-        }
-        std::sort(ms.begin(), ms.end());
-        return double(ms[RUNS / 2]);
-    };
+    auto time_ms = [&](auto enqueue) { return probe_time_ms(stream, e0, e1, RUNS, enqueue); };
     double ceiling[2];
     for (int d = 0; d < 2; d++) {
         void *to = d == 0 ? (void *)p.dev : (void *)p.host, *from = d == 0 ? (void *)p.host : (void *)p.dev;

@@ -1,0 +1,151 @@
+// Probe (issue 11's 4 KiB D2H): ferry's resident kernel copies 4 KiB blocks into host memory at
+// about 0.87 of PCIe, where probe_mix.cu's kernel of the same shape (2 SMs, warps claiming 8
+// blocks, the copy loop behind a 16-writer gate) reaches 0.95. What of the resident kernel's
+// extras costs the difference? Each variant adds some of them to the plain kernel:
+//   host tasks: the tasks (ferry's 32-byte FerryTask) read from pinned host memory, 8 at once by
+//               the warp's lanes, as the resident kernel reads its ring (else from device memory,
+//               the same way);
+//   fences:     after each group a system-scope fence, then a done flag per task (device memory);
+//   poller:     warp 0 of block 0 copies nothing and reads a word of host memory every 100 ns
+//               with a system-scope fence, as the resident kernel's poller reads the host's tail.
+// 256 MiB of 4 KiB blocks at random slots of a 512 MiB device pool into a 512 MiB host pool
+// (`hostalloc` and `memfd` pools: probe.cuh's probe_host_pool), timed by events, median of 5,
+// against the copy engine's ceiling (one 256 MiB copy) in the same run. Sampled blocks checked.
+//
+//   nvcc -O3 -arch=sm_90 -o /tmp/probe_resident_d2h gpu/probe_resident_d2h.cu -lcuda && /tmp/probe_resident_d2h [SMS]
+//
+// Written in the tenth session after its device time ran out: not yet compiled or run.
+#include "probe.cuh"
+#include "copy_task.cuh"
+
+constexpr size_t POOL = 512ull << 20, SPAN = 256ull << 20, BLOCK = 4096;
+constexpr int RUNS = 5, CLAIM = 8, WRITERS = 16;
+// Dynamic shared memory asked for (unused), so that no two blocks share an SM, as in ferry.
+constexpr int SHARED = 128 << 10;
+enum { FENCES = 1, POLLER = 2 };
+
+struct Task {
+    unsigned long long src, dst, len, to_host;
+};
+
+__global__ void __launch_bounds__(1024, 1)
+    resident_like(const Task *tasks, unsigned long long count, int features, unsigned char *flags,
+                  unsigned *writers, unsigned long long *claim, const unsigned long long *host_word,
+                  unsigned *exited) {
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const bool poller = features & POLLER;
+    const unsigned copy_warps = gridDim.x * 32 - (poller ? 1 : 0);
+    if (poller && blockIdx.x == 0 && warp == 0) {
+        volatile const unsigned long long *w = host_word;
+        volatile unsigned *e = exited;
+        unsigned long long sum = 0;
+        while (*e < copy_warps) {
+            if (lane == 0) sum += *w;
+            __threadfence_system();
+            __nanosleep(100);
+        }
+        if (sum == 12345) flags[0] = 2;  // keeps the reads
+        return;
+    }
+    while (true) {
+        unsigned long long base = 0;
+        if (lane == 0) base = atomicAdd(claim, (unsigned long long)CLAIM);
+        base = __shfl_sync(0xffffffff, base, 0);
+        if (base >= count) break;
+        const unsigned avail = (unsigned)min((unsigned long long)CLAIM, count - base);
+        unsigned long long word = 0;
+        if (lane < 4 * avail) {
+            const volatile unsigned long long *t = (const volatile unsigned long long *)&tasks[base + lane / 4];
+            word = t[lane % 4];
+        }
+        probe_writer_enter(writers, WRITERS, lane);
+        for (unsigned m = 0; m < avail; m++) {
+            const unsigned long long src = __shfl_sync(0xffffffff, word, 4 * m);
+            const unsigned long long dst = __shfl_sync(0xffffffff, word, 4 * m + 1);
+            const unsigned long long len = __shfl_sync(0xffffffff, word, 4 * m + 2);
+            ferry_copy_task(src, dst, len, lane);
+        }
+        __syncwarp();
+        if (lane == 0) atomicSub(writers, 1u);
+        if (features & FENCES) {
+            __threadfence_system();
+            __syncwarp();
+            if (lane < avail) ((volatile unsigned char *)flags)[base + lane] = 1;
+        }
+    }
+    __syncwarp();
+    if (lane == 0) atomicAdd(exited, 1u);
+}
+
+int main(int argc, char **argv) {
+    const int sms = argc > 1 ? std::atoi(argv[1]) : 2;
+    const size_t n = SPAN / BLOCK;
+    for (const char *mode : {"hostalloc", "memfd"}) {
+        ProbeSetup p = probe_setup(POOL);
+        p.host = probe_host_pool(mode, POOL, p.host);
+        CHECK(cudaFuncSetAttribute(resident_like, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED));
+        cudaStream_t stream;
+        CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        cudaEvent_t e0, e1;
+        CHECK(cudaEventCreate(&e0));
+        CHECK(cudaEventCreate(&e1));
+        auto time_ms = [&](auto enqueue) { return probe_time_ms(stream, e0, e1, RUNS, enqueue); };
+        const double ceiling = SPAN / (time_ms([&] {
+                                           CHECK(cudaMemcpyAsync(p.host, p.dev, SPAN, cudaMemcpyDefault, stream));
+                                       }) * 1e6);
+        // The plan: device slots to host slots, shuffled.
+        std::mt19937_64 rng(5);
+        std::vector<size_t> hs(POOL / BLOCK), gs(POOL / BLOCK);
+        std::iota(hs.begin(), hs.end(), 0);
+        std::iota(gs.begin(), gs.end(), 0);
+        std::shuffle(hs.begin(), hs.end(), rng);
+        std::shuffle(gs.begin(), gs.end(), rng);
+        std::vector<Task> plan(n);
+        for (size_t i = 0; i < n; i++)
+            plan[i] = {(unsigned long long)(p.dev + gs[i] * BLOCK), (unsigned long long)(p.host + hs[i] * BLOCK), BLOCK, 1};
+        Task *dev_tasks, *host_tasks;
+        CHECK(cudaMalloc(&dev_tasks, n * sizeof(Task)));
+        CHECK(cudaMemcpy(dev_tasks, plan.data(), n * sizeof(Task), cudaMemcpyHostToDevice));
+        CHECK(cudaHostAlloc(&host_tasks, n * sizeof(Task), cudaHostAllocMapped));
+        std::memcpy(host_tasks, plan.data(), n * sizeof(Task));
+        unsigned char *flags;
+        unsigned *writers, *exited;
+        unsigned long long *claim, *host_word;
+        CHECK(cudaMalloc(&flags, n));
+        CHECK(cudaMalloc(&writers, 4));
+        CHECK(cudaMalloc(&exited, 4));
+        CHECK(cudaMalloc(&claim, 8));
+        CHECK(cudaHostAlloc(&host_word, 8, cudaHostAllocMapped));
+        *host_word = 1;
+        std::printf("%s, host pool %s, %d SMs; copy-engine ceiling D2H %.1f GB/s; 256 MiB of 4 KiB blocks, median of %d\n",
+                    p.prop.name, mode, sms, ceiling, RUNS);
+        std::printf("%11s %7s %7s %9s %9s\n", "tasks in", "fences", "poller", "GB/s", "/ceiling");
+        int bad = 0;
+        for (int host : {0, 1})
+            for (int features : {0, FENCES, POLLER, FENCES | POLLER}) {
+                std::memset(p.host, 0, POOL);
+                const double ms = time_ms([&] {
+                    CHECK(cudaMemsetAsync(claim, 0, 8, stream));
+                    CHECK(cudaMemsetAsync(writers, 0, 4, stream));
+                    CHECK(cudaMemsetAsync(exited, 0, 4, stream));
+                    resident_like<<<sms, 1024, SHARED, stream>>>(host ? host_tasks : dev_tasks, n, features, flags, writers,
+                                                            claim, host_word, exited);
+                    CHECK(cudaGetLastError());
+                });
+                const double gbs = SPAN / (ms * 1e6);
+                bool same = true;
+                for (size_t i = 0; i < n; i += n / 32) {
+                    const char *h = (const char *)plan[i].dst;
+                    same = same && std::all_of(h, h + BLOCK, [](char b) { return b == 2; });
+                }
+                bad += !same;
+                std::printf("%11s %7s %7s %9.1f %9.2f%s\n", host ? "host" : "device", features & FENCES ? "yes" : "no",
+                            features & POLLER ? "yes" : "no", gbs, gbs / ceiling, same ? "" : "  WRONG BYTES");
+                std::fflush(stdout);
+            }
+        std::printf("\n");
+        if (bad) return 1;
+        CHECK(cudaDeviceReset());
+    }
+    return 0;
+}
