@@ -9,6 +9,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+// The version of this C ABI: the structs' layouts, the functions' signatures and what the
+// constants mean. It grows with every change to any of them; a program or binding built against
+// one `ferry.h` compares it with `ferry_abi_version()` of the library it loaded before anything
+// else (the Python package does), so that a mismatched libferry is refused, not misread.
+#define FERRY_ABI_VERSION 1
+
 // `ferry_descriptor::flags`: start only after every earlier descriptor of the queue completed.
 #define FERRY_FLAG_FENCE 1
 
@@ -320,6 +326,10 @@ typedef struct {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+// The C ABI version of this library: [`FERRY_ABI_VERSION`] as it was built (the same if
+// ferry panicked, which it cannot here).
+uint32_t ferry_abi_version(void);
 
 // Copies the calling thread's last error text into `buf` (NUL-terminated, truncated to
 // `len - 1` bytes) and returns the full text's length in bytes. Returns 0 if ferry panicked

@@ -70,6 +70,12 @@ pub enum ferry_result {
     EngineGone = 14,
 }
 
+/// The version of this C ABI: the structs' layouts, the functions' signatures and what the
+/// constants mean. It grows with every change to any of them; a program or binding built against
+/// one `ferry.h` compares it with `ferry_abi_version()` of the library it loaded before anything
+/// else (the Python package does), so that a mismatched libferry is refused, not misread.
+pub const FERRY_ABI_VERSION: u32 = 1;
+
 /// `ferry_descriptor::flags`: start only after every earlier descriptor of the queue completed.
 pub const FERRY_FLAG_FENCE: u32 = 1;
 const _: () = assert!(FERRY_FLAG_FENCE == ferry::FLAG_FENCE);
@@ -384,6 +390,13 @@ fn guard_free(function: &str, f: impl FnOnce()) {
         let _ = writeln!(std::io::stderr(), "ferry: {text}");
         set_last_error(text);
     }
+}
+
+/// The C ABI version of this library: [`FERRY_ABI_VERSION`] as it was built (the same if
+/// ferry panicked, which it cannot here).
+#[no_mangle]
+pub extern "C" fn ferry_abi_version() -> u32 {
+    guard_value("ferry_abi_version", FERRY_ABI_VERSION, || FERRY_ABI_VERSION)
 }
 
 /// Copies the calling thread's last error text into `buf` (NUL-terminated, truncated to

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 int main(void) {
+    CHECK(ferry_abi_version() == FERRY_ABI_VERSION);
     ferry_config config;
     memset(&config, 0, sizeof config);
     config.unpinned = 1;

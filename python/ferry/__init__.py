@@ -38,6 +38,8 @@ c_u32, c_u64, c_size = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
 # The constants of ferry.h, without the FERRY_ prefix; a dict holds one family, FERRY_<NAME>_<KEY>
 # being NAME[key]. test_header.py checks every one against the header, both ways.
 
+# The C ABI this package speaks: a libferry whose ferry_abi_version() differs is refused at load.
+ABI_VERSION = 1
 # Descriptor.flags: start only after every earlier descriptor of the queue completed.
 FLAG_FENCE = 1
 # Descriptor.flags: `count` chunks of `len` bytes at `src_stride` / `dst_stride`, one completion.
@@ -267,6 +269,7 @@ def _find_library() -> str:
 _p = ctypes.c_void_p
 # The C functions this binding calls: (name, argtypes, restype); test_header.py checks them.
 _SIGNATURES = [
+    ("ferry_abi_version", [], c_u32),
     ("ferry_last_error", [ctypes.c_char_p, c_size], c_size),
     ("ferry_engine_start", [ctypes.POINTER(_Config), ctypes.POINTER(_p)], ctypes.c_int),
     ("ferry_engine_connect", [ctypes.c_char_p, ctypes.POINTER(_p)], ctypes.c_int),
@@ -318,7 +321,9 @@ _by_address: dict = {}
 def _library() -> ctypes.CDLL:
     global _lib
     if _lib is None:
-        lib = ctypes.CDLL(_find_library())
+        path = _find_library()
+        lib = ctypes.CDLL(path)
+        _check_abi(lib, path)
         for name, args, res in _SIGNATURES:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, res
@@ -328,6 +333,24 @@ def _library() -> ctypes.CDLL:
             _by_address[name] = fn
         _lib = lib
     return _lib
+
+
+def _check_abi(lib: ctypes.CDLL, path: str) -> None:
+    """Refuses a libferry built for another C ABI than this package's (ABI_VERSION)."""
+    try:
+        version_of = lib.ferry_abi_version
+    except AttributeError:
+        version = None
+    else:
+        version_of.argtypes, version_of.restype = [], c_u32
+        version = version_of()
+    if version != ABI_VERSION:
+        found = "no ferry_abi_version (built before the ABI had a version)" if version is None else f"C ABI version {version}"
+        raise FerryError(
+            -1,
+            f"{path} has {found}; this ferry package needs version {ABI_VERSION}: "
+            "install the package and the library from one checkout (or point FERRY_LIB at a matching build)",
+        )
 
 
 def library_path() -> str:

@@ -240,3 +240,43 @@ class FerryTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class AbiVersion(unittest.TestCase):
+    """The package refuses a libferry built for another C ABI (stand-in libraries built by cc)."""
+
+    def library(self, source):
+        import ctypes
+        import shutil
+        import subprocess
+        import tempfile
+
+        cc = shutil.which("cc")
+        if cc is None:
+            print("SKIP: no cc: stand-in libraries for the ABI check cannot be built")
+            self.skipTest("no cc")
+        tmp = tempfile.mkdtemp()
+        path = os.path.join(tmp, "libstandin.so")
+        src = os.path.join(tmp, "standin.c")
+        with open(src, "w") as f:
+            f.write(source)
+        subprocess.run([cc, "-shared", "-fPIC", "-o", path, src], check=True)
+        return ctypes.CDLL(path), path
+
+    def test_the_loaded_library_speaks_the_packages_abi(self):
+        lib = ferry._library()
+        self.assertEqual(lib.ferry_abi_version(), ferry.ABI_VERSION)
+
+    def test_another_version_is_refused_with_both_versions_named(self):
+        lib, path = self.library("unsigned ferry_abi_version(void) { return 999; }\n")
+        with self.assertRaises(ferry.FerryError) as caught:
+            ferry._check_abi(lib, path)
+        self.assertIn("C ABI version 999", str(caught.exception))
+        self.assertIn(f"needs version {ferry.ABI_VERSION}", str(caught.exception))
+        self.assertIn(path, str(caught.exception))
+
+    def test_a_library_without_a_version_is_refused(self):
+        lib, path = self.library("int unrelated(void) { return 0; }\n")
+        with self.assertRaises(ferry.FerryError) as caught:
+            ferry._check_abi(lib, path)
+        self.assertIn("no ferry_abi_version", str(caught.exception))
