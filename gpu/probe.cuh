@@ -93,8 +93,9 @@ static inline double probe_time_ms(cudaStream_t stream, cudaEvent_t e0, cudaEven
     return double(ms[runs / 2]);
 }
 
-// The writer gate of ferry's resident kernel (gpu/resident_kernel.cu), for the probes shaped
-// like it: lane 0 takes one of `writers` turns (spinning), then the warp goes on.
+// The writer gate of ferry's resident kernel (gpu/resident_kernel.cu: ferry_writer_enter and
+// _leave, which live in the kernel's own source), for the probes shaped like it: lane 0 takes
+// one of `writers` turns (spinning), then the warp goes on.
 __device__ __forceinline__ void probe_writer_enter(unsigned *count, unsigned writers, unsigned lane) {
     if (lane == 0) {
         volatile unsigned *v = count;
@@ -107,6 +108,12 @@ __device__ __forceinline__ void probe_writer_enter(unsigned *count, unsigned wri
         }
     }
     __syncwarp();
+}
+
+// Gives the warp's turn back once every lane's stores are issued.
+__device__ __forceinline__ void probe_writer_leave(unsigned *count, unsigned lane) {
+    __syncwarp();
+    if (lane == 0) atomicSub(count, 1u);
 }
 
 // What the copy-engine probes start from: a pinned host pool and a device pool of `pool` bytes

@@ -52,8 +52,7 @@ __global__ void __launch_bounds__(1024, 1)
         if (to_host) {
             probe_writer_enter(writers, WRITERS, lane);
             for (unsigned long long i = base; i < end; i++) ferry_copy_task(src[i], dst[i], piece, lane);
-            __syncwarp();
-            if (lane == 0) atomicSub(writers, 1u);
+            probe_writer_leave(writers, lane);
         } else {
             for (unsigned long long i = base; i < end; i++) {
                 for (unsigned off = 0; off < piece; off += STAGE) {

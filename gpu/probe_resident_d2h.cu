@@ -65,8 +65,7 @@ __global__ void __launch_bounds__(1024, 1)
             const unsigned long long len = __shfl_sync(0xffffffff, word, 4 * m + 2);
             ferry_copy_task(src, dst, len, lane);
         }
-        __syncwarp();
-        if (lane == 0) atomicSub(writers, 1u);
+        probe_writer_leave(writers, lane);
         if (features & FENCES) {
             __threadfence_system();
             __syncwarp();
