@@ -12,17 +12,19 @@
 // (`hostalloc` and `memfd` pools: probe.cuh's probe_host_pool), timed by events, median of 5,
 // against the copy engine's ceiling (one 256 MiB copy) in the same run. Sampled blocks checked.
 //
-//   nvcc -O3 -arch=sm_90 -o /tmp/probe_resident_d2h gpu/probe_resident_d2h.cu -lcuda && /tmp/probe_resident_d2h [SMS]
+// The blocks lie in the last 512 MiB of both pools: POOL_MIB (default 512) above that puts them at
+// the pools' upper end, as probe_mix.cu's D2H blocks lie. MODES: probe_host_pool's, comma-separated.
 //
-// Written in the tenth session after its device time ran out: not yet compiled or run.
+//   nvcc -O3 -arch=sm_90 -o /tmp/probe_resident_d2h gpu/probe_resident_d2h.cu -lcuda && /tmp/probe_resident_d2h [SMS [POOL_MIB [MODES]]]
+//
 #include "probe.cuh"
 #include "copy_task.cuh"
 
-constexpr size_t POOL = 512ull << 20, SPAN = 256ull << 20, BLOCK = 4096;
+constexpr size_t REGION = 512ull << 20, SPAN = 256ull << 20, BLOCK = 4096;
 constexpr int RUNS = 5, CLAIM = 8, WRITERS = 16;
 // Dynamic shared memory asked for (unused), so that no two blocks share an SM, as in ferry.
 constexpr int SHARED = 128 << 10;
-enum { FENCES = 1, POLLER = 2 };
+constexpr int FENCES = 1, POLLER = 2;
 
 struct Task {
     unsigned long long src, dst, len, to_host;
@@ -78,10 +80,18 @@ __global__ void __launch_bounds__(1024, 1)
 
 int main(int argc, char **argv) {
     const int sms = argc > 1 ? std::atoi(argv[1]) : 2;
+    const size_t pool = (argc > 2 ? std::atoll(argv[2]) : 512) << 20;
+    const std::string modes = argc > 3 ? argv[3] : "hostalloc,memfd";
+    if (pool < REGION) return 2;
     const size_t n = SPAN / BLOCK;
-    for (const char *mode : {"hostalloc", "memfd"}) {
-        ProbeSetup p = probe_setup(POOL);
-        p.host = probe_host_pool(mode, POOL, p.host);
+    for (size_t at = 0; at < modes.size();) {
+        const size_t comma = std::min(modes.find(',', at), modes.size());
+        const std::string mode = modes.substr(at, comma - at);
+        at = comma + 1;
+        ProbeSetup p = probe_setup(pool);
+        p.host = probe_host_pool(mode, pool, p.host);
+        // The blocks lie in the pools' last REGION bytes.
+        char *const host_region = p.host + (pool - REGION), *const dev_region = p.dev + (pool - REGION);
         CHECK(cudaFuncSetAttribute(resident_like, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED));
         cudaStream_t stream;
         CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -94,14 +104,14 @@ int main(int argc, char **argv) {
                                        }) * 1e6);
         // The plan: device slots to host slots, shuffled.
         std::mt19937_64 rng(5);
-        std::vector<size_t> hs(POOL / BLOCK), gs(POOL / BLOCK);
+        std::vector<size_t> hs(REGION / BLOCK), gs(REGION / BLOCK);
         std::iota(hs.begin(), hs.end(), 0);
         std::iota(gs.begin(), gs.end(), 0);
         std::shuffle(hs.begin(), hs.end(), rng);
         std::shuffle(gs.begin(), gs.end(), rng);
         std::vector<Task> plan(n);
         for (size_t i = 0; i < n; i++)
-            plan[i] = {(unsigned long long)(p.dev + gs[i] * BLOCK), (unsigned long long)(p.host + hs[i] * BLOCK), BLOCK, 1};
+            plan[i] = {(unsigned long long)(dev_region + gs[i] * BLOCK), (unsigned long long)(host_region + hs[i] * BLOCK), BLOCK, 1};
         Task *dev_tasks, *host_tasks;
         CHECK(cudaMalloc(&dev_tasks, n * sizeof(Task)));
         CHECK(cudaMemcpy(dev_tasks, plan.data(), n * sizeof(Task), cudaMemcpyHostToDevice));
@@ -116,13 +126,13 @@ int main(int argc, char **argv) {
         CHECK(cudaMalloc(&claim, 8));
         CHECK(cudaHostAlloc(&host_word, 8, cudaHostAllocMapped));
         *host_word = 1;
-        std::printf("%s, host pool %s, %d SMs; copy-engine ceiling D2H %.1f GB/s; 256 MiB of 4 KiB blocks, median of %d\n",
-                    p.prop.name, mode, sms, ceiling, RUNS);
+        std::printf("%s, host pool %s of %zu MiB, %d SMs; copy-engine ceiling D2H %.1f GB/s; 256 MiB of 4 KiB blocks, median of %d\n",
+                    p.prop.name, mode.c_str(), pool >> 20, sms, ceiling, RUNS);
         std::printf("%11s %7s %7s %9s %9s\n", "tasks in", "fences", "poller", "GB/s", "/ceiling");
         int bad = 0;
         for (int host : {0, 1})
             for (int features : {0, FENCES, POLLER, FENCES | POLLER}) {
-                std::memset(p.host, 0, POOL);
+                std::memset(p.host, 0, pool);
                 const double ms = time_ms([&] {
                     CHECK(cudaMemsetAsync(claim, 0, 8, stream));
                     CHECK(cudaMemsetAsync(writers, 0, 4, stream));
