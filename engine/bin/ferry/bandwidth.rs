@@ -10,8 +10,21 @@ use ferry::internals::ring::layout::ring_bytes;
 use ferry::internals::ring::shm::SharedMemory;
 use ferry::internals::ring::{Consumer, Producer, RingMemory};
 use ferry::{Completion, Descriptor, HostBuffer, Queue, RegionId};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The submitting thread's passes over its queues in [`drive_lanes`] so far, and those of them
+/// that neither pushed nor received a descriptor (it waited on the engine). Beside the workers'
+/// idle iterations, they say which side a run waited on.
+static CLIENT_PASSES: AtomicU64 = AtomicU64::new(0);
+static CLIENT_IDLE_PASSES: AtomicU64 = AtomicU64::new(0);
+
+/// [`drive_lanes`]' passes so far, all and idle (see `CLIENT_PASSES`).
+pub fn client_passes() -> (u64, u64) {
+    // Relaxed: counters read after the runs that wrote them, on the thread that ran them.
+    (CLIENT_PASSES.load(Ordering::Relaxed), CLIENT_IDLE_PASSES.load(Ordering::Relaxed))
+}
 
 /// What a benchmark run fails with: the engine's errors, the CUDA driver's, or a check of the
 /// run that did not hold (copies completed with errors, a wrong checksum).
@@ -146,8 +159,10 @@ pub fn drive_lanes(
     let mut next: Vec<u64> = (0..n).collect();
     let (mut received, mut failed) = (0u64, 0u64);
     let mut first_failure = None;
+    let (mut passes, mut idle_passes) = (0u64, 0u64);
     let start = Instant::now();
     while received < count {
+        let mut moved = false;
         for (q, queue) in queues.iter_mut().enumerate() {
             let mut k = next[q];
             let mut staged_n = 0;
@@ -162,6 +177,7 @@ pub fn drive_lanes(
             if staged_n > 0 {
                 let pushed = queue.submit(&staged[..staged_n])? as u64;
                 next[q] += pushed * n;
+                moved |= pushed > 0;
             }
             let got = queue.poll(&mut done)?;
             for c in &done[..got] {
@@ -171,9 +187,15 @@ pub fn drive_lanes(
                 }
             }
             received += got as u64;
+            moved |= got > 0;
         }
+        passes += 1;
+        idle_passes += u64::from(!moved);
     }
     let seconds = start.elapsed().as_secs_f64();
+    // Relaxed: counters (see client_passes).
+    CLIENT_PASSES.fetch_add(passes, Ordering::Relaxed);
+    CLIENT_IDLE_PASSES.fetch_add(idle_passes, Ordering::Relaxed);
     if let Some(c) = first_failure {
         return Err(BenchError::Failed(format!("{failed} of {count} copies failed; first: {c:?}")));
     }

@@ -15,7 +15,7 @@ mod stat;
 mod topo;
 
 use bandwidth::{
-    copy_ceiling, copy_ceiling_both, copy_latency, drive, drive_lanes, drive_queues, latency, median_by,
+    client_passes, copy_ceiling, copy_ceiling_both, copy_latency, drive, drive_lanes, drive_queues, latency, median_by,
     memcpy_baseline, percentile, ring_round_trip, ring_throughput, scatter, stream_latency, BenchError, Lane,
     Measurement,
 };
@@ -350,15 +350,26 @@ fn bench(o: &Options) -> Result<(), BenchError> {
             Measurement::per_s,
         );
         let plan = scatter(span, 4096, 1);
+        let (stats, client_before) = (engine.stats(), client_passes());
         let runs = (0..o.reps)
             .map(|_| drive(&mut queue, src.id(), dst.id(), &plan, 4096, o.descriptors))
             .collect::<Result<_, _>>()?;
+        let (stats_after, client_after) = (engine.stats(), client_passes());
         let engine_run = median_by(runs, Measurement::per_s);
         println!("{} descriptors per run, 4 KiB each", o.descriptors);
         println!("{:<46} {:>14}", "path", "descriptors/s");
         println!("{:<46} {:>14.0}", "raw ring push/pop (two threads, no engine)", ring.per_s());
         println!("{:<46} {:>14.0}", "engine: ring -> worker -> null -> completion", engine_run.per_s());
         println!("engine / raw ring: {:.2}", engine_run.per_s() / ring.per_s());
+        let share = |idle: u64, all: u64| 100.0 * idle as f64 / all.max(1) as f64;
+        println!(
+            "loop passes that found no work: the worker's {:.0} %, the submitting thread's {:.0} %",
+            share(
+                stats_after[0].idle_iterations - stats[0].idle_iterations,
+                stats_after[0].iterations - stats[0].iterations
+            ),
+            share(client_after.1 - client_before.1, client_after.0 - client_before.0)
+        );
         // The engine's own round trip, what every transport's latency adds to its copy's, beside
         // the same two cores' handoffs through raw rings.
         let t = latency(&mut queue, src.id(), dst.id(), 4096, 500, 5000)?;
@@ -501,8 +512,9 @@ fn bench_gdr(_o: &Options, _machine: &Machine, _client: Option<usize>) -> Result
 struct CudaRig {
     engine: Engine,
     queues: Vec<ferry::Queue>,
-    /// Share of the workers' loop iterations that found nothing to do, in the last run.
-    idle: f64,
+    /// Shares of the workers' loop iterations that found nothing to do, and of the submitting
+    /// thread's passes that moved nothing, in the last `run`.
+    idle: [f64; 2],
     host: ferry::HostBuffer,
     device_id: ferry::RegionId,
     /// Dropped after the engine (fields drop in order): no copy can touch it any more.
@@ -562,7 +574,7 @@ fn cuda_rig_with(o: &Options, cuda: CudaConfig, workers: usize) -> Result<CudaRi
         })
         .collect::<Result<_, _>>()?;
     let _context = engine.cuda_context().expect("a cuda engine has a context").clone();
-    Ok(CudaRig { engine, queues, idle: 0.0, host, device_id, device, _context })
+    Ok(CudaRig { engine, queues, idle: [0.0; 2], host, device_id, device, _context })
 }
 
 impl CudaRig {
@@ -574,11 +586,16 @@ impl CudaRig {
             stats.iter().fold((0, 0), |(i, d), s| (i + s.iterations, d + s.idle_iterations))
         };
         let before = sum(self.engine.stats());
+        let client_before = client_passes();
         let runs = (0..o.reps)
             .map(|_| drive_queues(&mut self.queues, src, dst, &plan, block, count))
             .collect::<Result<_, _>>()?;
         let after = sum(self.engine.stats());
-        self.idle = (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64;
+        let client_after = client_passes();
+        self.idle = [
+            (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64,
+            (client_after.1 - client_before.1) as f64 / (client_after.0 - client_before.0).max(1) as f64,
+        ];
         Ok(median_by(runs, Measurement::gb_per_s))
     }
 
@@ -694,10 +711,11 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         let mut cells = Vec::new();
         for &block in &o.sizes {
             let h2d = rig.run(o, block, true)?.gb_per_s();
-            if strategy == Strategy::Auto {
-                idle.push((block, rig.idle));
-            }
+            let h2d_idle = rig.idle;
             cells.push([h2d, rig.run(o, block, false)?.gb_per_s()]);
+            if matches!(strategy, Strategy::Auto | Strategy::Resident) {
+                idle.push((strategy, block, [h2d_idle, rig.idle]));
+            }
         }
         results.push(cells);
     }
@@ -768,8 +786,20 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         }
         println!(" {:>8.2} {:>11.2}", ceiling[2], results_both[3][i] / ceiling[2]);
     }
-    let idle: Vec<String> = idle.iter().map(|(b, f)| format!("{} {:.0}%", human(*b), f * 100.0)).collect();
-    println!("worker loop iterations that found no work (auto, H2D): {}", idle.join(", "));
+    println!(
+        "loop passes that found no work, the worker's / the submitting thread's (H2D; D2H; counts, not time: such passes are short):"
+    );
+    for strategy in [Strategy::Auto, Strategy::Resident] {
+        let cells: Vec<String> = idle
+            .iter()
+            .filter(|(s, ..)| *s == strategy)
+            .map(|(_, b, [h, d])| {
+                let pct = |f: f64| f * 100.0;
+                format!("{} {:.0} / {:.0} %; {:.0} / {:.0} %", human(*b), pct(h[0]), pct(h[1]), pct(d[0]), pct(d[1]))
+            })
+            .collect();
+        println!("  {:<9}{}", strategy.name(), cells.join(",  "));
+    }
     println!();
     println!("kernel strategy, 4 KiB blocks, GB/s against the SM budget (in total over the workers)");
     println!("{:>8} {:>8} {:>8} {:>10}", "SMs", "H2D", "D2H", "H2D/ceil");
