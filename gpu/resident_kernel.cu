@@ -35,6 +35,9 @@
 
 #define FERRY_RING 65536u  // task slots, a power of two (the transport's RESIDENT_RING)
 #define FERRY_CLAIM 8u     // tasks a warp claims at once
+#ifndef FERRY_SCAN_NS
+#define FERRY_SCAN_NS 32   // the scanner's sleep between its passes over the done flags
+#endif
 
 struct FerryTask {
     unsigned long long src;
@@ -52,13 +55,18 @@ struct FerryResidentHost {
 };
 
 // In device memory, zeroed before the launch. The layout of `RESIDENT_DEV_BYTES` in cuda.rs.
+// Probes may define FERRY_DEV_APART (as alignas(128)) to give each group of fields below a line
+// of its own.
+#ifndef FERRY_DEV_APART
+#define FERRY_DEV_APART
+#endif
 struct FerryResidentDev {
-    unsigned long long claim;    // next task index to claim (the host sets it before a launch)
-    unsigned long long tail;     // the poller's mirror of the host's tail (likewise)
+    FERRY_DEV_APART unsigned long long claim;    // next task index to claim (the host sets it before a launch)
+    FERRY_DEV_APART unsigned long long tail;     // the poller's mirror of the host's tail (likewise)
     unsigned int stop;           // the poller's mirror of the host's stop
-    unsigned int writers;        // warps copying into host memory now (the host zeroes it)
-    unsigned long long done;     // the scanner's watermark, once the host's copy of it is written
-    unsigned char flags[FERRY_RING];  // task i is copied: flags[i % FERRY_RING] != 0
+    FERRY_DEV_APART unsigned int writers;        // warps copying into host memory now (the host zeroes it)
+    FERRY_DEV_APART unsigned long long done;     // the scanner's watermark, once the host's copy of it is written
+    FERRY_DEV_APART unsigned char flags[FERRY_RING];  // task i is copied: flags[i % FERRY_RING] != 0
 };
 
 #include "copy_task.cuh"
@@ -212,7 +220,7 @@ __device__ void ferry_scan(FerryResidentHost* host, FerryResidentDev* dev, unsig
             // The poller stops only once this watermark reached its final mirror: nothing is left.
             return;
         }
-        __nanosleep(32);
+        __nanosleep(FERRY_SCAN_NS);
     }
 }
 
