@@ -10,8 +10,9 @@
 // synchronize, a lazy kernel load) waits at most that long behind it, never forever; the host
 // launches it again (same stream, from the watermark) when tasks are left.
 //
-// One block of 1024 threads per SM (the launch asks for most of an SM's shared memory, so that
-// no second block lands there; from sm_90 on its warps stage copies through it, below). Warp 0
+// One block of 1024 threads per SM (the launch asks for more than half of an SM's shared memory,
+// so that no second block lands there, and no more: the rest is the SM's L1, where the copy
+// loop's loads land; from sm_90 on its warps stage copies through it, below). Warp 0
 // of block 0 is the poller: it mirrors the host's published tail into device memory, decides
 // when the kernel ends, and passes that on. Warp 1 of block 0 is the scanner: it advances the
 // in-order watermark over the per-task done flags (32 at a time) and publishes it to the host,

@@ -81,6 +81,19 @@ struct HostSide {
     ended: AtomicU32,
 }
 
+/// The dynamic shared memory a launch asks per block: the sm_90 kernel's stages (`sm90`), and
+/// more than half of an SM's `per_sm` bytes, so that no second block lands on its SM; no more
+/// (at most `optin`, the most a block may have), because what a block leaves of the SM's 256
+/// KiB of shared memory and L1 is its L1 cache, where the copy loop's loads land. Asking for the
+/// most a block may have (227 KiB on the H200) held 4 KiB D2H on 2 SMs at 0.87-0.89 of PCIe,
+/// 128 KiB moves 0.93 (gpu/probe_resident_ring.cu; `ferry bench --workers 1`: 48.4 against 51.4
+/// GB/s, bench/results/h200.md, twelfth session).
+fn launch_shared(sm90: bool, per_sm: i32, optin: i32) -> u32 {
+    let stages = if sm90 { SM90_SHARED } else { 0 };
+    let more_than_half = per_sm / 2 + 1;
+    u32::try_from(stages.max(more_than_half).min(optin)).unwrap_or(0)
+}
+
 /// The resident kernel of one worker and its ring.
 pub(crate) struct Resident {
     /// Recorded behind each launch: done once the last launch has ended.
@@ -91,8 +104,7 @@ pub(crate) struct Resident {
     dev: ManuallyDrop<DeviceBuffer>,
     kernel: Kernel,
     stream: Stream,
-    /// Dynamic shared memory per block: the sm_90 kernel's stages, and more than half an SM's,
-    /// so that no second block lands there.
+    /// Dynamic shared memory per block ([`launch_shared`]).
     shared: u32,
     /// The worker's share of the live SM budget (at most the GPU's SMs: `SmBudget::per_worker`),
     /// read at each launch.
@@ -120,10 +132,9 @@ impl Resident {
     /// `submit` launches it, each launch on `sms` SMs as they are then (at least one).
     pub(crate) fn start(context: &Context, sms: Arc<AtomicU32>, config: &CudaConfig) -> Result<Resident, CudaError> {
         let info = &context.info;
-        let ptx = if info.compute_major >= 9 && info.shared_per_block_optin >= SM90_SHARED { PTX_SM90 } else { PTX };
-        let kernel = Kernel::load(ptx, "ferry_resident", BLOCK_THREADS)?;
-        // More than half an SM's shared memory (the sm_90 kernel's stages in it): one block per SM.
-        let shared = u32::try_from(context.info.shared_per_block_optin).unwrap_or(0);
+        let sm90 = info.compute_major >= 9 && info.shared_per_block_optin >= SM90_SHARED;
+        let kernel = Kernel::load(if sm90 { PTX_SM90 } else { PTX }, "ferry_resident", BLOCK_THREADS)?;
+        let shared = launch_shared(sm90, info.shared_per_sm, info.shared_per_block_optin);
         kernel.allow_dynamic_shared(shared)?;
         let ring = PinnedBuffer::new(RING as usize * TASK_BYTES)?;
         // Zeroed (PinnedBuffer::new): zero is a valid value of each of its atomics.
@@ -376,5 +387,25 @@ impl Drop for Resident {
             ManuallyDrop::drop(&mut self.host);
             ManuallyDrop::drop(&mut self.dev);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_shared_keeps_one_block_per_sm_and_leaves_the_rest_to_l1() {
+        // H200 (sm_90): the stages, above half of the SM's 228 KiB, far below the 227 KiB a block
+        // may have.
+        let (per_sm, optin) = (233_472, 232_448);
+        let h200 = launch_shared(true, per_sm, optin);
+        assert_eq!(h200, SM90_SHARED as u32);
+        assert!(2 * h200 > per_sm as u32, "a second block would fit");
+        // A100 (sm_80, 164 KiB an SM): no stages, just over half.
+        let a100 = launch_shared(false, 167_936, 166_912);
+        assert_eq!(a100, 83_969);
+        // Never more than a block may have.
+        assert_eq!(launch_shared(true, 100_000, 50_000), 50_000);
     }
 }
