@@ -2,9 +2,9 @@
 # The one command to run on the GPU machine (the lent H200), from the repository root, after
 # gpu/prepare.sh here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
 # prints a short table last (two workers; then one worker, idle and under a compute load). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
-# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency,serve,allgpus,d2hprobe runs those parts alone (a full run is close to the device
+# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency,serve,allgpus,d2hprobe,ringprobe runs those parts alone (a full run is close to the device
 # tool's 10 minutes a call): tests = the Rust GPU tests, python = the package's tests, paged = bench_paged_kv,
-# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone, serve = bench_serve_gpu, allgpus = ferry bench --all-gpus, d2hprobe = gpu/probe_resident_d2h.cu (nvcc; not in a full run).
+# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone, serve = bench_serve_gpu, allgpus = ferry bench --all-gpus, d2hprobe = gpu/probe_resident_d2h.cu, ringprobe = gpu/probe_resident_ring.cu (nvcc; neither in a full run).
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
@@ -67,6 +67,12 @@ fail() { echo "$1" >>"$out/failed"; }
     if [[ ",${ONLY:-}," == *",d2hprobe,"* ]]; then  # named only: not part of a full run
         step "the resident kernel's 4 KiB D2H taken apart: its extras one by one on a plain kernel (gpu/probe_resident_d2h.cu)"
         nvcc -O3 -arch=sm_90 -o /tmp/probe_resident_d2h gpu/probe_resident_d2h.cu -lcuda && /tmp/probe_resident_d2h 2 | tee "$out/probe-resident-d2h.txt" || fail "probe_resident_d2h"
+    fi
+    if [[ ",${ONLY:-}," == *",ringprobe,"* ]]; then  # named only: not part of a full run
+        step "ferry's resident kernel outside ferry: its 4 KiB D2H prepublished and fed (gpu/probe_resident_ring.cu), for sm_90 and as compute_80 PTX"
+        nvcc -O3 -arch=sm_90 -o /tmp/probe_resident_ring gpu/probe_resident_ring.cu -lcuda \
+            && nvcc -O3 -gencode arch=compute_80,code=compute_80 -o /tmp/probe_resident_ring80 gpu/probe_resident_ring.cu -lcuda \
+            && { /tmp/probe_resident_ring 2 && /tmp/probe_resident_ring80 2; } | tee "$out/probe-resident-ring.txt" || fail "probe_resident_ring"
     fi
     if want bench; then
         step "ferry bench (the main job: picks the cuda transport where a GPU is; two workers here)"
