@@ -14,7 +14,8 @@
 //! of PCIe (copies into host memory read device memory and take the plain loop); each
 //! task says whether it goes into host memory, and at most `CudaConfig::resident_writers` warps
 //! copy into host memory at once (the writer gate: such stores cost a compute load beside them
-//! far more than other SM traffic).
+//! far more than other SM traffic); `resident_writers_large` where a launch's first tasks into
+//! host memory average 16 KiB or more (chosen at each launch).
 //!
 //! The kernel ends by itself once it found no task for [`IDLE`], or after `life`
 //! (`CudaConfig::resident_life`: it then takes no new task and ends once those it took are
@@ -81,6 +82,19 @@ struct HostSide {
     ended: AtomicU32,
 }
 
+/// Tasks into host memory of at least this many bytes on average take the large blocks' writer
+/// gate (`CudaConfig::resident_writers_large`).
+const LARGE_WRITES: u64 = 16 << 10;
+/// Tasks a launch looks at to choose its writer gate.
+const GATE_SAMPLE: u64 = 64;
+
+/// Whether the tasks into host memory of `tasks` (length, into host memory) average at least
+/// LARGE_WRITES bytes; false when none goes there.
+fn averages_large(tasks: impl Iterator<Item = (u64, bool)>) -> bool {
+    let (n, bytes) = tasks.filter(|&(_, to_host)| to_host).fold((0u64, 0u64), |(n, b), (len, _)| (n + 1, b + len));
+    n > 0 && bytes >= LARGE_WRITES * n
+}
+
 /// The dynamic shared memory a launch asks per block: the sm_90 kernel's stages (`sm90`), and
 /// more than half of an SM's `per_sm` bytes, so that no second block lands on its SM; no more
 /// (at most `optin`, the most a block may have), because what a block leaves of the SM's 256
@@ -114,8 +128,10 @@ pub(crate) struct Resident {
     running: bool,
     /// How long a launch takes new tasks (`CudaConfig::resident_life`).
     life: Duration,
-    /// The writer gate: most warps copying into host memory at once (`CudaConfig::resident_writers`).
-    writers: u32,
+    /// The writer gates, most warps copying into host memory at once: for a launch whose first
+    /// tasks into host memory average below LARGE_WRITES, and from it up
+    /// (`CudaConfig::resident_writers`, `resident_writers_large`).
+    writers: [u32; 2],
     /// The watermark when `keep_running` last looked, and its calls since it last moved.
     seen: u64,
     stalls: u32,
@@ -153,7 +169,7 @@ impl Resident {
             epoch: 0,
             running: false,
             life: config.resident_life,
-            writers: config.resident_writers,
+            writers: [config.resident_writers, config.resident_writers_large],
             seen: 0,
             stalls: 0,
             pushed: 0,
@@ -241,7 +257,7 @@ impl Resident {
         let (mut tasks, mut host_ptr, mut dev_ptr) =
             (self.ring.as_ptr() as u64, self.host.as_ptr() as u64, self.dev.ptr());
         let (mut idle_ns, mut life_ns, mut number) = (IDLE.as_nanos() as u64, self.life.as_nanos() as u64, epoch);
-        let mut writers = self.writers;
+        let mut writers = self.writers[usize::from(self.large_writes(start))];
         let mut params = [
             (&mut tasks as *mut u64).cast::<std::ffi::c_void>(),
             (&mut host_ptr as *mut u64).cast::<std::ffi::c_void>(),
@@ -268,6 +284,21 @@ impl Resident {
         }
         self.running = true;
         Ok(())
+    }
+
+    /// Whether the first (up to GATE_SAMPLE) tasks from `start` into host memory average at
+    /// least LARGE_WRITES: the launch then takes the gate for large blocks.
+    fn large_writes(&self, start: u64) -> bool {
+        let end = self.pushed.min(start + GATE_SAMPLE);
+        let tasks = (start..end).map(|i| {
+            let slot = (i % RING) as usize * TASK_BYTES;
+            let mut task = [0u64; 4];
+            // SAFETY: `slot` is one of the ring's RING slots of TASK_BYTES, written by `submit`;
+            // the kernel only reads it.
+            unsafe { std::ptr::copy_nonoverlapping(self.ring.as_ptr().add(slot).cast(), task.as_mut_ptr(), 4) };
+            (task[2], task[3] != 0)
+        });
+        averages_large(tasks)
     }
 
     fn side(&self) -> &HostSide {
@@ -407,5 +438,19 @@ mod tests {
         assert_eq!(a100, 83_969);
         // Never more than a block may have.
         assert_eq!(launch_shared(true, 100_000, 50_000), 50_000);
+    }
+
+    #[test]
+    fn the_writer_gate_follows_the_mean_block_into_host_memory() {
+        let k = 1024;
+        assert!(!averages_large([(4 * k, true); 8].into_iter()));
+        assert!(averages_large([(16 * k, true); 8].into_iter()));
+        assert!(!averages_large([(16 * k - 1, true); 8].into_iter()));
+        // Only the blocks into host memory count: large H2D blocks beside small D2H ones, or no
+        // D2H at all, keep the small blocks' gate.
+        assert!(!averages_large([(64 * k, false), (4 * k, true)].into_iter()));
+        assert!(!averages_large([(64 * k, false); 4].into_iter()));
+        assert!(averages_large([(4 * k, false), (32 * k, true), (8 * k, true)].into_iter()));
+        assert!(!averages_large(std::iter::empty()));
     }
 }

@@ -230,7 +230,9 @@ typedef struct {
   uint64_t resident_life_us;
   // GPU transport: the resident copy kernel's writer gate: at most this many of each worker's
   // resident-kernel warps copy into GPU-to-host blocks at once (SM stores to host memory cost
-  // a compute load beside them far more than the SMs they use). 0: the default, 16; a value
+  // a compute load beside them far more than the SMs they use). 0: the defaults, 16 warps
+  // for blocks below 16 KiB and 12 from 16 KiB up (`CudaConfig::resident_writers` and
+  // `resident_writers_large`); any other value is the gate for every block size; a value
   // above the kernel's warps (32 per SM of the budget) leaves them ungated.
   uint32_t resident_writers;
 } ferry_config;

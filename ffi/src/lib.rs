@@ -188,7 +188,9 @@ pub struct ferry_config {
     pub resident_life_us: u64,
     /// GPU transport: the resident copy kernel's writer gate: at most this many of each worker's
     /// resident-kernel warps copy into GPU-to-host blocks at once (SM stores to host memory cost
-    /// a compute load beside them far more than the SMs they use). 0: the default, 16; a value
+    /// a compute load beside them far more than the SMs they use). 0: the defaults, 16 warps
+    /// for blocks below 16 KiB and 12 from 16 KiB up (`CudaConfig::resident_writers` and
+    /// `resident_writers_large`); any other value is the gate for every block size; a value
     /// above the kernel's warps (32 per SM of the budget) leaves them ungated.
     pub resident_writers: u32,
 }
@@ -533,14 +535,24 @@ fn gpu_config(c: &ferry_config, nic: Option<String>) -> Result<GpuConfig, Error>
         0 => CudaConfig::default().resident_life,
         us => Duration::from_micros(us),
     };
-    let resident_writers = match c.resident_writers {
-        0 => CudaConfig::default().resident_writers,
-        n => n,
+    // One gate for every block size where one is given.
+    let defaults = CudaConfig::default();
+    let (resident_writers, resident_writers_large) = match c.resident_writers {
+        0 => (defaults.resident_writers, defaults.resident_writers_large),
+        n => (n, n),
     };
     Ok(GpuConfig {
         device,
         devices,
-        cuda: CudaConfig { strategy, sm_budget, route, resident_life, resident_writers, ..CudaConfig::default() },
+        cuda: CudaConfig {
+            strategy,
+            sm_budget,
+            route,
+            resident_life,
+            resident_writers,
+            resident_writers_large,
+            ..CudaConfig::default()
+        },
         gdr: GdrConfig { use_gdr, nic, ..GdrConfig::default() },
         ..GpuConfig::default()
     })

@@ -945,8 +945,9 @@ class Engine:
     default, 0.02; from 0.001 to 1, else FerryError invalid_argument at start), `resident_writers`
     (the resident kernel's writer gate: at most this many of each worker's resident-kernel warps
     copy GPU-to-host blocks at once, since SM stores to host memory slow a compute load beside
-    them far more than the SMs they use; 0: the default, 16; above the kernel's warps, 32 per SM
-    of the budget: ungated), `nic` (RDMA device
+    them far more than the SMs they use; 0: the defaults, 16 for blocks below 16 KiB and 12 from
+    16 KiB up; any other value: that gate for every size; above the kernel's warps, 32 per SM of
+    the budget: ungated), `nic` (RDMA device
     name; None: the topology plan's). As in ferry_config, 0 in `max_len` or `workers` means the
     default.
     """

@@ -65,8 +65,9 @@ bench options:
   --device N              CUDA device ordinal (default 0)
   --sm-budget N           SMs the copy kernel may use in the strategy columns, in total over
                           the workers (default 2, the engine's)
-  --writers N             cuda: the resident kernel's writer gate, warps per worker copying into
-                          host memory at once (default 16, the engine's)
+  --writers N[,N]         cuda: the resident kernel's writer gate, warps per worker copying into
+                          host memory at once; two: below 16 KiB, from it up (default 16,12,
+                          the engine's)
   --crossover SIZE[,SIZE] cuda: blocks from this size up go to the copy engine under auto and
                           resident, smaller ones to the SMs; two sizes: H2D,D2H (default 64K)
   --load none|compute     cuda: after the idle table, the table again with a saturating FMA kernel
@@ -102,7 +103,8 @@ struct Options {
     client_core: Option<usize>,
     device: u32,
     sm_budget: SmBudget,
-    writers: u32,
+    /// The writer gates: blocks below 16 KiB, and from it up.
+    writers: [u32; 2],
     route: RouteTable,
     nic: Option<String>,
     workers: usize,
@@ -136,7 +138,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         client_core: None,
         device: 0,
         sm_budget: SmBudget::DEFAULT,
-        writers: CudaConfig::default().resident_writers,
+        writers: [CudaConfig::default().resident_writers, CudaConfig::default().resident_writers_large],
         route: RouteTable::default(),
         nic: None,
         workers: 0,
@@ -168,10 +170,20 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 }
             }
             "--writers" => {
-                o.writers = u32::try_from(parse_number(value()?, 1000)?)
-                    .ok()
-                    .filter(|&w| w > 0)
-                    .ok_or("--writers: give a number of warps, at least 1")?
+                let warps: Vec<u32> = value()?
+                    .split(',')
+                    .map(|w| parse_number(w, 1000).ok().and_then(|w| u32::try_from(w).ok()).filter(|&w| w > 0))
+                    .collect::<Option<_>>()
+                    .unwrap_or_default();
+                o.writers = match warps[..] {
+                    [w] => [w, w],
+                    [small, large] => [small, large],
+                    _ => {
+                        return Err(
+                            "--writers: one number of warps, or two (below 16 KiB, from it up), each at least 1".into(),
+                        )
+                    }
+                };
             }
             "--crossover" => {
                 let sizes = value()?.split(',').map(|s| parse_number(s, 1024)).collect::<Result<Vec<_>, _>>()?;
@@ -544,7 +556,8 @@ fn cuda_bench_engine(workers: usize, gpu: GpuConfig, cores: CorePlacement) -> Re
 }
 
 fn cuda_rig_with(o: &Options, cuda: CudaConfig, workers: usize) -> Result<CudaRig, BenchError> {
-    let cuda = CudaConfig { resident_writers: o.writers, route: o.route, ..cuda };
+    let cuda =
+        CudaConfig { resident_writers: o.writers[0], resident_writers_large: o.writers[1], route: o.route, ..cuda };
     let cores = match o.worker_core {
         Some(core) if workers == 1 => CorePlacement::Cores(vec![core]),
         Some(core) => CorePlacement::Cores((core..core + workers).collect()),
@@ -755,12 +768,13 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     println!();
     let cores: Vec<String> = worker_cores.iter().map(|&c| show(c)).collect();
     println!(
-        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {}; copy engine from {} (H2D / D2H) blocks, writer gate {} warps",
+        "GB/s through the engine (descriptor ring -> worker -> CUDA -> completion), kernel on at most {} SMs, {} worker(s) on {}; copy engine from {} (H2D / D2H) blocks, writer gate {} / {} warps (below / from 16 KiB)",
         o.sm_budget,
         o.workers,
         cores.join(", "),
         o.route.copy_engine_from.map(human).join(" / "),
-        o.writers
+        o.writers[0],
+        o.writers[1]
     );
     let auto = strategies.iter().position(|&s| s == Strategy::Auto).expect("auto is a strategy");
     print!("{:>8} {:>4}", "block", "dir");
