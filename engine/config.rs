@@ -257,7 +257,8 @@ pub struct CudaConfig {
     /// cost a compute load beside them far more than the SMs they use, and the more warps store
     /// at once the more (`gpu/probe_sm_traffic.cu`); copies into device memory are not gated. At
     /// least 1; a value above the kernel's warps (32 per SM of the budget) leaves them ungated.
-    /// This gate is a launch's whose first tasks into host memory average below 16 KiB.
+    /// It is the gate of a launch whose first tasks into host memory average below 16 KiB (from
+    /// 16 KiB: `resident_writers_large`).
     pub resident_writers: u32,
     /// The writer gate of a launch whose first tasks into host memory average 16 KiB or more:
     /// fewer warps keep those blocks at the same rate (a warp holding a turn stores more of the
