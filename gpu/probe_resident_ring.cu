@@ -1,7 +1,9 @@
 // Probe (issue 11's 4 KiB D2H, after probe_resident_d2h.cu): that probe's kernel, shaped like
 // ferry's resident kernel and with every one of its extras, moves 4 KiB blocks into host memory
 // at 0.95 of PCIe where ferry's resident kernel moves 0.87-0.89 (`ferry bench --workers 1`).
-// Is the loss in the kernel's own code or in how ferry feeds it? This runs ferry's real
+// Is the loss in the kernel's own code or in how ferry feeds it? (Neither: the launch's shared
+// memory ask, which left the SMs ~29 KiB of L1; fixed in resident.rs `launch_shared`, twelfth
+// session, bench/results/h200.md.) This runs ferry's real
 // `ferry_resident` (resident_kernel.cu, included) outside ferry, on 65535 4 KiB D2H tasks (every
 // slot but one of a 256 MiB region, shuffled, as `ferry bench` plans them) in a ring of pinned,
 // device-mapped host memory, fed two ways, each launched asking three amounts of dynamic shared
