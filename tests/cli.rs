@@ -79,8 +79,12 @@ fn bad_arguments_exit_2_with_usage() {
 
 #[test]
 fn bench_refuses_a_zero_writer_gate_or_crossover() {
+    const WRITERS: &str = "--writers: one number of warps, or two (below 16 KiB, from it up), each at least 1";
     for (args, says) in [
-        (&["bench", "--writers", "0"][..], "--writers: give a number of warps, at least 1"),
+        (&["bench", "--writers", "0"][..], WRITERS),
+        (&["bench", "--writers", "16,0"][..], WRITERS),
+        (&["bench", "--writers", "16,x"][..], WRITERS),
+        (&["bench", "--writers", "8,12,16"][..], WRITERS),
         (&["bench", "--crossover", "0"][..], "--crossover: one block size, or two (H2D,D2H)"),
         (&["bench", "--crossover", "64K,0"][..], "--crossover: one block size, or two (H2D,D2H)"),
         (&["bench", "--crossover", "1M,64K,4K"][..], "--crossover: one block size, or two (H2D,D2H)"),
