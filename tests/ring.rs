@@ -162,3 +162,33 @@ fn shared_memory_is_sealed_and_unsealed_memory_is_refused() {
     plain.set_len(4096).unwrap();
     assert!(SharedMemory::open(plain).is_err(), "an unsealed file was mapped");
 }
+
+#[test]
+fn a_producer_attached_behind_a_corrupt_head_reports_it_on_its_first_push() {
+    // A head the consumer never published, found by a producer that attaches to the ring (a
+    // client taking over a queue that an earlier holder scribbled): too far behind the tail, and
+    // ahead of it.
+    let tail = 1 << 40 | 3;
+    for head in [5, tail - 9, tail + 1, u64::MAX - 2] {
+        let memory = Arc::new(SharedMemory::create("ring-test", ring_bytes(8, 8)).unwrap());
+        let ring = Arc::new(RingMemory::<u64>::create(memory.clone(), 0, 8).unwrap());
+        header(&memory).tail.0.store(tail, Ordering::Release);
+        header(&memory).head.0.store(head, Ordering::Release);
+        let mut producer = Producer::new(ring);
+        assert!(
+            matches!(producer.push(7), Err(PushError::Corrupted(7, RingError::Corrupted { index: "head", .. }))),
+            "head {head}"
+        );
+    }
+    // A head three behind the tail: five slots free.
+    let memory = Arc::new(SharedMemory::create("ring-test", ring_bytes(8, 8)).unwrap());
+    let ring = Arc::new(RingMemory::<u64>::create(memory.clone(), 0, 8).unwrap());
+    header(&memory).tail.0.store(tail, Ordering::Release);
+    header(&memory).head.0.store(tail - 3, Ordering::Release);
+    let mut producer = Producer::new(ring);
+    assert_eq!(producer.free(1).unwrap(), 5);
+    for i in 0..5 {
+        producer.push(i).unwrap();
+    }
+    assert!(matches!(producer.push(5), Err(PushError::Full(5))));
+}

@@ -42,9 +42,12 @@ impl<T: Pod> Producer<T> {
     /// The producer of `ring`, continuing from the indices in its header.
     pub fn new(ring: Arc<RingMemory<T>>) -> Producer<T> {
         // Relaxed: the ring was handed to this end with synchronisation (thread spawn or memfd
-        // handoff); a bad value is caught by the occupancy check on first use.
+        // handoff).
         let tail = ring.header().tail.0.load(Ordering::Relaxed);
-        let head_cache = ring.header().head.0.load(Ordering::Relaxed);
+        // The head is not cached from memory here: whoever held the ring before may have left
+        // any value there, and `free` trusts its cache. Cached as full, it is loaded (A1) and
+        // checked against the tail on the first push.
+        let head_cache = tail.wrapping_sub(ring.capacity());
         Producer { ring, tail, head_cache }
     }
 
