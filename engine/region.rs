@@ -1,7 +1,9 @@
 //! The region table: registered memory, looked up by id on the worker's hot path.
 //!
 //! Each slot holds its fields in atomics and a state word `generation << 8 | state`. A region id
-//! carries the generation it was registered under, so a stale id never matches a reused slot.
+//! carries the generation it was registered under, so a stale id does not match a reused slot:
+//! slots are reused longest-free first, so a slot's 16-bit generation comes round again only
+//! after about 65 535 times as many registrations as the table has free slots.
 //!
 //! Deregistration is refused while copies that use the region are in flight
 //! ([`crate::Error::RegionBusy`]); it never waits for them. Each worker counts, per region, the
@@ -16,6 +18,7 @@ use crate::desc::RegionId;
 use crate::desc::RegionView;
 use crate::error::Error;
 use crate::ring::shm::SharedMemory;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,8 +90,11 @@ pub(crate) struct WorkerSync {
 }
 
 struct Control {
-    /// Slot indices free for reuse.
-    free: Vec<u16>,
+    /// Slot indices free for reuse, the longest free first: a slot's generation (16 bits) then
+    /// comes round again only after about 65 535 times as many registrations as there are free
+    /// slots, not after 65 535 registrations of one buffer, so a stale id of a deregistered
+    /// region does not name a later one (of its client: another client's is `NotOwner`).
+    free: VecDeque<u16>,
     /// Next never-used slot.
     next_unused: usize,
     /// What a region keeps alive (an allocation, a pinning) until it is deregistered.
@@ -124,7 +130,7 @@ impl RegionTable {
                 in_flight: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
             })
             .collect();
-        let control = Control { free: Vec::new(), next_unused: 0, owned: (0..capacity).map(|_| None).collect() };
+        let control = Control { free: VecDeque::new(), next_unused: 0, owned: (0..capacity).map(|_| None).collect() };
         RegionTable { slots, workers, control: Mutex::new(control), quiesce_timeout: Duration::from_secs(5) }
     }
 
@@ -140,13 +146,15 @@ impl RegionTable {
     ) -> Result<RegionId, Error> {
         check_range(base, len)?;
         let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        let index = match control.free.pop() {
-            Some(i) => usize::from(i),
-            None if control.next_unused < self.slots.len() => {
-                control.next_unused += 1;
-                control.next_unused - 1
+        // Never-used slots first, then the longest free (see `Control::free`).
+        let index = if control.next_unused < self.slots.len() {
+            control.next_unused += 1;
+            control.next_unused - 1
+        } else {
+            match control.free.pop_front() {
+                Some(i) => usize::from(i),
+                None => return Err(Error::RegionTableFull { capacity: self.slots.len() }),
             }
-            None => return Err(Error::RegionTableFull { capacity: self.slots.len() }),
         };
         let slot = &self.slots[index];
         // Relaxed: only the control plane (under the lock) writes state; no worker reads a FREE
@@ -234,7 +242,7 @@ impl RegionTable {
         // next register publishes its fields with R3.
         slot.state.store(state_word(id.generation(), FREE), Ordering::Relaxed);
         control.owned[id.index()] = None;
-        control.free.push(id.index() as u16);
+        control.free.push_back(id.index() as u16);
         Ok(())
     }
 
