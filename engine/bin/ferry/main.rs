@@ -4,6 +4,7 @@
 
 mod all_gpus;
 mod bandwidth;
+mod crossover;
 mod doctor;
 #[cfg(feature = "gdr")]
 mod gdr_baseline;
@@ -69,7 +70,10 @@ bench options:
                           host memory at once; two: below 16 KiB, from it up (default 16,12,
                           the engine's)
   --crossover SIZE[,SIZE] cuda: blocks from this size up go to the copy engine under auto and
-                          resident, smaller ones to the SMs; two sizes: H2D,D2H (default 64K)
+                          resident, smaller ones to the SMs; two sizes: H2D,D2H (default 64K).
+                          Above every --sizes, the run's closing 'crossover' line names what its
+                          cells call for (calibrating another GPU: --workers 1 --load compute
+                          --crossover 2M --sizes 16K,32K,64K,128K,256K,1M)
   --load none|compute     cuda: after the idle table, the table again with a saturating FMA kernel
                           on every SM (default none), with the share of its throughput each cell took
   --plot FILE.svg         cuda: draw GB/s against block size per strategy and direction, idle
@@ -831,6 +835,8 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     } else {
         None
     };
+    println!();
+    println!("{}", crossover_line(o, &strategies, &results, loaded.as_deref()));
     if let Some(path) = &o.plot {
         let svg = plot_svg(o, &ctx, &strategies, &results, loaded.as_deref(), ceiling);
         std::fs::write(path, svg)
@@ -838,6 +844,54 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         println!("plot: {}", path.display());
     }
     Ok(())
+}
+
+/// The crossover this run's cells call for (`crossover.rs`): `batch` against `resident`, idle
+/// and under the load where it ran; only where the `resident` column is the SMs' path at every
+/// size (the run's crossover above its largest size).
+fn crossover_line(
+    o: &Options,
+    strategies: &[Strategy],
+    idle: &[Vec<[f64; 2]>],
+    loaded: Option<&[Vec<LoadedCell>]>,
+) -> String {
+    let largest = o.sizes.iter().copied().max().unwrap_or(0);
+    if o.sm_budget == SmBudget::None || o.route.copy_engine_from.iter().any(|&from| from <= largest) {
+        return format!(
+            "crossover: not derived from this run (the resident column takes the copy engine from {}); to derive it: --crossover above {} and an SM budget",
+            o.route.copy_engine_from.map(human).join(" / "),
+            human(largest)
+        );
+    }
+    let column = |name: &str| strategies.iter().position(|s| s.name() == name).expect("a strategy");
+    let loaded_column = |name: &str| LOADED_COLUMNS.iter().position(|c| c.2 == name).expect("a column");
+    let found: Vec<String> = ["H2D", "D2H"]
+        .iter()
+        .enumerate()
+        .map(|(d, dir)| {
+            let rates = |cells: &[[f64; 2]]| cells.iter().map(|c| c[d]).collect::<Vec<f64>>();
+            let (engine, sms) = (rates(&idle[column("batch")]), rates(&idle[column("resident")]));
+            let mut conditions = vec![crossover::Rates { engine: &engine, sms: &sms }];
+            let under: Option<(Vec<f64>, Vec<f64>)> = loaded.map(|l| {
+                let rates = |cells: &[LoadedCell]| cells.iter().map(|c| c[d].0).collect::<Vec<f64>>();
+                (rates(&l[loaded_column("batch")]), rates(&l[loaded_column("resident")]))
+            });
+            if let Some((engine, sms)) = &under {
+                conditions.push(crossover::Rates { engine, sms });
+            }
+            match crossover::crossover(&o.sizes, &conditions) {
+                Some(from) => format!("{dir} {}", human(from)),
+                None => format!("{dir} above {}", human(largest)),
+            }
+        })
+        .collect();
+    format!(
+        "crossover these cells call for (the smallest block size from which the copy engine, `batch`, moves at least {:.2} of the SMs, `resident`, at every larger size, idle{}): {} (the default: {}; pass it as --crossover, CudaConfig::route or ferry_config.copy_engine_from_h2d/_d2h)",
+        1.0 - crossover::SLACK,
+        if loaded.is_some() { " and under the load" } else { "" },
+        found.join(", "),
+        RouteTable::default().copy_engine_from.map(human).join(" / ")
+    )
 }
 
 /// One cell of the under-load table: [H2D, D2H, both ways] as (GB/s, share of the load lost).
