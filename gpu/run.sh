@@ -2,9 +2,9 @@
 # The one command to run on the GPU machine (the lent H200), from the repository root, after
 # gpu/prepare.sh here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
 # prints a short table last (two workers; then one worker, idle and under a compute load). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
-# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency,serve,allgpus,d2hprobe,ringprobe runs those parts alone (a full run is close to the device
+# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency,serve,allgpus,calibrate,d2hprobe,ringprobe runs those parts alone (a full run is close to the device
 # tool's 10 minutes a call): tests = the Rust GPU tests, python = the package's tests, paged = bench_paged_kv,
-# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone, serve = bench_serve_gpu, allgpus = ferry bench --all-gpus, d2hprobe = gpu/probe_resident_d2h.cu, ringprobe = gpu/probe_resident_ring.cu (nvcc; neither in a full run).
+# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone, serve = bench_serve_gpu, allgpus = ferry bench --all-gpus, calibrate = the crossover's calibration run (ferry bench --crossover 2M ...), d2hprobe = gpu/probe_resident_d2h.cu, ringprobe = gpu/probe_resident_ring.cu (nvcc; calibrate and the probes are not in a full run).
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
@@ -95,6 +95,11 @@ fail() { echo "$1" >>"$out/failed"; }
         timeout 300 .device/ferry bench --all-gpus >"$out/bench-all-gpus.txt" 2>&1 || fail "ferry bench --all-gpus"
         cat "$out/bench-all-gpus.txt"
     fi
+    if [[ ",${ONLY:-}," == *",calibrate,"* ]]; then  # named only: not part of a full run
+        step "the crossover's calibration: the resident kernel at every size beside the copy engine, idle and under load (ends with the crossover line)"
+        timeout 300 .device/ferry bench --workers 1 --load compute --crossover 2M --sizes 16K,32K,64K,128K,256K,1M >"$out/bench-calibrate.txt" 2>&1 || fail "ferry bench calibration"
+        cat "$out/bench-calibrate.txt"
+    fi
     if want latency; then
         step "ferry bench --workers 1 --sizes 4K (the latency lines: push -> completion beside cuMemcpyAsync, and stream ordering from Rust)"
         timeout 240 .device/ferry bench --workers 1 --sizes 4K >"$out/bench-latency.txt" 2>&1 || fail "ferry bench --sizes 4K"
@@ -108,7 +113,7 @@ fail() { echo "$1" >>"$out/failed"; }
 } 2>&1 | tee "$out/log.txt"
 echo
 echo "== summary (tests: $(grep -c '^test result: ok' "$out/log.txt") suites ok, $(grep -c 'FAILED' "$out/log.txt") FAILED lines)"
-for f in bench-cuda.txt bench-cuda-load.txt; do [ -e "$out/$f" ] && { echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; }; done
+for f in bench-cuda.txt bench-cuda-load.txt bench-calibrate.txt; do [ -e "$out/$f" ] && { echo "-- $f"; sed -n '/^GB\/s through the engine/,$p' "$out/$f"; }; done
 [ -e "$out/bench-paged-kv.txt" ] && { echo "-- bench-paged-kv.txt"; sed -n '/^KV /,$p' "$out/bench-paged-kv.txt"; }
 [ -e "$out/bench-streams.txt" ] && { echo "-- bench-streams.txt"; sed -n '/stream-ordered loads/,$p' "$out/bench-streams.txt"; }
 [ -e "$out/layer-pipeline.txt" ] && { echo "-- layer-pipeline.txt"; cat "$out/layer-pipeline.txt"; }
