@@ -5,8 +5,7 @@
 mod common;
 
 use common::*;
-use ferry::{Completion, Descriptor, Engine, EngineConfig, HostBuffer, IdlePolicy, QueueConfig, Status, TransportKind};
-use std::time::Instant;
+use ferry::{Descriptor, Engine, EngineConfig, HostBuffer, IdlePolicy, QueueConfig, Status, TransportKind};
 
 const CYCLES: u64 = 100_000;
 const WARM_UP: u64 = 2_000;
@@ -14,32 +13,12 @@ const WARM_UP: u64 = 2_000;
 /// queue's worth per cycle (a queue of this test is 2 KiB of rings and its worker window).
 const RSS_SLACK: u64 = 4 << 20;
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    // SAFETY: sysconf only reads a system constant.
-    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
-}
-
 /// Opens a queue with small rings, copies one 64-byte block through it, closes it.
 fn cycle(engine: &Engine, client: ferry::ClientId, src: &HostBuffer, dst: &HostBuffer, i: u64) {
     let small = QueueConfig { submit_capacity: 4, complete_capacity: 4, ..QueueConfig::default() };
     let mut queue = engine.open_queue(client, small).unwrap();
     let block = (i % 64) * 64;
-    queue.push(Descriptor::copy(src.id(), block, dst.id(), block, 64).with_tag(i)).unwrap();
-    let mut done = [Completion::default()];
-    let start = Instant::now();
-    // Yield while waiting, as the worker does when idle: with other work on the machine's
-    // cores, neither thread starves the other.
-    while queue.poll(&mut done).unwrap() == 0 {
-        assert!(start.elapsed() < TIMEOUT, "cycle {i}: no completion");
-        std::thread::yield_now();
-    }
-    assert_eq!((done[0].tag, done[0].status()), (i, Ok(Status::Ok)), "cycle {i}");
+    copy_one_yielding(&mut queue, Descriptor::copy(src.id(), block, dst.id(), block, 64), i);
     queue.close();
 }
 

@@ -74,3 +74,29 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// File descriptors this process has open.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// This process's resident memory, in bytes.
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
+/// Pushes `d` tagged `tag` and polls until its completion, yielding while it waits (as an idle
+/// worker does, so that neither thread starves the other on a busy machine); it must be `Ok`.
+pub fn copy_one_yielding(queue: &mut Queue, d: ferry::Descriptor, tag: u64) {
+    queue.push(d.with_tag(tag)).unwrap();
+    let mut done = [Completion::default()];
+    let start = Instant::now();
+    while queue.poll(&mut done).unwrap() == 0 {
+        assert!(start.elapsed() < TIMEOUT, "copy {tag}: no completion");
+        std::thread::yield_now();
+    }
+    assert_eq!((done[0].tag, done[0].status()), (tag, Ok(ferry::Status::Ok)), "copy {tag}");
+}
