@@ -245,6 +245,8 @@ struct QueueSlot {
     landed: u64,
     /// Who writes the landed word.
     landing: Landing,
+    /// In `Loop::reaped`: copies of it came back in this poll.
+    reaped: bool,
 }
 
 /// Who writes a queue's landed word (`Signals::landed` in queue.rs).
@@ -275,6 +277,7 @@ impl QueueSlot {
             failed: 0,
             landed: 0,
             landing: Landing::Cpu,
+            reaped: false,
         }
     }
 
@@ -414,6 +417,8 @@ struct Loop {
     /// Validated copies not yet accepted by the transport.
     ops: Vec<Op>,
     done: Vec<Done>,
+    /// Slot indices of the queues whose copies the last poll returned, each once.
+    reaped: Vec<u32>,
     next_queue: usize,
     /// When `check_clients` looks next.
     next_client_check: Instant,
@@ -468,6 +473,7 @@ impl Worker {
             retired: Vec::new(),
             ops: Vec::with_capacity(self.burst * 8),
             done: vec![Done::ok(Token { queue: 0, slot: 0 }); 256],
+            reaped: Vec::with_capacity(256),
             next_queue: 0,
             next_client_check: Instant::now(),
         };
@@ -509,9 +515,11 @@ impl Worker {
     fn take_all(&mut self, state: &mut Loop) -> usize {
         let n = state.live.len();
         let mut took = 0;
-        for k in 0..n {
-            let qi = state.live[(state.next_queue + k) % n];
-            took += self.take(state, qi);
+        // From `next_queue` round the live list (an index that wraps, not a division per visit).
+        let mut at = if n == 0 { 0 } else { state.next_queue % n };
+        for _ in 0..n {
+            took += self.take(state, state.live[at]);
+            at = if at + 1 == n { 0 } else { at + 1 };
         }
         state.next_queue = state.next_queue.wrapping_add(1);
         while let Some(qi) = state.retired.pop() {
@@ -693,16 +701,23 @@ impl Worker {
         }
     }
 
-    /// Polls the transport and publishes what that unblocked.
+    /// Polls the transport and publishes what that unblocked, visiting only the queues whose
+    /// copies came back (with many idle queues, a flush of every queue per poll cost the busy
+    /// ones most of their rate).
     fn reap(&mut self, state: &mut Loop) -> usize {
         let n = self.transport.poll(&mut state.done);
         for done in &state.done[..n] {
             let Some(q) = state.queues.get_mut(done.token.queue as usize).and_then(Option::as_mut) else { continue };
             q.part_over(done.token.slot as usize, done.status, done.detail, &self.table, self.index);
+            if !q.reaped {
+                q.reaped = true;
+                state.reaped.push(done.token.queue);
+            }
         }
-        if n > 0 {
-            for &qi in &state.live {
-                state.queues[qi as usize].as_mut().expect("a live slot index holds a queue").flush();
+        for qi in state.reaped.drain(..) {
+            if let Some(q) = state.queues[qi as usize].as_mut() {
+                q.reaped = false;
+                q.flush();
             }
         }
         n

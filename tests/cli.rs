@@ -120,3 +120,12 @@ fn bench_all_gpus_needs_the_cuda_transport_and_says_why() {
         println!("SKIP: a GPU is here: gpu/run.sh runs `ferry bench --all-gpus` instead");
     }
 }
+
+#[test]
+fn the_null_bench_runs_beside_idle_queues_and_says_so() {
+    let out = ferry(&["bench", "--transport", "null", "--descriptors", "20K", "--reps", "1", "--idle-queues", "3"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("20000 descriptors per run, 4 KiB each, 3 idle queues beside the measured one"), "{text}");
+    assert!(text.contains("engine: ring -> worker -> null -> completion"), "{text}");
+}

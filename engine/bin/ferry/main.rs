@@ -88,6 +88,8 @@ bench options:
                           KiB blocks at PCIe speed need 13.5 M; else 1)
   --total SIZE            bytes moved per cell, per repetition (default 1G; 256M with cuda)
   --descriptors N         descriptors per repetition with --transport null (default 20M)
+  --idle-queues N         null: N more queues on the worker that never get work, beside the
+                          measured one (default 0): what a worker serving many clients pays
   --span SIZE             bytes in each of the source and destination regions (default 256M)
   --sizes LIST            block sizes (default 4K,16K,64K,256K,1M)
   --reps N                repetitions per cell; the median is printed (default 5)
@@ -100,6 +102,7 @@ struct Options {
     transport: String,
     total: u64,
     descriptors: u64,
+    idle_queues: usize,
     span: u64,
     sizes: Vec<u64>,
     reps: usize,
@@ -135,6 +138,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         transport: String::new(),
         total: 1 << 30,
         descriptors: 20_000_000,
+        idle_queues: 0,
         span: 256 << 20,
         sizes: vec![4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20],
         reps: 5,
@@ -198,6 +202,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 };
             }
             "--descriptors" => o.descriptors = parse_number(value()?, 1000)?,
+            "--idle-queues" => o.idle_queues = usize::try_from(parse_number(value()?, 1000)?).unwrap_or(usize::MAX),
             "--span" => o.span = parse_number(value()?, 1024)?,
             "--sizes" => {
                 o.sizes = value()?.split(',').map(|s| parse_number(s, 1024)).collect::<Result<_, _>>()?;
@@ -362,6 +367,10 @@ fn bench(o: &Options) -> Result<(), BenchError> {
     let span = o.span as usize;
     let (src, dst, mut queue) = host_pair(&engine, span)?;
     if o.transport == "null" {
+        let idle_client = engine.new_client();
+        let _idle_queues = (0..o.idle_queues)
+            .map(|_| engine.open_queue(idle_client, QueueConfig::default().with_capacities(16, 16)))
+            .collect::<Result<Vec<_>, _>>()?;
         let ring = median_by(
             (0..o.reps).map(|_| ring_throughput(o.descriptors, client, worker)).collect::<Result<_, _>>()?,
             Measurement::per_s,
@@ -373,7 +382,10 @@ fn bench(o: &Options) -> Result<(), BenchError> {
             .collect::<Result<_, _>>()?;
         let (stats_after, client_after) = (engine.stats(), client_passes());
         let engine_run = median_by(runs, Measurement::per_s);
-        println!("{} descriptors per run, 4 KiB each", o.descriptors);
+        println!(
+            "{} descriptors per run, 4 KiB each, {} idle queues beside the measured one",
+            o.descriptors, o.idle_queues
+        );
         println!("{:<46} {:>14}", "path", "descriptors/s");
         println!("{:<46} {:>14.0}", "raw ring push/pop (two threads, no engine)", ring.per_s());
         println!("{:<46} {:>14.0}", "engine: ring -> worker -> null -> completion", engine_run.per_s());
