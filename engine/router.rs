@@ -29,9 +29,10 @@
 //!
 //! [`RouteTable::HOPPER`], the default on every GPU, was measured on the H200. For another GPU,
 //! `ferry bench --workers 1 --load compute --crossover 2M --sizes 16K,32K,64K,128K,256K,1M` runs
-//! the resident kernel at every size beside the copy engine, idle and under load, and its closing
-//! "crossover" line names the crossover those cells call for (`engine/bin/ferry/crossover.rs`); `CudaConfig::route` (C:
-//! `copy_engine_from_h2d` / `_d2h`, `ferry bench --crossover`) sets it.
+//! the resident kernel at every size beside the copy engine, idle and under load, and its
+//! closing "crossover" line names the crossover those cells call for
+//! (`engine/bin/ferry/crossover.rs`); `CudaConfig::route` (C: `copy_engine_from_h2d` / `_d2h`,
+//! `ferry bench --crossover`) sets it.
 
 use crate::config::{RouteTable, Strategy};
 
