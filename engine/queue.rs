@@ -100,7 +100,7 @@ struct Status {
 
 /// Who holds each end, the client's close and the queue's state. Written only when an end is
 /// claimed or released, when the client closes the queue and when the queue's state changes, so
-/// the worker's look at `closed` on every visit and the client's look at `state` on every push
+/// the worker's looks at `closed` and the client's look at `state` on every push
 /// read a cache line that stays shared.
 #[repr(C, align(128))]
 struct Ends {
@@ -556,7 +556,8 @@ impl QueueMemory {
         }
     }
 
-    /// Whether the client closed the queue. Read by the worker on every visit.
+    /// Whether the client closed the queue. Read by the worker on its visits (worker.rs: every one
+    /// of a busy queue, every `IDLE_LOOK`-th of an idle one).
     pub(crate) fn close_requested(&self) -> bool {
         // A8: Acquire; pairs with R8 in close.
         self.header().ends.closed.load(Ordering::Acquire) != 0

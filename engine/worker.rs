@@ -10,7 +10,8 @@
 //!    the partial batch is never held past one iteration);
 //! 4. polls the transport and publishes the completions it unblocked.
 //!
-//! A queue whose client closed it (the header's close flag, looked at on every visit) takes no
+//! A queue whose client closed it (the header's close flag, looked at on every visit of a queue
+//! with work in its ring or in flight, every `IDLE_LOOK` visits of an idle one) takes no
 //! more work and publishes nothing: the copies of its batch not yet given to the transport are
 //! dropped (their regions released), the copies the transport started run to the end, and once
 //! none is left the worker frees the queue (its mapping, memfd, window and slot index) and
@@ -151,6 +152,10 @@ const NOTIFY: u32 = u32::MAX - 1;
 /// descriptors (a strided descriptor adds one per chunk).
 const OPS_BACKLOG: usize = 1 << 16;
 
+/// An idle queue's close flag and landed request are looked at every this many visits (a
+/// power of two; a busy queue's at every visit).
+const IDLE_LOOK: u32 = 64;
+
 /// One descriptor between being taken and having its completion published.
 #[derive(Clone, Copy, Default)]
 struct InFlight {
@@ -247,6 +252,8 @@ struct QueueSlot {
     landing: Landing,
     /// In `Loop::reaped`: copies of it came back in this poll.
     reaped: bool,
+    /// The worker's visits so far (see IDLE_LOOK).
+    visits: u32,
 }
 
 /// Who writes a queue's landed word (`Signals::landed` in queue.rs).
@@ -278,6 +285,7 @@ impl QueueSlot {
             landed: 0,
             landing: Landing::Cpu,
             reaped: false,
+            visits: 0,
         }
     }
 
@@ -531,6 +539,16 @@ impl Worker {
     /// Takes up to `burst` descriptors from queue `qi`; notices that its client closed it.
     fn take(&mut self, state: &mut Loop, qi: u32) -> usize {
         let q = state.queues[qi as usize].as_mut().expect("a live slot index holds a queue");
+        // An idle queue (nothing in its ring, a held gate included, and nothing in flight) has
+        // its header's close flag and landed request looked at only every IDLE_LOOK visits: each
+        // lies on a line of its own, a cache miss per queue and visit, which a worker serving
+        // many idle queues paid on every pass (bench/results/dev-2cpu-epyc.md). A ring index
+        // found corrupt counts as work: the read below reports it.
+        q.visits = q.visits.wrapping_add(1);
+        let idle = !q.closing && q.window.in_flight() == 0 && matches!(q.end.submit.available(1), Ok(0));
+        if idle && q.visits % IDLE_LOOK != 0 {
+            return 0;
+        }
         if !q.closing && q.end.memory.close_requested() {
             q.closing = true;
             // The copies of the batch that the transport has not accepted never started: drop
@@ -555,6 +573,9 @@ impl Worker {
         }
         if q.landing == Landing::Cpu && q.end.landed_word.is_some() && q.end.memory.wants_landed() {
             q.landing = Landing::Asked;
+        }
+        if idle {
+            return 0;
         }
         q.flush();
         if q.window.head_ready() && !q.window.head_is_notify() {
