@@ -539,7 +539,7 @@ impl Worker {
     /// Takes up to `burst` descriptors from queue `qi`; notices that its client closed it.
     fn take(&mut self, state: &mut Loop, qi: u32) -> usize {
         let q = state.queues[qi as usize].as_mut().expect("a live slot index holds a queue");
-        // An idle queue (nothing in its ring, a held gate included, and nothing in flight) has
+        // An idle queue (nothing in its ring, where a held gate stays, and nothing in flight) has
         // its header's close flag and landed request looked at only every IDLE_LOOK visits: each
         // lies on a line of its own, a cache miss per queue and visit, which a worker serving
         // many idle queues paid on every pass (bench/results/dev-2cpu-epyc.md). A ring index
