@@ -9,7 +9,8 @@
 
 mod common;
 
-use common::{config, wait_until, TIMEOUT};
+use common::{config, wait_until, Rng, TIMEOUT};
+use ferry::internals::ring::layout::RingHeader;
 use ferry::{
     Completion, Descriptor, Engine, EngineConfig, HostBuffer, Queue, QueueConfig, QueueState, Status, TransportKind,
 };
@@ -18,34 +19,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// xorshift64*: a small replayable stream of random numbers.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// A value of the kinds that break arithmetic: zero, one, the extremes, small numbers,
-    /// powers of two near a ring's size, or anything.
-    fn nasty(&mut self) -> u64 {
-        match self.below(8) {
-            0 => 0,
-            1 => 1,
-            2 => u64::MAX,
-            3 => u64::MAX / 2 + 1,
-            4 => self.below(64),
-            5 => 1 << self.below(64),
-            6 => (1u64 << self.below(24)).wrapping_sub(self.below(3)),
-            _ => self.next(),
-        }
+/// A value of the kinds that break arithmetic: zero, one, the extremes, small numbers, powers of
+/// two near a ring's size, or anything.
+fn nasty(rng: &mut Rng) -> u64 {
+    match rng.below(8) {
+        0 => 0,
+        1 => 1,
+        2 => u64::MAX,
+        3 => u64::MAX / 2 + 1,
+        4 => rng.below(64),
+        5 => 1 << rng.below(64),
+        6 => (1u64 << rng.below(24)).wrapping_sub(rng.below(3)),
+        _ => rng.next(),
     }
 }
 
@@ -58,11 +43,10 @@ struct Layout {
     complete: usize,
 }
 
-/// Bytes of a ring header: the metadata, the tail and the head, each on 128 bytes
-/// (engine/ring/layout.rs).
-const TAIL: usize = 128;
-const HEAD: usize = 256;
-const SLOTS: usize = 384;
+/// Where a ring's tail, head and slots lie from the ring's start.
+const TAIL: usize = std::mem::offset_of!(RingHeader, tail);
+const HEAD: usize = std::mem::offset_of!(RingHeader, head);
+const SLOTS: usize = RingHeader::SIZE;
 
 /// Scribbles over the mapping of `queue`'s memfd for `steps` writes: random words and bytes
 /// anywhere, plausible descriptors (of its own regions `own`, of another client's `foreign`, or
@@ -103,19 +87,19 @@ fn scribble(rng: &mut Rng, queue: &mut Queue, own: [u32; 2], foreign: u32, steps
         if rng.below(chaos) == 0 {
             match rng.below(8) {
                 // Any word, anywhere; any byte, anywhere.
-                0 | 1 => write(rng.below(len as u64 / 8) as usize * 8, rng.nasty()),
+                0 | 1 => write(rng.below(len as u64 / 8) as usize * 8, nasty(rng)),
                 2 => {
                     let at = rng.below(len as u64) as usize;
                     // SAFETY: a byte of the live mapping.
                     unsafe { base.add(at).write_volatile(rng.next() as u8) };
                 }
                 // The header's first kilobyte, word by word.
-                3 | 4 => write(rng.below(1024 / 8) as usize * 8, rng.nasty()),
+                3 | 4 => write(rng.below(1024 / 8) as usize * 8, nasty(rng)),
                 // The submission tail, the completion head (the worker's ring ends) moved
                 // anywhere, and the indices the worker writes.
-                5 => write(layout.submit + TAIL, read(layout.submit + TAIL).wrapping_add(rng.nasty())),
-                6 => write(layout.complete + HEAD, read(layout.complete + HEAD).wrapping_add(rng.nasty())),
-                _ => write(if rng.below(2) == 0 { layout.submit + HEAD } else { layout.complete + TAIL }, rng.nasty()),
+                5 => write(layout.submit + TAIL, read(layout.submit + TAIL).wrapping_add(nasty(rng))),
+                6 => write(layout.complete + HEAD, read(layout.complete + HEAD).wrapping_add(nasty(rng))),
+                _ => write(if rng.below(2) == 0 { layout.submit + HEAD } else { layout.complete + TAIL }, nasty(rng)),
             }
             continue;
         }
@@ -140,13 +124,13 @@ fn scribble(rng: &mut Rng, queue: &mut Queue, own: [u32; 2], foreign: u32, steps
                         8 => FLAG_NOTIFY,
                         _ => rng.next() as u32,
                     };
-                    let small = |rng: &mut Rng| if rng.below(4) == 0 { rng.nasty() } else { rng.below(1 << 16) };
+                    let small = |rng: &mut Rng| if rng.below(4) == 0 { nasty(rng) } else { rng.below(1 << 16) };
                     let fields = [
                         rng.next(),
                         u64::from(region(rng)) | u64::from(region(rng)) << 32,
                         small(rng),
                         small(rng),
-                        if rng.below(4) == 0 { rng.nasty() } else { 1 + rng.below(8192) },
+                        if rng.below(4) == 0 { nasty(rng) } else { 1 + rng.below(8192) },
                         u64::from(flags) | (rng.below(8) << 32),
                         small(rng),
                         small(rng),
