@@ -543,6 +543,108 @@ fn stream_waits_and_gates_order_copies_with_a_stream() {
     }
 }
 
+/// One queue moving both ways at once with blocks either side of the crossover, interleaved:
+/// `auto` and `resident` send each block its way (small ones to the resident kernel, large ones
+/// to the copy engine) as it comes, also with a different crossover per direction (all of one
+/// direction's blocks to the SMs, the other's to the copy engine). Every byte both ways is
+/// checked, and a stream waiting for the whole mix (stream_wait) sees every loaded byte.
+#[test]
+fn one_queue_moving_both_ways_with_small_and_large_blocks_interleaved() {
+    use ferry::internals::cuda::{PinnedBuffer, Stream};
+    use ferry::RouteTable;
+    if !gpu_available() {
+        return;
+    }
+    const HALF: usize = 32 << 20;
+    let routes = [
+        ("the default crossover", RouteTable::HOPPER),
+        ("H2D 1 MiB, D2H 16 KiB", RouteTable { copy_engine_from: [1 << 20, 16 << 10] }),
+    ];
+    let cases = [Strategy::Batch, Strategy::Kernel, Strategy::Resident, Strategy::Auto]
+        .into_iter()
+        .flat_map(|s| routes.iter().map(move |r| (s, *r)));
+    for (strategy, (route_name, route)) in cases {
+        let cuda = CudaConfig { strategy, route, ..CudaConfig::default() };
+        let transport = TransportKind::Gpu(GpuConfig { cuda, ..GpuConfig::default() });
+        let engine = Engine::start(EngineConfig {
+            transport,
+            cores: CorePlacement::Unpinned,
+            burst: 256,
+            ..EngineConfig::default()
+        })
+        .expect("cuda engine starts");
+        let context = engine.cuda_context().expect("a CUDA context").clone();
+        let client = engine.new_client();
+        // Host: H2D sources in the first half, D2H destinations (poisoned) in the second. Device:
+        // H2D destinations (poisoned) in the first half, D2H sources in the second.
+        let host = engine.allocate_host(client, 2 * HALF).unwrap();
+        let device = DeviceBuffer::new(2 * HALF).unwrap();
+        // SAFETY: `device` outlives the engine's use of it (deregistered below).
+        let gpu = unsafe { engine.register_gpu(client, device.ptr(), 2 * HALF) }.unwrap();
+        let mut rng = Rng(0xb071_0000_u64.wrapping_add(strategy as u64) ^ route.copy_engine_from[0]);
+        let to_gpu: Vec<u8> = (0..HALF).map(|_| rng.next() as u8).collect();
+        let to_host: Vec<u8> = (0..HALF).map(|_| rng.next() as u8).collect();
+        host.write(0, &to_gpu).unwrap();
+        host.fill(HALF, HALF, 0x3C).unwrap();
+        device.fill(0xA5).unwrap();
+        device.write(HALF, &to_host).unwrap();
+        let (mut expect_gpu, mut expect_host) = (vec![0xA5u8; HALF], vec![0x3Cu8; HALF]);
+        // Alternating directions; each block small (to 32 KiB) or large (64 KiB to 1 MiB) at random.
+        let (mut descs, mut cursor) = (Vec::new(), [0usize; 2]);
+        loop {
+            let dir = descs.len() % 2;
+            let len =
+                if rng.below(2) == 0 { 1 + rng.below(32 << 10) } else { (64 << 10) + rng.below(960 << 10) } as usize;
+            let dst = cursor[dir] + rng.below(64) as usize;
+            if dst + len > HALF {
+                break;
+            }
+            let src = rng.below((HALF - len) as u64) as usize;
+            let desc = if dir == 0 {
+                expect_gpu[dst..dst + len].copy_from_slice(&to_gpu[src..src + len]);
+                Descriptor::copy(host.id(), src as u64, gpu, dst as u64, len as u64)
+            } else {
+                expect_host[dst..dst + len].copy_from_slice(&to_host[src..src + len]);
+                Descriptor::copy(gpu, (HALF + src) as u64, host.id(), (HALF + dst) as u64, len as u64)
+            };
+            descs.push(desc.with_tag(descs.len() as u64));
+            cursor[dir] = dst + len;
+        }
+        let mut queue = engine.open_queue(client, QueueConfig::default()).unwrap();
+        context.make_current().unwrap();
+        let stream = Stream::new().unwrap();
+        let check = PinnedBuffer::new(HALF).unwrap();
+        // SAFETY: the stream and queue are live until the stream is synchronized below; the
+        // device and pinned buffers outlive the stream's copy.
+        let watermark = queue.pushed() + descs.len() as u64;
+        unsafe {
+            engine.stream_wait(&mut queue, stream.handle(), watermark).unwrap();
+            stream.copy(check.as_ptr() as u64, device.ptr(), HALF).unwrap();
+        }
+        let done = complete(&mut queue, &descs);
+        for (i, c) in done.iter().enumerate() {
+            assert_eq!((c.tag, c.status()), (i as u64, Ok(ferry::Status::Ok)), "{}: descriptor {i}", strategy.name());
+        }
+        stream.synchronize().unwrap();
+        let mut got = vec![0u8; HALF];
+        device.read(0, &mut got).unwrap();
+        assert!(got == expect_gpu, "{} ({route_name}): H2D bytes differ", strategy.name());
+        // SAFETY: the stream's copy into `check` has finished (synchronized).
+        let seen = unsafe { std::slice::from_raw_parts(check.as_ptr(), HALF) };
+        let stale = seen.iter().zip(&expect_gpu).filter(|(a, b)| a != b).count();
+        host.read(HALF, &mut got).unwrap();
+        assert!(got == expect_host, "{} ({route_name}): D2H bytes differ", strategy.name());
+        println!(
+            "{} ({route_name}): {} blocks both ways interleaved checked byte for byte; stale bytes after stream_wait {stale}",
+            strategy.name(),
+            descs.len()
+        );
+        assert_eq!(stale, 0, "{} ({route_name}): the stream went on before the loads landed", strategy.name());
+        drop(queue);
+        engine.deregister(gpu).unwrap();
+    }
+}
+
 /// `ferry serve --transport cuda` with a client in this process (issue 14): the client's own
 /// GPU memory goes to the daemon as a CUDA IPC handle (`Engine::register_gpu` on a connected
 /// engine), and copies between it and daemon-allocated (pinned) host memory move the right

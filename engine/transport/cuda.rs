@@ -19,16 +19,18 @@
 //!   blocks wait for it, it copies what comes through its ring until it is idle) for blocks below
 //!   the route table's crossover, `batch` for larger ones.
 //!
-//! `auto` routes each batch (`engine/router.rs`), a strided descriptor's chunks of 32 KiB or more
-//! counting as one block of all their bytes: a lone descriptor goes to `memcpy`; a batch whose
-//! mean block reaches [`crate::RouteTable::copy_engine_from`] to `batch`, a smaller one to the
-//! SMs while the live SM budget allows any SM, else to `batch`. The SMs' path is the resident
-//! kernel where it loaded (its leading blocks below the crossover; then also a lone small block
-//! while that kernel is active, which costs it no launch), else `kernel`. While nothing waits
-//! in the transport's queue, blocks narrower than 32 KiB and below the crossover go to the
-//! resident kernel straight from `submit`, as `issue` would send them, without the queue's
-//! per-batch work (what one worker's rate at 4 KiB rests on). See `engine/router.rs` and
-//! `bench/results/h200.md` for the measurements.
+//! `auto` sends each block its way as it comes (`CudaTransport::split`): below its direction's
+//! crossover ([`crate::RouteTable::copy_engine_from`]) and narrower than 32 KiB, to the resident
+//! kernel where it loaded and the live SM budget allows any SM (a lone one only while that kernel
+//! is active, which costs it no launch; else it takes the latency path), without the queue's
+//! per-batch work (what one worker's rate at 4 KiB rests on); every other block joins the
+//! transport's queue. So a batch moving small blocks one way and large ones the other feeds the
+//! SMs and the copy engine at once. The queue's batches are routed as a whole
+//! (`engine/router.rs`), a strided descriptor's chunks of 32 KiB or more counting as one block
+//! of all their bytes: a lone descriptor goes to `memcpy`; a batch whose mean block reaches the
+//! crossover to `batch`, a smaller one to the SMs while the budget allows any SM (the resident
+//! kernel's leading blocks below the crossover, else `kernel`), else to `batch`. See
+//! `engine/router.rs` and `bench/results/h200.md` for the measurements.
 //!
 //! Batching: an idle stream gets new operations at once (the latency path). While a batch runs,
 //! new operations wait in the transport until they add up to 4 MiB (8 MiB behind a copy-engine
@@ -313,10 +315,10 @@ fn context_sms(context: &Context) -> u32 {
 }
 
 /// A landed mark ([`Transport::mark`]) not yet enqueued: enqueued on the stream once the
-/// operations accepted before it have left `queued` and, of those, the ones the resident kernel
-/// took are copied.
+/// operations taken into `queued` before it have left it, and the resident kernel has copied
+/// every task published by then (those sent to it before the mark among them).
 struct Mark {
-    /// Operations accepted before it.
+    /// Operations taken into `queued` before it (`CudaTransport::entered`).
     before: u64,
     word: u64,
     value: u64,
@@ -349,9 +351,9 @@ pub struct CudaTransport {
     /// found once per batch, for `auto`'s choice and the copy engine's lanes.
     runs: Vec<(usize, Rect)>,
     runs_cover: usize,
-    /// Operations ever accepted into `queued` or straight to the resident kernel (those that
-    /// left, issued or failed, are this less `queued.len()`).
-    accepted: u64,
+    /// Operations ever taken into `queued` (those that left it, issued or failed, are this less
+    /// `queued.len()`); those sent straight to the resident kernel are not counted.
+    entered: u64,
     /// Marks ([`Transport::mark`]) not yet enqueued.
     marks: VecDeque<Mark>,
     /// Cleared when a mark could not be enqueued: the worker writes the words from then on.
@@ -376,7 +378,7 @@ impl CudaTransport {
             running: VecDeque::new(),
             tokens: VecDeque::new(),
             failed: VecDeque::new(),
-            accepted: 0,
+            entered: 0,
             marks: VecDeque::new(),
             marks_ok: true,
         }
@@ -388,7 +390,7 @@ impl CudaTransport {
     /// waited for (the marks enqueued before have landed) and the worker takes over.
     fn emit_marks(&mut self) {
         let Some(live) = self.live.as_ref() else { return };
-        let left = self.accepted - self.queued.len() as u64;
+        let left = self.entered - self.queued.len() as u64;
         // Copies on the side stream that a mark must wait for: those of the running batches.
         let mut unjoined = self.running.iter().any(|b| b.end.on_side());
         while let Some(mark) = self.marks.front_mut() {
@@ -752,32 +754,58 @@ fn below_crossover(route: &RouteTable, op: &Op) -> bool {
 }
 
 impl CudaTransport {
-    /// Under `auto`, with nothing queued: hands the resident kernel (where it loaded, while the
-    /// live budget allows an SM) the leading blocks of `ops` that `issue` would hand it (below
-    /// the crossover, narrower than a strided descriptor's 2D rows; a lone one only while the
-    /// kernel is active), as far as its ring has room; returns how many.
-    fn straight_to_resident(&mut self, ops: &[Op]) -> usize {
-        if !self.queued.is_empty() || self.live_sms() == 0 {
-            return 0;
-        }
+    /// Under `auto` and `resident`: sends each of `ops` its way, as far as each way has room,
+    /// and returns how many went. The resident kernel (where it loaded, while the live budget
+    /// allows an SM) takes the blocks below their direction's crossover (under `auto` also
+    /// narrower than a strided descriptor's 2D rows, and a lone one only while the kernel is
+    /// active: else it takes the latency path); the others join the queue of the launched
+    /// strategies. One pass, in order within each way: a batch moving small blocks one way and
+    /// large ones the other keeps both ways busy.
+    fn split(&mut self, ops: &[Op]) -> usize {
+        let auto = self.config.strategy == Strategy::Auto;
         let route = self.config.route;
-        let Some(resident) = self.live.as_mut().and_then(|live| live.resident.as_mut()) else { return 0 };
-        let run = ops.iter().take_while(|op| op.copy.len < TWO_D_WIDTH && below_crossover(&route, op)).count();
-        if run == 0 || (run == 1 && !resident.active()) {
-            return 0;
+        let any_sm = self.live_sms() > 0;
+        let room = self.queue_room();
+        let Some(resident) = self.live.as_mut().and_then(|live| live.resident.as_mut()).filter(|_| any_sm) else {
+            return self.queue(ops);
+        };
+        let small = |op: &Op| below_crossover(&route, op) && !(auto && op.copy.len >= TWO_D_WIDTH);
+        // Under auto, a lone small block while no launch runs goes by cuMemcpyAsync (`pick`).
+        let lone = auto && !resident.active() && ops.iter().filter(|op| small(op)).take(2).count() < 2;
+        let (mut n, mut queued) = (0, 0);
+        for op in ops {
+            if small(op) && !lone {
+                if !resident.stage(op) {
+                    break;
+                }
+            } else {
+                if queued == room {
+                    break;
+                }
+                self.queued.push_back(*op);
+                self.queued_bytes += op.copy.len;
+                queued += 1;
+            }
+            n += 1;
         }
-        let taken = resident.submit(&ops[..run]);
-        // They left the queue as soon as they came: marks count them as issued.
-        self.accepted += taken as u64;
-        taken
+        resident.publish();
+        self.entered += queued as u64;
+        if queued > 0 {
+            self.flush();
+        }
+        n
+    }
+
+    /// Operations the queue of the launched strategies has room for: four batches.
+    fn queue_room(&self) -> usize {
+        (self.config.max_batch * 4).saturating_sub(self.queued.len())
     }
 
     /// Takes a prefix of `ops` into the queue of the launched strategies, as far as it has
     /// room, and issues what is ready; returns its length.
     fn queue(&mut self, ops: &[Op]) -> usize {
-        let room = self.config.max_batch * 4 - self.queued.len().min(self.config.max_batch * 4);
-        let n = ops.len().min(room);
-        self.accepted += n as u64;
+        let n = ops.len().min(self.queue_room());
+        self.entered += n as u64;
         self.queued.extend(&ops[..n]);
         self.queued_bytes += ops[..n].iter().map(|op| op.copy.len).sum::<u64>();
         self.flush();
@@ -880,34 +908,10 @@ impl Transport for CudaTransport {
     }
 
     fn submit(&mut self, ops: &[Op]) -> usize {
-        if self.config.strategy == Strategy::Auto {
-            let direct = self.straight_to_resident(ops);
-            return if direct == ops.len() { direct } else { direct + self.queue(&ops[direct..]) };
+        match self.config.strategy {
+            Strategy::Auto | Strategy::Resident => self.split(ops),
+            _ => self.queue(ops),
         }
-        if self.config.strategy != Strategy::Resident || self.live.as_ref().is_none_or(|live| live.resident.is_none()) {
-            return self.queue(ops);
-        }
-        // The resident kernel takes the blocks below the copy engine's crossover (while the live
-        // budget allows an SM); the others go to the copy engine. Runs of each kind in turn, as
-        // far as each has room.
-        let route = self.config.route;
-        let any_sm = self.live_sms() > 0;
-        let small = move |op: &Op| any_sm && below_crossover(&route, op);
-        let mut n = 0;
-        while n < ops.len() {
-            let rest = &ops[n..];
-            let kind = small(&rest[0]);
-            let run = rest.iter().take_while(|op| small(op) == kind).count();
-            let took = match self.live.as_mut().and_then(|live| live.resident.as_mut()) {
-                Some(resident) if kind => resident.submit(&rest[..run]),
-                _ => self.queue(&rest[..run]),
-            };
-            n += took;
-            if took < run {
-                break;
-            }
-        }
-        n
     }
 
     fn poll(&mut self, done: &mut [Done]) -> usize {
@@ -993,7 +997,7 @@ impl Transport for CudaTransport {
         if !self.marks_ok || self.live.is_none() {
             return false;
         }
-        self.marks.push_back(Mark { before: self.accepted, word, value, resident: None });
+        self.marks.push_back(Mark { before: self.entered, word, value, resident: None });
         self.emit_marks();
         self.marks_ok
     }

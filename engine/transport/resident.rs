@@ -137,10 +137,17 @@ pub(crate) struct Resident {
     stalls: u32,
     /// Tasks published so far.
     pushed: u64,
+    /// Tasks written into the ring after those published (`stage`), until `publish`.
+    staged: u64,
     /// Operations published, oldest first, with the index one past their last task.
     pending: VecDeque<(Token, u64)>,
     /// Operations failed by a launch that failed, for `poll`.
     failed: VecDeque<Done>,
+}
+
+/// The ring's tasks `op` takes: one per TASK_CHUNK bytes, at least one.
+fn tasks(op: &Op) -> u64 {
+    op.copy.len.div_ceil(TASK_CHUNK).max(1)
 }
 
 impl Resident {
@@ -173,6 +180,7 @@ impl Resident {
             seen: 0,
             stalls: 0,
             pushed: 0,
+            staged: 0,
             pending: VecDeque::new(),
             failed: VecDeque::new(),
         })
@@ -316,39 +324,45 @@ impl Resident {
     /// Publishes a prefix of `ops` (each split into tasks of at most TASK_CHUNK bytes) as far as the
     /// ring has room; returns its length.
     pub(crate) fn submit(&mut self, ops: &[Op]) -> usize {
-        let room = RING - 1 - (self.pushed - self.done());
-        let mut used = 0;
-        let mut n = 0;
-        for op in ops {
-            let tasks = op.copy.len.div_ceil(TASK_CHUNK).max(1);
-            if used + tasks > room {
-                break;
-            }
-            let to_host = u64::from(op.goes_to_host());
-            let mut off = 0;
-            while off < op.copy.len {
-                let len = (op.copy.len - off).min(TASK_CHUNK);
-                let slot = ((self.pushed + used) % RING) as usize * TASK_BYTES;
-                // The fourth word marks a copy into host memory: it passes the writer gate.
-                let task = [op.copy.src.addr + off, op.copy.dst.addr + off, len, to_host];
-                // SAFETY: `slot` is one of the ring's RING slots of TASK_BYTES; the kernel reads
-                // it only after the tail below covers it, and the watermark passed its previous
-                // task (room), so nothing reads it now.
-                unsafe { std::ptr::copy_nonoverlapping(task.as_ptr(), self.ring.as_ptr().add(slot).cast(), 4) };
-                off += len;
-                used += 1;
-            }
-            self.pending.push_back((op.token, self.pushed + used));
-            n += 1;
-        }
-        if used > 0 {
-            self.pushed += used;
-            // R1: Release; the kernel's poller reads the tail, fences, then reads the tasks
-            // below it: the task writes above are visible first (x86 keeps stores in order).
-            self.side().tail.store(self.pushed, Ordering::Release);
-            self.keep_running();
-        }
+        let n = ops.iter().take_while(|op| self.stage(op)).count();
+        self.publish();
         n
+    }
+
+    /// Writes `op`'s [`tasks`] into the ring after those staged, unpublished until
+    /// [`Resident::publish`], if the ring has room for them; returns whether it had.
+    pub(crate) fn stage(&mut self, op: &Op) -> bool {
+        if tasks(op) > RING - 1 - (self.pushed + self.staged - self.done()) {
+            return false;
+        }
+        let to_host = u64::from(op.goes_to_host());
+        let mut off = 0;
+        while off < op.copy.len {
+            let len = (op.copy.len - off).min(TASK_CHUNK);
+            let slot = ((self.pushed + self.staged) % RING) as usize * TASK_BYTES;
+            // The fourth word marks a copy into host memory: it passes the writer gate.
+            let task = [op.copy.src.addr + off, op.copy.dst.addr + off, len, to_host];
+            // SAFETY: `slot` is one of the ring's RING slots of TASK_BYTES; the kernel reads
+            // it only after the tail (`publish`) covers it, and the watermark passed its previous
+            // task (the room checked above), so nothing reads it now.
+            unsafe { std::ptr::copy_nonoverlapping(task.as_ptr(), self.ring.as_ptr().add(slot).cast(), 4) };
+            off += len;
+            self.staged += 1;
+        }
+        self.pending.push_back((op.token, self.pushed + self.staged));
+        true
+    }
+
+    /// Publishes the staged tasks to the kernel, launching it where none runs.
+    pub(crate) fn publish(&mut self) {
+        if self.staged == 0 {
+            return;
+        }
+        self.pushed += std::mem::take(&mut self.staged);
+        // R1: Release; the kernel's poller reads the tail, fences, then reads the tasks
+        // below it: the task writes in `stage` are visible first (x86 keeps stores in order).
+        self.side().tail.store(self.pushed, Ordering::Release);
+        self.keep_running();
     }
 
     /// Writes the finished operations into `out`; returns how many.
