@@ -848,7 +848,7 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
         None
     };
     println!();
-    println!("{}", crossover_line(o, &strategies, &results, loaded.as_deref()));
+    println!("{}", crossover_line(o, &strategies, &results, loaded.as_deref(), ceiling));
     if let Some(path) = &o.plot {
         let svg = plot_svg(o, &ctx, &strategies, &results, loaded.as_deref(), ceiling);
         std::fs::write(path, svg)
@@ -866,6 +866,7 @@ fn crossover_line(
     strategies: &[Strategy],
     idle: &[Vec<[f64; 2]>],
     loaded: Option<&[Vec<LoadedCell>]>,
+    ceiling: [f64; 3],
 ) -> String {
     let largest = o.sizes.iter().copied().max().unwrap_or(0);
     if o.sm_budget == SmBudget::None || o.route.copy_engine_from.iter().any(|&from| from <= largest) {
@@ -883,13 +884,19 @@ fn crossover_line(
         .map(|(d, dir)| {
             let rates = |cells: &[[f64; 2]]| cells.iter().map(|c| c[d]).collect::<Vec<f64>>();
             let (engine, sms) = (rates(&idle[column("batch")]), rates(&idle[column("resident")]));
-            let mut conditions = vec![crossover::Rates { engine: &engine, sms: &sms }];
-            let under: Option<(Vec<f64>, Vec<f64>)> = loaded.map(|l| {
-                let rates = |cells: &[LoadedCell]| cells.iter().map(|c| c[d].0).collect::<Vec<f64>>();
-                (rates(&l[loaded_column("batch")]), rates(&l[loaded_column("resident")]))
+            let mut conditions = vec![crossover::Rates { engine: &engine, sms: &sms, cost: None }];
+            // Under the load: rates, and the load's loss (not a number where it was not measured).
+            let under = loaded.map(|l| {
+                let column = |name: &str, f: fn(&(f64, Option<f64>)) -> f64| {
+                    l[loaded_column(name)].iter().map(|c| f(&c[d])).collect::<Vec<f64>>()
+                };
+                let rate = |c: &(f64, Option<f64>)| c.0;
+                let loss = |c: &(f64, Option<f64>)| c.1.unwrap_or(f64::NAN);
+                [column("batch", rate), column("resident", rate), column("batch", loss), column("resident", loss)]
             });
-            if let Some((engine, sms)) = &under {
-                conditions.push(crossover::Rates { engine, sms });
+            if let Some([engine, sms, engine_loss, sms_loss]) = &under {
+                let cost = crossover::Cost { engine: engine_loss, sms: sms_loss, ceiling: ceiling[d] };
+                conditions.push(crossover::Rates { engine, sms, cost: Some(cost) });
             }
             match crossover::crossover(&o.sizes, &conditions) {
                 Some(from) => format!("{dir} {}", human(from)),
@@ -900,7 +907,15 @@ fn crossover_line(
     format!(
         "crossover these cells call for (the smallest block size from which the copy engine, `batch`, moves at least {:.2} of the SMs, `resident`, at every larger size, idle{}): {} (the default: {}; pass it as --crossover, CudaConfig::route or ferry_config.copy_engine_from_h2d/_d2h)",
         1.0 - crossover::SLACK,
-        if loaded.is_some() { " and under the load" } else { "" },
+        if loaded.is_some() {
+            format!(
+                " and under the load, or there at least {:.2} of the ceiling where the SMs take more than {:.0} % of the load and it does not",
+                crossover::FLOOR,
+                crossover::LOSS_BUDGET * 100.0
+            )
+        } else {
+            String::new()
+        },
         found.join(", "),
         RouteTable::default().copy_engine_from.map(human).join(" / ")
     )
