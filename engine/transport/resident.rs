@@ -139,6 +139,10 @@ pub(crate) struct Resident {
     pushed: u64,
     /// Tasks written into the ring after those published (`stage`), until `publish`.
     staged: u64,
+    /// Free slots as the watermark last read showed them, less those staged since: never more
+    /// than are free (the watermark only moves up), refreshed when a task does not fit, so that
+    /// staging reads the watermark (a line the GPU writes) once per refill, not once per block.
+    free: u64,
     /// Operations published, oldest first, with the index one past their last task.
     pending: VecDeque<(Token, u64)>,
     /// Operations failed by a launch that failed, for `poll`.
@@ -181,6 +185,7 @@ impl Resident {
             stalls: 0,
             pushed: 0,
             staged: 0,
+            free: RING - 1,
             pending: VecDeque::new(),
             failed: VecDeque::new(),
         })
@@ -332,9 +337,14 @@ impl Resident {
     /// Writes `op`'s [`tasks`] into the ring after those staged, unpublished until
     /// [`Resident::publish`], if the ring has room for them; returns whether it had.
     pub(crate) fn stage(&mut self, op: &Op) -> bool {
-        if tasks(op) > RING - 1 - (self.pushed + self.staged - self.done()) {
-            return false;
+        let tasks = tasks(op);
+        if tasks > self.free {
+            self.free = RING - 1 - (self.pushed + self.staged - self.done());
+            if tasks > self.free {
+                return false;
+            }
         }
+        self.free -= tasks;
         let to_host = u64::from(op.goes_to_host());
         let mut off = 0;
         while off < op.copy.len {
@@ -344,7 +354,7 @@ impl Resident {
             let task = [op.copy.src.addr + off, op.copy.dst.addr + off, len, to_host];
             // SAFETY: `slot` is one of the ring's RING slots of TASK_BYTES; the kernel reads
             // it only after the tail (`publish`) covers it, and the watermark passed its previous
-            // task (the room checked above), so nothing reads it now.
+            // task (`free` counts only slots it passed), so nothing reads it now.
             unsafe { std::ptr::copy_nonoverlapping(task.as_ptr(), self.ring.as_ptr().add(slot).cast(), 4) };
             off += len;
             self.staged += 1;
