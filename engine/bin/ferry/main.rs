@@ -887,12 +887,11 @@ fn crossover_line(
             let mut conditions = vec![crossover::Rates { engine: &engine, sms: &sms, cost: None }];
             // Under the load: rates, and the load's loss (not a number where it was not measured).
             let under = loaded.map(|l| {
-                let column = |name: &str, f: fn(&(f64, Option<f64>)) -> f64| {
-                    l[loaded_column(name)].iter().map(|c| f(&c[d])).collect::<Vec<f64>>()
-                };
-                let rate = |c: &(f64, Option<f64>)| c.0;
-                let loss = |c: &(f64, Option<f64>)| c.1.unwrap_or(f64::NAN);
-                [column("batch", rate), column("resident", rate), column("batch", loss), column("resident", loss)]
+                let (batch, resident) = (&l[loaded_column("batch")], &l[loaded_column("resident")]);
+                let rate = |cells: &[LoadedCell]| cells.iter().map(|c| c[d].0).collect::<Vec<f64>>();
+                let loss =
+                    |cells: &[LoadedCell]| cells.iter().map(|c| c[d].1.unwrap_or(f64::NAN)).collect::<Vec<f64>>();
+                [rate(batch), rate(resident), loss(batch), loss(resident)]
             });
             if let Some([engine, sms, engine_loss, sms_loss]) = &under {
                 let cost = crossover::Cost { engine: engine_loss, sms: sms_loss, ceiling: ceiling[d] };
