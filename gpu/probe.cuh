@@ -34,6 +34,16 @@
         }                                                                                           \
     } while (0)
 
+// Samples in microseconds; q(f) is the value at fraction f of them once sorted (-1 if none).
+struct Stats {
+    std::vector<double> v;
+    void add(double x) { v.push_back(x); }
+    double q(double f) {
+        std::sort(v.begin(), v.end());
+        return v.empty() ? -1 : v[(size_t)((v.size() - 1) * f)];
+    }
+};
+
 static inline double now_us() {
     return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }

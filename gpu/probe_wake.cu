@@ -14,6 +14,13 @@
 //    time to W's event done and to the CPU seeing the done word.
 // E: D with the two writes the other way round (the landed word first): what W and the CPU would
 //    see if a queue that a stream waits on had its mark enqueued before the done word.
+// (The second write without a memory barrier, CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER, is
+// refused with CUDA_ERROR_INVALID_VALUE on the H200 VM, driver 580: fifteenth session.)
+// H: a kernel already running on stream C (one warp, as ferry's resident kernel waits for its
+//    tasks) copies 4 KiB H2D once the CPU's go flag says so, then stores the word itself (host
+//    or device memory); time from the CPU's go to W's event done. What a resident kernel writing
+//    a queue's landed word would give: does a kernel's store wake the stream as fast as a
+//    stream's own write (B), or only as late as the CPU's (A)?
 // Every poll has a deadline; nothing can hang (a timed-out round prints -1).
 //
 //   nvcc -O3 -arch=sm_90 -o /tmp/probe_wake gpu/probe_wake.cu -lcuda && /tmp/probe_wake
@@ -27,6 +34,20 @@
 #include <cuda_runtime.h>
 #include "probe.cuh"
 
+
+__global__ void copy_on_go(const unsigned long long *go, unsigned long long value, volatile unsigned long long *started,
+                           const uint4 *src, uint4 *dst, unsigned long long *word) {
+    if (threadIdx.x == 0) *started = value;
+    for (;;) {
+        unsigned long long v;
+        asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(go) : "memory");
+        if (v >= value) break;
+    }
+    for (unsigned i = threadIdx.x; i < 4096 / 16; i += 32) dst[i] = src[i];
+    __threadfence_system();
+    __syncwarp();
+    if (threadIdx.x == 0) asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(word), "l"(value) : "memory");
+}
 
 static bool spin(cudaEvent_t e, double deadline_us) {
     double t0 = now_us();
@@ -43,15 +64,6 @@ static void busy_wait(double us) {
     while (now_us() - t0 < us) {
     }
 }
-
-struct Stats {
-    std::vector<double> v;
-    void add(double x) { v.push_back(x); }
-    double q(double f) {
-        std::sort(v.begin(), v.end());
-        return v.empty() ? -1 : v[(size_t)((v.size() - 1) * f)];
-    }
-};
 
 int main() {
     CHECK(cudaSetDevice(0));
@@ -76,15 +88,29 @@ int main() {
     void *pinned, *device;
     CHECK(cudaHostAlloc(&pinned, 4096, cudaHostAllocPortable));
     CHECK(cudaMalloc(&device, 4096));
+    uint64_t *go, *started, *mapped_src;
+    CHECK(cudaHostAlloc((void **)&go, 64, cudaHostAllocMapped | cudaHostAllocPortable));
+    CHECK(cudaHostAlloc((void **)&started, 64, cudaHostAllocMapped | cudaHostAllocPortable));
+    CHECK(cudaHostAlloc((void **)&mapped_src, 4096, cudaHostAllocMapped | cudaHostAllocPortable));
+    *go = 0;
+    *started = 0;
+    void *go_dev, *started_dev, *src_dev;
+    CHECK(cudaHostGetDevicePointer(&go_dev, go, 0));
+    CHECK(cudaHostGetDevicePointer(&started_dev, started, 0));
+    CHECK(cudaHostGetDevicePointer(&src_dev, mapped_src, 0));
+    copy_on_go<<<1, 32, 0, c>>>((const unsigned long long *)go_dev, 0, (volatile unsigned long long *)started_dev,
+                                (const uint4 *)src_dev, (uint4 *)device, (unsigned long long *)dev_word);
+    CHECK(cudaStreamSynchronize(c));
     const int rounds = 400;
     const double blocked_us[] = {0, 20, 100, 1000};
     uint64_t value = 0;
     std::printf("| case | word | blocked us | p50 us | p90 us | p99 us | timeouts | done word seen, p50 us |\n|---|---|---|---|---|---|---|---|\n");
-    for (int kind = 0; kind < 6; kind++) {
+    for (int kind = 0; kind < 8; kind++) {
         const char *name = kind == 0 ? "A: CPU writes the word" : kind == 1 ? "B: GPU writes after a 4 KiB copy"
                          : kind == 2 ? "B: GPU writes after a 4 KiB copy" : kind == 3 ? "C: CPU polls the copy, writes"
-                         : kind == 4 ? "D: copy, done word, landed word" : "E: copy, landed word, done word";
-        bool on_device = kind == 2;
+                         : kind == 4 ? "D: copy, done word, landed word" : kind == 5 ? "E: copy, landed word, done word"
+                         : "H: a running kernel copies on go, stores the word";
+        bool on_device = kind == 2 || kind == 7;
         CUdeviceptr word = on_device ? dev_word : host_dev;
         for (double blocked : blocked_us) {
             Stats s, seen;
@@ -93,9 +119,24 @@ int main() {
                 value++;
                 CU(cuStreamWaitValue64((CUstream)w, word, value, CU_STREAM_WAIT_VALUE_GEQ));
                 CHECK(cudaEventRecord(passed, w));
+                if (kind >= 6) {
+                    copy_on_go<<<1, 32, 0, c>>>((const unsigned long long *)go_dev, value,
+                                                (volatile unsigned long long *)started_dev, (const uint4 *)src_dev,
+                                                (uint4 *)device, (unsigned long long *)word);
+                    CHECK(cudaGetLastError());
+                    double ts = now_us();
+                    while (__atomic_load_n(started, __ATOMIC_ACQUIRE) < value) {
+                        if (now_us() - ts > 1e6) {
+                            std::fprintf(stderr, "timeout: the copy kernel did not start\n");
+                            return 1;
+                        }
+                    }
+                }
                 busy_wait(blocked);
                 double t0 = now_us();
-                if (kind == 0) {
+                if (kind >= 6) {
+                    __atomic_store_n(go, value, __ATOMIC_RELEASE);
+                } else if (kind == 0) {
                     __atomic_store_n(host_word, value, __ATOMIC_RELEASE);
                 } else if (kind == 1 || kind == 2) {
                     CHECK(cudaMemcpyAsync(device, pinned, 4096, cudaMemcpyHostToDevice, c));
@@ -113,7 +154,7 @@ int main() {
                 }
                 bool ok;
                 double dt;
-                if (kind >= 4) {
+                if (kind == 4 || kind == 5) {
                     // Both ends at once: W's event and the CPU's look at the done word.
                     double pass = -1, done = -1;
                     while ((pass < 0 || done < 0) && now_us() - t0 < 1e6) {
@@ -134,6 +175,7 @@ int main() {
                 if (!ok) {
                     timeouts++;
                     __atomic_store_n(host_word, value, __ATOMIC_RELEASE);  // release it, whatever kind
+                    __atomic_store_n(go, value, __ATOMIC_RELEASE);
                     CU(cuMemsetD8(dev_word, 0xff, 8));
                     CHECK(cudaStreamSynchronize(w));
                     std::fprintf(stderr, "timeout: %s blocked %.0f\n", name, blocked);

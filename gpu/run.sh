@@ -2,9 +2,9 @@
 # The one command to run on the GPU machine (the lent H200), from the repository root, after
 # gpu/prepare.sh here (carry .device). Runs the GPU tests, then the benchmarks; writes logs under $OUT and
 # prints a short table last (two workers; then one worker, idle and under a compute load). PROBE=1 also rebuilds the PTX and runs the kernel probe (nvcc).
-# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency,serve,allgpus,calibrate,wakeprobe,d2hprobe,ringprobe runs those parts alone (a full run is close to the device
+# ONLY=tests,python,paged,streams,pipeline,gdr,bench,latency,serve,allgpus,calibrate,wakeprobe,spinprobe,d2hprobe,ringprobe runs those parts alone (a full run is close to the device
 # tool's 10 minutes a call): tests = the Rust GPU tests, python = the package's tests, paged = bench_paged_kv,
-# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone, serve = bench_serve_gpu, allgpus = ferry bench --all-gpus, calibrate = the crossover's calibration run (ferry bench --crossover 2M ...), wakeprobe = gpu/probe_wake.cu (a stream released by a copy's stream write, in ferry's order and the other way round), d2hprobe = gpu/probe_resident_d2h.cu, ringprobe = gpu/probe_resident_ring.cu (nvcc; calibrate and the probes are not in a full run).
+# streams = bench_streams, pipeline = examples/layer_pipeline.py, gdr = the GDR switch tests, bench = ferry bench, latency = its 4 KiB latency lines alone, serve = bench_serve_gpu, allgpus = ferry bench --all-gpus, calibrate = the crossover's calibration run (ferry bench --crossover 2M ...), wakeprobe = gpu/probe_wake.cu (a stream released by a copy's stream write, in ferry's order and the other way round), spinprobe = gpu/probe_spin_wait.cu (a stream held by a spinning kernel against cuStreamWaitValue64), d2hprobe = gpu/probe_resident_d2h.cu, ringprobe = gpu/probe_resident_ring.cu (nvcc; calibrate and the probes are not in a full run).
 set -uo pipefail
 out=${OUT:-/tmp/ferry-out}
 mkdir -p "$out"
@@ -67,6 +67,10 @@ fail() { echo "$1" >>"$out/failed"; }
     if [[ ",${ONLY:-}," == *",wakeprobe,"* ]]; then  # named only: not part of a full run
         step "how fast a waiting stream goes on, by who releases it, and ferry's two stream writes in either order (gpu/probe_wake.cu)"
         nvcc -O3 -arch=sm_90 -o /tmp/probe_wake gpu/probe_wake.cu -lcuda && timeout 120 /tmp/probe_wake | tee "$out/probe-wake.txt" || fail "probe_wake"
+    fi
+    if [[ ",${ONLY:-}," == *",spinprobe,"* ]]; then  # named only: not part of a full run
+        step "a stream held by a spinning one-thread kernel against cuStreamWaitValue64, host or device word, idle and under an FMA load (gpu/probe_spin_wait.cu)"
+        nvcc -O3 -arch=sm_90 -o /tmp/probe_spin_wait gpu/probe_spin_wait.cu -lcuda && CUDA_MODULE_LOADING=EAGER timeout 150 /tmp/probe_spin_wait | tee "$out/probe-spin-wait.txt" || fail "probe_spin_wait"
     fi
     if [[ ",${ONLY:-}," == *",d2hprobe,"* ]]; then  # named only: not part of a full run
         step "the resident kernel's 4 KiB D2H taken apart: its extras one by one on a plain kernel (gpu/probe_resident_d2h.cu)"

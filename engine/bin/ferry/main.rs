@@ -667,6 +667,49 @@ impl CudaRig {
 /// Rounds of 500 samples each of ferry's latency and the driver's, taken in turns.
 const LATENCY_ROUNDS: usize = 10;
 
+/// The 4 KiB latency lines of `rig`'s engine (its strategy named `strategy`): push to
+/// completion each way, in turns with `cuMemcpyAsync` + synchronize, and stream ordering.
+fn latency_lines(rig: &mut CudaRig, strategy: &str) -> Result<Vec<String>, BenchError> {
+    let mut latencies = Vec::new();
+    for (h2d, name) in [(true, "H2D"), (false, "D2H")] {
+        let (src, dst) = if h2d { (rig.host.id(), rig.device_id) } else { (rig.device_id, rig.host.id()) };
+        let (host, device) = (rig.host.as_ptr() as u64, rig.device.ptr());
+        let (to, from) = if h2d { (device, host) } else { (host, device) };
+        // Taken in turns, 500 samples of each at a time, so that both see the same machine: the
+        // VM's speed drifts within a call (the two medians taken one after the other, 5000 each,
+        // differed by 0.2 to 2.2 us between calls of the same build, eighth session).
+        let (mut t, mut raw) = (Vec::new(), Vec::new());
+        for round in 0..LATENCY_ROUNDS {
+            let warmup = if round == 0 { 500 } else { 50 };
+            t.extend(latency(&mut rig.queues[0], src, dst, 4096, warmup, 500)?);
+            // SAFETY: 4 KiB at the start of both buffers, alive in the rig; no descriptor is in flight.
+            raw.extend(unsafe { copy_latency(to, from, 4096, warmup, 500)? });
+        }
+        t.sort_by(f64::total_cmp);
+        raw.sort_by(f64::total_cmp);
+        latencies.push(format!(
+        "latency of one 4 KiB descriptor, push to completion ({strategy}), {name}: p50 {:.2} us, p99 {:.2} us; one cuMemcpyAsync + synchronize: p50 {:.2} us, p99 {:.2} us (in turns, {LATENCY_ROUNDS} x 500 each)",
+        percentile(&t, 0.5),
+        percentile(&t, 0.99),
+        percentile(&raw, 0.5),
+        percentile(&raw, 0.99)
+    ));
+    }
+    // Stream ordering: a stream already waiting (stream_wait) for one 4 KiB H2D descriptor.
+    let d = ferry::Descriptor::copy(rig.host.id(), 0, rig.device_id, 0, 4096);
+    latencies.push(match stream_latency(&rig.engine, &mut rig.queues[0], d, 200, 2000) {
+    Ok((pushed, seen)) => format!(
+        "stream ordering ({strategy}), one 4 KiB H2D a stream waits for: push -> the stream past stream_wait p50 {:.2} us, p99 {:.2} us; the completion seen -> the stream past it p50 {:.2} us, p99 {:.2} us",
+        percentile(&pushed, 0.5),
+        percentile(&pushed, 0.99),
+        percentile(&seen, 0.5),
+        percentile(&seen, 0.99)
+    ),
+    Err(e) => format!("stream ordering latency ({strategy}): not measured ({e})"),
+});
+    Ok(latencies)
+}
+
 fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(), BenchError> {
     let workers = match o.workers {
         0 if machine.online.len() >= 3 => 2,
@@ -693,43 +736,12 @@ fn bench_cuda(o: &Options, machine: &Machine, client: Option<usize>) -> Result<(
     // The ceilings are measured before and after the table; the higher median of the two is
     // used, so a disturbed reading can only lower ferry's ratios, never raise them.
     let before = rig.ceilings(o)?;
-    let mut latencies = Vec::new();
-    for (h2d, name) in [(true, "H2D"), (false, "D2H")] {
-        let (src, dst) = if h2d { (rig.host.id(), rig.device_id) } else { (rig.device_id, rig.host.id()) };
-        let (host, device) = (rig.host.as_ptr() as u64, rig.device.ptr());
-        let (to, from) = if h2d { (device, host) } else { (host, device) };
-        // Taken in turns, 500 samples of each at a time, so that both see the same machine: the
-        // VM's speed drifts within a call (the two medians taken one after the other, 5000 each,
-        // differed by 0.2 to 2.2 us between calls of the same build, eighth session).
-        let (mut t, mut raw) = (Vec::new(), Vec::new());
-        for round in 0..LATENCY_ROUNDS {
-            let warmup = if round == 0 { 500 } else { 50 };
-            t.extend(latency(&mut rig.queues[0], src, dst, 4096, warmup, 500)?);
-            // SAFETY: 4 KiB at the start of both buffers, alive in the rig; no descriptor is in flight.
-            raw.extend(unsafe { copy_latency(to, from, 4096, warmup, 500)? });
-        }
-        t.sort_by(f64::total_cmp);
-        raw.sort_by(f64::total_cmp);
-        latencies.push(format!(
-            "latency of one 4 KiB descriptor, push to completion (auto), {name}: p50 {:.2} us, p99 {:.2} us; one cuMemcpyAsync + synchronize: p50 {:.2} us, p99 {:.2} us (in turns, {LATENCY_ROUNDS} x 500 each)",
-            percentile(&t, 0.5),
-            percentile(&t, 0.99),
-            percentile(&raw, 0.5),
-            percentile(&raw, 0.99)
-        ));
-    }
-    // Stream ordering: a stream already waiting (stream_wait) for one 4 KiB H2D descriptor.
-    let d = ferry::Descriptor::copy(rig.host.id(), 0, rig.device_id, 0, 4096);
-    latencies.push(match stream_latency(&rig.engine, &mut rig.queues[0], d, 200, 2000) {
-        Ok((pushed, seen)) => format!(
-            "stream ordering, one 4 KiB H2D a stream waits for: push -> the stream past stream_wait p50 {:.2} us, p99 {:.2} us; the completion seen -> the stream past it p50 {:.2} us, p99 {:.2} us",
-            percentile(&pushed, 0.5),
-            percentile(&pushed, 0.99),
-            percentile(&seen, 0.5),
-            percentile(&seen, 0.99)
-        ),
-        Err(e) => format!("stream ordering latency: not measured ({e})"),
-    });
+    let mut latencies = latency_lines(&mut rig, "auto")?;
+    drop(rig);
+    // The same with the resident kernel taking every lone block (launched by the first, then
+    // kept running by the next within its idle time): what a queue whose blocks keep coming sees.
+    let mut rig = cuda_rig(o, Strategy::Resident, o.sm_budget, 1)?;
+    latencies.extend(latency_lines(&mut rig, "resident")?);
     drop(rig);
     // One engine per strategy; results[strategy][size][direction].
     let mut results = Vec::new();
